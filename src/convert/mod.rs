@@ -1,0 +1,1 @@
+//! The build path: turn an OCI image into a lazily loadable one and push it.
