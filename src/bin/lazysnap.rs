@@ -1,1 +1,174 @@
-fn main() {}
+//! `lazysnap`: the client. Argument parsing and wiring only; the work is in the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use lazysnap::convert::{self, human, ConvertOptions, ImageLocation};
+use lazysnap::format::LayerFormat;
+use lazysnap::inspect;
+use lazysnap::oci::Platform;
+use lazysnap::registry::ClientConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "lazysnap", version, about = "Start containers before their image has been downloaded")]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug). `LAZYSNAP_LOG` takes a tracing filter.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Speak plain HTTP to registries that are not on loopback (loopback always is).
+    #[arg(long, global = true)]
+    plain_http: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Convert an image into a lazily loadable one and write or push it.
+    ///
+    /// SRC: oci:DIR[:TAG], docker-archive:FILE or HOST[:PORT]/REPO[:TAG|@DIGEST].
+    /// DST: oci:DIR[:TAG] or a registry reference. The last line on stdout is the manifest digest.
+    Convert {
+        #[arg(long, value_enum, default_value_t = FormatArg::ZstdChunked)]
+        format: FormatArg,
+        /// Largest chunk of a file, in bytes.
+        #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+        chunk_size: u64,
+        /// Compression level (default: zstd 3, gzip 6).
+        #[arg(long)]
+        level: Option<i32>,
+        /// Platform to take from a multi-platform source, as os/arch[/variant].
+        #[arg(long)]
+        platform: Option<Platform>,
+        src: ImageLocation,
+        dst: ImageLocation,
+    },
+    /// Show an image's layers, their lazy format, and whether each TOC verifies.
+    Inspect {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        platform: Option<Platform>,
+        reference: ImageLocation,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    ZstdChunked,
+    Estargz,
+}
+
+impl From<FormatArg> for LayerFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::ZstdChunked => LayerFormat::ZstdChunked,
+            FormatArg::Estargz => LayerFormat::Estargz,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lazysnap: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lazysnap: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYSNAP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let registry = ClientConfig { plain_http: cli.plain_http, ..ClientConfig::default() };
+    match cli.command {
+        Command::Convert { format, chunk_size, level, platform, src, dst } => {
+            let mut options = ConvertOptions::new(format.into());
+            options.chunk_size = chunk_size;
+            options.level = level;
+            options.registry = registry;
+            if let Some(p) = platform {
+                options.platform = p;
+            }
+            let report = convert::convert(&src, &dst, &options)
+                .await
+                .with_context(|| format!("converting {src} to {dst}"))?;
+            let (size, uploaded): (u64, usize) = (
+                report.layers.iter().map(|l| l.size).sum(),
+                report.layers.iter().filter(|l| l.outcome == "uploaded" || l.outcome == "written").count(),
+            );
+            eprintln!(
+                "{}: {} layers, {} compressed, {uploaded} new, in {:.1} s",
+                report.destination,
+                report.layers.len(),
+                human(size),
+                report.seconds
+            );
+            println!("{}", report.manifest_digest);
+        }
+        Command::Inspect { json, platform, reference } => {
+            let platform = platform.unwrap_or_else(Platform::host);
+            let info = inspect::inspect(&reference, &platform, registry)
+                .await
+                .with_context(|| format!("inspecting {reference}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_table(&info);
+            }
+            if let Some(bad) = info.layers.iter().find_map(|l| l.toc_error.as_ref()) {
+                anyhow::bail!("a lazy layer's TOC did not verify: {bad}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_table(info: &inspect::ImageInfo) {
+    println!("image     {}", info.location);
+    if let Some(d) = info.manifest_digest {
+        println!("digest    {d}");
+    }
+    if let Some(p) = &info.platform {
+        println!("platform  {p}");
+    }
+    println!("config    {}", info.config_digest);
+    println!("{:<3} {:<20} {:>10} {:<13} {:>8} {:>8}  toc", "#", "layer", "size", "format", "entries", "chunks");
+    for (i, l) in info.layers.iter().enumerate() {
+        println!(
+            "{:<3} {:<20} {:>10} {:<13} {:>8} {:>8}  {}",
+            i + 1,
+            l.digest.map_or_else(|| "-".into(), |d| d.short()),
+            l.size.map_or_else(|| "-".into(), human),
+            l.format.unwrap_or("plain"),
+            l.entries.map_or_else(|| "-".into(), |n| n.to_string()),
+            l.chunks.map_or_else(|| "-".into(), |n| n.to_string()),
+            match (&l.toc_digest, l.toc_verified, &l.toc_error) {
+                (Some(d), true, _) => format!("{} verified", d.short()),
+                (Some(_), false, Some(e)) => format!("ERROR {e}"),
+                _ => "-".into(),
+            }
+        );
+    }
+}

@@ -1,1 +1,388 @@
-//! The build path: turn an OCI image into a lazily loadable one and push it.
+//! The build path: turn an image (OCI layout, `docker save` archive or registry) into a lazily
+//! loadable one, and write it to a layout or push it to a registry.
+//!
+//! Owns: reading source images, the per-layer rewrite pipeline (decompress, [`crate::format`]
+//! writer, digest checks), the new config and manifest, and the order of writes (blobs first,
+//! manifest last, so nothing half-written is ever named by a tag).
+//! Does not own: the layer byte layout (`format`) or the wire protocol (`registry`).
+
+mod archive;
+mod layer;
+mod layout;
+mod location;
+mod progress;
+mod source;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::format::{self, FormatError, LayerFormat, WriteOptions};
+use crate::oci::{self, Digest, OciError, Platform, Reference};
+use crate::registry::{Client, ClientConfig, PushedBlob, RegistryError};
+
+pub use layer::{convert_layer, Compression};
+pub use layout::{Layout, REF_NAME};
+pub use location::ImageLocation;
+pub use progress::human;
+pub use source::{SourceImage, SourceLayer};
+
+/// Why a conversion failed. Every message names the image, layer or entry concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{0}")]
+    Location(String),
+    #[error("{0}")]
+    Source(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{what}: digest mismatch (expected {expected}, got {got})")]
+    DigestMismatch { what: String, expected: Digest, got: Digest },
+    #[error("layer {layer}: {source}")]
+    Format { layer: String, source: FormatError },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Oci(#[from] OciError),
+}
+
+impl From<oci::DigestError> for ConvertError {
+    fn from(e: oci::DigestError) -> Self {
+        Self::Oci(OciError::from(e))
+    }
+}
+
+impl ConvertError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        let context = context.into();
+        if source.raw_os_error() == Some(28) {
+            // ENOSPC: say where, and what to do.
+            return Self::Io {
+                context: format!("{context} (the disk is full: free space or set TMPDIR to a larger disk)"),
+                source,
+            };
+        }
+        Self::Io { context, source }
+    }
+}
+
+/// How to convert.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub format: LayerFormat,
+    /// Largest chunk of a file (bytes).
+    pub chunk_size: u64,
+    /// Compression level; `None` for the format's default.
+    pub level: Option<i32>,
+    /// Compression threads per layer.
+    pub threads: usize,
+    /// Platform to choose from a multi-platform source.
+    pub platform: Platform,
+    pub registry: ClientConfig,
+}
+
+impl ConvertOptions {
+    /// Defaults: zstd:chunked, 4 MiB chunks, all cores, the host platform.
+    pub fn new(format: LayerFormat) -> Self {
+        Self {
+            format,
+            chunk_size: 4 << 20,
+            level: None,
+            threads: std::thread::available_parallelism().map_or(2, usize::from),
+            platform: Platform::host(),
+            registry: ClientConfig::default(),
+        }
+    }
+
+    fn write_options(&self) -> WriteOptions {
+        WriteOptions {
+            format: self.format,
+            chunk_size: self.chunk_size,
+            level: self.level.unwrap_or(match self.format {
+                LayerFormat::ZstdChunked => 3,
+                LayerFormat::Estargz => 6,
+            }),
+            threads: self.threads.max(1),
+        }
+    }
+}
+
+/// What happened to one layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    pub source_digest: Option<Digest>,
+    pub digest: Digest,
+    pub size: u64,
+    pub diff_id: Digest,
+    pub uncompressed_size: u64,
+    pub media_type: String,
+    /// Already in the requested lazy format, so carried over unchanged.
+    pub passthrough: bool,
+    /// `written`, `existed`, `mounted` or `uploaded`.
+    pub outcome: &'static str,
+    pub seconds: f64,
+}
+
+/// The result of a conversion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertReport {
+    pub destination: String,
+    pub manifest_digest: Digest,
+    pub manifest_size: u64,
+    pub config_digest: Digest,
+    pub layers: Vec<LayerReport>,
+    pub seconds: f64,
+}
+
+/// Converts the image at `src` and writes it to `dst`: every blob first, the manifest last.
+pub async fn convert(src: &ImageLocation, dst: &ImageLocation, options: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
+    let start = Instant::now();
+    let client = Client::new(options.registry.clone())?;
+    let source = SourceImage::load(src, &client, &options.platform).await?;
+    let dest = Destination::open(dst, &client, source.registry_reference())?;
+    let write_options = options.write_options();
+    let total = source.layers.len();
+
+    let mut reports = Vec::with_capacity(total);
+    let mut descriptors = Vec::with_capacity(total);
+    let mut diff_ids = Vec::with_capacity(total);
+    // One upload runs while the next layer converts; awaiting it first bounds the temporary disk
+    // use to two layers.
+    let mut pending: Option<tokio::task::JoinHandle<Result<(LayerReport, Value), ConvertError>>> = None;
+    for (i, layer) in source.layers.iter().enumerate() {
+        let label = layer.digest.map_or_else(|| format!("#{}", i + 1), |d| d.short());
+        let layer_start = Instant::now();
+        let lazy = format::detect(&layer.media_type, &layer.annotations);
+        let passthrough = lazy.as_ref().is_some_and(|l| l.format == options.format) && layer.digest.is_some();
+        let (file, written) = if passthrough {
+            // Already lazy in this format: the stored blob is the result. Copy it (verified) only
+            // if the destination lacks it.
+            let digest = layer.digest.ok_or_else(|| ConvertError::Source("passthrough without digest".into()))?;
+            let file = dest.stage_existing(&source, layer, &digest).await?;
+            let written = format::WrittenLayer {
+                media_type: if layer.media_type.is_empty() { format::MEDIA_TYPE_ZSTD } else { media_type_static(&layer.media_type) },
+                digest,
+                size: layer.size.unwrap_or(0),
+                diff_id: layer.diff_id,
+                uncompressed_size: 0,
+                toc_digest: lazy.as_ref().map_or(digest, |l| l.toc_digest),
+                annotations: layer.annotations.clone(),
+                entries: 0,
+            };
+            (file, written)
+        } else {
+            let stored = source.open_layer(layer).await?;
+            let mut out = dest.new_blob()?;
+            let options = write_options.clone();
+            let diff_id = layer.diff_id;
+            let task_label = label.clone();
+            let (out, written) = tokio::task::spawn_blocking(move || {
+                let mut progress = progress::LayerProgress::new(i + 1, total, &task_label);
+                let mut seen = 0;
+                let file = out.as_file_mut();
+                let written = convert_layer(stored, &diff_id, std::io::BufWriter::with_capacity(1 << 20, file), &options, &task_label, &mut |n| {
+                    seen = n;
+                    progress.update(n);
+                })?;
+                progress.finish(seen, "converted");
+                Ok::<_, ConvertError>((out, written))
+            })
+            .await
+            .map_err(|e| ConvertError::Source(format!("layer {label}: conversion task failed: {e}")))??;
+            (Some(out), written)
+        };
+        tracing::info!(layer = %label, digest = %written.digest, size = written.size, "layer ready");
+        diff_ids.push(written.diff_id);
+        if let Some(previous) = pending.take() {
+            let (report, descriptor) = previous.await.map_err(|e| ConvertError::Source(format!("upload task failed: {e}")))??;
+            reports.push(report);
+            descriptors.push(descriptor);
+        }
+        let dest = dest.clone();
+        let source_digest = layer.digest;
+        pending = Some(tokio::spawn(async move {
+            let outcome = dest.put_blob(file, &written.digest).await?;
+            let mut descriptor = json!({
+                "mediaType": written.media_type,
+                "digest": written.digest.to_string(),
+                "size": written.size,
+            });
+            if !written.annotations.is_empty() {
+                descriptor["annotations"] = json!(written.annotations);
+            }
+            let report = LayerReport {
+                source_digest,
+                digest: written.digest,
+                size: written.size,
+                diff_id: written.diff_id,
+                uncompressed_size: written.uncompressed_size,
+                media_type: written.media_type.to_owned(),
+                passthrough,
+                outcome,
+                seconds: layer_start.elapsed().as_secs_f64(),
+            };
+            Ok((report, descriptor))
+        }));
+    }
+    if let Some(previous) = pending.take() {
+        let (report, descriptor) = previous.await.map_err(|e| ConvertError::Source(format!("upload task failed: {e}")))??;
+        reports.push(report);
+        descriptors.push(descriptor);
+    }
+
+    let config = new_config(&source.config, &diff_ids)?;
+    let config_digest = Digest::of(&config);
+    dest.put_small_blob(&config_digest, config.clone()).await?;
+    let mut manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": oci::MEDIA_TYPE_OCI_MANIFEST,
+        "config": {
+            "mediaType": oci::MEDIA_TYPE_OCI_CONFIG,
+            "digest": config_digest.to_string(),
+            "size": config.len(),
+        },
+        "layers": descriptors,
+    });
+    if !source.annotations.is_empty() {
+        manifest["annotations"] = json!(source.annotations);
+    }
+    let manifest = serde_json::to_vec(&manifest).map_err(|e| ConvertError::Source(e.to_string()))?;
+    let manifest_size = manifest.len() as u64;
+    let manifest_digest = dest.put_manifest(manifest).await?;
+    Ok(ConvertReport {
+        destination: dst.to_string(),
+        manifest_digest,
+        manifest_size,
+        config_digest,
+        layers: reports,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// The source config with the new layers' `diff_ids`; every other field is kept as it was.
+fn new_config(source: &[u8], diff_ids: &[Digest]) -> Result<Vec<u8>, ConvertError> {
+    let mut config: Value = serde_json::from_slice(source).map_err(|e| ConvertError::Source(format!("invalid image config: {e}")))?;
+    let rootfs = config
+        .get_mut("rootfs")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| ConvertError::Source("image config has no rootfs".into()))?;
+    rootfs.insert("diff_ids".into(), json!(diff_ids.iter().map(Digest::to_string).collect::<Vec<_>>()));
+    serde_json::to_vec(&config).map_err(|e| ConvertError::Source(e.to_string()))
+}
+
+fn media_type_static(media_type: &str) -> &'static str {
+    match media_type {
+        format::MEDIA_TYPE_GZIP => format::MEDIA_TYPE_GZIP,
+        _ => format::MEDIA_TYPE_ZSTD,
+    }
+}
+
+/// Where converted blobs go.
+#[derive(Debug, Clone)]
+enum Destination {
+    Layout { layout: Layout, tag: Option<String> },
+    Registry { client: Client, reference: Reference, mount_from: Option<Reference>, staging: PathBuf },
+}
+
+impl Destination {
+    fn open(dst: &ImageLocation, client: &Client, source: Option<&Reference>) -> Result<Self, ConvertError> {
+        match dst {
+            ImageLocation::OciLayout { dir, tag } => Ok(Self::Layout { layout: Layout::create(dir)?, tag: tag.clone() }),
+            ImageLocation::DockerArchive { .. } => Err(ConvertError::Location(
+                "docker-archive: is a source only; write to oci:DIR[:TAG] or a registry".into(),
+            )),
+            ImageLocation::Registry(reference) => Ok(Self::Registry {
+                client: client.clone(),
+                reference: reference.clone(),
+                mount_from: source.filter(|s| s.registry == reference.registry && s.repository != reference.repository).cloned(),
+                staging: std::env::temp_dir(),
+            }),
+        }
+    }
+
+    /// A temporary file for a converted blob, on the disk the blob will end up on.
+    fn new_blob(&self) -> Result<tempfile::NamedTempFile, ConvertError> {
+        match self {
+            Self::Layout { layout, .. } => layout.temp_blob(),
+            Self::Registry { staging, .. } => tempfile::Builder::new()
+                .prefix("lazysnap-layer-")
+                .tempfile_in(staging)
+                .map_err(|e| ConvertError::io(format!("creating a temporary file in {}", staging.display()), e)),
+        }
+    }
+
+    /// For a layer carried over unchanged: `None` if the destination can get it without a copy
+    /// (it has it, or a registry mount serves), else a verified local copy to put.
+    async fn stage_existing(&self, source: &SourceImage, layer: &SourceLayer, digest: &Digest) -> Result<Option<tempfile::NamedTempFile>, ConvertError> {
+        match self {
+            Self::Layout { layout, .. } if layout.blob_path(digest).exists() => return Ok(None),
+            Self::Registry { client, reference, .. } if client.blob_size(reference, digest).await?.is_some() => return Ok(None),
+            _ => {}
+        }
+        let mut stored = source.open_layer(layer).await?;
+        let mut out = self.new_blob()?;
+        let label = digest.short();
+        tokio::task::spawn_blocking(move || {
+            std::io::copy(&mut stored, out.as_file_mut()).map_err(|e| ConvertError::io(format!("layer {label}: copying"), e))?;
+            Ok::<_, ConvertError>(Some(out))
+        })
+        .await
+        .map_err(|e| ConvertError::Source(format!("copy task failed: {e}")))?
+    }
+
+    /// Stores a finished blob; `file` is `None` when the destination already has it.
+    async fn put_blob(&self, file: Option<tempfile::NamedTempFile>, digest: &Digest) -> Result<&'static str, ConvertError> {
+        let Some(file) = file else { return Ok("existed") };
+        match self {
+            Self::Layout { layout, .. } => Ok(if layout.commit(file, digest)? { "written" } else { "existed" }),
+            Self::Registry { client, reference, mount_from, .. } => {
+                let pushed = client.push_blob(reference, digest, file.path(), mount_from.as_ref()).await?;
+                Ok(outcome_name(pushed))
+            }
+        }
+    }
+
+    async fn put_small_blob(&self, digest: &Digest, bytes: Vec<u8>) -> Result<&'static str, ConvertError> {
+        match self {
+            Self::Layout { layout, .. } => Ok(if layout.write_blob(digest, &bytes)? { "written" } else { "existed" }),
+            Self::Registry { client, reference, .. } => {
+                Ok(outcome_name(client.push_blob_bytes(reference, digest, bytes.into()).await?))
+            }
+        }
+    }
+
+    async fn put_manifest(&self, manifest: Vec<u8>) -> Result<Digest, ConvertError> {
+        let digest = Digest::of(&manifest);
+        match self {
+            Self::Layout { layout, tag } => {
+                layout.write_blob(&digest, &manifest)?;
+                let descriptor = json!({
+                    "mediaType": oci::MEDIA_TYPE_OCI_MANIFEST,
+                    "digest": digest.to_string(),
+                    "size": manifest.len(),
+                });
+                layout.tag(descriptor, tag.as_deref())?;
+                Ok(digest)
+            }
+            Self::Registry { client, reference, .. } => {
+                let pushed = client.push_manifest(reference, oci::MEDIA_TYPE_OCI_MANIFEST, manifest.into()).await?;
+                if pushed != digest {
+                    return Err(ConvertError::DigestMismatch { what: format!("{reference}: pushed manifest"), expected: digest, got: pushed });
+                }
+                Ok(digest)
+            }
+        }
+    }
+}
+
+fn outcome_name(pushed: PushedBlob) -> &'static str {
+    match pushed {
+        PushedBlob::Existed => "existed",
+        PushedBlob::Mounted => "mounted",
+        PushedBlob::Uploaded => "uploaded",
+    }
+}
