@@ -306,10 +306,10 @@ pub(crate) fn decode(format: LayerFormat, json: &[u8], toc_offset: u64) -> Resul
                 (None, true, Some(d)) => d,
                 _ => return Err(bad("no chunkDigest: the chunk cannot be verified".into())),
             };
-            let end = match c.end {
-                Some(e) => e,
-                None => starts.range(c.start.saturating_add(1)..).next().copied().unwrap_or(toc_offset),
-            };
+            // Any later chunk start is a frame/member boundary. skopeo 1.9 records on a file's
+            // first chunk the end of its *last* frame, so take the nearer of the two.
+            let next = starts.range(c.start.saturating_add(1)..).next().copied().unwrap_or(toc_offset);
+            let end = c.end.map_or(next, |e| e.min(next));
             if !c.zeros && end <= c.start {
                 return Err(bad(format!("empty compressed range {}..{end}", c.start)));
             }
