@@ -18,7 +18,11 @@ use lazysnap::oci::Digest;
 const CHUNK: u64 = 64 << 10;
 
 fn sh(script: &str) -> String {
-    let out = Command::new("bash").arg("-c").arg(script).output().expect("bash runs");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("bash runs");
     assert!(
         out.status.success(),
         "command failed: {script}\nstderr: {}",
@@ -28,7 +32,11 @@ fn sh(script: &str) -> String {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("bash").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn q(p: &Path) -> String {
@@ -74,7 +82,10 @@ touch -d '2001-02-03 04:05:06.789' dir/small
     ));
     let target = root.join("dir/small");
     let set = if have("setfattr") {
-        Command::new("setfattr").args(["-n", "user.lazysnap", "-v", "0sAAEC/w=="]).arg(&target).status()
+        Command::new("setfattr")
+            .args(["-n", "user.lazysnap", "-v", "0sAAEC/w=="])
+            .arg(&target)
+            .status()
     } else {
         Command::new("python3")
             .arg("-c")
@@ -90,7 +101,12 @@ touch -d '2001-02-03 04:05:06.789' dir/small
 }
 
 fn convert(tar: &Path, format: LayerFormat, threads: usize) -> (Vec<u8>, WrittenLayer) {
-    let opts = WriteOptions { format, chunk_size: CHUNK, level: 3, threads };
+    let opts = WriteOptions {
+        format,
+        chunk_size: CHUNK,
+        level: 3,
+        threads,
+    };
     let mut out = Vec::new();
     let mut calls = 0u64;
     let mut last = 0u64;
@@ -101,7 +117,11 @@ fn convert(tar: &Path, format: LayerFormat, threads: usize) -> (Vec<u8>, Written
     })
     .unwrap();
     assert!(calls > 0);
-    assert_eq!(last, fs::metadata(tar).unwrap().len(), "progress ends at the input size");
+    assert_eq!(
+        last,
+        fs::metadata(tar).unwrap().len(),
+        "progress ends at the input size"
+    );
     (out, w)
 }
 
@@ -141,7 +161,12 @@ fn walk(root: &Path) -> BTreeSet<String> {
 
 /// Checks the TOC against the tree on disk: names, kinds, metadata, and verified content.
 fn check_toc_against_tree(toc: &Toc, blob: &[u8], root: &Path, xattrs: bool, nanos: bool) {
-    let names: BTreeSet<String> = toc.entries.iter().map(|e| e.name.clone()).filter(|n| !n.is_empty()).collect();
+    let names: BTreeSet<String> = toc
+        .entries
+        .iter()
+        .map(|e| e.name.clone())
+        .filter(|n| !n.is_empty())
+        .collect();
     assert_eq!(names, walk(root), "TOC names are the tree's paths");
     let mut reg = 0;
     for e in &toc.entries {
@@ -167,7 +192,10 @@ fn check_toc_against_tree(toc: &Toc, blob: &[u8], root: &Path, xattrs: bool, nan
                     reg += 1;
                 }
                 if e.kind == EntryKind::Hardlink {
-                    assert_eq!(fs::metadata(root.join(&e.link_name)).unwrap().ino(), md.ino());
+                    assert_eq!(
+                        fs::metadata(root.join(&e.link_name)).unwrap().ino(),
+                        md.ino()
+                    );
                 }
             }
             EntryKind::Dir => assert!(ft.is_dir()),
@@ -176,8 +204,17 @@ fn check_toc_against_tree(toc: &Toc, blob: &[u8], root: &Path, xattrs: bool, nan
                 assert_eq!(Path::new(&e.link_name), fs::read_link(&path).unwrap());
             }
             EntryKind::Char | EntryKind::Block => {
-                assert!(if e.kind == EntryKind::Char { ft.is_char_device() } else { ft.is_block_device() });
-                assert_eq!((e.dev_major, e.dev_minor), major_minor(md.rdev()), "{}", e.name);
+                assert!(if e.kind == EntryKind::Char {
+                    ft.is_char_device()
+                } else {
+                    ft.is_block_device()
+                });
+                assert_eq!(
+                    (e.dev_major, e.dev_minor),
+                    major_minor(md.rdev()),
+                    "{}",
+                    e.name
+                );
             }
             EntryKind::Fifo => assert!(ft.is_fifo()),
         }
@@ -185,13 +222,19 @@ fn check_toc_against_tree(toc: &Toc, blob: &[u8], root: &Path, xattrs: bool, nan
     assert!(reg >= 8, "regular files with content were checked");
     let small = toc.entries.iter().find(|e| e.name == "dir/small").unwrap();
     let ms = if nanos { 789 } else { 0 };
-    assert_eq!((small.mtime, small.mtime_nsec / 1_000_000), (981_173_106, ms));
+    assert_eq!(
+        (small.mtime, small.mtime_nsec / 1_000_000),
+        (981_173_106, ms)
+    );
     if xattrs {
         assert_eq!(small.xattrs.get("user.lazysnap"), Some(&vec![0, 1, 2, 255]));
     }
     let zeros = toc.entries.iter().find(|e| e.name == "dir/zeros").unwrap();
     if toc.format == LayerFormat::ZstdChunked {
-        assert!(zeros.chunks.iter().filter(|c| c.zeros).count() >= 6, "zero runs are marked");
+        assert!(
+            zeros.chunks.iter().filter(|c| c.zeros).count() >= 6,
+            "zero runs are marked"
+        );
     }
     let big = toc.entries.iter().find(|e| e.name == "dir/big").unwrap();
     assert_eq!(big.chunks.len(), 5, "300000 bytes in 64 KiB chunks");
@@ -206,14 +249,21 @@ fn check_variant(tar_format: &str) {
     // variant is pure GNU (`L`/`K` long names, whole-second times).
     let pax = tar_format == "pax";
     let xattr_flag = if pax { "--xattrs" } else { "" };
-    sh(&format!("tar --format={tar_format} {xattr_flag} -C {} -cf {} .", q(&root), q(&tar)));
+    sh(&format!(
+        "tar --format={tar_format} {xattr_flag} -C {} -cf {} .",
+        q(&root),
+        q(&tar)
+    ));
     let tar_list = "tar -tvv --numeric-owner --full-time --xattrs -f";
     let source = listing(&format!("{tar_list} {}", q(&tar)));
     assert!(source.len() > 3000);
     // `-tvv` prints each xattr on its own indented line: count only entry lines.
     let source_entries = source.iter().filter(|l| !l.starts_with(' ')).count();
     if xattrs && pax {
-        assert!(source.iter().any(|l| l.contains("user.lazysnap")), "xattr listed by tar");
+        assert!(
+            source.iter().any(|l| l.contains("user.lazysnap")),
+            "xattr listed by tar"
+        );
     }
 
     for format in [LayerFormat::ZstdChunked, LayerFormat::Estargz] {
@@ -240,7 +290,10 @@ fn check_variant(tar_format: &str) {
 
         // Byte-reproducible, whatever the thread count.
         let (again, w1) = convert(&tar, format, 1);
-        assert_eq!(w1.digest, w.digest, "{format:?}: threads 1 and 2 give the same blob");
+        assert_eq!(
+            w1.digest, w.digest,
+            "{format:?}: threads 1 and 2 give the same blob"
+        );
         assert_eq!(again, blob);
 
         let (layer, toc) = read_toc(Cursor::new(&blob), w.media_type, &w.annotations).unwrap();
@@ -256,7 +309,10 @@ fn check_variant(tar_format: &str) {
         let mid = bad.len() / 2;
         bad[mid] ^= 1;
         assert!(decode_chunk(format, c, &blob[s..e]).is_ok());
-        assert!(decode_chunk(format, c, &bad).is_err(), "{format:?}: corrupted chunk rejected");
+        assert!(
+            decode_chunk(format, c, &bad).is_err(),
+            "{format:?}: corrupted chunk rejected"
+        );
     }
 }
 
@@ -284,12 +340,22 @@ f('ok')
 t.close()
 "#
     );
-    let st = Command::new("python3").arg("-c").arg(script).arg(path).status().unwrap();
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
 fn convert_err(tar: &[u8]) -> FormatError {
-    let opts = WriteOptions { format: LayerFormat::ZstdChunked, chunk_size: CHUNK, level: 3, threads: 2 };
+    let opts = WriteOptions {
+        format: LayerFormat::ZstdChunked,
+        chunk_size: CHUNK,
+        level: 3,
+        threads: 2,
+    };
     let mut out = Vec::new();
     write_layer(tar, &mut out, &opts, &mut |_| {}).unwrap_err()
 }
@@ -348,7 +414,11 @@ fn reads_zstd_chunked_written_by_skopeo() {
         q(&root)
     ));
     let tar = tmp.path().join("layer.tar");
-    sh(&format!("tar --format=pax -C {} -cf {} .", q(&root), q(&tar)));
+    sh(&format!(
+        "tar --format=pax -C {} -cf {} .",
+        q(&root),
+        q(&tar)
+    ));
     let layer = fs::read(&tar).unwrap();
 
     let src = tmp.path().join("src");
@@ -376,10 +446,15 @@ fn reads_zstd_chunked_written_by_skopeo() {
         q(&dst)
     ));
 
-    let blob_path = |d: &str| dst.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(dst.join("index.json")).unwrap()).unwrap();
+    let blob_path = |d: &str| {
+        dst.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dst.join("index.json")).unwrap()).unwrap();
     let mdg = index["manifests"][0]["digest"].as_str().unwrap();
-    let man: serde_json::Value = serde_json::from_slice(&fs::read(blob_path(mdg)).unwrap()).unwrap();
+    let man: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob_path(mdg)).unwrap()).unwrap();
     let l = &man["layers"][0];
     let annotations: BTreeMap<String, String> = l["annotations"]
         .as_object()
@@ -388,7 +463,12 @@ fn reads_zstd_chunked_written_by_skopeo() {
         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
         .collect();
     let blob = fs::read(blob_path(l["digest"].as_str().unwrap())).unwrap();
-    let (layer, toc) = read_toc(Cursor::new(&blob), l["mediaType"].as_str().unwrap(), &annotations).unwrap();
+    let (layer, toc) = read_toc(
+        Cursor::new(&blob),
+        l["mediaType"].as_str().unwrap(),
+        &annotations,
+    )
+    .unwrap();
     assert_eq!(layer.format, LayerFormat::ZstdChunked);
     assert!(layer.toc_position.is_some());
     let names: BTreeSet<&str> = toc.entries.iter().map(|e| e.name.as_str()).collect();

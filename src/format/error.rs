@@ -21,11 +21,20 @@ pub enum FormatError {
     #[error(
         "entry {name:?}: bad tar header checksum at byte offset {offset} (stored {stored}, computed {computed}); the layer is corrupt"
     )]
-    Checksum { name: String, offset: u64, stored: String, computed: u64 },
+    Checksum {
+        name: String,
+        offset: u64,
+        stored: String,
+        computed: u64,
+    },
 
     /// A chunk whose decompressed bytes do not match the digest in the TOC.
     #[error("{chunk}: digest mismatch (expected {expected}, got {actual})")]
-    ChunkDigest { chunk: String, expected: Digest, actual: Digest },
+    ChunkDigest {
+        chunk: String,
+        expected: Digest,
+        actual: Digest,
+    },
 
     /// A chunk that could not be decompressed or was too short.
     #[error("{chunk}: {reason}")]
@@ -60,6 +69,9 @@ pub enum FormatError {
 
 impl FormatError {
     pub(crate) fn entry(name: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Entry { name: name.into(), reason: reason.into() }
+        Self::Entry {
+            name: name.into(),
+            reason: reason.into(),
+        }
     }
 }

@@ -22,7 +22,11 @@ pub(crate) const MAX_TOC_LEN: u64 = 512 << 20;
 
 /// The 8-byte header of a zstd skippable frame of `len` bytes.
 pub(crate) fn skippable_header(len: usize) -> Result<[u8; 8], FormatError> {
-    let len = u32::try_from(len).map_err(|_| FormatError::Toc(format!("{len} bytes is too large for a zstd skippable frame")))?;
+    let len = u32::try_from(len).map_err(|_| {
+        FormatError::Toc(format!(
+            "{len} bytes is too large for a zstd skippable frame"
+        ))
+    })?;
     let mut h = [0u8; 8];
     h[..4].copy_from_slice(&SKIPPABLE_MAGIC);
     h[4..].copy_from_slice(&len.to_le_bytes());
@@ -70,7 +74,9 @@ fn check_range(offset: u64, len: u64, ulen: u64, limit: u64) -> Result<(), Forma
         }
     }
     if len > MAX_TOC_LEN || ulen > MAX_TOC_LEN {
-        return Err(FormatError::Footer(format!("TOC of {len} ({ulen} uncompressed) bytes is too large")));
+        return Err(FormatError::Footer(format!(
+            "TOC of {len} ({ulen} uncompressed) bytes is too large"
+        )));
     }
     Ok(())
 }
@@ -80,23 +86,30 @@ pub(crate) fn parse_zstd(tail: &[u8], blob_size: u64) -> Result<TocPosition, For
     let n = tail.len();
     let magic = tail.get(n.saturating_sub(8)..).filter(|m| m.len() == 8);
     let (f, flen) = match magic {
-        Some(m) if m == ZSTD_MAGIC && n >= ZSTD_FOOTER_LEN => (&tail[n - ZSTD_FOOTER_LEN..], ZSTD_FOOTER_LEN),
+        Some(m) if m == ZSTD_MAGIC && n >= ZSTD_FOOTER_LEN => {
+            (&tail[n - ZSTD_FOOTER_LEN..], ZSTD_FOOTER_LEN)
+        }
         Some(m) if m == ZSTD_OLD_MAGIC && n >= ZSTD_OLD_FOOTER_LEN => {
             (&tail[n - ZSTD_OLD_FOOTER_LEN..], ZSTD_OLD_FOOTER_LEN)
         }
-        _ => {
-            return Err(FormatError::Footer(
-                "no zstd:chunked footer at the end of the blob (magic GNUlInUx or GnUlInUx not found)".into(),
-            ))
-        }
+        _ => return Err(FormatError::Footer(
+            "no zstd:chunked footer at the end of the blob (magic GNUlInUx or GnUlInUx not found)"
+                .into(),
+        )),
     };
     let (offset, len, ulen, kind) = (u64_at(f, 0), u64_at(f, 8), u64_at(f, 16), u64_at(f, 24));
     if kind != 1 {
-        return Err(FormatError::Footer(format!("unsupported zstd:chunked manifest type {kind} (expected 1)")));
+        return Err(FormatError::Footer(format!(
+            "unsupported zstd:chunked manifest type {kind} (expected 1)"
+        )));
     }
     let limit = blob_size.saturating_sub(flen as u64);
     check_range(offset, len, ulen, limit)?;
-    Ok(TocPosition { offset, compressed_len: len, uncompressed_len: ulen })
+    Ok(TocPosition {
+        offset,
+        compressed_len: len,
+        uncompressed_len: ulen,
+    })
 }
 
 fn hex_offset(b: &[u8]) -> Option<u64> {
@@ -114,7 +127,10 @@ pub(crate) fn parse_estargz(tail: &[u8], blob_size: u64) -> Result<TocPosition, 
     let mut found = None;
     if n >= ESTARGZ_FOOTER_LEN {
         let f = &tail[n - ESTARGZ_FOOTER_LEN..];
-        if gz(f) && f[10..12] == 26u16.to_le_bytes() && &f[12..14] == b"SG" && f[14..16] == 22u16.to_le_bytes()
+        if gz(f)
+            && f[10..12] == 26u16.to_le_bytes()
+            && &f[12..14] == b"SG"
+            && f[14..16] == 22u16.to_le_bytes()
             && &f[32..38] == b"STARGZ"
         {
             found = hex_offset(&f[16..32]).map(|o| (o, ESTARGZ_FOOTER_LEN));
@@ -127,14 +143,22 @@ pub(crate) fn parse_estargz(tail: &[u8], blob_size: u64) -> Result<TocPosition, 
         }
     }
     let Some((offset, flen)) = found else {
-        return Err(FormatError::Footer("no eStargz footer at the end of the blob (STARGZ marker not found)".into()));
+        return Err(FormatError::Footer(
+            "no eStargz footer at the end of the blob (STARGZ marker not found)".into(),
+        ));
     };
     let limit = blob_size.saturating_sub(flen as u64);
     let len = limit.checked_sub(offset).ok_or_else(|| {
-        FormatError::Footer(format!("TOC offset {offset} lies beyond the footer at {limit}"))
+        FormatError::Footer(format!(
+            "TOC offset {offset} lies beyond the footer at {limit}"
+        ))
     })?;
     check_range(offset, len, 0, limit)?;
-    Ok(TocPosition { offset, compressed_len: len, uncompressed_len: 0 })
+    Ok(TocPosition {
+        offset,
+        compressed_len: len,
+        uncompressed_len: 0,
+    })
 }
 
 #[cfg(test)]
@@ -148,7 +172,11 @@ mod tests {
         blob.extend_from_slice(&z);
         assert_eq!(
             parse_zstd(&blob[blob.len() - 64..], blob.len() as u64).unwrap(),
-            TocPosition { offset: 100, compressed_len: 20, uncompressed_len: 50 }
+            TocPosition {
+                offset: 100,
+                compressed_len: 20,
+                uncompressed_len: 50
+            }
         );
         let e = estargz_footer(0x1234);
         let mut blob = vec![0u8; 0x2000];
@@ -184,7 +212,9 @@ mod tests {
         use std::io::Read;
         let f = estargz_footer(42);
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&f[..]).read_to_end(&mut out).unwrap();
+        flate2::read::GzDecoder::new(&f[..])
+            .read_to_end(&mut out)
+            .unwrap();
         assert!(out.is_empty());
     }
 

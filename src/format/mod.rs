@@ -29,7 +29,8 @@ pub const ANNOTATION_ZSTD_CHECKSUM: &str = "io.github.containers.zstd-chunked.ma
 /// zstd:chunked annotation: `offset:length:uncompressed_length:type` of the TOC.
 pub const ANNOTATION_ZSTD_POSITION: &str = "io.github.containers.zstd-chunked.manifest-position";
 /// zstd:chunked annotation: `offset:length:uncompressed_length` of the tar-split (not written).
-pub const ANNOTATION_ZSTD_TARSPLIT_POSITION: &str = "io.github.containers.zstd-chunked.tarsplit-position";
+pub const ANNOTATION_ZSTD_TARSPLIT_POSITION: &str =
+    "io.github.containers.zstd-chunked.tarsplit-position";
 /// The older key of the TOC checksum (podman 4.3 / skopeo 1.9).
 pub const ANNOTATION_ZSTD_CHECKSUM_OLD: &str = "io.containers.zstd-chunked.manifest-checksum";
 /// The older key of the TOC position (podman 4.3 / skopeo 1.9).
@@ -56,7 +57,6 @@ pub enum LayerFormat {
     /// stargz-snapshotter eStargz: per-chunk gzip members, TOC as the last tar entry.
     Estargz,
 }
-
 
 /// How the writer lays a layer out.
 #[derive(Debug, Clone)]
@@ -197,14 +197,25 @@ pub fn detect(media_type: &str, annotations: &BTreeMap<String, String>) -> Optio
             if let Some(d) = annotations.get(ck) {
                 let toc_digest = d.parse().ok()?;
                 let toc_position = annotations.get(pk).and_then(|p| parse_position(p));
-                return Some(LazyLayer { format: LayerFormat::ZstdChunked, toc_digest, toc_position });
+                return Some(LazyLayer {
+                    format: LayerFormat::ZstdChunked,
+                    toc_digest,
+                    toc_position,
+                });
             }
         }
         return None;
     }
     if mt == MEDIA_TYPE_GZIP || mt == MEDIA_TYPE_DOCKER_GZIP || mt.ends_with("+gzip") {
-        let toc_digest = annotations.get(ANNOTATION_ESTARGZ_TOC_DIGEST)?.parse().ok()?;
-        return Some(LazyLayer { format: LayerFormat::Estargz, toc_digest, toc_position: None });
+        let toc_digest = annotations
+            .get(ANNOTATION_ESTARGZ_TOC_DIGEST)?
+            .parse()
+            .ok()?;
+        return Some(LazyLayer {
+            format: LayerFormat::Estargz,
+            toc_digest,
+            toc_position: None,
+        });
     }
     None
 }
@@ -221,7 +232,11 @@ fn parse_position(s: &str) -> Option<TocPosition> {
     if it.next().is_some() {
         return None;
     }
-    Some(TocPosition { offset, compressed_len, uncompressed_len })
+    Some(TocPosition {
+        offset,
+        compressed_len,
+        uncompressed_len,
+    })
 }
 
 /// How many bytes at the end of the blob hold the footer (one range GET).

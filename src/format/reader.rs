@@ -9,13 +9,20 @@ use flate2::read::MultiGzDecoder;
 use super::error::FormatError;
 use super::footer::{self, MAX_TOC_LEN};
 use super::tar::{padding, TarItem, TarParser};
-use super::{detect, tail_len, toc, Chunk, LayerFormat, LazyLayer, Toc, TocEntry, TocPosition, ESTARGZ_TOC_NAME};
+use super::{
+    detect, tail_len, toc, Chunk, LayerFormat, LazyLayer, Toc, TocEntry, TocPosition,
+    ESTARGZ_TOC_NAME,
+};
 use crate::oci::Digest;
 
 /// Largest chunk this reader decompresses (a whole file for TOCs without chunking).
 const MAX_CHUNK_LEN: u64 = 4 << 30;
 
-pub(crate) fn parse_tail(format: LayerFormat, tail: &[u8], blob_size: u64) -> Result<TocPosition, FormatError> {
+pub(crate) fn parse_tail(
+    format: LayerFormat,
+    tail: &[u8],
+    blob_size: u64,
+) -> Result<TocPosition, FormatError> {
     match format {
         LayerFormat::ZstdChunked => footer::parse_zstd(tail, blob_size),
         LayerFormat::Estargz => footer::parse_estargz(tail, blob_size),
@@ -28,7 +35,9 @@ fn read_limited<R: Read>(r: R, limit: u64, what: &str) -> Result<Vec<u8>, Format
         .read_to_end(&mut out)
         .map_err(|e| FormatError::Toc(format!("cannot decompress {what}: {e}")))?;
     if out.len() as u64 > limit {
-        return Err(FormatError::Toc(format!("{what} is larger than {limit} bytes")));
+        return Err(FormatError::Toc(format!(
+            "{what} is larger than {limit} bytes"
+        )));
     }
     Ok(out)
 }
@@ -41,7 +50,11 @@ fn check_digest(expected: Digest, bytes: &[u8]) -> Result<(), FormatError> {
     Ok(())
 }
 
-pub(crate) fn parse_toc(layer: &LazyLayer, position: TocPosition, raw: &[u8]) -> Result<Toc, FormatError> {
+pub(crate) fn parse_toc(
+    layer: &LazyLayer,
+    position: TocPosition,
+    raw: &[u8],
+) -> Result<Toc, FormatError> {
     match layer.format {
         LayerFormat::ZstdChunked => {
             // The pinned digest covers the compressed bytes: check before decompressing.
@@ -62,9 +75,15 @@ pub(crate) fn parse_toc(layer: &LazyLayer, position: TocPosition, raw: &[u8]) ->
             let plain = MultiGzDecoder::new(raw);
             let mut tar = TarParser::new(plain.take(MAX_TOC_LEN + 4096));
             loop {
-                let item = tar.next_item().map_err(|e| FormatError::Toc(format!("reading the TOC member: {e}")))?;
+                let item = tar
+                    .next_item()
+                    .map_err(|e| FormatError::Toc(format!("reading the TOC member: {e}")))?;
                 let entry = match item {
-                    None => return Err(FormatError::Toc(format!("no {ESTARGZ_TOC_NAME} entry in the TOC member"))),
+                    None => {
+                        return Err(FormatError::Toc(format!(
+                            "no {ESTARGZ_TOC_NAME} entry in the TOC member"
+                        )))
+                    }
                     Some(TarItem::Global(_)) => continue,
                     Some(TarItem::Entry(e)) => e,
                 };
@@ -73,7 +92,10 @@ pub(crate) fn parse_toc(layer: &LazyLayer, position: TocPosition, raw: &[u8]) ->
                     continue;
                 }
                 if entry.size > MAX_TOC_LEN {
-                    return Err(FormatError::Toc(format!("{} bytes is too large", entry.size)));
+                    return Err(FormatError::Toc(format!(
+                        "{} bytes is too large",
+                        entry.size
+                    )));
                 }
                 let mut json = vec![0u8; entry.size as usize];
                 tar.read_payload(&mut json)?;
@@ -94,8 +116,15 @@ fn label(chunk: &Chunk) -> String {
     )
 }
 
-pub(crate) fn decode_chunk(format: LayerFormat, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
-    let fail = |reason: String| FormatError::Chunk { chunk: label(chunk), reason };
+pub(crate) fn decode_chunk(
+    format: LayerFormat,
+    chunk: &Chunk,
+    compressed: &[u8],
+) -> Result<Vec<u8>, FormatError> {
+    let fail = |reason: String| FormatError::Chunk {
+        chunk: label(chunk),
+        reason,
+    };
     if chunk.size > MAX_CHUNK_LEN {
         return Err(fail(format!("{} bytes is too large", chunk.size)));
     }
@@ -111,18 +140,27 @@ pub(crate) fn decode_chunk(format: LayerFormat, chunk: &Chunk, compressed: &[u8]
         let res = match format {
             LayerFormat::ZstdChunked => zstd::stream::read::Decoder::new(compressed)
                 .and_then(|d| d.take(want).read_to_end(&mut out)),
-            LayerFormat::Estargz => MultiGzDecoder::new(compressed).take(want).read_to_end(&mut out),
+            LayerFormat::Estargz => MultiGzDecoder::new(compressed)
+                .take(want)
+                .read_to_end(&mut out),
         };
         res.map_err(|e| fail(format!("cannot decompress: {e}")))?;
         if (out.len() as u64) < want {
-            return Err(fail(format!("decompressed to {} bytes, expected {want}", out.len())));
+            return Err(fail(format!(
+                "decompressed to {} bytes, expected {want}",
+                out.len()
+            )));
         }
         out.drain(..chunk.inner_offset as usize);
         out
     };
     let actual = Digest::of(&data);
     if actual != chunk.digest {
-        return Err(FormatError::ChunkDigest { chunk: label(chunk), expected: chunk.digest, actual });
+        return Err(FormatError::ChunkDigest {
+            chunk: label(chunk),
+            expected: chunk.digest,
+            actual,
+        });
     }
     Ok(data)
 }
@@ -133,8 +171,9 @@ pub fn read_toc<R: Read + Seek>(
     media_type: &str,
     annotations: &BTreeMap<String, String>,
 ) -> Result<(LazyLayer, Toc), FormatError> {
-    let layer = detect(media_type, annotations)
-        .ok_or_else(|| FormatError::NotLazy { media_type: media_type.to_owned() })?;
+    let layer = detect(media_type, annotations).ok_or_else(|| FormatError::NotLazy {
+        media_type: media_type.to_owned(),
+    })?;
     let size = blob.seek(SeekFrom::End(0))?;
     let n = tail_len(layer.format).min(size);
     blob.seek(SeekFrom::Start(size - n))?;
@@ -150,7 +189,11 @@ pub fn read_toc<R: Read + Seek>(
 
 /// Reads, decompresses and verifies the whole content of a regular file (or hard link to one).
 /// Errors name the entry and the chunk.
-pub fn read_file<R: Read + Seek>(mut blob: R, format: LayerFormat, entry: &TocEntry) -> Result<Vec<u8>, FormatError> {
+pub fn read_file<R: Read + Seek>(
+    mut blob: R,
+    format: LayerFormat,
+    entry: &TocEntry,
+) -> Result<Vec<u8>, FormatError> {
     let mut out = Vec::with_capacity(entry.size.min(64 << 20) as usize);
     for chunk in &entry.chunks {
         let mut compressed = Vec::new();
@@ -160,12 +203,19 @@ pub fn read_file<R: Read + Seek>(mut blob: R, format: LayerFormat, entry: &TocEn
             (&mut blob).take(len).read_to_end(&mut compressed)?;
         }
         let data = decode_chunk(format, chunk, &compressed).map_err(|e| match e {
-            FormatError::Chunk { chunk, reason } => {
-                FormatError::Chunk { chunk: format!("entry {:?} {chunk}", entry.name), reason }
-            }
-            FormatError::ChunkDigest { chunk, expected, actual } => {
-                FormatError::ChunkDigest { chunk: format!("entry {:?} {chunk}", entry.name), expected, actual }
-            }
+            FormatError::Chunk { chunk, reason } => FormatError::Chunk {
+                chunk: format!("entry {:?} {chunk}", entry.name),
+                reason,
+            },
+            FormatError::ChunkDigest {
+                chunk,
+                expected,
+                actual,
+            } => FormatError::ChunkDigest {
+                chunk: format!("entry {:?} {chunk}", entry.name),
+                expected,
+                actual,
+            },
             other => other,
         })?;
         out.extend_from_slice(&data);

@@ -74,7 +74,12 @@ pub(crate) fn padding(size: u64) -> usize {
 
 impl<R: Read> TarParser<R> {
     pub fn new(r: R) -> Self {
-        Self { r, offset: 0, last: String::new(), done: false }
+        Self {
+            r,
+            offset: 0,
+            last: String::new(),
+            done: false,
+        }
     }
 
     /// Bytes of input consumed so far.
@@ -134,9 +139,9 @@ impl<R: Read> TarParser<R> {
                     return Err(FormatError::Truncated {
                         name: self.last.clone(),
                         detail: format!(
-                            "end of stream inside a header block at byte offset {} (after this entry)",
-                            self.offset + got as u64
-                        ),
+                        "end of stream inside a header block at byte offset {} (after this entry)",
+                        self.offset + got as u64
+                    ),
                     })
                 }
                 Ok(n) => got += n,
@@ -204,7 +209,8 @@ impl<R: Read> TarParser<R> {
                     raw = data;
                     let body = &raw[start..start + size as usize];
                     match typeflag {
-                        b'x' => parse_pax(body, &mut pax).map_err(|r| FormatError::entry(&field_name, r))?,
+                        b'x' => parse_pax(body, &mut pax)
+                            .map_err(|r| FormatError::entry(&field_name, r))?,
                         b'L' => long_name = Some(cstr(body).to_vec()),
                         b'K' => long_link = Some(cstr(body).to_vec()),
                         _ => {
@@ -272,8 +278,9 @@ impl<R: Read> TarParser<R> {
         } else {
             cstr(&block[157..257]).to_vec()
         };
-        let link_raw = String::from_utf8(link_bytes)
-            .map_err(|_| err("link target is not valid UTF-8 (not representable in a TOC)".into()))?;
+        let link_raw = String::from_utf8(link_bytes).map_err(|_| {
+            err("link target is not valid UTF-8 (not representable in a TOC)".into())
+        })?;
 
         let kind = match typeflag {
             b'0' | b'7' => EntryKind::Reg,
@@ -313,7 +320,8 @@ impl<R: Read> TarParser<R> {
         let mut gid = to_u32(num(116..124, "gid")?, "gid")?;
         let mut mtime = num(136..148, "mtime")?;
         let mut mtime_nsec = 0;
-        let (mut uname, mut gname, mut dev_major, mut dev_minor) = (String::new(), String::new(), 0, 0);
+        let (mut uname, mut gname, mut dev_major, mut dev_minor) =
+            (String::new(), String::new(), 0, 0);
         if ustar || gnu {
             uname = String::from_utf8_lossy(cstr(&block[265..297])).into_owned();
             gname = String::from_utf8_lossy(cstr(&block[297..329])).into_owned();
@@ -326,20 +334,33 @@ impl<R: Read> TarParser<R> {
         for (k, v) in pax {
             let text = || String::from_utf8_lossy(v).into_owned();
             let dec = |what: &str| -> Result<u64, FormatError> {
-                text().trim().parse::<u64>().map_err(|_| err(format!("invalid PAX {what} {:?}", text())))
+                text()
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| err(format!("invalid PAX {what} {:?}", text())))
             };
             match k.as_str() {
                 "size" => size = dec("size")?,
-                "uid" => uid = u32::try_from(dec("uid")?).map_err(|_| err("PAX uid out of range".into()))?,
-                "gid" => gid = u32::try_from(dec("gid")?).map_err(|_| err("PAX gid out of range".into()))?,
+                "uid" => {
+                    uid = u32::try_from(dec("uid")?)
+                        .map_err(|_| err("PAX uid out of range".into()))?
+                }
+                "gid" => {
+                    gid = u32::try_from(dec("gid")?)
+                        .map_err(|_| err("PAX gid out of range".into()))?
+                }
                 "uname" => uname = text(),
                 "gname" => gname = text(),
                 "mtime" => {
-                    (mtime, mtime_nsec) =
-                        parse_pax_time(&text()).ok_or_else(|| err(format!("invalid PAX mtime {:?}", text())))?
+                    (mtime, mtime_nsec) = parse_pax_time(&text())
+                        .ok_or_else(|| err(format!("invalid PAX mtime {:?}", text())))?
                 }
-                "SCHILY.devmajor" => dev_major = u32::try_from(dec("devmajor")?).unwrap_or(u32::MAX),
-                "SCHILY.devminor" => dev_minor = u32::try_from(dec("devminor")?).unwrap_or(u32::MAX),
+                "SCHILY.devmajor" => {
+                    dev_major = u32::try_from(dec("devmajor")?).unwrap_or(u32::MAX)
+                }
+                "SCHILY.devminor" => {
+                    dev_minor = u32::try_from(dec("devminor")?).unwrap_or(u32::MAX)
+                }
                 _ => {
                     if let Some(x) = k.strip_prefix("SCHILY.xattr.") {
                         xattrs.insert(x.to_owned(), v.clone());
@@ -350,11 +371,12 @@ impl<R: Read> TarParser<R> {
         for (k, v) in pax {
             if let Some(enc) = k.strip_prefix("LIBARCHIVE.xattr.") {
                 let key = percent_decode(enc);
-                if !xattrs.contains_key(&key) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = xattrs.entry(key) {
+                    let text: Vec<u8> = v.iter().copied().filter(|&b| b != b'=').collect();
                     let val = base64::engine::general_purpose::STANDARD_NO_PAD
-                        .decode(v.iter().copied().filter(|&b| b != b'=').collect::<Vec<u8>>())
+                        .decode(text)
                         .map_err(|_| err(format!("invalid base64 in PAX record {k}")))?;
-                    xattrs.insert(key, val);
+                    slot.insert(val);
                 }
             }
         }
@@ -403,7 +425,9 @@ fn verify_checksum(block: &[u8; BLOCK], offset: u64, name: &str) -> Result<(), F
     Err(FormatError::Checksum {
         name: name.to_owned(),
         offset,
-        stored: String::from_utf8_lossy(cstr(&block[148..156])).trim().to_owned(),
+        stored: String::from_utf8_lossy(cstr(&block[148..156]))
+            .trim()
+            .to_owned(),
         computed: unsigned,
     })
 }
@@ -426,7 +450,10 @@ pub(crate) fn parse_numeric(field: &[u8]) -> Option<i64> {
         }
         return i64::try_from(u).ok();
     }
-    let text = field.iter().position(|&b| b == 0).map_or(field, |i| &field[..i]);
+    let text = field
+        .iter()
+        .position(|&b| b == 0)
+        .map_or(field, |i| &field[..i]);
     let text = std::str::from_utf8(text).ok()?.trim_matches(' ');
     if text.is_empty() {
         return Some(0);
@@ -454,7 +481,10 @@ fn parse_pax(data: &[u8], map: &mut BTreeMap<String, Vec<u8>>) -> Result<(), Str
             return Err("malformed PAX record".into());
         }
         let rec = &rest[sp + 1..len - 1];
-        let eq = rec.iter().position(|&b| b == b'=').ok_or("PAX record without '='")?;
+        let eq = rec
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or("PAX record without '='")?;
         let key = std::str::from_utf8(&rec[..eq]).map_err(|_| "PAX key is not UTF-8")?;
         map.insert(key.to_owned(), rec[eq + 1..].to_vec());
         rest = &rest[len..];
@@ -473,7 +503,10 @@ fn parse_pax_time(s: &str) -> Option<(i64, u32)> {
         Some((a, b)) => (a, b),
         None => (body, ""),
     };
-    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    if secs.is_empty()
+        || !secs.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let secs: i64 = secs.parse().ok()?;
@@ -519,7 +552,9 @@ pub(crate) fn normalise_name(raw: &str) -> Result<String, String> {
     for c in raw.split('/') {
         match c {
             "" | "." => {}
-            ".." => return Err("name contains a `..` component (would escape the layer root)".into()),
+            ".." => {
+                return Err("name contains a `..` component (would escape the layer root)".into())
+            }
             c => parts.push(c),
         }
     }
@@ -537,7 +572,9 @@ pub(crate) fn check_hardlink(target: &str) -> Result<String, String> {
             "" | "." => {}
             ".." => {
                 if parts.pop().is_none() {
-                    return Err(format!("hard link target {target:?} escapes the layer root"));
+                    return Err(format!(
+                        "hard link target {target:?} escapes the layer root"
+                    ));
                 }
             }
             c => parts.push(c),
@@ -677,7 +714,8 @@ pub(crate) mod tests {
             let h = Self::header(&short, &link, e.typeflag, e.mode, e.data.len() as u64);
             self.out.extend_from_slice(&h);
             self.out.extend_from_slice(&e.data);
-            self.out.extend(std::iter::repeat_n(0u8, padding(e.data.len() as u64)));
+            self.out
+                .extend(std::iter::repeat_n(0u8, padding(e.data.len() as u64)));
         }
 
         pub fn finish(mut self) -> Vec<u8> {
@@ -702,7 +740,14 @@ pub(crate) mod tests {
     }
 
     fn file(name: &str, data: &[u8]) -> TestEntry {
-        TestEntry { name: name.into(), typeflag: b'0', mode: 0o644, link: String::new(), data: data.into(), xattrs: vec![] }
+        TestEntry {
+            name: name.into(),
+            typeflag: b'0',
+            mode: 0o644,
+            link: String::new(),
+            data: data.into(),
+            xattrs: vec![],
+        }
     }
 
     #[test]
@@ -727,11 +772,29 @@ pub(crate) mod tests {
             (file("/abs", b""), "\"/abs\""),
             (file("a/../../b", b""), "a/../../b"),
             (
-                TestEntry { typeflag: b'1', link: "../../etc/passwd".into(), ..file("hl", b"") },
+                TestEntry {
+                    typeflag: b'1',
+                    link: "../../etc/passwd".into(),
+                    ..file("hl", b"")
+                },
                 "\"hl\"",
             ),
-            (TestEntry { typeflag: b'1', link: "/etc/passwd".into(), ..file("hl2", b"") }, "\"hl2\""),
-            (TestEntry { typeflag: b'2', link: "../../x".into(), ..file("a/sl", b"") }, "\"a/sl\""),
+            (
+                TestEntry {
+                    typeflag: b'1',
+                    link: "/etc/passwd".into(),
+                    ..file("hl2", b"")
+                },
+                "\"hl2\"",
+            ),
+            (
+                TestEntry {
+                    typeflag: b'2',
+                    link: "../../x".into(),
+                    ..file("a/sl", b"")
+                },
+                "\"a/sl\"",
+            ),
         ] {
             let mut t = TestTar::default();
             t.add(&e);
@@ -740,8 +803,16 @@ pub(crate) mod tests {
         }
         // Relative symlinks that stay inside and absolute ones are fine.
         let mut t = TestTar::default();
-        t.add(&TestEntry { typeflag: b'2', link: "../x".into(), ..file("a/sl", b"") });
-        t.add(&TestEntry { typeflag: b'2', link: "/../../etc".into(), ..file("b/sl", b"") });
+        t.add(&TestEntry {
+            typeflag: b'2',
+            link: "../x".into(),
+            ..file("a/sl", b"")
+        });
+        t.add(&TestEntry {
+            typeflag: b'2',
+            link: "/../../etc".into(),
+            ..file("b/sl", b"")
+        });
         assert_eq!(entries(&t.finish()).unwrap().len(), 2);
     }
 

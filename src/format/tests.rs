@@ -9,7 +9,12 @@ use super::tar::tests::{TestEntry, TestTar};
 use super::*;
 
 fn opts(format: LayerFormat, chunk_size: u64, threads: usize) -> WriteOptions {
-    WriteOptions { format, chunk_size, level: 3, threads }
+    WriteOptions {
+        format,
+        chunk_size,
+        level: 3,
+        threads,
+    }
 }
 
 fn write(tar: &[u8], o: &WriteOptions) -> (Vec<u8>, WrittenLayer) {
@@ -24,17 +29,29 @@ fn decompress(format: LayerFormat, blob: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     match format {
         LayerFormat::ZstdChunked => {
-            zstd::stream::read::Decoder::new(blob).unwrap().read_to_end(&mut out).unwrap();
+            zstd::stream::read::Decoder::new(blob)
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
         }
         LayerFormat::Estargz => {
-            flate2::read::MultiGzDecoder::new(blob).read_to_end(&mut out).unwrap();
+            flate2::read::MultiGzDecoder::new(blob)
+                .read_to_end(&mut out)
+                .unwrap();
         }
     }
     out
 }
 
 fn file(name: &str, data: Vec<u8>) -> TestEntry {
-    TestEntry { name: name.into(), typeflag: b'0', mode: 0o644, link: String::new(), data, xattrs: vec![] }
+    TestEntry {
+        name: name.into(),
+        typeflag: b'0',
+        mode: 0o644,
+        link: String::new(),
+        data,
+        xattrs: vec![],
+    }
 }
 
 /// Writes `entries` in both formats, reads the TOC back and checks every file's content.
@@ -172,15 +189,24 @@ proptest! {
 fn xattrs_long_names_and_multi_chunk_files_round_trip() {
     let mut big = file("dir/big", (0..5000u32).map(|i| (i % 251) as u8).collect());
     big.xattrs.push(("user.a".into(), b"1".to_vec()));
-    big.xattrs.push(("security.capability".into(), vec![1, 0, 0, 2, 0, 0, 0, 0]));
+    big.xattrs
+        .push(("security.capability".into(), vec![1, 0, 0, 2, 0, 0, 0, 0]));
     round_trip(
         &[
-            TestEntry { typeflag: b'5', mode: 0o755, ..file("./dir/", vec![]) },
+            TestEntry {
+                typeflag: b'5',
+                mode: 0o755,
+                ..file("./dir/", vec![])
+            },
             big,
             file(&format!("dir/{}", "l".repeat(150)), b"long".to_vec()),
             file("dir/empty", vec![]),
             file("dir/zeros", vec![0; 4096]),
-            TestEntry { typeflag: b'1', link: "dir/big".into(), ..file("dir/hard", vec![]) },
+            TestEntry {
+                typeflag: b'1',
+                link: "dir/big".into(),
+                ..file("dir/hard", vec![])
+            },
         ],
         1024,
     );
@@ -235,11 +261,18 @@ fn corrupt_chunk_is_never_served() {
         // A digest that does not match is reported with both digests.
         let mut wrong = c.clone();
         wrong.digest = crate::oci::Digest::of(b"other");
-        let err = decode_chunk(format, &wrong, &blob[range.clone()]).unwrap_err().to_string();
-        assert!(err.contains("digest mismatch") && err.contains("file offset 1024"), "{err}");
+        let err = decode_chunk(format, &wrong, &blob[range.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("digest mismatch") && err.contains("file offset 1024"),
+            "{err}"
+        );
         let mut corrupt = blob.clone();
         corrupt[range.start + (range.end - range.start) / 2] ^= 0x40;
-        let err = read_file(Cursor::new(&corrupt), format, &toc.entries[0]).unwrap_err().to_string();
+        let err = read_file(Cursor::new(&corrupt), format, &toc.entries[0])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("entry \"f\""), "{err}");
     }
 }
@@ -267,15 +300,31 @@ fn detect_reads_new_and_old_zstd_keys_and_estargz() {
     let mut a = BTreeMap::new();
     assert_eq!(detect(MEDIA_TYPE_ZSTD, &a), None);
     a.insert(ANNOTATION_ZSTD_CHECKSUM_OLD.to_owned(), d.clone());
-    a.insert(ANNOTATION_ZSTD_POSITION_OLD.to_owned(), "10:20:30:1".to_owned());
+    a.insert(
+        ANNOTATION_ZSTD_POSITION_OLD.to_owned(),
+        "10:20:30:1".to_owned(),
+    );
     let l = detect(MEDIA_TYPE_ZSTD, &a).unwrap();
     assert_eq!(l.format, LayerFormat::ZstdChunked);
-    assert_eq!(l.toc_position, Some(TocPosition { offset: 10, compressed_len: 20, uncompressed_len: 30 }));
+    assert_eq!(
+        l.toc_position,
+        Some(TocPosition {
+            offset: 10,
+            compressed_len: 20,
+            uncompressed_len: 30
+        })
+    );
     assert_eq!(detect(MEDIA_TYPE_GZIP, &a), None);
     let mut e = BTreeMap::new();
     e.insert(ANNOTATION_ESTARGZ_TOC_DIGEST.to_owned(), d);
-    assert_eq!(detect(MEDIA_TYPE_GZIP, &e).unwrap().format, LayerFormat::Estargz);
-    assert_eq!(detect(MEDIA_TYPE_DOCKER_GZIP, &e).unwrap().format, LayerFormat::Estargz);
+    assert_eq!(
+        detect(MEDIA_TYPE_GZIP, &e).unwrap().format,
+        LayerFormat::Estargz
+    );
+    assert_eq!(
+        detect(MEDIA_TYPE_DOCKER_GZIP, &e).unwrap().format,
+        LayerFormat::Estargz
+    );
     assert_eq!(detect(MEDIA_TYPE_ZSTD, &e), None);
 }
 
@@ -285,6 +334,12 @@ fn hostile_input_is_rejected_by_the_writer() {
     t.add(&file("ok", b"1".to_vec()));
     t.add(&file("../evil", b"2".to_vec()));
     let mut out = Vec::new();
-    let err = write_layer(&t.finish()[..], &mut out, &opts(LayerFormat::ZstdChunked, 1024, 2), &mut |_| {}).unwrap_err();
+    let err = write_layer(
+        &t.finish()[..],
+        &mut out,
+        &opts(LayerFormat::ZstdChunked, 1024, 2),
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("\"../evil\""), "{err}");
 }

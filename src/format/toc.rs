@@ -102,14 +102,22 @@ pub(crate) fn encode(format: LayerFormat, entries: &[TocEntry]) -> Result<Vec<u8
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut out = Vec::with_capacity(entries.len() + 16);
     for e in entries {
-        let xattrs = (!e.xattrs.is_empty())
-            .then(|| e.xattrs.iter().map(|(k, v)| (k.clone(), b64.encode(v))).collect());
+        let xattrs = (!e.xattrs.is_empty()).then(|| {
+            e.xattrs
+                .iter()
+                .map(|(k, v)| (k.clone(), b64.encode(v)))
+                .collect()
+        });
         let mut j = JsonEntry {
             kind: Some(kind_str(e.kind).into()),
             name: Some(e.name.clone()),
             link_name: ne(&e.link_name),
             mode: nz(u64::from(e.mode)),
-            size: if e.kind == EntryKind::Reg { nz(e.size) } else { None },
+            size: if e.kind == EntryKind::Reg {
+                nz(e.size)
+            } else {
+                None
+            },
             uid: nz(u64::from(e.uid)),
             gid: nz(u64::from(e.gid)),
             user_name: ne(&e.uname),
@@ -118,7 +126,11 @@ pub(crate) fn encode(format: LayerFormat, entries: &[TocEntry]) -> Result<Vec<u8
             dev_major: nz(u64::from(e.dev_major)),
             dev_minor: nz(u64::from(e.dev_minor)),
             xattrs,
-            digest: if e.kind == EntryKind::Reg { e.digest.map(|d| d.to_string()) } else { None },
+            digest: if e.kind == EntryKind::Reg {
+                e.digest.map(|d| d.to_string())
+            } else {
+                None
+            },
             ..Default::default()
         };
         let mut chunks = e.chunks.iter();
@@ -140,7 +152,11 @@ pub(crate) fn encode(format: LayerFormat, entries: &[TocEntry]) -> Result<Vec<u8
             }
         }
     }
-    let toc = JsonToc { version: Some(1), entries: Some(out), tar_split_digest: None };
+    let toc = JsonToc {
+        version: Some(1),
+        entries: Some(out),
+        tar_split_digest: None,
+    };
     serde_json::to_vec(&toc).map_err(|e| FormatError::Toc(format!("cannot encode: {e}")))
 }
 
@@ -178,7 +194,11 @@ fn parse_digest(name: &str, what: &str, s: &Option<String>) -> Result<Option<Dig
 
 /// Decodes TOC JSON into the normalised model. `toc_offset` bounds the last chunk's range when the
 /// TOC does not record chunk end offsets.
-pub(crate) fn decode(format: LayerFormat, json: &[u8], toc_offset: u64) -> Result<Toc, FormatError> {
+pub(crate) fn decode(
+    format: LayerFormat,
+    json: &[u8],
+    toc_offset: u64,
+) -> Result<Toc, FormatError> {
     let toc: JsonToc =
         serde_json::from_slice(json).map_err(|e| FormatError::Toc(format!("invalid JSON: {e}")))?;
     match toc.version {
@@ -241,10 +261,16 @@ pub(crate) fn decode(format: LayerFormat, json: &[u8], toc_offset: u64) -> Resul
         };
         let mut xattrs = BTreeMap::new();
         for (k, v) in j.xattrs.clone().unwrap_or_default() {
-            let val = b64.decode(v.as_bytes()).map_err(|_| err(format!("xattr {k:?}: invalid base64")))?;
+            let val = b64
+                .decode(v.as_bytes())
+                .map_err(|_| err(format!("xattr {k:?}: invalid base64")))?;
             xattrs.insert(k, val);
         }
-        let size = if kind == EntryKind::Reg { j.size.unwrap_or(0) } else { 0 };
+        let size = if kind == EntryKind::Reg {
+            j.size.unwrap_or(0)
+        } else {
+            0
+        };
         let entry = TocEntry {
             name: name.clone(),
             kind,
@@ -260,7 +286,11 @@ pub(crate) fn decode(format: LayerFormat, json: &[u8], toc_offset: u64) -> Resul
             dev_major: u32f(j.dev_major, "devMajor")?,
             dev_minor: u32f(j.dev_minor, "devMinor")?,
             xattrs,
-            digest: if kind == EntryKind::Reg { parse_digest(&raw_name, "digest", &j.digest)? } else { None },
+            digest: if kind == EntryKind::Reg {
+                parse_digest(&raw_name, "digest", &j.digest)?
+            } else {
+                None
+            },
             chunks: Vec::new(),
         };
         let mut own = Vec::new();
@@ -275,8 +305,12 @@ pub(crate) fn decode(format: LayerFormat, json: &[u8], toc_offset: u64) -> Resul
     }
 
     // Distinct compressed start offsets, to bound chunks whose end the TOC does not record.
-    let starts: BTreeSet<u64> =
-        raw_chunks.iter().flatten().filter(|c| !c.zeros).map(|c| c.start).collect();
+    let starts: BTreeSet<u64> = raw_chunks
+        .iter()
+        .flatten()
+        .filter(|c| !c.zeros)
+        .map(|c| c.start)
+        .collect();
     for (entry, mut raw) in entries.iter_mut().zip(raw_chunks) {
         if entry.kind != EntryKind::Reg || entry.size == 0 {
             continue;
@@ -287,16 +321,28 @@ pub(crate) fn decode(format: LayerFormat, json: &[u8], toc_offset: u64) -> Resul
         let mut expect = 0u64;
         for i in 0..n {
             let c = &raw[i];
-            let bad = |r: String| FormatError::entry(&entry.name, format!("chunk at {}: {r}", c.file_offset));
+            let bad = |r: String| {
+                FormatError::entry(&entry.name, format!("chunk at {}: {r}", c.file_offset))
+            };
             if c.file_offset != expect {
-                return Err(bad(format!("chunks do not cover the file (expected a chunk at {expect})")));
+                return Err(bad(format!(
+                    "chunks do not cover the file (expected a chunk at {expect})"
+                )));
             }
-            let limit = if i + 1 < n { raw[i + 1].file_offset } else { entry.size };
+            let limit = if i + 1 < n {
+                raw[i + 1].file_offset
+            } else {
+                entry.size
+            };
             let size = match c.size {
                 Some(s) if i + 1 == n && c.file_offset.checked_add(s) == Some(entry.size) => s,
                 Some(s) if c.file_offset.checked_add(s) == Some(limit) => s,
-                Some(_) => return Err(bad("chunkSize does not match the next chunk or the file size".into())),
-                None => limit.checked_sub(c.file_offset).unwrap_or(0),
+                Some(_) => {
+                    return Err(bad(
+                        "chunkSize does not match the next chunk or the file size".into(),
+                    ))
+                }
+                None => limit.saturating_sub(c.file_offset),
             };
             if size == 0 {
                 return Err(bad("empty chunk".into()));
@@ -308,7 +354,11 @@ pub(crate) fn decode(format: LayerFormat, json: &[u8], toc_offset: u64) -> Resul
             };
             // Any later chunk start is a frame/member boundary. skopeo 1.9 records on a file's
             // first chunk the end of its *last* frame, so take the nearer of the two.
-            let next = starts.range(c.start.saturating_add(1)..).next().copied().unwrap_or(toc_offset);
+            let next = starts
+                .range(c.start.saturating_add(1)..)
+                .next()
+                .copied()
+                .unwrap_or(toc_offset);
             let end = c.end.map_or(next, |e| e.min(next));
             if !c.zeros && end <= c.start {
                 return Err(bad(format!("empty compressed range {}..{end}", c.start)));
@@ -339,8 +389,11 @@ pub(crate) fn decode(format: LayerFormat, json: &[u8], toc_offset: u64) -> Resul
         if entries[i].kind == EntryKind::Hardlink {
             if let Some(&t) = by_name.get(&entries[i].link_name) {
                 if matches!(entries[t].kind, EntryKind::Reg | EntryKind::Hardlink) {
-                    let (size, digest, chunks) =
-                        (entries[t].size, entries[t].digest, entries[t].chunks.clone());
+                    let (size, digest, chunks) = (
+                        entries[t].size,
+                        entries[t].digest,
+                        entries[t].chunks.clone(),
+                    );
                     let e = &mut entries[i];
                     (e.size, e.digest, e.chunks) = (size, digest, chunks);
                 }
@@ -355,7 +408,11 @@ pub(crate) fn decode(format: LayerFormat, json: &[u8], toc_offset: u64) -> Resul
             prefetch = entries[..i].iter().map(|e| e.name.clone()).collect();
         }
     }
-    Ok(Toc { format, entries, prefetch })
+    Ok(Toc {
+        format,
+        entries,
+        prefetch,
+    })
 }
 
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
@@ -404,12 +461,20 @@ pub(crate) fn format_time(secs: i64, nsec: u32) -> String {
 /// Parses RFC 3339 (`YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`) into seconds and nanoseconds.
 pub(crate) fn parse_time(s: &str) -> Option<(i64, u32)> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
         let t = s.get(r)?;
-        t.bytes().all(|c| c.is_ascii_digit()).then(|| t.parse().ok())?
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
     };
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
@@ -454,13 +519,25 @@ mod tests {
 
     #[test]
     fn times_round_trip() {
-        for (secs, nsec) in [(0, 0), (1_700_000_000, 123_456_789), (-1, 5), (951_782_400, 0), (253_402_300_799, 0)] {
+        for (secs, nsec) in [
+            (0, 0),
+            (1_700_000_000, 123_456_789),
+            (-1, 5),
+            (951_782_400, 0),
+            (253_402_300_799, 0),
+        ] {
             let s = format_time(secs, nsec);
             assert_eq!(parse_time(&s), Some((secs, nsec)), "{s}");
         }
         assert_eq!(format_time(0, 0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_time(1_700_000_000, 500_000_000), "2023-11-14T22:13:20.5Z");
-        assert_eq!(parse_time("2023-11-14T23:13:20+01:00"), Some((1_700_000_000, 0)));
+        assert_eq!(
+            format_time(1_700_000_000, 500_000_000),
+            "2023-11-14T22:13:20.5Z"
+        );
+        assert_eq!(
+            parse_time("2023-11-14T23:13:20+01:00"),
+            Some((1_700_000_000, 0))
+        );
         assert_eq!(parse_time("garbage"), None);
     }
 
@@ -481,7 +558,14 @@ mod tests {
         assert_eq!(toc.entries[0].mode, 0o755);
         let a = &toc.entries[1];
         assert_eq!(a.chunks.len(), 1);
-        assert_eq!((a.chunks[0].compressed_start, a.chunks[0].compressed_end, a.chunks[0].size), (100, 200, 5));
+        assert_eq!(
+            (
+                a.chunks[0].compressed_start,
+                a.chunks[0].compressed_end,
+                a.chunks[0].size
+            ),
+            (100, 200, 5)
+        );
         assert_eq!(toc.entries[2].chunks, a.chunks);
         assert_eq!(toc.entries[3].chunks[0].compressed_end, 300);
     }
@@ -496,7 +580,10 @@ mod tests {
             r#"{"version":2,"entries":[]}"#,
             r#"{"version":1,"entries":[{"name":"x","type":"weird"}]}"#,
         ] {
-            assert!(decode(LayerFormat::ZstdChunked, json.as_bytes(), 10).is_err(), "{json}");
+            assert!(
+                decode(LayerFormat::ZstdChunked, json.as_bytes(), 10).is_err(),
+                "{json}"
+            );
         }
     }
 

@@ -44,11 +44,21 @@ struct Done {
 
 enum Item {
     Header,
-    Chunk { entry: usize, file_offset: u64, size: u64, whole_file: bool },
+    Chunk {
+        entry: usize,
+        file_offset: u64,
+        size: u64,
+        whole_file: bool,
+    },
 }
 
 /// Compresses one item into one self-contained zstd frame or gzip member.
-fn compress(format: LayerFormat, level: i32, zstd: &mut Option<zstd::bulk::Compressor<'static>>, data: &[u8]) -> std::io::Result<Vec<u8>> {
+fn compress(
+    format: LayerFormat,
+    level: i32,
+    zstd: &mut Option<zstd::bulk::Compressor<'static>>,
+    data: &[u8],
+) -> std::io::Result<Vec<u8>> {
     match format {
         LayerFormat::ZstdChunked => {
             if zstd.is_none() {
@@ -64,12 +74,20 @@ fn compress(format: LayerFormat, level: i32, zstd: &mut Option<zstd::bulk::Compr
 }
 
 pub(crate) fn gzip_member(level: i32, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut enc = GzEncoder::new(Vec::with_capacity(data.len() / 2 + 64), Compression::new(level.clamp(0, 9) as u32));
+    let mut enc = GzEncoder::new(
+        Vec::with_capacity(data.len() / 2 + 64),
+        Compression::new(level.clamp(0, 9) as u32),
+    );
     enc.write_all(data)?;
     enc.finish()
 }
 
-fn worker(format: LayerFormat, level: i32, jobs: &Mutex<Receiver<Job>>, done: Sender<Result<Done, FormatError>>) {
+fn worker(
+    format: LayerFormat,
+    level: i32,
+    jobs: &Mutex<Receiver<Job>>,
+    done: Sender<Result<Done, FormatError>>,
+) {
     let mut zstd = None;
     loop {
         let job = {
@@ -89,9 +107,18 @@ fn worker(format: LayerFormat, level: i32, jobs: &Mutex<Receiver<Job>>, done: Se
             } else {
                 (None, false)
             };
-            Ok(Done { seq, compressed, digest, zeros })
+            Ok(Done {
+                seq,
+                compressed,
+                digest,
+                zeros,
+            })
         }))
-        .unwrap_or_else(|_| Err(FormatError::Compress(format!("worker panicked on item {seq}"))));
+        .unwrap_or_else(|_| {
+            Err(FormatError::Compress(format!(
+                "worker panicked on item {seq}"
+            )))
+        });
         if done.send(result).is_err() {
             return;
         }
@@ -121,7 +148,10 @@ impl<W: Write> Pipeline<'_, W> {
         }
         let chunk = matches!(item, Item::Chunk { .. });
         let seq = self.next_seq;
-        let sent = self.jobs.as_ref().map(|tx| tx.send(Job { seq, data, chunk }));
+        let sent = self
+            .jobs
+            .as_ref()
+            .map(|tx| tx.send(Job { seq, data, chunk }));
         if !matches!(sent, Some(Ok(()))) {
             return Err(FormatError::Compress("compression workers stopped".into()));
         }
@@ -156,7 +186,13 @@ impl<W: Write> Pipeline<'_, W> {
             let start = self.out.len();
             self.out.write_all(&done.compressed)?;
             let end = self.out.len();
-            if let Item::Chunk { entry, file_offset, size, whole_file } = item {
+            if let Item::Chunk {
+                entry,
+                file_offset,
+                size,
+                whole_file,
+            } = item
+            {
                 let digest = done
                     .digest
                     .ok_or_else(|| FormatError::Compress("chunk without digest".into()))?;
@@ -205,7 +241,11 @@ impl<W: Write> Pipeline<'_, W> {
         Ok(())
     }
 
-    fn run<R: Read>(&mut self, input: R, progress: &mut dyn FnMut(u64)) -> Result<u64, FormatError> {
+    fn run<R: Read>(
+        &mut self,
+        input: R,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64, FormatError> {
         let mut tar = TarParser::new(BufReader::with_capacity(1 << 20, input));
         let mut reported = 0u64;
         let mut count = 0u64;
@@ -260,7 +300,15 @@ impl<W: Write> Pipeline<'_, W> {
                     if let Some(h) = file_hash.as_mut() {
                         h.update(&buf);
                     }
-                    self.dispatch(buf, Item::Chunk { entry: idx, file_offset: off, size: n, whole_file })?;
+                    self.dispatch(
+                        buf,
+                        Item::Chunk {
+                            entry: idx,
+                            file_offset: off,
+                            size: n,
+                            whole_file,
+                        },
+                    )?;
                     off += n;
                     report(tar.offset(), false);
                 }
@@ -344,8 +392,18 @@ pub(crate) fn write_layer<R: Read, W: Write>(
     finish(pipeline, level, count)
 }
 
-fn finish<W: Write>(p: Pipeline<'_, W>, level: i32, count: u64) -> Result<WrittenLayer, FormatError> {
-    let Pipeline { format, mut out, entries, mut diff, .. } = p;
+fn finish<W: Write>(
+    p: Pipeline<'_, W>,
+    level: i32,
+    count: u64,
+) -> Result<WrittenLayer, FormatError> {
+    let Pipeline {
+        format,
+        mut out,
+        entries,
+        mut diff,
+        ..
+    } = p;
     let json = super::toc::encode(format, &entries)?;
     let mut annotations = BTreeMap::new();
     let toc_digest = match format {
@@ -368,7 +426,11 @@ fn finish<W: Write>(p: Pipeline<'_, W>, level: i32, count: u64) -> Result<Writte
         LayerFormat::Estargz => {
             let offset = out.len();
             let mut plain = Vec::with_capacity(json.len() + 2048);
-            plain.extend_from_slice(&ustar_file_header(ESTARGZ_TOC_NAME, json.len() as u64, 0o444));
+            plain.extend_from_slice(&ustar_file_header(
+                ESTARGZ_TOC_NAME,
+                json.len() as u64,
+                0o444,
+            ));
             plain.extend_from_slice(&json);
             plain.resize(plain.len() + padding(json.len() as u64) + 1024, 0);
             diff.update(&plain);
@@ -379,8 +441,14 @@ fn finish<W: Write>(p: Pipeline<'_, W>, level: i32, count: u64) -> Result<Writte
     };
     let uncompressed_size = diff.len();
     if format == LayerFormat::Estargz {
-        annotations.insert(ANNOTATION_ESTARGZ_TOC_DIGEST.to_owned(), toc_digest.to_string());
-        annotations.insert(ANNOTATION_ESTARGZ_UNCOMPRESSED_SIZE.to_owned(), uncompressed_size.to_string());
+        annotations.insert(
+            ANNOTATION_ESTARGZ_TOC_DIGEST.to_owned(),
+            toc_digest.to_string(),
+        );
+        annotations.insert(
+            ANNOTATION_ESTARGZ_UNCOMPRESSED_SIZE.to_owned(),
+            uncompressed_size.to_string(),
+        );
     }
     out.flush()?;
     let (_, digest, size) = out.finish();
