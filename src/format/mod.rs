@@ -8,10 +8,41 @@
 //! The writer turns an uncompressed tar stream into a layer blob; the reader turns the blob's tail
 //! and TOC bytes into a [`Toc`], and one chunk's compressed bytes into verified file content.
 
+mod error;
+mod footer;
+mod reader;
+mod tar;
+mod toc;
+mod writer;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
+pub use error::FormatError;
+pub use reader::{read_file, read_toc};
+pub use toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+
 use crate::oci::Digest;
+
+/// zstd:chunked annotation: sha256 of the compressed TOC.
+pub const ANNOTATION_ZSTD_CHECKSUM: &str = "io.github.containers.zstd-chunked.manifest-checksum";
+/// zstd:chunked annotation: `offset:length:uncompressed_length:type` of the TOC.
+pub const ANNOTATION_ZSTD_POSITION: &str = "io.github.containers.zstd-chunked.manifest-position";
+/// zstd:chunked annotation: `offset:length:uncompressed_length` of the tar-split (not written).
+pub const ANNOTATION_ZSTD_TARSPLIT_POSITION: &str =
+    "io.github.containers.zstd-chunked.tarsplit-position";
+/// The older key of the TOC checksum (podman 4.3 / skopeo 1.9).
+pub const ANNOTATION_ZSTD_CHECKSUM_OLD: &str = "io.containers.zstd-chunked.manifest-checksum";
+/// The older key of the TOC position (podman 4.3 / skopeo 1.9).
+pub const ANNOTATION_ZSTD_POSITION_OLD: &str = "io.containers.zstd-chunked.manifest-position";
+/// eStargz annotation: sha256 of the uncompressed TOC JSON.
+pub const ANNOTATION_ESTARGZ_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// eStargz annotation: the layer's uncompressed size.
+pub const ANNOTATION_ESTARGZ_UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
+/// Name of the eStargz TOC entry (the last tar entry of the layer).
+pub const ESTARGZ_TOC_NAME: &str = "stargz.index.json";
+/// Docker's gzip layer media type (eStargz layers may carry it too).
+pub const MEDIA_TYPE_DOCKER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 /// Media type of a zstd:chunked layer (a plain OCI zstd layer to readers that cannot load lazily).
 pub const MEDIA_TYPE_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
@@ -25,13 +56,6 @@ pub enum LayerFormat {
     ZstdChunked,
     /// stargz-snapshotter eStargz: per-chunk gzip members, TOC as the last tar entry.
     Estargz,
-}
-
-/// Everything that can go wrong reading or writing a lazy layer. Messages name the entry.
-#[derive(Debug, thiserror::Error)]
-pub enum FormatError {
-    #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// How the writer lays a layer out.
@@ -72,8 +96,7 @@ pub fn write_layer<R: Read, W: Write>(
     opts: &WriteOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<WrittenLayer, FormatError> {
-    let _ = (input, out, opts, progress);
-    todo!("format helper")
+    writer::write_layer(input, out, opts, progress)
 }
 
 /// The kind of a TOC entry.
@@ -121,6 +144,8 @@ pub struct TocEntry {
     pub gname: String,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
+    /// Nanoseconds of the modification time (PAX `mtime` fraction, RFC 3339 fraction in the TOC).
+    pub mtime_nsec: u32,
     /// Symlink target, or for a hard link the name of the entry it links to.
     pub link_name: String,
     pub dev_major: u32,
@@ -128,7 +153,8 @@ pub struct TocEntry {
     pub xattrs: BTreeMap<String, Vec<u8>>,
     /// sha256 of the whole file content, when the TOC records it.
     pub digest: Option<Digest>,
-    /// Content chunks in file order, covering `[0, size)` without gaps.
+    /// Content chunks in file order, covering `[0, size)` without gaps. A hard link to a regular
+    /// file carries its target's size, digest and chunks.
     pub chunks: Vec<Chunk>,
 }
 
@@ -162,14 +188,63 @@ pub struct TocPosition {
 /// Decides from a layer descriptor whether the layer is lazy, and in which format.
 /// `None` for a plain layer (or one whose annotations are incomplete).
 pub fn detect(media_type: &str, annotations: &BTreeMap<String, String>) -> Option<LazyLayer> {
-    let _ = (media_type, annotations);
-    todo!("format helper")
+    let mt = media_type.split(';').next().unwrap_or("").trim();
+    if mt == MEDIA_TYPE_ZSTD || mt.ends_with("+zstd") {
+        for (ck, pk) in [
+            (ANNOTATION_ZSTD_CHECKSUM, ANNOTATION_ZSTD_POSITION),
+            (ANNOTATION_ZSTD_CHECKSUM_OLD, ANNOTATION_ZSTD_POSITION_OLD),
+        ] {
+            if let Some(d) = annotations.get(ck) {
+                let toc_digest = d.parse().ok()?;
+                let toc_position = annotations.get(pk).and_then(|p| parse_position(p));
+                return Some(LazyLayer {
+                    format: LayerFormat::ZstdChunked,
+                    toc_digest,
+                    toc_position,
+                });
+            }
+        }
+        return None;
+    }
+    if mt == MEDIA_TYPE_GZIP || mt == MEDIA_TYPE_DOCKER_GZIP || mt.ends_with("+gzip") {
+        let toc_digest = annotations
+            .get(ANNOTATION_ESTARGZ_TOC_DIGEST)?
+            .parse()
+            .ok()?;
+        return Some(LazyLayer {
+            format: LayerFormat::Estargz,
+            toc_digest,
+            toc_position: None,
+        });
+    }
+    None
+}
+
+/// Parses `offset:length:uncompressed_length[:type]` (type must be 1 when present).
+fn parse_position(s: &str) -> Option<TocPosition> {
+    let mut it = s.trim().split(':');
+    let mut num = || it.next()?.parse::<u64>().ok();
+    let (offset, compressed_len, uncompressed_len) = (num()?, num()?, num()?);
+    match it.next() {
+        None | Some("1") => {}
+        Some(_) => return None,
+    }
+    if it.next().is_some() {
+        return None;
+    }
+    Some(TocPosition {
+        offset,
+        compressed_len,
+        uncompressed_len,
+    })
 }
 
 /// How many bytes at the end of the blob hold the footer (one range GET).
 pub fn tail_len(format: LayerFormat) -> u64 {
-    let _ = format;
-    todo!("format helper")
+    match format {
+        LayerFormat::ZstdChunked => footer::ZSTD_FOOTER_LEN as u64,
+        LayerFormat::Estargz => footer::ESTARGZ_FOOTER_LEN as u64,
+    }
 }
 
 /// Reads the TOC position from the blob's last `tail_len` bytes.
@@ -178,14 +253,12 @@ pub fn parse_tail(
     tail: &[u8],
     blob_size: u64,
 ) -> Result<TocPosition, FormatError> {
-    let _ = (format, tail, blob_size);
-    todo!("format helper")
+    reader::parse_tail(format, tail, blob_size)
 }
 
 /// Parses the TOC from the blob bytes at `position`, after checking them against the pinned digest.
 pub fn parse_toc(layer: &LazyLayer, position: TocPosition, raw: &[u8]) -> Result<Toc, FormatError> {
-    let _ = (layer, position, raw);
-    todo!("format helper")
+    reader::parse_toc(layer, position, raw)
 }
 
 /// Decompresses one chunk from the bytes `[compressed_start, compressed_end)` of the blob and
@@ -195,6 +268,8 @@ pub fn decode_chunk(
     chunk: &Chunk,
     compressed: &[u8],
 ) -> Result<Vec<u8>, FormatError> {
-    let _ = (format, chunk, compressed);
-    todo!("format helper")
+    reader::decode_chunk(format, chunk, compressed)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,601 @@
+//! The TOC JSON both formats share (`{"version":1,"entries":[...]}`), its encoding from and decoding
+//! into the normalised [`TocEntry`] model, and RFC 3339 times.
+//!
+//! Decoding is lenient on unknown fields and missing optional ones, strict on names (no absolute
+//! or escaping paths) and on digests (every chunk must be verifiable).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::error::FormatError;
+use super::tar::{check_hardlink, check_symlink, normalise_name};
+use super::{Chunk, EntryKind, LayerFormat, Toc, TocEntry};
+use crate::oci::Digest;
+
+/// Landmark file: entries before it are start-up data (eStargz).
+pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
+/// Landmark file: prefetch nothing (eStargz).
+pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonToc {
+    #[serde(default)]
+    version: Option<i64>,
+    #[serde(default)]
+    entries: Option<Vec<JsonEntry>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tar_split_digest: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonEntry {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    link_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mode: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uid: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gid: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    modtime: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dev_major: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dev_minor: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    xattrs: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    end_offset: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    inner_offset: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunk_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunk_offset: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunk_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunk_type: Option<String>,
+}
+
+fn kind_str(k: EntryKind) -> &'static str {
+    match k {
+        EntryKind::Dir => "dir",
+        EntryKind::Reg => "reg",
+        EntryKind::Symlink => "symlink",
+        EntryKind::Hardlink => "hardlink",
+        EntryKind::Char => "char",
+        EntryKind::Block => "block",
+        EntryKind::Fifo => "fifo",
+    }
+}
+
+fn nz(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
+}
+
+fn ne(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// Encodes entries (with their chunks) as TOC JSON. Deterministic: same entries, same bytes.
+pub(crate) fn encode(format: LayerFormat, entries: &[TocEntry]) -> Result<Vec<u8>, FormatError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut out = Vec::with_capacity(entries.len() + 16);
+    for e in entries {
+        let xattrs = (!e.xattrs.is_empty()).then(|| {
+            e.xattrs
+                .iter()
+                .map(|(k, v)| (k.clone(), b64.encode(v)))
+                .collect()
+        });
+        let mut j = JsonEntry {
+            kind: Some(kind_str(e.kind).into()),
+            name: Some(e.name.clone()),
+            link_name: ne(&e.link_name),
+            mode: nz(u64::from(e.mode)),
+            size: if e.kind == EntryKind::Reg {
+                nz(e.size)
+            } else {
+                None
+            },
+            uid: nz(u64::from(e.uid)),
+            gid: nz(u64::from(e.gid)),
+            user_name: ne(&e.uname),
+            group_name: ne(&e.gname),
+            modtime: Some(format_time(e.mtime, e.mtime_nsec)),
+            dev_major: nz(u64::from(e.dev_major)),
+            dev_minor: nz(u64::from(e.dev_minor)),
+            xattrs,
+            digest: if e.kind == EntryKind::Reg {
+                e.digest.map(|d| d.to_string())
+            } else {
+                None
+            },
+            ..Default::default()
+        };
+        let mut chunks = e.chunks.iter();
+        if e.kind == EntryKind::Reg {
+            if let Some(c) = chunks.next() {
+                fill_chunk(format, &mut j, c);
+            }
+        }
+        out.push(j);
+        if e.kind == EntryKind::Reg {
+            for c in chunks {
+                let mut cj = JsonEntry {
+                    kind: Some("chunk".into()),
+                    name: Some(e.name.clone()),
+                    ..Default::default()
+                };
+                fill_chunk(format, &mut cj, c);
+                out.push(cj);
+            }
+        }
+    }
+    let toc = JsonToc {
+        version: Some(1),
+        entries: Some(out),
+        tar_split_digest: None,
+    };
+    serde_json::to_vec(&toc).map_err(|e| FormatError::Toc(format!("cannot encode: {e}")))
+}
+
+fn fill_chunk(format: LayerFormat, j: &mut JsonEntry, c: &Chunk) {
+    j.offset = Some(c.compressed_start);
+    j.end_offset = Some(c.compressed_end);
+    j.inner_offset = nz(c.inner_offset);
+    j.chunk_offset = nz(c.file_offset);
+    j.chunk_size = Some(c.size);
+    j.chunk_digest = Some(c.digest.to_string());
+    if c.zeros && format == LayerFormat::ZstdChunked {
+        j.chunk_type = Some("zeros".into());
+    }
+}
+
+struct RawChunk {
+    file_offset: u64,
+    size: Option<u64>,
+    start: u64,
+    end: Option<u64>,
+    inner: u64,
+    digest: Option<Digest>,
+    zeros: bool,
+}
+
+fn parse_digest(name: &str, what: &str, s: &Option<String>) -> Result<Option<Digest>, FormatError> {
+    match s.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|e| FormatError::entry(name, format!("invalid {what}: {e}"))),
+    }
+}
+
+/// Decodes TOC JSON into the normalised model. `toc_offset` bounds the last chunk's range when the
+/// TOC does not record chunk end offsets.
+pub(crate) fn decode(
+    format: LayerFormat,
+    json: &[u8],
+    toc_offset: u64,
+) -> Result<Toc, FormatError> {
+    let toc: JsonToc =
+        serde_json::from_slice(json).map_err(|e| FormatError::Toc(format!("invalid JSON: {e}")))?;
+    match toc.version {
+        None | Some(1) => {}
+        Some(v) => return Err(FormatError::Toc(format!("unsupported version {v}"))),
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut entries: Vec<TocEntry> = Vec::new();
+    let mut raw_chunks: Vec<Vec<RawChunk>> = Vec::new();
+    let mut last_reg: HashMap<String, usize> = HashMap::new();
+    for j in toc.entries.unwrap_or_default() {
+        let raw_name = j.name.clone().unwrap_or_default();
+        let kind_s = j.kind.clone().unwrap_or_default();
+        let name = normalise_name(raw_name.trim_start_matches('/'))
+            .map_err(|r| FormatError::entry(&raw_name, r))?;
+        let err = |r: String| FormatError::entry(&raw_name, r);
+        let chunk = || -> Result<RawChunk, FormatError> {
+            Ok(RawChunk {
+                file_offset: j.chunk_offset.unwrap_or(0),
+                size: j.chunk_size.filter(|&s| s > 0),
+                start: j.offset.unwrap_or(0),
+                end: j.end_offset.filter(|&e| e > 0),
+                inner: j.inner_offset.unwrap_or(0),
+                digest: parse_digest(&raw_name, "chunkDigest", &j.chunk_digest)?,
+                zeros: j.chunk_type.as_deref() == Some("zeros"),
+            })
+        };
+        let kind = match kind_s.as_str() {
+            "chunk" => {
+                let idx = *last_reg
+                    .get(&name)
+                    .ok_or_else(|| err("chunk entry without a preceding regular file".into()))?;
+                raw_chunks[idx].push(chunk()?);
+                continue;
+            }
+            "dir" => EntryKind::Dir,
+            "reg" => EntryKind::Reg,
+            "symlink" => EntryKind::Symlink,
+            "hardlink" => EntryKind::Hardlink,
+            "char" => EntryKind::Char,
+            "block" => EntryKind::Block,
+            "fifo" => EntryKind::Fifo,
+            other => return Err(err(format!("unknown entry type {other:?}"))),
+        };
+        let link_raw = j.link_name.clone().unwrap_or_default();
+        let link_name = match kind {
+            EntryKind::Hardlink => check_hardlink(link_raw.trim_start_matches('/')).map_err(err)?,
+            EntryKind::Symlink => {
+                check_symlink(&name, &link_raw).map_err(err)?;
+                link_raw
+            }
+            _ => String::new(),
+        };
+        let u32f = |v: Option<u64>, what: &str| -> Result<u32, FormatError> {
+            u32::try_from(v.unwrap_or(0)).map_err(|_| err(format!("{what} out of range")))
+        };
+        let (mtime, mtime_nsec) = match j.modtime.as_deref() {
+            None | Some("") => (0, 0),
+            Some(t) => parse_time(t).ok_or_else(|| err(format!("invalid modtime {t:?}")))?,
+        };
+        let mut xattrs = BTreeMap::new();
+        for (k, v) in j.xattrs.clone().unwrap_or_default() {
+            let val = b64
+                .decode(v.as_bytes())
+                .map_err(|_| err(format!("xattr {k:?}: invalid base64")))?;
+            xattrs.insert(k, val);
+        }
+        let size = if kind == EntryKind::Reg {
+            j.size.unwrap_or(0)
+        } else {
+            0
+        };
+        let entry = TocEntry {
+            name: name.clone(),
+            kind,
+            size,
+            mode: (j.mode.unwrap_or(0) & 0o7777) as u32,
+            uid: u32f(j.uid, "uid")?,
+            gid: u32f(j.gid, "gid")?,
+            uname: j.user_name.clone().unwrap_or_default(),
+            gname: j.group_name.clone().unwrap_or_default(),
+            mtime,
+            mtime_nsec,
+            link_name,
+            dev_major: u32f(j.dev_major, "devMajor")?,
+            dev_minor: u32f(j.dev_minor, "devMinor")?,
+            xattrs,
+            digest: if kind == EntryKind::Reg {
+                parse_digest(&raw_name, "digest", &j.digest)?
+            } else {
+                None
+            },
+            chunks: Vec::new(),
+        };
+        let mut own = Vec::new();
+        if kind == EntryKind::Reg && size > 0 {
+            own.push(chunk()?);
+            last_reg.insert(name, entries.len());
+        } else if kind == EntryKind::Reg {
+            last_reg.insert(name, entries.len());
+        }
+        entries.push(entry);
+        raw_chunks.push(own);
+    }
+
+    // Distinct compressed start offsets, to bound chunks whose end the TOC does not record.
+    let starts: BTreeSet<u64> = raw_chunks
+        .iter()
+        .flatten()
+        .filter(|c| !c.zeros)
+        .map(|c| c.start)
+        .collect();
+    for (entry, mut raw) in entries.iter_mut().zip(raw_chunks) {
+        if entry.kind != EntryKind::Reg || entry.size == 0 {
+            continue;
+        }
+        raw.sort_by_key(|c| c.file_offset);
+        let n = raw.len();
+        let mut chunks = Vec::with_capacity(n);
+        let mut expect = 0u64;
+        for i in 0..n {
+            let c = &raw[i];
+            let bad = |r: String| {
+                FormatError::entry(&entry.name, format!("chunk at {}: {r}", c.file_offset))
+            };
+            if c.file_offset != expect {
+                return Err(bad(format!(
+                    "chunks do not cover the file (expected a chunk at {expect})"
+                )));
+            }
+            let limit = if i + 1 < n {
+                raw[i + 1].file_offset
+            } else {
+                entry.size
+            };
+            let size = match c.size {
+                Some(s) if i + 1 == n && c.file_offset.checked_add(s) == Some(entry.size) => s,
+                Some(s) if c.file_offset.checked_add(s) == Some(limit) => s,
+                Some(_) => {
+                    return Err(bad(
+                        "chunkSize does not match the next chunk or the file size".into(),
+                    ))
+                }
+                None => limit.saturating_sub(c.file_offset),
+            };
+            if size == 0 {
+                return Err(bad("empty chunk".into()));
+            }
+            let digest = match (c.digest, n == 1, entry.digest) {
+                (Some(d), _, _) => d,
+                (None, true, Some(d)) => d,
+                _ => return Err(bad("no chunkDigest: the chunk cannot be verified".into())),
+            };
+            // Any later chunk start is a frame/member boundary. skopeo 1.9 records on a file's
+            // first chunk the end of its *last* frame, so take the nearer of the two.
+            let next = starts
+                .range(c.start.saturating_add(1)..)
+                .next()
+                .copied()
+                .unwrap_or(toc_offset);
+            let end = c.end.map_or(next, |e| e.min(next));
+            if !c.zeros && end <= c.start {
+                return Err(bad(format!("empty compressed range {}..{end}", c.start)));
+            }
+            chunks.push(Chunk {
+                file_offset: c.file_offset,
+                size,
+                compressed_start: c.start,
+                compressed_end: end.max(c.start),
+                inner_offset: c.inner,
+                digest,
+                zeros: c.zeros,
+            });
+            expect = c.file_offset + size;
+        }
+        if expect != entry.size {
+            return Err(FormatError::entry(
+                &entry.name,
+                format!("chunks cover {expect} of {} bytes", entry.size),
+            ));
+        }
+        entry.chunks = chunks;
+    }
+
+    // Hard links share their target's content.
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for i in 0..entries.len() {
+        if entries[i].kind == EntryKind::Hardlink {
+            if let Some(&t) = by_name.get(&entries[i].link_name) {
+                if matches!(entries[t].kind, EntryKind::Reg | EntryKind::Hardlink) {
+                    let (size, digest, chunks) = (
+                        entries[t].size,
+                        entries[t].digest,
+                        entries[t].chunks.clone(),
+                    );
+                    let e = &mut entries[i];
+                    (e.size, e.digest, e.chunks) = (size, digest, chunks);
+                }
+            }
+        }
+        by_name.insert(entries[i].name.clone(), i);
+    }
+
+    let mut prefetch = Vec::new();
+    if format == LayerFormat::Estargz && !entries.iter().any(|e| e.name == NO_PREFETCH_LANDMARK) {
+        if let Some(i) = entries.iter().position(|e| e.name == PREFETCH_LANDMARK) {
+            prefetch = entries[..i].iter().map(|e| e.name.clone()).collect();
+        }
+    }
+    Ok(Toc {
+        format,
+        entries,
+        prefetch,
+    })
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// RFC 3339 in UTC with nanoseconds when non-zero (Go's `RFC3339Nano`).
+pub(crate) fn format_time(secs: i64, nsec: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let mut s = format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    );
+    if nsec > 0 {
+        let f = format!("{:09}", nsec.min(999_999_999));
+        s.push('.');
+        s.push_str(f.trim_end_matches('0'));
+    }
+    s.push('Z');
+    s
+}
+
+/// Parses RFC 3339 (`YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`) into seconds and nanoseconds.
+pub(crate) fn parse_time(s: &str) -> Option<(i64, u32)> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut nsec: u32 = 0;
+    if b[i] == b'.' {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            if i - start < 9 {
+                nsec += u32::from(b[i] - b'0') * 10u32.pow(8 - (i - start) as u32);
+            }
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+    }
+    let offset = match b.get(i..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let d = |c: u8| c.is_ascii_digit().then(|| i64::from(c - b'0'));
+            let off = (d(*h1)? * 10 + d(*h2)?) * 3600 + (d(*m1)? * 10 + d(*m2)?) * 60;
+            if *sign == b'+' {
+                off
+            } else {
+                -off
+            }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(y, mo as u32, d as u32);
+    Some((days * 86_400 + h * 3600 + mi * 60 + sec - offset, nsec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip() {
+        for (secs, nsec) in [
+            (0, 0),
+            (1_700_000_000, 123_456_789),
+            (-1, 5),
+            (951_782_400, 0),
+            (253_402_300_799, 0),
+        ] {
+            let s = format_time(secs, nsec);
+            assert_eq!(parse_time(&s), Some((secs, nsec)), "{s}");
+        }
+        assert_eq!(format_time(0, 0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            format_time(1_700_000_000, 500_000_000),
+            "2023-11-14T22:13:20.5Z"
+        );
+        assert_eq!(
+            parse_time("2023-11-14T23:13:20+01:00"),
+            Some((1_700_000_000, 0))
+        );
+        assert_eq!(parse_time("garbage"), None);
+    }
+
+    #[test]
+    fn decodes_foreign_toc_leniently() {
+        // Shaped like ctr-remote's output: trailing-slash dirs, chunkSize 0, unknown fields.
+        let d = Digest::of(b"hello");
+        let json = format!(
+            r#"{{"version":1,"entries":[
+            {{"name":"etc/","type":"dir","modtime":"2020-01-01T00:00:00Z","mode":16877,"NumLink":0}},
+            {{"name":"./etc/a","type":"reg","size":5,"offset":100,"digest":"{d}","chunkDigest":"{d}"}},
+            {{"name":"etc/b","type":"hardlink","linkName":"etc/a"}},
+            {{"name":"etc/c","type":"reg","size":5,"offset":200,"digest":"{d}"}}
+            ]}}"#
+        );
+        let toc = decode(LayerFormat::Estargz, json.as_bytes(), 300).unwrap();
+        assert_eq!(toc.entries[0].name, "etc");
+        assert_eq!(toc.entries[0].mode, 0o755);
+        let a = &toc.entries[1];
+        assert_eq!(a.chunks.len(), 1);
+        assert_eq!(
+            (
+                a.chunks[0].compressed_start,
+                a.chunks[0].compressed_end,
+                a.chunks[0].size
+            ),
+            (100, 200, 5)
+        );
+        assert_eq!(toc.entries[2].chunks, a.chunks);
+        assert_eq!(toc.entries[3].chunks[0].compressed_end, 300);
+    }
+
+    #[test]
+    fn rejects_hostile_or_unverifiable_tocs() {
+        for json in [
+            r#"{"version":1,"entries":[{"name":"../x","type":"reg"}]}"#,
+            r#"{"version":1,"entries":[{"name":"a/l","type":"symlink","linkName":"../../x"}]}"#,
+            r#"{"version":1,"entries":[{"name":"x","type":"reg","size":5,"offset":1}]}"#,
+            r#"{"version":1,"entries":[{"name":"x","type":"chunk"}]}"#,
+            r#"{"version":2,"entries":[]}"#,
+            r#"{"version":1,"entries":[{"name":"x","type":"weird"}]}"#,
+        ] {
+            assert!(
+                decode(LayerFormat::ZstdChunked, json.as_bytes(), 10).is_err(),
+                "{json}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode(LayerFormat::Estargz, &data, 100);
+        }
+
+        #[test]
+        fn parse_time_never_panics(s in ".{0,40}") {
+            let _ = parse_time(&s);
+        }
+    }
+}
