@@ -25,7 +25,8 @@ pub const MEDIA_TYPE_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+jso
 /// Docker schema 2 manifest media type.
 pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Docker manifest list media type.
-pub const MEDIA_TYPE_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MEDIA_TYPE_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Errors in names and documents.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +37,9 @@ pub enum OciError {
     #[error("invalid image reference {reference:?}: {reason}")]
     Reference { reference: String, reason: String },
     /// A string that is not `os/arch[/variant]`.
-    #[error("invalid platform {platform:?}: {reason} (expected os/arch[/variant], e.g. linux/amd64)")]
+    #[error(
+        "invalid platform {platform:?}: {reason} (expected os/arch[/variant], e.g. linux/amd64)"
+    )]
     Platform { platform: String, reason: String },
     /// A manifest or index that cannot be read.
     #[error("{what}: {reason}")]

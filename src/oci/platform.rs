@@ -24,7 +24,11 @@ impl Platform {
             "arm" => ("arm", Some("v7")),
             other => (go_arch(other), None),
         };
-        Self { os: os.to_owned(), architecture: architecture.to_owned(), variant: variant.map(str::to_owned) }
+        Self {
+            os: os.to_owned(),
+            architecture: architecture.to_owned(),
+            variant: variant.map(str::to_owned),
+        }
     }
 
     /// True if a descriptor's `os`, `architecture` and `variant` satisfy this platform: os and
@@ -72,19 +76,32 @@ fn default_variant(arch: &str) -> Option<&'static str> {
 impl FromStr for Platform {
     type Err = OciError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let fail = |reason: &str| OciError::Platform { platform: s.to_owned(), reason: reason.to_owned() };
+        let fail = |reason: &str| OciError::Platform {
+            platform: s.to_owned(),
+            reason: reason.to_owned(),
+        };
         let parts: Vec<&str> = s.split('/').collect();
         if !(2..=3).contains(&parts.len()) {
             return Err(fail("wrong number of `/`-separated parts"));
         }
-        let ok = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
         if !parts.iter().all(|p| ok(p)) {
-            return Err(fail("each part must be non-empty letters, digits, `_` or `-`"));
+            return Err(fail(
+                "each part must be non-empty letters, digits, `_` or `-`",
+            ));
         }
         let os = parts[0].to_ascii_lowercase();
         let architecture = go_arch(&parts[1].to_ascii_lowercase()).to_owned();
         let variant = parts.get(2).map(|v| v.to_ascii_lowercase());
-        Ok(Self { os, architecture, variant })
+        Ok(Self {
+            os,
+            architecture,
+            variant,
+        })
     }
 }
 

@@ -27,7 +27,10 @@ pub struct Reference {
 impl Reference {
     /// The same repository, pinned to `digest` (tag kept for display).
     pub fn with_digest(&self, digest: Digest) -> Self {
-        Self { digest: Some(digest), ..self.clone() }
+        Self {
+            digest: Some(digest),
+            ..self.clone()
+        }
     }
 
     /// True for a registry on loopback (`localhost`, `127.0.0.0/8`, `[::1]`), spoken to over plain
@@ -54,15 +57,21 @@ fn host_is_loopback(registry: &str) -> bool {
         };
         return ip.parse::<Ipv6Addr>().is_ok_and(|ip| ip.is_loopback());
     }
-    let host = registry.split_once(':').map_or(registry, |(host, _port)| host);
-    host.eq_ignore_ascii_case("localhost") || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+    let host = registry
+        .split_once(':')
+        .map_or(registry, |(host, _port)| host);
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 impl FromStr for Reference {
     type Err = OciError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let fail = |reason: &str| OciError::Reference { reference: s.to_owned(), reason: reason.to_owned() };
+        let fail = |reason: &str| OciError::Reference {
+            reference: s.to_owned(),
+            reason: reason.to_owned(),
+        };
         if s.is_empty() {
             return Err(fail("empty"));
         }
@@ -88,7 +97,11 @@ impl FromStr for Reference {
             Some((first, rest)) if is_host_component(first) => (first, rest),
             _ => (DOCKER_HUB, name),
         };
-        let registry = if registry == "index.docker.io" { DOCKER_HUB } else { registry };
+        let registry = if registry == "index.docker.io" {
+            DOCKER_HUB
+        } else {
+            registry
+        };
         validate_host(registry).map_err(|reason| fail(&reason))?;
         validate_path(path).map_err(|reason| fail(&reason))?;
         let repository = if registry == DOCKER_HUB && !path.contains('/') {
@@ -104,25 +117,37 @@ impl FromStr for Reference {
             (None, Some(_)) => None,
             (None, None) => Some("latest".to_owned()),
         };
-        Ok(Self { registry: registry.to_owned(), repository, tag, digest })
+        Ok(Self {
+            registry: registry.to_owned(),
+            repository,
+            tag,
+            digest,
+        })
     }
 }
 
 /// Docker's rule: the first component names a host if it has a `.` or `:`, is `localhost`, or has
 /// upper case (repository names never do).
 fn is_host_component(first: &str) -> bool {
-    first.contains(['.', ':']) || first == "localhost" || first.bytes().any(|b| b.is_ascii_uppercase())
+    first.contains(['.', ':'])
+        || first == "localhost"
+        || first.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 fn validate_host(registry: &str) -> Result<(), String> {
     let (host, port) = if let Some(rest) = registry.strip_prefix('[') {
-        let (ip, after) = rest.split_once(']').ok_or("unclosed `[` in registry host")?;
+        let (ip, after) = rest
+            .split_once(']')
+            .ok_or("unclosed `[` in registry host")?;
         if ip.is_empty() || !ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
             return Err(format!("registry host [{ip}] is not an IPv6 address"));
         }
         let port = match after {
             "" => None,
-            p => Some(p.strip_prefix(':').ok_or("unexpected text after `]` in registry host")?),
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or("unexpected text after `]` in registry host")?,
+            ),
         };
         (None, port)
     } else {
@@ -134,7 +159,9 @@ fn validate_host(registry: &str) -> Result<(), String> {
     if let Some(host) = host {
         let label_ok = |label: &str| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         };
@@ -203,7 +230,9 @@ fn validate_tag(tag: &str) -> Result<(), String> {
     let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     let ok = match tag.as_bytes().split_first() {
         Some((&first, rest)) => {
-            word(first) && rest.iter().all(|&b| word(b) || b == b'.' || b == b'-') && tag.len() <= MAX_TAG_LEN
+            word(first)
+                && rest.iter().all(|&b| word(b) || b == b'.' || b == b'-')
+                && tag.len() <= MAX_TAG_LEN
         }
         None => false,
     };
@@ -247,13 +276,19 @@ mod tests {
         assert_eq!(r.tag.as_deref(), Some("latest"));
         assert_eq!(r.to_string(), "docker.io/library/debian:latest");
         assert_eq!(parse("user/app:1.0").to_string(), "docker.io/user/app:1.0");
-        assert_eq!(parse("index.docker.io/debian").to_string(), "docker.io/library/debian:latest");
+        assert_eq!(
+            parse("index.docker.io/debian").to_string(),
+            "docker.io/library/debian:latest"
+        );
     }
 
     #[test]
     fn recognises_hosts_by_dot_colon_or_localhost() {
         let r = parse("127.0.0.1:5000/app/web:v1");
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("127.0.0.1:5000", "app/web"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("127.0.0.1:5000", "app/web")
+        );
         assert_eq!(r.tag.as_deref(), Some("v1"));
         assert_eq!(parse("localhost/app").registry, "localhost");
         assert_eq!(parse("ghcr.io/o/app").registry, "ghcr.io");
@@ -302,18 +337,43 @@ mod tests {
         ] {
             assert!(bad.parse::<Reference>().is_err(), "{bad:?} parsed");
         }
-        let err = "localhost:5000/App".parse::<Reference>().unwrap_err().to_string();
+        let err = "localhost:5000/App"
+            .parse::<Reference>()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lowercase"), "{err}");
     }
 
     #[test]
     fn loopback_detection() {
-        for lo in ["localhost", "localhost:5000", "127.0.0.1", "127.1.2.3:80", "[::1]", "[::1]:5000"] {
-            let r = Reference { registry: lo.into(), repository: "a".into(), tag: None, digest: None };
+        for lo in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1",
+            "127.1.2.3:80",
+            "[::1]",
+            "[::1]:5000",
+        ] {
+            let r = Reference {
+                registry: lo.into(),
+                repository: "a".into(),
+                tag: None,
+                digest: None,
+            };
             assert!(r.is_loopback(), "{lo}");
         }
-        for remote in ["docker.io", "10.0.0.1:5000", "[::2]:5000", "localhost.example.com"] {
-            let r = Reference { registry: remote.into(), repository: "a".into(), tag: None, digest: None };
+        for remote in [
+            "docker.io",
+            "10.0.0.1:5000",
+            "[::2]:5000",
+            "localhost.example.com",
+        ] {
+            let r = Reference {
+                registry: remote.into(),
+                repository: "a".into(),
+                tag: None,
+                digest: None,
+            };
             assert!(!r.is_loopback(), "{remote}");
         }
     }
@@ -331,8 +391,13 @@ mod tests {
         let digest = prop::option::of(any::<[u8; 32]>().prop_map(Digest::from_bytes));
         (host, path, tag, digest).prop_map(|(host, path, tag, digest)| {
             // Without a host, a first component with a dot would be read as one.
-            let first_is_host = host.is_empty() && path.split('/').next().is_some_and(|c| c.contains('.'));
-            let host = if first_is_host { "localhost/".to_owned() } else { host };
+            let first_is_host =
+                host.is_empty() && path.split('/').next().is_some_and(|c| c.contains('.'));
+            let host = if first_is_host {
+                "localhost/".to_owned()
+            } else {
+                host
+            };
             let mut s = format!("{host}{path}");
             if let Some(tag) = tag {
                 s.push(':');

@@ -24,7 +24,10 @@ pub(crate) struct Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -32,7 +35,10 @@ impl Credentials {
     /// The value of an `Authorization: Basic …` header.
     pub fn basic_header(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password);
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
     }
 }
 
@@ -70,10 +76,19 @@ struct AuthEntry {
 /// `https://host/v1/`, `http://host`, `host` → `host`; Docker Hub's aliases → `docker.io`.
 pub(crate) fn normalise_host(key: &str) -> String {
     let key = key.trim();
-    let key = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
-    let host = key.split('/').next().unwrap_or_default().to_ascii_lowercase();
+    let key = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let host = key
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io".to_owned(),
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_owned()
+        }
         _ => host,
     }
 }
@@ -86,7 +101,9 @@ impl DockerConfig {
             Some(dir) => Some(dir.to_owned()),
             None => std::env::var_os("DOCKER_CONFIG")
                 .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker"))),
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker"))
+                }),
         };
         let Some(dir) = dir else {
             return Ok(Self::default());
@@ -95,38 +112,65 @@ impl DockerConfig {
         let text = match std::fs::read(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => return Err(RegistryError::Config { detail: format!("reading {}: {e}", path.display()) }),
+            Err(e) => {
+                return Err(RegistryError::Config {
+                    detail: format!("reading {}: {e}", path.display()),
+                })
+            }
         };
         Self::parse(&text, Some(path))
     }
 
     pub fn parse(text: &[u8], path: Option<PathBuf>) -> Result<Self, RegistryError> {
-        let shown = path.as_ref().map_or_else(|| "docker config".to_owned(), |p| p.display().to_string());
-        let file: ConfigFile = serde_json::from_slice(text)
-            .map_err(|e| RegistryError::Config { detail: format!("{shown}: not a valid docker config.json: {e}") })?;
+        let shown = path
+            .as_ref()
+            .map_or_else(|| "docker config".to_owned(), |p| p.display().to_string());
+        let file: ConfigFile = serde_json::from_slice(text).map_err(|e| RegistryError::Config {
+            detail: format!("{shown}: not a valid docker config.json: {e}"),
+        })?;
         let mut auths = HashMap::new();
         for (key, entry) in file.auths {
-            let bad = |why: &str| RegistryError::Config { detail: format!("{shown}: auths.{key:?}: {why}") };
+            let bad = |why: &str| RegistryError::Config {
+                detail: format!("{shown}: auths.{key:?}: {why}"),
+            };
             let credentials = if let Some(auth) = entry.auth.filter(|a| !a.is_empty()) {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(auth.trim())
                     .map_err(|_| bad("`auth` is not base64"))?;
                 let decoded = String::from_utf8(decoded).map_err(|_| bad("`auth` is not UTF-8"))?;
-                let (username, password) =
-                    decoded.split_once(':').ok_or_else(|| bad("`auth` is not base64 of user:password"))?;
-                Credentials { username: username.to_owned(), password: password.to_owned() }
-            } else if let (Some(username), Some(password)) = (entry.username.clone(), entry.password) {
+                let (username, password) = decoded
+                    .split_once(':')
+                    .ok_or_else(|| bad("`auth` is not base64 of user:password"))?;
+                Credentials {
+                    username: username.to_owned(),
+                    password: password.to_owned(),
+                }
+            } else if let (Some(username), Some(password)) =
+                (entry.username.clone(), entry.password)
+            {
                 Credentials { username, password }
             } else if let Some(token) = entry.identitytoken {
                 // An identity token is sent as the password of the `<token>` user.
-                Credentials { username: entry.username.unwrap_or_else(|| "<token>".to_owned()), password: token }
+                Credentials {
+                    username: entry.username.unwrap_or_else(|| "<token>".to_owned()),
+                    password: token,
+                }
             } else {
                 continue; // an empty entry: credentials live in a helper
             };
             auths.insert(normalise_host(&key), credentials);
         }
-        let cred_helpers = file.cred_helpers.into_iter().map(|(k, v)| (normalise_host(&k), v)).collect();
-        Ok(Self { path, auths, creds_store: file.creds_store.filter(|s| !s.is_empty()), cred_helpers })
+        let cred_helpers = file
+            .cred_helpers
+            .into_iter()
+            .map(|(k, v)| (normalise_host(&k), v))
+            .collect();
+        Ok(Self {
+            path,
+            auths,
+            creds_store: file.creds_store.filter(|s| !s.is_empty()),
+            cred_helpers,
+        })
     }
 
     /// The credentials for `registry`, if the file holds them.
@@ -136,7 +180,10 @@ impl DockerConfig {
 
     /// The credential helper docker would run for `registry`, if any (unsupported here).
     pub fn helper_for(&self, registry: &str) -> Option<&str> {
-        self.cred_helpers.get(&normalise_host(registry)).or(self.creds_store.as_ref()).map(String::as_str)
+        self.cred_helpers
+            .get(&normalise_host(registry))
+            .or(self.creds_store.as_ref())
+            .map(String::as_str)
     }
 }
 
@@ -210,7 +257,10 @@ pub(crate) fn parse_challenges(header: &str) -> Vec<Challenge> {
                 challenge.params.insert(token.to_ascii_lowercase(), value);
             }
         } else {
-            out.push(Challenge { scheme: token.to_ascii_lowercase(), params: HashMap::new() });
+            out.push(Challenge {
+                scheme: token.to_ascii_lowercase(),
+                params: HashMap::new(),
+            });
         }
     }
     out
@@ -256,36 +306,62 @@ pub(crate) fn scope_key(scopes: &[String]) -> String {
 
 impl AuthState {
     /// The `Authorization` value to send to `registry` for `scopes`, if we know one.
-    pub fn header_for(&self, registry: &str, scopes: &[String], config: &DockerConfig) -> Option<String> {
+    pub fn header_for(
+        &self,
+        registry: &str,
+        scopes: &[String],
+        config: &DockerConfig,
+    ) -> Option<String> {
         let key = (registry.to_owned(), scope_key(scopes));
         if let Ok(mut tokens) = self.tokens.lock() {
             match tokens.get(&key) {
-                Some(cached) if cached.expires > Instant::now() => return Some(format!("Bearer {}", cached.token)),
+                Some(cached) if cached.expires > Instant::now() => {
+                    return Some(format!("Bearer {}", cached.token))
+                }
                 Some(_) => {
                     tokens.remove(&key);
                 }
                 None => {}
             }
         }
-        let basic = self.basic.lock().map(|b| b.contains(registry)).unwrap_or(false);
+        let basic = self
+            .basic
+            .lock()
+            .map(|b| b.contains(registry))
+            .unwrap_or(false);
         if basic {
             return config.credentials(registry).map(Credentials::basic_header);
         }
         None
     }
 
-    pub fn store_token(&self, registry: &str, scopes: &[String], token: String, expires_in: Option<u64>) {
+    pub fn store_token(
+        &self,
+        registry: &str,
+        scopes: &[String],
+        token: String,
+        expires_in: Option<u64>,
+    ) {
         let lifetime = Duration::from_secs(expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME).max(1));
-        let expires = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN).max(Duration::from_secs(1));
+        let expires = Instant::now()
+            + lifetime
+                .saturating_sub(EXPIRY_MARGIN)
+                .max(Duration::from_secs(1));
         if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.insert((registry.to_owned(), scope_key(scopes)), CachedToken { token, expires });
+            tokens.insert(
+                (registry.to_owned(), scope_key(scopes)),
+                CachedToken { token, expires },
+            );
         }
     }
 
     /// Remembers that `registry` wants basic credentials; false if it already knew (so the
     /// credentials were sent and refused).
     pub fn mark_basic(&self, registry: &str) -> bool {
-        self.basic.lock().map(|mut b| b.insert(registry.to_owned())).unwrap_or(false)
+        self.basic
+            .lock()
+            .map(|mut b| b.insert(registry.to_owned()))
+            .unwrap_or(false)
     }
 
     /// Warns once per registry that its credentials sit in a helper this client cannot run.
@@ -293,7 +369,11 @@ impl AuthState {
         let Some(helper) = config.helper_for(registry) else {
             return;
         };
-        let first = self.warned.lock().map(|mut w| w.insert(registry.to_owned())).unwrap_or(false);
+        let first = self
+            .warned
+            .lock()
+            .map(|mut w| w.insert(registry.to_owned()))
+            .unwrap_or(false);
         if first {
             tracing::warn!(
                 registry,
@@ -321,7 +401,9 @@ mod tests {
         assert_eq!(c[0].params["service"], "registry.example.com");
         assert_eq!(c[0].params["scope"], "repository:a/b:pull,push");
 
-        let c = parse_challenges(r#"Basic realm="my \"registry\"", Bearer realm=http://x/t , error=insufficient_scope"#);
+        let c = parse_challenges(
+            r#"Basic realm="my \"registry\"", Bearer realm=http://x/t , error=insufficient_scope"#,
+        );
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].scheme, "basic");
         assert_eq!(c[0].params["realm"], r#"my "registry""#);
@@ -332,7 +414,16 @@ mod tests {
 
     #[test]
     fn challenge_parser_survives_garbage() {
-        for junk in ["", "=", "\"", "Bearer realm=\"unterminated", ",,,", "Bearer ==", "é=\"ü\"", "Basic realm=\"\\"] {
+        for junk in [
+            "",
+            "=",
+            "\"",
+            "Bearer realm=\"unterminated",
+            ",,,",
+            "Bearer ==",
+            "é=\"ü\"",
+            "Basic realm=\"\\",
+        ] {
             let _ = parse_challenges(junk);
         }
         assert_eq!(parse_challenges("Basic")[0].scheme, "basic");
@@ -361,8 +452,14 @@ mod tests {
         );
         let config = DockerConfig::parse(text.as_bytes(), None).unwrap();
         let alice = config.credentials("127.0.0.1:5000").unwrap();
-        assert_eq!((alice.username.as_str(), alice.password.as_str()), ("alice", "s3:cret"));
-        assert_eq!(config.credentials("reg.example.com").unwrap().username, "bob");
+        assert_eq!(
+            (alice.username.as_str(), alice.password.as_str()),
+            ("alice", "s3:cret")
+        );
+        assert_eq!(
+            config.credentials("reg.example.com").unwrap().username,
+            "bob"
+        );
         assert_eq!(config.credentials("docker.io").unwrap().password, "hubpw");
         assert!(config.credentials("helper.example.com").is_none());
         assert_eq!(config.helper_for("gcr.io"), Some("gcloud"));
@@ -372,9 +469,13 @@ mod tests {
 
     #[test]
     fn bad_docker_config_names_the_problem() {
-        let err = DockerConfig::parse(br#"{"auths":{"h":{"auth":"!!"}}}"#, None).unwrap_err().to_string();
+        let err = DockerConfig::parse(br#"{"auths":{"h":{"auth":"!!"}}}"#, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not base64"), "{err}");
-        let err = DockerConfig::parse(b"{", Some("/x/config.json".into())).unwrap_err().to_string();
+        let err = DockerConfig::parse(b"{", Some("/x/config.json".into()))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/x/config.json"), "{err}");
     }
 
@@ -385,11 +486,17 @@ mod tests {
         let pull = vec!["repository:a:pull".to_owned()];
         let push = vec!["repository:a:pull,push".to_owned()];
         state.store_token("r", &pull, "t1".into(), Some(300));
-        assert_eq!(state.header_for("r", &pull, &config).as_deref(), Some("Bearer t1"));
+        assert_eq!(
+            state.header_for("r", &pull, &config).as_deref(),
+            Some("Bearer t1")
+        );
         assert_eq!(state.header_for("r", &push, &config), None);
         assert_eq!(state.header_for("other", &pull, &config), None);
         // A token shorter-lived than the margin is still kept for a moment, then dropped.
         state.store_token("r", &push, "t2".into(), Some(1));
-        assert_eq!(state.header_for("r", &push, &config).as_deref(), Some("Bearer t2"));
+        assert_eq!(
+            state.header_for("r", &push, &config).as_deref(),
+            Some("Bearer t2")
+        );
     }
 }

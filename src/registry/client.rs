@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use reqwest::{Method, Response, StatusCode, Url};
 
 use super::auth::{parse_challenges, AuthState, DockerConfig, TokenResponse};
@@ -45,7 +47,10 @@ pub(crate) enum Body {
     Empty,
     Bytes(Bytes),
     /// A file streamed from disk, re-opened per attempt.
-    File { path: PathBuf, len: u64 },
+    File {
+        path: PathBuf,
+        len: u64,
+    },
 }
 
 /// One logical request: retried and re-authenticated as a unit.
@@ -90,19 +95,32 @@ impl Client {
             // reqwest drops `Authorization` when a redirect leaves the host (blob storage).
             .redirect(reqwest::redirect::Policy::limited(10))
             .build()
-            .map_err(|e| RegistryError::Config { detail: format!("building the HTTP client: {e}") })?;
+            .map_err(|e| RegistryError::Config {
+                detail: format!("building the HTTP client: {e}"),
+            })?;
         tracing::debug!(
             docker_config = ?docker_config.path,
             plain_http = config.plain_http,
             max_retries = config.max_retries,
             "registry client ready"
         );
-        Ok(Self { inner: Arc::new(Inner { http, config, docker_config, auth: AuthState::default() }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                config,
+                docker_config,
+                auth: AuthState::default(),
+            }),
+        })
     }
 
     /// `http(s)://<host>/v2/<repo>/<rest>` for `reference`'s registry.
     pub(crate) fn url(&self, reference: &Reference, rest: &str) -> Result<Url, RegistryError> {
-        let scheme = if reference.is_loopback() || self.inner.config.plain_http { "http" } else { "https" };
+        let scheme = if reference.is_loopback() || self.inner.config.plain_http {
+            "http"
+        } else {
+            "https"
+        };
         let host = match reference.registry.as_str() {
             "docker.io" => "registry-1.docker.io",
             other => other,
@@ -123,10 +141,13 @@ impl Client {
         loop {
             // Credentials go only to the registry itself, never to a host a Location points at.
             let same_host = self.url(req.reference, "").is_ok_and(|base| {
-                base.host_str() == req.url.host_str() && base.port_or_known_default() == req.url.port_or_known_default()
+                base.host_str() == req.url.host_str()
+                    && base.port_or_known_default() == req.url.port_or_known_default()
             });
             let authorization = if same_host {
-                self.inner.auth.header_for(registry, &req.scopes, &self.inner.docker_config)
+                self.inner
+                    .auth
+                    .header_for(registry, &req.scopes, &self.inner.docker_config)
             } else {
                 None
             };
@@ -158,7 +179,9 @@ impl Client {
         let registry = req.reference.registry.as_str();
         let credentials = self.inner.docker_config.credentials(registry);
         if credentials.is_none() {
-            self.inner.auth.warn_helper(registry, &self.inner.docker_config);
+            self.inner
+                .auth
+                .warn_helper(registry, &self.inner.docker_config);
         }
         if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
             let Some(realm) = bearer.params.get("realm") else {
@@ -175,9 +198,13 @@ impl Client {
                     }
                 }
             }
-            let (token, expires_in) = self.fetch_token(req.reference, realm, bearer.params.get("service"), &scopes).await?;
+            let (token, expires_in) = self
+                .fetch_token(req.reference, realm, bearer.params.get("service"), &scopes)
+                .await?;
             // Cached under the request's own scopes, so the next such request finds it.
-            self.inner.auth.store_token(registry, &req.scopes, token, expires_in);
+            self.inner
+                .auth
+                .store_token(registry, &req.scopes, token, expires_in);
             return Ok(true);
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
@@ -224,45 +251,67 @@ impl Client {
         let response = self.send_retrying(&req, basic.as_deref()).await?;
         let status = response.status();
         if !status.is_success() {
-            let body = read_limited(response, ERROR_BODY_LIMIT).await.unwrap_or_default();
+            let body = read_limited(response, ERROR_BODY_LIMIT)
+                .await
+                .unwrap_or_default();
             let (code, detail) = describe_body(status, &body);
             let detail = format!("token endpoint {realm} refused: {detail}");
-            return Err(if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-                RegistryError::Unauthorized {
-                    reference: reference.to_string(),
-                    status: status.as_u16(),
-                    code,
-                    detail,
-                    hint: self.credentials_hint(&reference.registry),
-                }
-            } else {
-                RegistryError::Http { reference: reference.to_string(), status: status.as_u16(), code, detail }
-            });
+            return Err(
+                if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+                    RegistryError::Unauthorized {
+                        reference: reference.to_string(),
+                        status: status.as_u16(),
+                        code,
+                        detail,
+                        hint: self.credentials_hint(&reference.registry),
+                    }
+                } else {
+                    RegistryError::Http {
+                        reference: reference.to_string(),
+                        status: status.as_u16(),
+                        code,
+                        detail,
+                    }
+                },
+            );
         }
-        let body = read_limited(response, TOKEN_BODY_LIMIT).await.map_err(|source| RegistryError::Transport {
-            reference: reference.to_string(),
-            context: format!("reading token from {realm}"),
-            source,
-        })?;
-        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| RegistryError::Protocol {
-            reference: reference.to_string(),
-            detail: format!("token endpoint {realm} sent invalid JSON: {e}"),
-        })?;
-        let token = parsed.token.or(parsed.access_token).filter(|t| !t.is_empty()).ok_or_else(|| {
-            RegistryError::Protocol {
+        let body = read_limited(response, TOKEN_BODY_LIMIT)
+            .await
+            .map_err(|source| RegistryError::Transport {
+                reference: reference.to_string(),
+                context: format!("reading token from {realm}"),
+                source,
+            })?;
+        let parsed: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::Protocol {
+                reference: reference.to_string(),
+                detail: format!("token endpoint {realm} sent invalid JSON: {e}"),
+            })?;
+        let token = parsed
+            .token
+            .or(parsed.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| RegistryError::Protocol {
                 reference: reference.to_string(),
                 detail: format!("token endpoint {realm} sent neither `token` nor `access_token`"),
-            }
-        })?;
+            })?;
         Ok((token, parsed.expires_in))
     }
 
     /// One request, retried with exponential backoff on 429, 5xx and connection errors.
-    async fn send_retrying(&self, req: &Request<'_>, authorization: Option<&str>) -> Result<Response, RegistryError> {
+    async fn send_retrying(
+        &self,
+        req: &Request<'_>,
+        authorization: Option<&str>,
+    ) -> Result<Response, RegistryError> {
         let max_retries = self.inner.config.max_retries;
         let mut attempt: u32 = 0;
         loop {
-            let mut builder = self.inner.http.request(req.method.clone(), req.url.clone()).headers(req.headers.clone());
+            let mut builder = self
+                .inner
+                .http
+                .request(req.method.clone(), req.url.clone())
+                .headers(req.headers.clone());
             if let Some(value) = authorization {
                 builder = builder.header(AUTHORIZATION, value);
             }
@@ -270,13 +319,18 @@ impl Client {
                 Body::Empty => builder,
                 Body::Bytes(bytes) => builder.body(bytes.clone()),
                 Body::File { path, len } => {
-                    let file = tokio::fs::File::open(path).await.map_err(|source| RegistryError::Io {
-                        reference: req.reference.to_string(),
-                        context: format!("opening {}", path.display()),
-                        source,
-                    })?;
+                    let file =
+                        tokio::fs::File::open(path)
+                            .await
+                            .map_err(|source| RegistryError::Io {
+                                reference: req.reference.to_string(),
+                                context: format!("opening {}", path.display()),
+                                source,
+                            })?;
                     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-                    builder.header(CONTENT_LENGTH, *len).body(reqwest::Body::wrap_stream(stream))
+                    builder
+                        .header(CONTENT_LENGTH, *len)
+                        .body(reqwest::Body::wrap_stream(stream))
                 }
             };
             tracing::debug!(method = %req.method, url = %req.url, attempt, "registry request");
@@ -284,12 +338,18 @@ impl Client {
                 Ok(response) => {
                     let status = response.status();
                     tracing::debug!(method = %req.method, url = %req.url, status = status.as_u16(), "registry response");
-                    let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                    let retryable =
+                        status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
                     if !retryable || attempt >= max_retries {
                         return Ok(response);
                     }
                     let delay = retry_after(response.headers()).unwrap_or_else(|| backoff(attempt));
-                    tracing::debug!(status = status.as_u16(), ?delay, attempt, "retrying after error status");
+                    tracing::debug!(
+                        status = status.as_u16(),
+                        ?delay,
+                        attempt,
+                        "retrying after error status"
+                    );
                     delay
                 }
                 Err(error) => {
@@ -300,7 +360,11 @@ impl Client {
                         } else {
                             format!("{} {}", req.method, req.url)
                         };
-                        return Err(RegistryError::Transport { reference: req.reference.to_string(), context, source: error });
+                        return Err(RegistryError::Transport {
+                            reference: req.reference.to_string(),
+                            context,
+                            source: error,
+                        });
                     }
                     let delay = backoff(attempt);
                     tracing::debug!(%error, ?delay, attempt, "retrying after connection error");
@@ -315,13 +379,18 @@ impl Client {
     /// What to tell a user whose request was refused.
     pub(crate) fn credentials_hint(&self, registry: &str) -> String {
         let config = &self.inner.docker_config;
-        let file = config.path.as_ref().map_or_else(|| "docker config.json".to_owned(), |p| p.display().to_string());
+        let file = config.path.as_ref().map_or_else(
+            || "docker config.json".to_owned(),
+            |p| p.display().to_string(),
+        );
         if config.credentials(registry).is_some() {
             format!("the registry refused the credentials for {registry} from {file}; check them (docker login {registry})")
         } else if let Some(helper) = config.helper_for(registry) {
             format!("credentials for {registry} are in credential helper {helper:?}, which is not supported; add auths.{registry:?}.auth to {file}")
         } else {
-            format!("no credentials for {registry} in {file}; log in first (docker login {registry})")
+            format!(
+                "no credentials for {registry} in {file}; log in first (docker login {registry})"
+            )
         }
     }
 
@@ -335,7 +404,9 @@ impl Client {
     ) -> RegistryError {
         let status = response.status();
         // HEAD answers have no body; reading one is harmless.
-        let body = read_limited(response, ERROR_BODY_LIMIT).await.unwrap_or_default();
+        let body = read_limited(response, ERROR_BODY_LIMIT)
+            .await
+            .unwrap_or_default();
         let (code, mut detail) = describe_body(status, &body);
         if body.is_empty() {
             let default = match (status, target) {
@@ -355,12 +426,19 @@ impl Client {
         match status {
             StatusCode::NOT_FOUND => {
                 let hint = match target {
-                    Target::Manifest if reference.digest.is_some() => "check the digest exists in this repository",
+                    Target::Manifest if reference.digest.is_some() => {
+                        "check the digest exists in this repository"
+                    }
                     Target::Manifest => "check the tag exists",
                     Target::Blob => "check the blob was pushed to this repository",
                     Target::Upload => "the upload session expired or is unknown; push again",
                 };
-                RegistryError::NotFound { reference: reference_text, code, detail, hint: hint.to_owned() }
+                RegistryError::NotFound {
+                    reference: reference_text,
+                    code,
+                    detail,
+                    hint: hint.to_owned(),
+                }
             }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => RegistryError::Unauthorized {
                 reference: reference_text,
@@ -369,14 +447,21 @@ impl Client {
                 detail,
                 hint: self.credentials_hint(&reference.registry),
             },
-            _ => RegistryError::Http { reference: reference_text, status: status.as_u16(), code, detail },
+            _ => RegistryError::Http {
+                reference: reference_text,
+                status: status.as_u16(),
+                code,
+                detail,
+            },
         }
     }
 }
 
 /// `200 ms × 2^attempt`, capped.
 fn backoff(attempt: u32) -> Duration {
-    BACKOFF_BASE.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX)).min(BACKOFF_CAP)
+    BACKOFF_BASE
+        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .min(BACKOFF_CAP)
 }
 
 /// `Retry-After: <seconds>` (the HTTP-date form is ignored), capped.
@@ -387,7 +472,10 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// Reads a body of at most `limit` bytes (more is cut off).
-pub(crate) async fn read_limited(mut response: Response, limit: usize) -> Result<Bytes, reqwest::Error> {
+pub(crate) async fn read_limited(
+    mut response: Response,
+    limit: usize,
+) -> Result<Bytes, reqwest::Error> {
     let mut out = Vec::new();
     while let Some(chunk) = response.chunk().await? {
         let room = limit.saturating_sub(out.len());
@@ -420,15 +508,25 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
         h.insert(RETRY_AFTER, HeaderValue::from_static("99999"));
         assert_eq!(retry_after(&h), Some(RETRY_AFTER_CAP));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), None);
     }
 
     #[test]
     fn loopback_gets_plain_http_and_others_https() {
-        let client = Client::new(ClientConfig { docker_config_dir: Some("/nonexistent".into()), ..Default::default() }).unwrap();
+        let client = Client::new(ClientConfig {
+            docker_config_dir: Some("/nonexistent".into()),
+            ..Default::default()
+        })
+        .unwrap();
         let lo: Reference = "127.0.0.1:5000/app:v1".parse().unwrap();
-        assert_eq!(client.url(&lo, "manifests/v1").unwrap().as_str(), "http://127.0.0.1:5000/v2/app/manifests/v1");
+        assert_eq!(
+            client.url(&lo, "manifests/v1").unwrap().as_str(),
+            "http://127.0.0.1:5000/v2/app/manifests/v1"
+        );
         let hub: Reference = "debian".parse().unwrap();
         assert_eq!(
             client.url(&hub, "manifests/latest").unwrap().as_str(),
@@ -441,6 +539,10 @@ mod tests {
         })
         .unwrap();
         let r: Reference = "reg.example.com/a/b".parse().unwrap();
-        assert!(plain.url(&r, "").unwrap().as_str().starts_with("http://reg.example.com/v2/a/b/"));
+        assert!(plain
+            .url(&r, "")
+            .unwrap()
+            .as_str()
+            .starts_with("http://reg.example.com/v2/a/b/"));
     }
 }

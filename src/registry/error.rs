@@ -14,19 +14,46 @@ use crate::oci::Digest;
 pub enum RegistryError {
     /// 404: the manifest, blob or upload does not exist.
     #[error("{reference}: {detail} — {hint}")]
-    NotFound { reference: String, code: Option<String>, detail: String, hint: String },
+    NotFound {
+        reference: String,
+        code: Option<String>,
+        detail: String,
+        hint: String,
+    },
     /// 401 or 403 after trying the credentials this client has (if any).
     #[error("{reference}: {detail} — {hint}")]
-    Unauthorized { reference: String, status: u16, code: Option<String>, detail: String, hint: String },
+    Unauthorized {
+        reference: String,
+        status: u16,
+        code: Option<String>,
+        detail: String,
+        hint: String,
+    },
     /// Content that does not hash to the digest it was asked for by (or that the registry named).
     #[error("{reference}: {what} digest mismatch (expected {expected}, got {got})")]
-    DigestMismatch { reference: String, what: String, expected: Digest, got: Digest },
+    DigestMismatch {
+        reference: String,
+        what: String,
+        expected: Digest,
+        got: Digest,
+    },
     /// A range read the registry could not or did not serve as asked.
     #[error("{reference}: blob {digest} bytes {start}..{end}: {detail}")]
-    Range { reference: String, digest: Digest, start: u64, end: u64, detail: String },
+    Range {
+        reference: String,
+        digest: Digest,
+        start: u64,
+        end: u64,
+        detail: String,
+    },
     /// Any other unexpected HTTP status.
     #[error("{reference}: {detail}")]
-    Http { reference: String, status: u16, code: Option<String>, detail: String },
+    Http {
+        reference: String,
+        status: u16,
+        code: Option<String>,
+        detail: String,
+    },
     /// The registry could not be reached, or the connection broke.
     #[error("{reference}: {context}: {}", chain(.source))]
     Transport {
@@ -55,9 +82,9 @@ impl RegistryError {
     /// The registry's error code (`MANIFEST_UNKNOWN`, `BLOB_UNKNOWN`, `DENIED`, ...), if it sent one.
     pub fn code(&self) -> Option<&str> {
         match self {
-            Self::NotFound { code, .. } | Self::Unauthorized { code, .. } | Self::Http { code, .. } => {
-                code.as_deref()
-            }
+            Self::NotFound { code, .. }
+            | Self::Unauthorized { code, .. }
+            | Self::Http { code, .. } => code.as_deref(),
             _ => None,
         }
     }
@@ -109,7 +136,11 @@ pub(crate) fn describe_body(status: StatusCode, body: &[u8]) -> (Option<String>,
                 .errors
                 .iter()
                 .map(|e| {
-                    let message = if e.message.is_empty() { e.code.to_lowercase().replace('_', " ") } else { e.message.clone() };
+                    let message = if e.message.is_empty() {
+                        e.code.to_lowercase().replace('_', " ")
+                    } else {
+                        e.message.clone()
+                    };
                     format!("{message} ({})", e.code)
                 })
                 .collect::<Vec<_>>()
@@ -143,7 +174,10 @@ mod tests {
             detail,
             hint: "check the tag exists".into(),
         };
-        assert_eq!(err.to_string(), "127.0.0.1:5000/app:v1: manifest unknown (MANIFEST_UNKNOWN) — check the tag exists");
+        assert_eq!(
+            err.to_string(),
+            "127.0.0.1:5000/app:v1: manifest unknown (MANIFEST_UNKNOWN) — check the tag exists"
+        );
         assert_eq!(err.code(), Some("MANIFEST_UNKNOWN"));
     }
 
@@ -154,7 +188,13 @@ mod tests {
         assert_eq!(detail, "HTTP 502 Bad Gateway: <html>upstream down</html>");
         let (_, detail) = describe_body(StatusCode::SERVICE_UNAVAILABLE, b"");
         assert_eq!(detail, "HTTP 503 Service Unavailable");
-        let (code, detail) = describe_body(StatusCode::UNAUTHORIZED, br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
-        assert_eq!((code.as_deref(), detail.as_str()), (Some("UNAUTHORIZED"), "unauthorized (UNAUTHORIZED)"));
+        let (code, detail) = describe_body(
+            StatusCode::UNAUTHORIZED,
+            br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+        );
+        assert_eq!(
+            (code.as_deref(), detail.as_str()),
+            (Some("UNAUTHORIZED"), "unauthorized (UNAUTHORIZED)")
+        );
     }
 }

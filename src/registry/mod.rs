@@ -39,7 +39,11 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { plain_http: false, docker_config_dir: None, max_retries: 3 }
+        Self {
+            plain_http: false,
+            docker_config_dir: None,
+            max_retries: 3,
+        }
     }
 }
 

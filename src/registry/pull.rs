@@ -5,7 +5,9 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
+};
 use reqwest::{Method, Response, StatusCode};
 
 use super::client::{pull_scope, read_limited, Body, Request, Target};
@@ -29,7 +31,12 @@ pub(crate) fn content_digest(headers: &HeaderMap) -> Option<Result<Digest, Strin
 }
 
 impl Client {
-    fn request<'a>(&self, reference: &'a Reference, method: Method, rest: &str) -> Result<Request<'a>, RegistryError> {
+    fn request<'a>(
+        &self,
+        reference: &'a Reference,
+        method: Method,
+        rest: &str,
+    ) -> Result<Request<'a>, RegistryError> {
         Ok(Request {
             method,
             url: self.url(reference, rest)?,
@@ -42,13 +49,31 @@ impl Client {
 
     /// GET the manifest or index `reference` names (by digest if pinned, else by tag).
     #[tracing::instrument(level = "debug", skip_all, fields(reference = %reference))]
-    pub async fn get_manifest(&self, reference: &Reference) -> Result<FetchedManifest, RegistryError> {
-        let mut req = self.request(reference, Method::GET, &format!("manifests/{}", reference.tag_or_digest()))?;
-        let accept = [MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_LIST].join(", ");
-        req.headers.insert(ACCEPT, HeaderValue::from_str(&accept).unwrap_or(HeaderValue::from_static("*/*")));
+    pub async fn get_manifest(
+        &self,
+        reference: &Reference,
+    ) -> Result<FetchedManifest, RegistryError> {
+        let mut req = self.request(
+            reference,
+            Method::GET,
+            &format!("manifests/{}", reference.tag_or_digest()),
+        )?;
+        let accept = [
+            MEDIA_TYPE_OCI_MANIFEST,
+            MEDIA_TYPE_OCI_INDEX,
+            MEDIA_TYPE_DOCKER_MANIFEST,
+            MEDIA_TYPE_DOCKER_LIST,
+        ]
+        .join(", ");
+        req.headers.insert(
+            ACCEPT,
+            HeaderValue::from_str(&accept).unwrap_or(HeaderValue::from_static("*/*")),
+        );
         let response = self.execute(&req).await?;
         if response.status() != StatusCode::OK {
-            return Err(self.error_for(response, reference, Target::Manifest, "").await);
+            return Err(self
+                .error_for(response, reference, Target::Manifest, "")
+                .await);
         }
         let media_type = response
             .headers()
@@ -57,17 +82,22 @@ impl Client {
             .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned())
             .filter(|v| !v.is_empty());
         let announced = content_digest(response.headers());
-        if response.content_length().is_some_and(|len| len > MANIFEST_LIMIT as u64) {
+        if response
+            .content_length()
+            .is_some_and(|len| len > MANIFEST_LIMIT as u64)
+        {
             return Err(RegistryError::Protocol {
                 reference: reference.to_string(),
                 detail: format!("manifest larger than {MANIFEST_LIMIT} bytes; refusing it"),
             });
         }
-        let bytes = read_limited(response, MANIFEST_LIMIT + 1).await.map_err(|source| RegistryError::Transport {
-            reference: reference.to_string(),
-            context: "reading manifest".to_owned(),
-            source,
-        })?;
+        let bytes = read_limited(response, MANIFEST_LIMIT + 1)
+            .await
+            .map_err(|source| RegistryError::Transport {
+                reference: reference.to_string(),
+                context: "reading manifest".to_owned(),
+                source,
+            })?;
         if bytes.len() > MANIFEST_LIMIT {
             return Err(RegistryError::Protocol {
                 reference: reference.to_string(),
@@ -94,11 +124,17 @@ impl Client {
                     got: digest,
                 });
             }
-            Some(Err(e)) => tracing::debug!(error = %e, "ignoring unreadable Docker-Content-Digest"),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "ignoring unreadable Docker-Content-Digest")
+            }
             _ => {}
         }
         tracing::debug!(%digest, media_type = ?media_type, len = bytes.len(), "manifest fetched");
-        Ok(FetchedManifest { media_type, digest, bytes })
+        Ok(FetchedManifest {
+            media_type,
+            digest,
+            bytes,
+        })
     }
 
     /// Starts a blob GET (following redirects to storage) and checks for 200.
@@ -115,16 +151,27 @@ impl Client {
 
     /// GET a whole blob of `reference`'s repository, checked against `digest`.
     #[tracing::instrument(level = "debug", skip_all, fields(reference = %reference, digest = %digest))]
-    pub async fn get_blob(&self, reference: &Reference, digest: &Digest) -> Result<Bytes, RegistryError> {
-        let response = self.blob_response(reference, digest, HeaderMap::new()).await?;
+    pub async fn get_blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<Bytes, RegistryError> {
+        let response = self
+            .blob_response(reference, digest, HeaderMap::new())
+            .await?;
         if response.status() != StatusCode::OK {
-            return Err(self.error_for(response, reference, Target::Blob, &format!("blob {digest}")).await);
+            return Err(self
+                .error_for(response, reference, Target::Blob, &format!("blob {digest}"))
+                .await);
         }
-        let bytes = response.bytes().await.map_err(|source| RegistryError::Transport {
-            reference: reference.to_string(),
-            context: format!("reading blob {digest}"),
-            source,
-        })?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| RegistryError::Transport {
+                reference: reference.to_string(),
+                context: format!("reading blob {digest}"),
+                source,
+            })?;
         let got = Digest::of(&bytes);
         if got != *digest {
             return Err(RegistryError::DigestMismatch {
@@ -139,14 +186,26 @@ impl Client {
 
     /// Streams a blob; the reader fails at EOF if the content did not hash to `digest`.
     #[tracing::instrument(level = "debug", skip_all, fields(reference = %reference, digest = %digest))]
-    pub async fn blob_reader(&self, reference: &Reference, digest: &Digest) -> Result<BlobReader, RegistryError> {
-        let response = self.blob_response(reference, digest, HeaderMap::new()).await?;
+    pub async fn blob_reader(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<BlobReader, RegistryError> {
+        let response = self
+            .blob_response(reference, digest, HeaderMap::new())
+            .await?;
         if response.status() != StatusCode::OK {
-            return Err(self.error_for(response, reference, Target::Blob, &format!("blob {digest}")).await);
+            return Err(self
+                .error_for(response, reference, Target::Blob, &format!("blob {digest}"))
+                .await);
         }
         let stream = Box::pin(response.bytes_stream().map_err(std::io::Error::other));
         let reader = tokio_util::io::StreamReader::new(stream);
-        Ok(Box::pin(VerifyingReader::new(reader, *digest, reference.to_string())))
+        Ok(Box::pin(VerifyingReader::new(
+            reader,
+            *digest,
+            reference.to_string(),
+        )))
     }
 
     /// GET `range` of a blob with one `Range` request.
@@ -169,7 +228,10 @@ impl Client {
         }
         let mut headers = HeaderMap::new();
         let value = format!("bytes={}-{}", range.start, range.end - 1);
-        headers.insert(RANGE, HeaderValue::from_str(&value).map_err(|e| fail(e.to_string()))?);
+        headers.insert(
+            RANGE,
+            HeaderValue::from_str(&value).map_err(|e| fail(e.to_string()))?,
+        );
         let response = self.blob_response(reference, digest, headers).await?;
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {}
@@ -181,24 +243,44 @@ impl Client {
                     .and_then(|v| v.rsplit('/').next())
                     .map(str::to_owned);
                 let size = total.map_or_else(String::new, |t| format!(" of {t} bytes"));
-                return Err(fail(format!("range not satisfiable (HTTP 416): beyond the end of the blob{size}")));
+                return Err(fail(format!(
+                    "range not satisfiable (HTTP 416): beyond the end of the blob{size}"
+                )));
             }
             StatusCode::OK => {
-                return Err(fail("the registry ignored the Range header and sent the whole blob".to_owned()));
+                return Err(fail(
+                    "the registry ignored the Range header and sent the whole blob".to_owned(),
+                ));
             }
-            _ => return Err(self.error_for(response, reference, Target::Blob, &format!("blob {digest}")).await),
+            _ => {
+                return Err(self
+                    .error_for(response, reference, Target::Blob, &format!("blob {digest}"))
+                    .await)
+            }
         }
-        if let Some(content_range) = response.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()) {
+        if let Some(content_range) = response
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+        {
             let expected_prefix = format!("bytes {}-", range.start);
             if !content_range.starts_with(&expected_prefix) {
-                return Err(fail(format!("registry answered with Content-Range {content_range:?}")));
+                return Err(fail(format!(
+                    "registry answered with Content-Range {content_range:?}"
+                )));
             }
         }
-        let bytes = response.bytes().await.map_err(|source| RegistryError::Transport {
-            reference: reference.to_string(),
-            context: format!("reading bytes {}..{} of blob {digest}", range.start, range.end),
-            source,
-        })?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| RegistryError::Transport {
+                reference: reference.to_string(),
+                context: format!(
+                    "reading bytes {}..{} of blob {digest}",
+                    range.start, range.end
+                ),
+                source,
+            })?;
         let wanted = range.end - range.start;
         if bytes.len() as u64 != wanted {
             return Err(fail(format!(
@@ -211,19 +293,31 @@ impl Client {
 
     /// HEAD a blob: its size if the registry has it.
     #[tracing::instrument(level = "debug", skip_all, fields(reference = %reference, digest = %digest))]
-    pub async fn blob_size(&self, reference: &Reference, digest: &Digest) -> Result<Option<u64>, RegistryError> {
+    pub async fn blob_size(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<Option<u64>, RegistryError> {
         let req = self.request(reference, Method::HEAD, &format!("blobs/{digest}"))?;
         self.head_blob(req, digest).await
     }
 
     /// HEAD with the given request (its scopes decide the token): `None` on 404.
-    pub(crate) async fn head_blob(&self, req: Request<'_>, digest: &Digest) -> Result<Option<u64>, RegistryError> {
+    pub(crate) async fn head_blob(
+        &self,
+        req: Request<'_>,
+        digest: &Digest,
+    ) -> Result<Option<u64>, RegistryError> {
         let reference = req.reference;
         let response = self.execute(&req).await?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(None),
-            _ => return Err(self.error_for(response, reference, Target::Blob, &format!("blob {digest}")).await),
+            _ => {
+                return Err(self
+                    .error_for(response, reference, Target::Blob, &format!("blob {digest}"))
+                    .await)
+            }
         }
         // HEAD answers have no body, so the length is in the header, not in the body's size.
         let len = response

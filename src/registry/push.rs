@@ -31,7 +31,16 @@ impl Client {
                 source,
             })?
             .len();
-        self.push_blob_body(reference, digest, Body::File { path: path.to_owned(), len }, mount_from).await
+        self.push_blob_body(
+            reference,
+            digest,
+            Body::File {
+                path: path.to_owned(),
+                len,
+            },
+            mount_from,
+        )
+        .await
     }
 
     /// Pushes a small blob held in memory (an image config, say) unless the registry has it.
@@ -52,7 +61,8 @@ impl Client {
                 got,
             });
         }
-        self.push_blob_body(reference, digest, Body::Bytes(bytes), None).await
+        self.push_blob_body(reference, digest, Body::Bytes(bytes), None)
+            .await
     }
 
     async fn push_blob_body(
@@ -90,7 +100,10 @@ impl Client {
                     url,
                     headers: HeaderMap::new(),
                     body: Body::Bytes(Bytes::new()),
-                    scopes: vec![push_scope(&reference.repository), pull_scope(&from.repository)],
+                    scopes: vec![
+                        push_scope(&reference.repository),
+                        pull_scope(&from.repository),
+                    ],
                     reference,
                 };
                 let response = self.execute(&req).await?;
@@ -105,7 +118,9 @@ impl Client {
                     }
                     _ => {
                         let what = format!("mounting blob {digest} from {}", from.repository);
-                        return Err(self.error_for(response, reference, Target::Upload, &what).await);
+                        return Err(self
+                            .error_for(response, reference, Target::Upload, &what)
+                            .await);
                     }
                 }
             }
@@ -114,14 +129,33 @@ impl Client {
             Some(location) => location,
             None => self.start_upload(reference, digest, &push_scopes).await?,
         };
-        location.query_pairs_mut().append_pair("digest", &digest.to_string());
+        location
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
 
         let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        let req = Request { method: Method::PUT, url: location, headers, body, scopes: push_scopes, reference };
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        let req = Request {
+            method: Method::PUT,
+            url: location,
+            headers,
+            body,
+            scopes: push_scopes,
+            reference,
+        };
         let response = self.execute(&req).await?;
         if !response.status().is_success() {
-            return Err(self.error_for(response, reference, Target::Upload, &format!("uploading blob {digest}")).await);
+            return Err(self
+                .error_for(
+                    response,
+                    reference,
+                    Target::Upload,
+                    &format!("uploading blob {digest}"),
+                )
+                .await);
         }
         if let Some(Ok(announced)) = content_digest(response.headers()) {
             if announced != *digest {
@@ -138,7 +172,12 @@ impl Client {
     }
 
     /// POSTs for a new upload session and returns its location.
-    async fn start_upload(&self, reference: &Reference, digest: &Digest, scopes: &[String]) -> Result<Url, RegistryError> {
+    async fn start_upload(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        scopes: &[String],
+    ) -> Result<Url, RegistryError> {
         let req = Request {
             method: Method::POST,
             url: self.url(reference, "blobs/uploads/")?,
@@ -150,7 +189,9 @@ impl Client {
         let response = self.execute(&req).await?;
         if response.status() != StatusCode::ACCEPTED {
             let what = format!("starting upload of blob {digest}");
-            return Err(self.error_for(response, reference, Target::Upload, &what).await);
+            return Err(self
+                .error_for(response, reference, Target::Upload, &what)
+                .await);
         }
         upload_location(&response, reference)
     }
@@ -180,10 +221,11 @@ impl Client {
             (None, None) => "latest".to_owned(),
         };
         let mut headers = HeaderMap::new();
-        let content_type = HeaderValue::from_str(media_type).map_err(|_| RegistryError::Protocol {
-            reference: reference.to_string(),
-            detail: format!("media type {media_type:?} cannot be sent as a header"),
-        })?;
+        let content_type =
+            HeaderValue::from_str(media_type).map_err(|_| RegistryError::Protocol {
+                reference: reference.to_string(),
+                detail: format!("media type {media_type:?} cannot be sent as a header"),
+            })?;
         headers.insert(CONTENT_TYPE, content_type);
         let req = Request {
             method: Method::PUT,
@@ -195,7 +237,9 @@ impl Client {
         };
         let response = self.execute(&req).await?;
         if !response.status().is_success() {
-            return Err(self.error_for(response, reference, Target::Manifest, "pushing manifest").await);
+            return Err(self
+                .error_for(response, reference, Target::Manifest, "pushing manifest")
+                .await);
         }
         match content_digest(response.headers()) {
             Some(Ok(announced)) if announced != digest => {
@@ -206,7 +250,9 @@ impl Client {
                     got: announced,
                 })
             }
-            Some(Err(e)) => tracing::debug!(error = %e, "ignoring unreadable Docker-Content-Digest"),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "ignoring unreadable Docker-Content-Digest")
+            }
             _ => {}
         }
         tracing::debug!(%digest, "manifest pushed");
@@ -249,14 +295,27 @@ mod tests {
         let base = Url::parse("http://127.0.0.1:5000/v2/app/blobs/uploads/").unwrap();
         let d = Digest::of(b"x");
         let cases = [
-            ("/v2/app/blobs/uploads/u1", "http://127.0.0.1:5000/v2/app/blobs/uploads/u1?digest="),
-            ("u2?_state=abc", "http://127.0.0.1:5000/v2/app/blobs/uploads/u2?_state=abc&digest="),
-            ("http://other:9/up/u3?x=1&y=2", "http://other:9/up/u3?x=1&y=2&digest="),
+            (
+                "/v2/app/blobs/uploads/u1",
+                "http://127.0.0.1:5000/v2/app/blobs/uploads/u1?digest=",
+            ),
+            (
+                "u2?_state=abc",
+                "http://127.0.0.1:5000/v2/app/blobs/uploads/u2?_state=abc&digest=",
+            ),
+            (
+                "http://other:9/up/u3?x=1&y=2",
+                "http://other:9/up/u3?x=1&y=2&digest=",
+            ),
         ];
         for (location, expected) in cases {
             let mut url = resolve_location(&base, location).unwrap();
             url.query_pairs_mut().append_pair("digest", &d.to_string());
-            assert_eq!(url.as_str(), format!("{expected}sha256%3A{}", d.hex()), "{location}");
+            assert_eq!(
+                url.as_str(),
+                format!("{expected}sha256%3A{}", d.hex()),
+                "{location}"
+            );
         }
     }
 }

@@ -24,7 +24,13 @@ pub(crate) struct VerifyingReader<R> {
 
 impl<R> VerifyingReader<R> {
     pub fn new(inner: R, expected: Digest, reference: String) -> Self {
-        Self { inner, hasher: Some(Hasher::new()), expected, reference, failed: None }
+        Self {
+            inner,
+            hasher: Some(Hasher::new()),
+            expected,
+            reference,
+            failed: None,
+        }
     }
 
     fn mismatch(&self, got: Digest, len: u64) -> io::Error {
@@ -41,7 +47,11 @@ impl<R> VerifyingReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if let Some((got, len)) = self.failed {
             return Poll::Ready(Err(self.mismatch(got, len)));
         }
@@ -93,7 +103,9 @@ mod tests {
         let err = bad.read_to_end(&mut Vec::new()).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("digest mismatch"), "{err}");
-        let inner = err.get_ref().and_then(|e| e.downcast_ref::<RegistryError>());
+        let inner = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<RegistryError>());
         assert!(matches!(inner, Some(RegistryError::DigestMismatch { .. })));
         // And it keeps failing.
         assert!(bad.read(&mut [0u8; 8]).await.is_err());
