@@ -410,6 +410,14 @@ struct ProxyState {
     token_basic: Option<String>,
     /// Bearer mode: query strings of token requests.
     token_requests: Mutex<Vec<String>>,
+    /// Requests that arrived with an `Authorization` header.
+    authorized: AtomicUsize,
+    /// Answer blob GETs with a 307 to this `host:port` (storage elsewhere).
+    redirect_blobs_to: Option<String>,
+    /// Change a byte of every manifest served (same length): `"schemaVersion":2` → `3`.
+    tamper_manifests: bool,
+    /// Upload PUTs still to answer with 404 BLOB_UPLOAD_UNKNOWN (a lost session).
+    lose_uploads: AtomicUsize,
 }
 
 struct Proxy {
@@ -529,6 +537,14 @@ async fn serve(
         .nth(1)
         .unwrap_or_default()
         .to_owned();
+    let method = request_line
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    if header(&lines, "authorization").is_some() {
+        state.authorized.fetch_add(1, Ordering::SeqCst);
+    }
 
     let fault = *state.fault.lock().expect("lock");
     let failing = state
@@ -574,6 +590,23 @@ async fn serve(
         }
     }
 
+    if method == "PUT"
+        && target.contains("/blobs/uploads/")
+        && state
+            .lose_uploads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    {
+        let body = r#"{"errors":[{"code":"BLOB_UPLOAD_UNKNOWN","message":"blob upload unknown to registry"}]}"#;
+        return respond(&mut socket, "404 Not Found", "", body).await;
+    }
+    if let Some(to) = &state.redirect_blobs_to {
+        if method == "GET" && target.contains("/blobs/sha256:") {
+            let location = format!("Location: http://{to}{target}\r\n");
+            return respond(&mut socket, "307 Temporary Redirect", &location, "").await;
+        }
+    }
+
     // Forward, one request per upstream connection, and relay the answer until upstream closes.
     let mut head = String::new();
     head.push_str(&request_line);
@@ -592,6 +625,12 @@ async fn serve(
     up.write_all(&body).await?;
     let mut answer = Vec::new();
     up.read_to_end(&mut answer).await?;
+    if state.tamper_manifests && target.contains("/manifests/") {
+        let needle = br#""schemaVersion":2"#;
+        if let Some(pos) = answer.windows(needle.len()).position(|w| w == needle) {
+            answer[pos + needle.len() - 1] = b'3';
+        }
+    }
     state.forwarded.fetch_add(1, Ordering::SeqCst);
     socket.write_all(&answer).await?;
     socket.shutdown().await?;
@@ -746,5 +785,119 @@ async fn bearer_tokens_are_fetched_with_credentials_and_cached() -> anyhow::Resu
         text.contains("token endpoint") && text.contains("no credentials for"),
         "{text}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tampered_manifests_fail_the_digest_checks() -> anyhow::Result<()> {
+    let registry = TestRegistry::start()?;
+    let (_, _, manifest_digest) = push_image(&client(&registry), &registry, "app:v1", 14).await?;
+    let state = ProxyState {
+        tamper_manifests: true,
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&registry.addr, state).await?;
+    let client = client_with(registry.dir.path(), None, 0);
+
+    // By digest: the body no longer hashes to the pinned digest.
+    let pinned = proxy.reference("app:v1")?.with_digest(manifest_digest);
+    let err = client.get_manifest(&pinned).await.unwrap_err();
+    assert!(
+        matches!(err, RegistryError::DigestMismatch { expected, .. } if expected == manifest_digest),
+        "{err}"
+    );
+    // By tag: the body no longer matches the registry's Docker-Content-Digest.
+    let err = client
+        .get_manifest(&proxy.reference("app:v1")?)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::DigestMismatch { expected, .. } if expected == manifest_digest),
+        "{err}"
+    );
+    assert!(err.to_string().contains("Docker-Content-Digest"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn blob_redirects_are_followed_without_forwarding_credentials() -> anyhow::Result<()> {
+    let registry = TestRegistry::start()?;
+    let (digest, data, _) = push_image(&client(&registry), &registry, "app:v1", 15).await?;
+    // "Storage": a plain forwarder reached under another host name (localhost, not 127.0.0.1).
+    let storage = Proxy::start(&registry.addr, ProxyState::default()).await?;
+    let storage_port = storage
+        .addr
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let state = ProxyState {
+        token: Some("tok-redirect".into()),
+        redirect_blobs_to: Some(format!("localhost:{storage_port}")),
+        ..Default::default()
+    };
+    let front = Proxy::start(&registry.addr, state).await?;
+    let reference = front.reference("app:v1")?;
+    let client = client_with(registry.dir.path(), None, 3);
+
+    assert_eq!(
+        client.get_blob(&reference, &digest).await?.as_ref(),
+        &data[..]
+    );
+    let got = client
+        .get_blob_range(&reference, &digest, 1000..3000)
+        .await?;
+    assert_eq!(got.as_ref(), &data[1000..3000]);
+    let mut streamed = Vec::new();
+    client
+        .blob_reader(&reference, &digest)
+        .await?
+        .read_to_end(&mut streamed)
+        .await?;
+    assert_eq!(streamed, data);
+    assert!(
+        front.state.authorized.load(Ordering::SeqCst) >= 3,
+        "the registry got the token"
+    );
+    assert_eq!(
+        storage.state.forwarded.load(Ordering::SeqCst),
+        3,
+        "storage served the blob reads"
+    );
+    assert_eq!(
+        storage.state.authorized.load(Ordering::SeqCst),
+        0,
+        "credentials leaked to storage"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn lost_upload_session_is_restarted_once() -> anyhow::Result<()> {
+    let registry = TestRegistry::start()?;
+    let proxy = Proxy::start(&registry.addr, ProxyState::default()).await?;
+    let reference = proxy.reference("app:v1")?;
+    let client = client_with(registry.dir.path(), None, 0);
+    let (path, digest, data) = layer_file(registry.dir.path(), 25_000, 16);
+
+    proxy.state.lose_uploads.store(1, Ordering::SeqCst);
+    assert_eq!(
+        client.push_blob(&reference, &digest, &path, None).await?,
+        PushedBlob::Uploaded
+    );
+    assert_eq!(
+        client.get_blob(&reference, &digest).await?.as_ref(),
+        &data[..]
+    );
+
+    // Twice in a row is an error that says what happened.
+    let (path, digest, _) = layer_file(registry.dir.path(), 25_000, 17);
+    proxy.state.lose_uploads.store(2, Ordering::SeqCst);
+    let err = client
+        .push_blob(&reference, &digest, &path, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("BLOB_UPLOAD_UNKNOWN"), "{err}");
+    assert!(err.to_string().contains("push again"), "{err}");
     Ok(())
 }

@@ -279,10 +279,18 @@ const DEFAULT_TOKEN_LIFETIME: u64 = 60;
 /// Tokens are dropped this long before they expire, so none expires in flight.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
 
-#[derive(Debug)]
 struct CachedToken {
     token: String,
     expires: Instant,
+}
+
+impl fmt::Debug for CachedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedToken")
+            .field("token", &"<redacted>")
+            .field("expires", &self.expires)
+            .finish()
+    }
 }
 
 /// What the client learned about each registry's authentication.

@@ -125,38 +125,48 @@ impl Client {
                 }
             }
         }
-        let mut location = match session {
-            Some(location) => location,
-            None => self.start_upload(reference, digest, &push_scopes).await?,
+        // A session can be lost (e.g. a registry restarted behind a retried 5xx): start one
+        // more and upload again.
+        let mut restarted = false;
+        let response = loop {
+            let mut location = match session.take() {
+                Some(location) => location,
+                None => self.start_upload(reference, digest, &push_scopes).await?,
+            };
+            location
+                .query_pairs_mut()
+                .append_pair("digest", &digest.to_string());
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            let req = Request {
+                method: Method::PUT,
+                url: location,
+                headers,
+                body: body.clone(),
+                scopes: push_scopes.clone(),
+                reference,
+            };
+            let response = self.execute(&req).await?;
+            if response.status() == StatusCode::NOT_FOUND && !restarted {
+                tracing::debug!("upload session unknown to the registry; starting a new one");
+                restarted = true;
+                continue;
+            }
+            if !response.status().is_success() {
+                return Err(self
+                    .error_for(
+                        response,
+                        reference,
+                        Target::Upload,
+                        &format!("uploading blob {digest}"),
+                    )
+                    .await);
+            }
+            break response;
         };
-        location
-            .query_pairs_mut()
-            .append_pair("digest", &digest.to_string());
-
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        let req = Request {
-            method: Method::PUT,
-            url: location,
-            headers,
-            body,
-            scopes: push_scopes,
-            reference,
-        };
-        let response = self.execute(&req).await?;
-        if !response.status().is_success() {
-            return Err(self
-                .error_for(
-                    response,
-                    reference,
-                    Target::Upload,
-                    &format!("uploading blob {digest}"),
-                )
-                .await);
-        }
         if let Some(Ok(announced)) = content_digest(response.headers()) {
             if announced != *digest {
                 return Err(RegistryError::DigestMismatch {
