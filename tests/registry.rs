@@ -901,3 +901,99 @@ async fn lost_upload_session_is_restarted_once() -> anyhow::Result<()> {
     assert!(err.to_string().contains("push again"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn indexes_and_docker_media_types_come_back_as_pushed() -> anyhow::Result<()> {
+    use lazysnap::oci::{
+        select_platform, Platform, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
+        MEDIA_TYPE_OCI_INDEX,
+    };
+
+    let registry = TestRegistry::start()?;
+    let client = client(&registry);
+    let (layer_digest, layer, oci_manifest_digest) =
+        push_image(&client, &registry, "multi:oci", 18).await?;
+    let oci_manifest = client
+        .get_manifest(&registry.reference("multi:oci")?)
+        .await?;
+
+    // The same image as a Docker schema 2 manifest.
+    let docker_manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_DOCKER_MANIFEST,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": Digest::of(CONFIG).to_string(), "size": CONFIG.len()},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": layer_digest.to_string(), "size": layer.len()}],
+    }))?;
+    let docker_ref = registry.reference("multi:docker")?;
+    let docker_digest = client
+        .push_manifest(
+            &docker_ref,
+            MEDIA_TYPE_DOCKER_MANIFEST,
+            docker_manifest.clone().into(),
+        )
+        .await?;
+    let fetched = client.get_manifest(&docker_ref).await?;
+    assert_eq!(
+        fetched.media_type.as_deref(),
+        Some(MEDIA_TYPE_DOCKER_MANIFEST)
+    );
+    assert_eq!(
+        (fetched.digest, fetched.bytes.as_ref()),
+        (docker_digest, &docker_manifest[..])
+    );
+    assert!(matches!(
+        parse_document(fetched.media_type.as_deref(), &fetched.bytes)?,
+        ImageDocument::Manifest(_)
+    ));
+
+    for (tag, index_type, child_type, child_digest, child_len) in [
+        (
+            "index",
+            MEDIA_TYPE_OCI_INDEX,
+            MEDIA_TYPE_OCI_MANIFEST,
+            oci_manifest_digest,
+            oci_manifest.bytes.len(),
+        ),
+        (
+            "list",
+            MEDIA_TYPE_DOCKER_LIST,
+            MEDIA_TYPE_DOCKER_MANIFEST,
+            docker_digest,
+            docker_manifest.len(),
+        ),
+    ] {
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": index_type,
+            "manifests": [
+                {"mediaType": child_type, "digest": child_digest.to_string(), "size": child_len, "platform": {"os": "linux", "architecture": "amd64"}},
+                {"mediaType": child_type, "digest": child_digest.to_string(), "size": child_len, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            ],
+        }))?;
+        let reference = registry.reference(&format!("multi:{tag}"))?;
+        client
+            .push_manifest(&reference, index_type, index.clone().into())
+            .await?;
+        let fetched = client.get_manifest(&reference).await?;
+        assert_eq!(fetched.media_type.as_deref(), Some(index_type), "{tag}");
+        assert_eq!(fetched.bytes.as_ref(), &index[..], "{tag}");
+        let ImageDocument::Index(parsed) =
+            parse_document(fetched.media_type.as_deref(), &fetched.bytes)?
+        else {
+            anyhow::bail!("{tag}: not an index");
+        };
+        let chosen = select_platform(&parsed, &"linux/arm64".parse::<Platform>()?)?;
+        let chosen_digest: Digest = chosen.digest().to_string().parse()?;
+        assert_eq!(chosen_digest, child_digest, "{tag}");
+        let child = client
+            .get_manifest(&reference.with_digest(chosen_digest))
+            .await?;
+        assert_eq!(child.media_type.as_deref(), Some(child_type), "{tag}");
+        let err = select_platform(&parsed, &"linux/s390x".parse::<Platform>()?).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no manifest for linux/s390x in index; it offers linux/amd64, linux/arm64/v8"
+        );
+    }
+    Ok(())
+}
