@@ -1,0 +1,6 @@
+//! Helpers shared by the integration tests: real parts started on loopback with their own temp
+//! dirs, torn down in `Drop`.
+#![allow(dead_code)]
+
+pub mod registry;
+pub mod image;
