@@ -30,13 +30,23 @@ struct Measured {
 fn measure(args: &[String]) -> Result<Measured> {
     let before = children_usage();
     let start = Instant::now();
-    let out = Command::new(BIN).args(args).output().context("running lazysnap")?;
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .context("running lazysnap")?;
     let seconds = start.elapsed().as_secs_f64();
     if !out.status.success() {
-        bail!("lazysnap {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "lazysnap {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let after = children_usage();
-    Ok(Measured { seconds, cpu_seconds: after.0 - before.0, max_rss_mib: after.1 })
+    Ok(Measured {
+        seconds,
+        cpu_seconds: after.0 - before.0,
+        max_rss_mib: after.1,
+    })
 }
 
 /// (user + system CPU seconds of all waited-for children, largest child's peak RSS in MiB).
@@ -48,13 +58,19 @@ fn children_usage() -> (f64, f64) {
         usage
     };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    (secs(usage.ru_utime) + secs(usage.ru_stime), usage.ru_maxrss as f64 / 1024.0)
+    (
+        secs(usage.ru_utime) + secs(usage.ru_stime),
+        usage.ru_maxrss as f64 / 1024.0,
+    )
 }
 
 /// Total uncompressed size of the layers of an OCI layout's only image.
 fn layout_input_bytes(dir: &Path) -> Result<u64> {
     let read = |p: PathBuf| -> Result<Value> { Ok(serde_json::from_slice(&std::fs::read(p)?)?) };
-    let blob = |d: &Value| dir.join("blobs/sha256").join(d.as_str().unwrap_or_default().trim_start_matches("sha256:"));
+    let blob = |d: &Value| {
+        dir.join("blobs/sha256")
+            .join(d.as_str().unwrap_or_default().trim_start_matches("sha256:"))
+    };
     let index = read(dir.join("index.json"))?;
     let manifest = read(blob(&index["manifests"][0]["digest"]))?;
     let mut total = 0;
@@ -116,7 +132,11 @@ fn synthetic_archive(path: &Path) -> Result<u64> {
             header.set_mode(0o644);
             header.set_mtime(1_700_000_000);
             header.set_cksum();
-            builder.append_data(&mut header, format!("data/{:03}/file-{i}", i % 100), &data[..])?;
+            builder.append_data(
+                &mut header,
+                format!("data/{:03}/file-{i}", i % 100),
+                &data[..],
+            )?;
             written += size;
             i += 1;
         }
@@ -126,11 +146,24 @@ fn synthetic_archive(path: &Path) -> Result<u64> {
     hasher.insert_str(0, "sha256:");
     let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [hasher]}});
     let staging = tempfile::tempdir_in(path.parent().context("parent")?)?;
-    std::fs::write(staging.path().join("config.json"), serde_json::to_vec(&config)?)?;
+    std::fs::write(
+        staging.path().join("config.json"),
+        serde_json::to_vec(&config)?,
+    )?;
     std::fs::rename(&layer_path, staging.path().join("layer.tar"))?;
-    let manifest = json!([{"Config": "config.json", "RepoTags": ["bench:big"], "Layers": ["layer.tar"]}]);
-    std::fs::write(staging.path().join("manifest.json"), serde_json::to_vec(&manifest)?)?;
-    let status = Command::new("tar").arg("-C").arg(staging.path()).arg("-cf").arg(&tmp).arg(".").status()?;
+    let manifest =
+        json!([{"Config": "config.json", "RepoTags": ["bench:big"], "Layers": ["layer.tar"]}]);
+    std::fs::write(
+        staging.path().join("manifest.json"),
+        serde_json::to_vec(&manifest)?,
+    )?;
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(staging.path())
+        .arg("-cf")
+        .arg(&tmp)
+        .arg(".")
+        .status()?;
     if !status.success() {
         bail!("tar failed");
     }
@@ -160,16 +193,27 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let quick = std::env::var_os("LAZYSNAP_BENCH_QUICK").is_some();
-    let cache = PathBuf::from(std::env::var("LAZYSNAP_CACHE").unwrap_or_else(|_| "/var/cache/lazysnap".into())).join("bench");
+    let cache = PathBuf::from(
+        std::env::var("LAZYSNAP_CACHE").unwrap_or_else(|_| "/var/cache/lazysnap".into()),
+    )
+    .join("bench");
     std::fs::create_dir_all(&cache)?;
     let mut inputs: Vec<(&str, String, u64)> = Vec::new();
     let debian = debian_image(&cache)?;
-    inputs.push(("debian-python3", format!("oci:{}:bench", debian.display()), layout_input_bytes(&debian)?));
+    inputs.push((
+        "debian-python3",
+        format!("oci:{}:bench", debian.display()),
+        layout_input_bytes(&debian)?,
+    ));
     if !quick {
         let archive = cache.join("synthetic-2g.tar");
         eprintln!("bench: preparing {} (2 GiB, cached)", archive.display());
         let bytes = synthetic_archive(&archive)?;
-        inputs.push(("synthetic-2g", format!("docker-archive:{}", archive.display()), bytes));
+        inputs.push((
+            "synthetic-2g",
+            format!("docker-archive:{}", archive.display()),
+            bytes,
+        ));
     }
 
     let mut results = Vec::new();
@@ -178,7 +222,13 @@ fn main() -> Result<()> {
     for (name, src, bytes) in &inputs {
         for format in ["zstd-chunked", "estargz"] {
             let out = tempfile::tempdir_in(&cache)?;
-            let args: Vec<String> = vec!["convert".into(), "--format".into(), format.into(), src.clone(), format!("oci:{}:out", out.path().display())];
+            let args: Vec<String> = vec![
+                "convert".into(),
+                "--format".into(),
+                format.into(),
+                src.clone(),
+                format!("oci:{}:out", out.path().display()),
+            ];
             eprintln!("bench: {name} → {format}");
             let m = measure(&args)?;
             let mb = *bytes as f64 / 1e6;
@@ -198,6 +248,9 @@ fn main() -> Result<()> {
     let results_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results");
     std::fs::create_dir_all(&results_dir)?;
     let report = json!({"machine": {"cores": std::thread::available_parallelism().map_or(0, usize::from)}, "results": results});
-    std::fs::write(results_dir.join("convert.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(
+        results_dir.join("convert.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
     Ok(())
 }

@@ -43,11 +43,19 @@ pub struct ImageInfo {
 }
 
 /// Inspects the image at `location`.
-pub async fn inspect(location: &ImageLocation, platform: &Platform, config: ClientConfig) -> Result<ImageInfo, ConvertError> {
+pub async fn inspect(
+    location: &ImageLocation,
+    platform: &Platform,
+    config: ClientConfig,
+) -> Result<ImageInfo, ConvertError> {
     let client = Client::new(config)?;
     let source = SourceImage::load(location, &client, platform).await?;
-    let config_json: Value = serde_json::from_slice(&source.config).map_err(|e| ConvertError::Source(format!("invalid image config: {e}")))?;
-    let platform = match (config_json.get("os").and_then(Value::as_str), config_json.get("architecture").and_then(Value::as_str)) {
+    let config_json: Value = serde_json::from_slice(&source.config)
+        .map_err(|e| ConvertError::Source(format!("invalid image config: {e}")))?;
+    let platform = match (
+        config_json.get("os").and_then(Value::as_str),
+        config_json.get("architecture").and_then(Value::as_str),
+    ) {
         (Some(os), Some(arch)) => Some(format!("{os}/{arch}")),
         _ => None,
     };
@@ -71,7 +79,9 @@ pub async fn inspect(location: &ImageLocation, platform: &Platform, config: Clie
         if let (Some(lazy), Some(digest), Some(size)) = (&lazy, layer.digest, layer.size) {
             let access = match location {
                 ImageLocation::Registry(r) => BlobAccess::Registry(client.clone(), r.clone()),
-                ImageLocation::OciLayout { dir, .. } => BlobAccess::File(Layout::open(dir)?.blob_path(&digest)),
+                ImageLocation::OciLayout { dir, .. } => {
+                    BlobAccess::File(Layout::open(dir)?.blob_path(&digest))
+                }
                 ImageLocation::DockerArchive { .. } => BlobAccess::None,
             };
             match read_toc(&access, lazy, &digest, size).await {
@@ -113,33 +123,59 @@ enum BlobAccess {
 impl BlobAccess {
     async fn range(&self, digest: &Digest, start: u64, end: u64) -> Result<Vec<u8>, ConvertError> {
         match self {
-            Self::Registry(client, reference) => Ok(client.get_blob_range(reference, digest, start..end).await?.to_vec()),
+            Self::Registry(client, reference) => Ok(client
+                .get_blob_range(reference, digest, start..end)
+                .await?
+                .to_vec()),
             Self::File(path) => {
-                let mut file = std::fs::File::open(path).map_err(|e| ConvertError::io(format!("opening {}", path.display()), e))?;
-                file.seek(SeekFrom::Start(start)).map_err(|e| ConvertError::io(format!("seeking {}", path.display()), e))?;
+                let mut file = std::fs::File::open(path)
+                    .map_err(|e| ConvertError::io(format!("opening {}", path.display()), e))?;
+                file.seek(SeekFrom::Start(start))
+                    .map_err(|e| ConvertError::io(format!("seeking {}", path.display()), e))?;
                 let mut out = vec![0; (end - start) as usize];
-                file.read_exact(&mut out).map_err(|e| ConvertError::io(format!("reading {}", path.display()), e))?;
+                file.read_exact(&mut out)
+                    .map_err(|e| ConvertError::io(format!("reading {}", path.display()), e))?;
                 Ok(out)
             }
-            Self::None => Err(ConvertError::Unsupported("this source cannot be read by range".into())),
+            Self::None => Err(ConvertError::Unsupported(
+                "this source cannot be read by range".into(),
+            )),
         }
     }
 }
 
 /// Finds and verifies a layer's TOC with (at most) two range reads: the footer, then the TOC.
-async fn read_toc(access: &BlobAccess, lazy: &LazyLayer, digest: &Digest, size: u64) -> Result<Toc, ConvertError> {
+async fn read_toc(
+    access: &BlobAccess,
+    lazy: &LazyLayer,
+    digest: &Digest,
+    size: u64,
+) -> Result<Toc, ConvertError> {
     let label = digest.short();
     let position = match lazy.toc_position {
         Some(p) => p,
         None => {
             let tail_len = format::tail_len(lazy.format).min(size);
             let tail = access.range(digest, size - tail_len, size).await?;
-            format::parse_tail(lazy.format, &tail, size).map_err(|source| ConvertError::Format { layer: label.clone(), source })?
+            format::parse_tail(lazy.format, &tail, size).map_err(|source| ConvertError::Format {
+                layer: label.clone(),
+                error: source,
+            })?
         }
     };
-    let end = position.offset.checked_add(position.compressed_len).filter(|&e| e <= size).ok_or_else(|| {
-        ConvertError::Source(format!("layer {label}: TOC position {}+{} lies outside the {size}-byte blob", position.offset, position.compressed_len))
-    })?;
+    let end = position
+        .offset
+        .checked_add(position.compressed_len)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| {
+            ConvertError::Source(format!(
+                "layer {label}: TOC position {}+{} lies outside the {size}-byte blob",
+                position.offset, position.compressed_len
+            ))
+        })?;
     let raw = access.range(digest, position.offset, end).await?;
-    format::parse_toc(lazy, position, &raw).map_err(|source| ConvertError::Format { layer: label, source })
+    format::parse_toc(lazy, position, &raw).map_err(|source| ConvertError::Format {
+        layer: label,
+        error: source,
+    })
 }

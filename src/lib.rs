@@ -4,7 +4,7 @@
 //! `oci` (names and documents) → `registry` (the distribution API) → `format` (lazy layer layouts)
 //! → `convert` (the build path that writes them).
 pub mod convert;
-pub mod inspect;
 pub mod format;
+pub mod inspect;
 pub mod oci;
 pub mod registry;

@@ -18,7 +18,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
 /// Runs `lazysnap ARGS`; returns (success, stdout, stderr).
 fn lazysnap(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run lazysnap");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A two-layer source layout (a sample tree, then whiteouts and an opaque dir) tagged `src`.
@@ -35,16 +39,28 @@ fn source_layout(dir: &Path) -> Result<(LayoutBuilder, Vec<Vec<u8>>)> {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    Ok(serde_json::from_slice(&std::fs::read(path).with_context(|| path.display().to_string())?)?)
+    Ok(serde_json::from_slice(
+        &std::fs::read(path).with_context(|| path.display().to_string())?,
+    )?)
 }
 
-fn check_layout_conversion(format: &str, media_type: &str, toc_annotation: &str, extra_entry: Option<&str>) -> Result<()> {
+fn check_layout_conversion(
+    format: &str,
+    media_type: &str,
+    toc_annotation: &str,
+    extra_entry: Option<&str>,
+) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let (src, tars) = source_layout(&tmp.path().join("src"))?;
     let dst = tmp.path().join("dst");
     let (ok, stdout, stderr) = lazysnap(&[
-        "convert", "--format", format, "--chunk-size", "65536",
-        &format!("oci:{}:src", src.dir.display()), &format!("oci:{}:lazy", dst.display()),
+        "convert",
+        "--format",
+        format,
+        "--chunk-size",
+        "65536",
+        &format!("oci:{}:src", src.dir.display()),
+        &format!("oci:{}:lazy", dst.display()),
     ]);
     assert!(ok, "convert failed: {stderr}");
     let digest = stdout.lines().last().context("no output")?.to_owned();
@@ -53,9 +69,16 @@ fn check_layout_conversion(format: &str, media_type: &str, toc_annotation: &str,
     let index = read_json(&dst.join("index.json"))?;
     let entry = &index["manifests"][0];
     assert_eq!(entry["digest"], digest.as_str());
-    assert_eq!(entry["annotations"]["org.opencontainers.image.ref.name"], "lazy");
+    assert_eq!(
+        entry["annotations"]["org.opencontainers.image.ref.name"],
+        "lazy"
+    );
     let blob = |d: &Value| -> Result<Vec<u8>> {
-        let hex = d.as_str().context("digest")?.trim_start_matches("sha256:").to_owned();
+        let hex = d
+            .as_str()
+            .context("digest")?
+            .trim_start_matches("sha256:")
+            .to_owned();
         let bytes = std::fs::read(dst.join("blobs/sha256").join(&hex))?;
         assert_eq!(image::sha256_hex(&bytes), hex, "blob named by its digest");
         Ok(bytes)
@@ -66,7 +89,10 @@ fn check_layout_conversion(format: &str, media_type: &str, toc_annotation: &str,
     assert_eq!(layers.len(), 2);
     for (i, layer) in layers.iter().enumerate() {
         assert_eq!(layer["mediaType"], media_type);
-        assert!(layer["annotations"][toc_annotation].is_string(), "layer {i} lacks {toc_annotation}: {layer}");
+        assert!(
+            layer["annotations"][toc_annotation].is_string(),
+            "layer {i} lacks {toc_annotation}: {layer}"
+        );
         // An independent decompressor reads it as a plain layer with the same entries.
         let tar = image::decompress(&blob(&layer["digest"])?)?;
         let mut want = image::tar_listing(&tars[i])?;
@@ -82,25 +108,37 @@ fn check_layout_conversion(format: &str, media_type: &str, toc_annotation: &str,
         // diff_ids are what sha256sum says the uncompressed tar is.
         let sum = image::pipe(&mut Command::new("sha256sum"), &tar)?;
         let sum = String::from_utf8(sum)?;
-        assert_eq!(config["rootfs"]["diff_ids"][i], format!("sha256:{}", &sum[..64]));
+        assert_eq!(
+            config["rootfs"]["diff_ids"][i],
+            format!("sha256:{}", &sum[..64])
+        );
     }
     // Every other config field is kept.
     assert_eq!(config["config"]["Env"][1], "LAZYSNAP_TEST=1");
     assert_eq!(config["config"]["WorkingDir"], "/srv");
     assert_eq!(config["history"].as_array().map(Vec::len), Some(2));
     assert_eq!(config["created"], "2024-01-02T03:04:05Z");
-    assert_eq!(manifest["annotations"]["org.opencontainers.image.title"], "lazysnap test");
+    assert_eq!(
+        manifest["annotations"]["org.opencontainers.image.title"],
+        "lazysnap test"
+    );
 
     // Reproducible: a second conversion gives the same manifest digest.
     let (ok, again, stderr) = lazysnap(&[
-        "convert", "--format", format, "--chunk-size", "65536",
-        &format!("oci:{}:src", src.dir.display()), &format!("oci:{}:again", dst.display()),
+        "convert",
+        "--format",
+        format,
+        "--chunk-size",
+        "65536",
+        &format!("oci:{}:src", src.dir.display()),
+        &format!("oci:{}:again", dst.display()),
     ]);
     assert!(ok, "{stderr}");
     assert_eq!(again.lines().last(), Some(digest.as_str()));
 
     // And inspect verifies each TOC by range reads from the layout.
-    let (ok, json, stderr) = lazysnap(&["inspect", "--json", &format!("oci:{}:lazy", dst.display())]);
+    let (ok, json, stderr) =
+        lazysnap(&["inspect", "--json", &format!("oci:{}:lazy", dst.display())]);
     assert!(ok, "{stderr}");
     let info: Value = serde_json::from_str(&json)?;
     for layer in info["layers"].as_array().context("layers")? {
@@ -140,23 +178,49 @@ async fn registry_push_is_reproducible_and_a_second_push_uploads_nothing() -> Re
     let options = ConvertOptions::new(LayerFormat::ZstdChunked);
 
     let first = convert::convert(&source, &dest, &options).await?;
-    assert!(first.layers.iter().all(|l| l.outcome == "uploaded"), "{:?}", first.layers);
+    assert!(
+        first.layers.iter().all(|l| l.outcome == "uploaded"),
+        "{:?}",
+        first.layers
+    );
     let second = convert::convert(&source, &dest, &options).await?;
     assert_eq!(second.manifest_digest, first.manifest_digest);
-    assert!(second.layers.iter().all(|l| l.outcome == "existed"), "{:?}", second.layers);
+    assert!(
+        second.layers.iter().all(|l| l.outcome == "existed"),
+        "{:?}",
+        second.layers
+    );
 
     // The registry serves what was pushed, and inspect verifies each TOC with range requests.
-    let (ok, json, stderr) = lazysnap(&["inspect", "--json", &format!("{}/lazy/app:v1", registry.addr)]);
+    let (ok, json, stderr) = lazysnap(&[
+        "inspect",
+        "--json",
+        &format!("{}/lazy/app:v1", registry.addr),
+    ]);
     assert!(ok, "{stderr}");
     let info: Value = serde_json::from_str(&json)?;
     assert_eq!(info["manifest_digest"], first.manifest_digest.to_string());
-    assert!(info["layers"].as_array().context("layers")?.iter().all(|l| l["toc_verified"] == true), "{info}");
+    assert!(
+        info["layers"]
+            .as_array()
+            .context("layers")?
+            .iter()
+            .all(|l| l["toc_verified"] == true),
+        "{info}"
+    );
 
     // Registry to registry (same registry, another repository) converts the lazy image again
     // as a pass-through: every layer is already zstd:chunked.
-    let (ok, stdout, stderr) = lazysnap(&["convert", &format!("{}/lazy/app:v1", registry.addr), &format!("{}/copy/app:v1", registry.addr)]);
+    let (ok, stdout, stderr) = lazysnap(&[
+        "convert",
+        &format!("{}/lazy/app:v1", registry.addr),
+        &format!("{}/copy/app:v1", registry.addr),
+    ]);
     assert!(ok, "{stderr}");
-    assert_eq!(stdout.lines().last(), Some(first.manifest_digest.to_string().as_str()));
+    assert_eq!(
+        stdout.lines().last(),
+        Some(first.manifest_digest.to_string().as_str())
+    );
     Ok(())
 }
 
@@ -176,21 +240,34 @@ async fn a_multi_platform_source_resolves_to_the_requested_platform() -> Result<
     let dst = tmp.path().join("dst");
     for arch in ["amd64", "arm64"] {
         let (ok, _, stderr) = lazysnap(&[
-            "convert", "--platform", &format!("linux/{arch}"),
-            &format!("oci:{}:multi", layout.dir.display()), &format!("oci:{}:{arch}", dst.display()),
+            "convert",
+            "--platform",
+            &format!("linux/{arch}"),
+            &format!("oci:{}:multi", layout.dir.display()),
+            &format!("oci:{}:{arch}", dst.display()),
         ]);
         assert!(ok, "{stderr}");
-        let (ok, json, stderr) = lazysnap(&["inspect", "--json", &format!("oci:{}:{arch}", dst.display())]);
+        let (ok, json, stderr) = lazysnap(&[
+            "inspect",
+            "--json",
+            &format!("oci:{}:{arch}", dst.display()),
+        ]);
         assert!(ok, "{stderr}");
         let info: Value = serde_json::from_str(&json)?;
         assert_eq!(info["platform"], format!("linux/{arch}"));
     }
     let (ok, _, stderr) = lazysnap(&[
-        "convert", "--platform", "linux/s390x",
-        &format!("oci:{}:multi", layout.dir.display()), &format!("oci:{}:x", dst.display()),
+        "convert",
+        "--platform",
+        "linux/s390x",
+        &format!("oci:{}:multi", layout.dir.display()),
+        &format!("oci:{}:x", dst.display()),
     ]);
     assert!(!ok);
-    assert!(stderr.contains("linux/arm64"), "the error lists what the index offers: {stderr}");
+    assert!(
+        stderr.contains("linux/arm64"),
+        "the error lists what the index offers: {stderr}"
+    );
     Ok(())
 }
 
@@ -203,7 +280,11 @@ fn a_docker_archive_converts() -> Result<()> {
     let archive = tmp.path().join("image.tar");
     image::docker_archive(&archive, std::slice::from_ref(&tar), None)?;
     let dst = tmp.path().join("dst");
-    let (ok, _, stderr) = lazysnap(&["convert", &format!("docker-archive:{}", archive.display()), &format!("oci:{}:t", dst.display())]);
+    let (ok, _, stderr) = lazysnap(&[
+        "convert",
+        &format!("docker-archive:{}", archive.display()),
+        &format!("oci:{}:t", dst.display()),
+    ]);
     assert!(ok, "{stderr}");
     let (ok, json, stderr) = lazysnap(&["inspect", "--json", &format!("oci:{}:t", dst.display())]);
     assert!(ok, "{stderr}");
@@ -218,8 +299,15 @@ fn a_docker_archive_converts() -> Result<()> {
     other[last] ^= 1;
     let bad = tmp.path().join("bad.tar");
     image::docker_archive(&bad, &[other], Some(vec![image::digest_of(&tar)]))?;
-    let (ok, _, stderr) = lazysnap(&["convert", &format!("docker-archive:{}", bad.display()), &format!("oci:{}:bad", dst.display())]);
-    assert!(!ok, "a layer that does not match its diff_id must be refused");
+    let (ok, _, stderr) = lazysnap(&[
+        "convert",
+        &format!("docker-archive:{}", bad.display()),
+        &format!("oci:{}:bad", dst.display()),
+    ]);
+    assert!(
+        !ok,
+        "a layer that does not match its diff_id must be refused"
+    );
     assert!(stderr.contains("diff_id"), "{stderr}");
     Ok(())
 }
@@ -229,10 +317,17 @@ async fn a_corrupt_source_blob_fails_and_no_manifest_is_pushed() -> Result<()> {
     let registry = TestRegistry::start()?;
     let tmp = tempfile::tempdir()?;
     let (src, _) = source_layout(&tmp.path().join("src"))?;
-    let manifest = read_json(&src.blob_path(
-        read_json(&src.dir.join("index.json"))?["manifests"][0]["digest"].as_str().context("digest")?,
-    ))?;
-    let layer = manifest["layers"][1]["digest"].as_str().context("layer")?.to_owned();
+    let manifest = read_json(
+        &src.blob_path(
+            read_json(&src.dir.join("index.json"))?["manifests"][0]["digest"]
+                .as_str()
+                .context("digest")?,
+        ),
+    )?;
+    let layer = manifest["layers"][1]["digest"]
+        .as_str()
+        .context("layer")?
+        .to_owned();
     let path = src.blob_path(&layer);
     let mut bytes = std::fs::read(&path)?;
     let mid = bytes.len() / 2;
@@ -240,13 +335,20 @@ async fn a_corrupt_source_blob_fails_and_no_manifest_is_pushed() -> Result<()> {
     std::fs::write(&path, &bytes)?;
 
     let dest = format!("{}/lazy/corrupt:v1", registry.addr);
-    let (ok, stdout, stderr) = lazysnap(&["convert", &format!("oci:{}:src", src.dir.display()), &dest]);
+    let (ok, stdout, stderr) =
+        lazysnap(&["convert", &format!("oci:{}:src", src.dir.display()), &dest]);
     assert!(!ok, "conversion of a corrupt blob must fail: {stdout}");
-    assert!(stderr.contains(&layer[..19]) || stderr.contains("digest"), "the error names the blob: {stderr}");
+    assert!(
+        stderr.contains(&layer[..19]) || stderr.contains("digest"),
+        "the error names the blob: {stderr}"
+    );
     // Nothing names a half-written image.
     let (ok, _, stderr) = lazysnap(&["inspect", &dest]);
     assert!(!ok);
-    assert!(stderr.contains("MANIFEST_UNKNOWN") || stderr.contains("unknown"), "{stderr}");
+    assert!(
+        stderr.contains("MANIFEST_UNKNOWN") || stderr.contains("unknown"),
+        "{stderr}"
+    );
     Ok(())
 }
 
@@ -263,10 +365,19 @@ fn python_tar(script_body: &str) -> Result<Vec<u8>> {
 #[test]
 fn hostile_entries_are_rejected_naming_the_entry() -> Result<()> {
     let cases = [
-        ("add('etc/ok', b'fine')\nadd('../escape', b'x')", "../escape"),
+        (
+            "add('etc/ok', b'fine')\nadd('../escape', b'x')",
+            "../escape",
+        ),
         ("add('/etc/absolute', b'x')", "/etc/absolute"),
-        ("add('etc/ok', b'fine')\nadd('etc/hl', kind=tarfile.LNKTYPE, link='../../outside')", "etc/hl"),
-        ("add('a/b/evil', kind=tarfile.SYMTYPE, link='../../../../etc/shadow')", "a/b/evil"),
+        (
+            "add('etc/ok', b'fine')\nadd('etc/hl', kind=tarfile.LNKTYPE, link='../../outside')",
+            "etc/hl",
+        ),
+        (
+            "add('a/b/evil', kind=tarfile.SYMTYPE, link='../../../../etc/shadow')",
+            "a/b/evil",
+        ),
     ];
     for (i, (body, entry)) in cases.iter().enumerate() {
         let tmp = tempfile::tempdir()?;
@@ -274,11 +385,20 @@ fn hostile_entries_are_rejected_naming_the_entry() -> Result<()> {
         let desc = layout.image(&[python_tar(body)?], "amd64")?;
         layout.tags(&[("src", desc)])?;
         let dst = tmp.path().join("dst");
-        let (ok, _, stderr) = lazysnap(&["convert", &format!("oci:{}:src", layout.dir.display()), &format!("oci:{}:t", dst.display())]);
+        let (ok, _, stderr) = lazysnap(&[
+            "convert",
+            &format!("oci:{}:src", layout.dir.display()),
+            &format!("oci:{}:t", dst.display()),
+        ]);
         assert!(!ok, "case {i} must fail");
-        assert!(stderr.contains(entry), "case {i}: the error names {entry:?}: {stderr}");
+        assert!(
+            stderr.contains(entry),
+            "case {i}: the error names {entry:?}: {stderr}"
+        );
         // Nothing was tagged.
-        let tagged = std::fs::read(dst.join("index.json")).map(|b| String::from_utf8_lossy(&b).contains("\"t\"")).unwrap_or(false);
+        let tagged = std::fs::read(dst.join("index.json"))
+            .map(|b| String::from_utf8_lossy(&b).contains("\"t\""))
+            .unwrap_or(false);
         assert!(!tagged, "case {i}: a failed conversion tags nothing");
     }
     Ok(())
@@ -293,8 +413,15 @@ fn a_truncated_source_layer_is_an_error() -> Result<()> {
     let truncated = tar[..tar.len() / 2].to_vec();
     let archive = tmp.path().join("image.tar");
     image::docker_archive(&archive, &[truncated], None)?;
-    let (ok, _, stderr) = lazysnap(&["convert", &format!("docker-archive:{}", archive.display()), &format!("oci:{}:t", tmp.path().join("dst").display())]);
+    let (ok, _, stderr) = lazysnap(&[
+        "convert",
+        &format!("docker-archive:{}", archive.display()),
+        &format!("oci:{}:t", tmp.path().join("dst").display()),
+    ]);
     assert!(!ok);
-    assert!(stderr.to_lowercase().contains("truncat") || stderr.contains("end of"), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("truncat") || stderr.contains("end of"),
+        "{stderr}"
+    );
     Ok(())
 }

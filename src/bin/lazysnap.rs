@@ -11,7 +11,11 @@ use lazysnap::oci::Platform;
 use lazysnap::registry::ClientConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "lazysnap", version, about = "Start containers before their image has been downloaded")]
+#[command(
+    name = "lazysnap",
+    version,
+    about = "Start containers before their image has been downloaded"
+)]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug). `LAZYSNAP_LOG` takes a tracing filter.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -97,13 +101,26 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYSNAP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let registry = ClientConfig { plain_http: cli.plain_http, ..ClientConfig::default() };
+    let registry = ClientConfig {
+        plain_http: cli.plain_http,
+        ..ClientConfig::default()
+    };
     match cli.command {
-        Command::Convert { format, chunk_size, level, platform, src, dst } => {
+        Command::Convert {
+            format,
+            chunk_size,
+            level,
+            platform,
+            src,
+            dst,
+        } => {
             let mut options = ConvertOptions::new(format.into());
             options.chunk_size = chunk_size;
             options.level = level;
@@ -116,7 +133,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("converting {src} to {dst}"))?;
             let (size, uploaded): (u64, usize) = (
                 report.layers.iter().map(|l| l.size).sum(),
-                report.layers.iter().filter(|l| l.outcome == "uploaded" || l.outcome == "written").count(),
+                report
+                    .layers
+                    .iter()
+                    .filter(|l| l.outcome == "uploaded" || l.outcome == "written")
+                    .count(),
             );
             eprintln!(
                 "{}: {} layers, {} compressed, {uploaded} new, in {:.1} s",
@@ -127,7 +148,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{}", report.manifest_digest);
         }
-        Command::Inspect { json, platform, reference } => {
+        Command::Inspect {
+            json,
+            platform,
+            reference,
+        } => {
             let platform = platform.unwrap_or_else(Platform::host);
             let info = inspect::inspect(&reference, &platform, registry)
                 .await
@@ -154,7 +179,10 @@ fn print_table(info: &inspect::ImageInfo) {
         println!("platform  {p}");
     }
     println!("config    {}", info.config_digest);
-    println!("{:<3} {:<20} {:>10} {:<13} {:>8} {:>8}  toc", "#", "layer", "size", "format", "entries", "chunks");
+    println!(
+        "{:<3} {:<20} {:>10} {:<13} {:>8} {:>8}  toc",
+        "#", "layer", "size", "format", "entries", "chunks"
+    );
     for (i, l) in info.layers.iter().enumerate() {
         println!(
             "{:<3} {:<20} {:>10} {:<13} {:>8} {:>8}  {}",

@@ -37,7 +37,8 @@ impl Archive {
             .entries_with_seek()
             .map_err(|e| ConvertError::io(what(), e))?;
         for entry in entries {
-            let entry = entry.map_err(|e| ConvertError::io(format!("{}: reading tar", what()), e))?;
+            let entry =
+                entry.map_err(|e| ConvertError::io(format!("{}: reading tar", what()), e))?;
             if !entry.header().entry_type().is_file() {
                 continue;
             }
@@ -49,14 +50,20 @@ impl Archive {
                 .to_owned();
             members.insert(name, (entry.raw_file_position(), entry.size()));
         }
-        Ok(Self { path: path.to_owned(), members })
+        Ok(Self {
+            path: path.to_owned(),
+            members,
+        })
     }
 
     /// The first image `manifest.json` lists (the archive of one `docker save IMAGE`).
     pub fn image(&self) -> Result<ArchiveImage, ConvertError> {
         let bytes = self.read_member("manifest.json")?;
         let mut images: Vec<ArchiveImage> = serde_json::from_slice(&bytes).map_err(|e| {
-            ConvertError::Source(format!("docker archive {}: invalid manifest.json: {e}", self.path.display()))
+            ConvertError::Source(format!(
+                "docker archive {}: invalid manifest.json: {e}",
+                self.path.display()
+            ))
         })?;
         match images.len() {
             1 => Ok(images.remove(0)),
@@ -73,9 +80,15 @@ impl Archive {
 
     /// `(offset, size)` of a member's data within the archive file.
     pub fn member(&self, name: &str) -> Result<(u64, u64), ConvertError> {
-        self.members.get(name.trim_start_matches("./")).copied().ok_or_else(|| {
-            ConvertError::Source(format!("docker archive {}: no member {name:?}", self.path.display()))
-        })
+        self.members
+            .get(name.trim_start_matches("./"))
+            .copied()
+            .ok_or_else(|| {
+                ConvertError::Source(format!(
+                    "docker archive {}: no member {name:?}",
+                    self.path.display()
+                ))
+            })
     }
 
     /// Reads a (small) member whole.
@@ -84,7 +97,12 @@ impl Archive {
         let mut out = Vec::with_capacity(size as usize);
         open_range(&self.path, offset, size)?
             .read_to_end(&mut out)
-            .map_err(|e| ConvertError::io(format!("docker archive {}: reading {name}", self.path.display()), e))?;
+            .map_err(|e| {
+                ConvertError::io(
+                    format!("docker archive {}: reading {name}", self.path.display()),
+                    e,
+                )
+            })?;
         Ok(out)
     }
 
@@ -96,7 +114,8 @@ impl Archive {
 /// A reader over `[offset, offset+len)` of a file.
 pub fn open_range(path: &Path, offset: u64, len: u64) -> Result<impl Read + Send, ConvertError> {
     use std::io::{Seek, SeekFrom};
-    let mut file = File::open(path).map_err(|e| ConvertError::io(format!("opening {}", path.display()), e))?;
+    let mut file =
+        File::open(path).map_err(|e| ConvertError::io(format!("opening {}", path.display()), e))?;
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| ConvertError::io(format!("seeking in {}", path.display()), e))?;
     Ok(file.take(len))

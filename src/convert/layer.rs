@@ -41,7 +41,9 @@ pub fn convert_layer<W: Write>(
     progress: &mut dyn FnMut(u64),
 ) -> Result<WrittenLayer, ConvertError> {
     let mut buffered = BufReader::with_capacity(1 << 20, stored);
-    let head = buffered.fill_buf().map_err(|e| ConvertError::io(format!("layer {label}: reading"), e))?;
+    let head = buffered
+        .fill_buf()
+        .map_err(|e| ConvertError::io(format!("layer {label}: reading"), e))?;
     let compression = Compression::sniff(head);
     let decoded: Box<dyn Read + Send> = match compression {
         // Multi-member: an eStargz source is a concatenation of gzip members.
@@ -53,10 +55,14 @@ pub fn convert_layer<W: Write>(
         Compression::None => Box::new(buffered),
     };
     let mut tar = HashingReader::new(decoded);
-    let written = format::write_layer(&mut tar, out, options, progress).map_err(|source| match source {
-        FormatError::Io(e) => ConvertError::io(format!("layer {label}"), e),
-        source => ConvertError::Format { layer: label.to_owned(), source },
-    })?;
+    let written =
+        format::write_layer(&mut tar, out, options, progress).map_err(|source| match source {
+            FormatError::Io(e) => ConvertError::io(format!("layer {label}"), e),
+            source => ConvertError::Format {
+                layer: label.to_owned(),
+                error: source,
+            },
+        })?;
     // The writer stops at the end-of-archive marker; read the rest so that the whole stream is
     // hashed and the source's own digest check at EOF runs.
     io::copy(&mut tar, &mut io::sink())
@@ -79,7 +85,10 @@ mod tests {
     #[test]
     fn sniffs_compression_from_magic_bytes() {
         assert_eq!(Compression::sniff(&[0x1f, 0x8b, 8]), Compression::Gzip);
-        assert_eq!(Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd, 0]), Compression::Zstd);
+        assert_eq!(
+            Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd, 0]),
+            Compression::Zstd
+        );
         assert_eq!(Compression::sniff(b"etc/\0\0"), Compression::None);
         assert_eq!(Compression::sniff(b""), Compression::None);
     }

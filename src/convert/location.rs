@@ -39,13 +39,20 @@ impl FromStr for ImageLocation {
                     "{s:?}: expected oci:DIR or oci:DIR:TAG"
                 )));
             }
-            return Ok(Self::OciLayout { dir: PathBuf::from(dir), tag });
+            return Ok(Self::OciLayout {
+                dir: PathBuf::from(dir),
+                tag,
+            });
         }
         if let Some(file) = s.strip_prefix("docker-archive:") {
             if file.is_empty() {
-                return Err(ConvertError::Location(format!("{s:?}: expected docker-archive:FILE")));
+                return Err(ConvertError::Location(format!(
+                    "{s:?}: expected docker-archive:FILE"
+                )));
             }
-            return Ok(Self::DockerArchive { file: PathBuf::from(file) });
+            return Ok(Self::DockerArchive {
+                file: PathBuf::from(file),
+            });
         }
         if let Some((scheme, _)) = s.split_once("://") {
             return Err(ConvertError::Location(format!(
@@ -63,7 +70,10 @@ impl FromStr for ImageLocation {
 impl fmt::Display for ImageLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::OciLayout { dir, tag: Some(tag) } => write!(f, "oci:{}:{tag}", dir.display()),
+            Self::OciLayout {
+                dir,
+                tag: Some(tag),
+            } => write!(f, "oci:{}:{tag}", dir.display()),
             Self::OciLayout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
             Self::DockerArchive { file } => write!(f, "docker-archive:{}", file.display()),
             Self::Registry(r) => write!(f, "{r}"),
@@ -79,15 +89,24 @@ mod tests {
     fn parses_oci_layouts_with_and_without_tag() {
         assert_eq!(
             "oci:/tmp/img:v1".parse::<ImageLocation>().unwrap(),
-            ImageLocation::OciLayout { dir: "/tmp/img".into(), tag: Some("v1".into()) }
+            ImageLocation::OciLayout {
+                dir: "/tmp/img".into(),
+                tag: Some("v1".into())
+            }
         );
         assert_eq!(
             "oci:rel/dir".parse::<ImageLocation>().unwrap(),
-            ImageLocation::OciLayout { dir: "rel/dir".into(), tag: None }
+            ImageLocation::OciLayout {
+                dir: "rel/dir".into(),
+                tag: None
+            }
         );
         assert_eq!(
             "oci:./a:b/c".parse::<ImageLocation>().unwrap(),
-            ImageLocation::OciLayout { dir: "./a:b/c".into(), tag: None }
+            ImageLocation::OciLayout {
+                dir: "./a:b/c".into(),
+                tag: None
+            }
         );
         assert!("oci:".parse::<ImageLocation>().is_err());
         assert!("oci:dir:".parse::<ImageLocation>().is_err());
@@ -96,14 +115,20 @@ mod tests {
     #[test]
     fn parses_docker_archives() {
         assert_eq!(
-            "docker-archive:/x/img.tar".parse::<ImageLocation>().unwrap(),
-            ImageLocation::DockerArchive { file: "/x/img.tar".into() }
+            "docker-archive:/x/img.tar"
+                .parse::<ImageLocation>()
+                .unwrap(),
+            ImageLocation::DockerArchive {
+                file: "/x/img.tar".into()
+            }
         );
     }
 
     #[test]
     fn rejects_urls_with_a_hint() {
-        let err = "http://127.0.0.1:5000/a".parse::<ImageLocation>().unwrap_err();
+        let err = "http://127.0.0.1:5000/a"
+            .parse::<ImageLocation>()
+            .unwrap_err();
         assert!(err.to_string().contains("without a scheme"), "{err}");
     }
 }

@@ -39,11 +39,19 @@ pub enum ConvertError {
     #[error("{0}")]
     Unsupported(String),
     #[error("{what}: digest mismatch (expected {expected}, got {got})")]
-    DigestMismatch { what: String, expected: Digest, got: Digest },
-    #[error("layer {layer}: {source}")]
-    Format { layer: String, source: FormatError },
-    #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        got: Digest,
+    },
+    // The causes are in the messages (not `#[source]`), so a chain printer does not repeat them.
+    #[error("layer {layer}: {error}")]
+    Format { layer: String, error: FormatError },
+    #[error("{context}: {error}")]
+    Io {
+        context: String,
+        error: std::io::Error,
+    },
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -57,16 +65,18 @@ impl From<oci::DigestError> for ConvertError {
 }
 
 impl ConvertError {
-    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, error: std::io::Error) -> Self {
         let context = context.into();
-        if source.raw_os_error() == Some(28) {
+        if error.raw_os_error() == Some(28) {
             // ENOSPC: say where, and what to do.
             return Self::Io {
-                context: format!("{context} (the disk is full: free space or set TMPDIR to a larger disk)"),
-                source,
+                context: format!(
+                    "{context} (the disk is full: free space or set TMPDIR to a larger disk)"
+                ),
+                error,
             };
         }
-        Self::Io { context, source }
+        Self::Io { context, error }
     }
 }
 
@@ -139,7 +149,11 @@ pub struct ConvertReport {
 }
 
 /// Converts the image at `src` and writes it to `dst`: every blob first, the manifest last.
-pub async fn convert(src: &ImageLocation, dst: &ImageLocation, options: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
+pub async fn convert(
+    src: &ImageLocation,
+    dst: &ImageLocation,
+    options: &ConvertOptions,
+) -> Result<ConvertReport, ConvertError> {
     let start = Instant::now();
     let client = Client::new(options.registry.clone())?;
     let source = SourceImage::load(src, &client, &options.platform).await?;
@@ -152,19 +166,29 @@ pub async fn convert(src: &ImageLocation, dst: &ImageLocation, options: &Convert
     let mut diff_ids = Vec::with_capacity(total);
     // One upload runs while the next layer converts; awaiting it first bounds the temporary disk
     // use to two layers.
-    let mut pending: Option<tokio::task::JoinHandle<Result<(LayerReport, Value), ConvertError>>> = None;
+    let mut pending: Option<tokio::task::JoinHandle<Result<(LayerReport, Value), ConvertError>>> =
+        None;
     for (i, layer) in source.layers.iter().enumerate() {
-        let label = layer.digest.map_or_else(|| format!("#{}", i + 1), |d| d.short());
+        let label = layer
+            .digest
+            .map_or_else(|| format!("#{}", i + 1), |d| d.short());
         let layer_start = Instant::now();
         let lazy = format::detect(&layer.media_type, &layer.annotations);
-        let passthrough = lazy.as_ref().is_some_and(|l| l.format == options.format) && layer.digest.is_some();
+        let passthrough =
+            lazy.as_ref().is_some_and(|l| l.format == options.format) && layer.digest.is_some();
         let (file, written) = if passthrough {
             // Already lazy in this format: the stored blob is the result. Copy it (verified) only
             // if the destination lacks it.
-            let digest = layer.digest.ok_or_else(|| ConvertError::Source("passthrough without digest".into()))?;
+            let digest = layer
+                .digest
+                .ok_or_else(|| ConvertError::Source("passthrough without digest".into()))?;
             let file = dest.stage_existing(&source, layer, &digest).await?;
             let written = format::WrittenLayer {
-                media_type: if layer.media_type.is_empty() { format::MEDIA_TYPE_ZSTD } else { media_type_static(&layer.media_type) },
+                media_type: if layer.media_type.is_empty() {
+                    format::MEDIA_TYPE_ZSTD
+                } else {
+                    media_type_static(&layer.media_type)
+                },
                 digest,
                 size: layer.size.unwrap_or(0),
                 diff_id: layer.diff_id,
@@ -184,21 +208,32 @@ pub async fn convert(src: &ImageLocation, dst: &ImageLocation, options: &Convert
                 let mut progress = progress::LayerProgress::new(i + 1, total, &task_label);
                 let mut seen = 0;
                 let file = out.as_file_mut();
-                let written = convert_layer(stored, &diff_id, std::io::BufWriter::with_capacity(1 << 20, file), &options, &task_label, &mut |n| {
-                    seen = n;
-                    progress.update(n);
-                })?;
+                let written = convert_layer(
+                    stored,
+                    &diff_id,
+                    std::io::BufWriter::with_capacity(1 << 20, file),
+                    &options,
+                    &task_label,
+                    &mut |n| {
+                        seen = n;
+                        progress.update(n);
+                    },
+                )?;
                 progress.finish(seen, "converted");
                 Ok::<_, ConvertError>((out, written))
             })
             .await
-            .map_err(|e| ConvertError::Source(format!("layer {label}: conversion task failed: {e}")))??;
+            .map_err(|e| {
+                ConvertError::Source(format!("layer {label}: conversion task failed: {e}"))
+            })??;
             (Some(out), written)
         };
         tracing::info!(layer = %label, digest = %written.digest, size = written.size, "layer ready");
         diff_ids.push(written.diff_id);
         if let Some(previous) = pending.take() {
-            let (report, descriptor) = previous.await.map_err(|e| ConvertError::Source(format!("upload task failed: {e}")))??;
+            let (report, descriptor) = previous
+                .await
+                .map_err(|e| ConvertError::Source(format!("upload task failed: {e}")))??;
             reports.push(report);
             descriptors.push(descriptor);
         }
@@ -229,7 +264,9 @@ pub async fn convert(src: &ImageLocation, dst: &ImageLocation, options: &Convert
         }));
     }
     if let Some(previous) = pending.take() {
-        let (report, descriptor) = previous.await.map_err(|e| ConvertError::Source(format!("upload task failed: {e}")))??;
+        let (report, descriptor) = previous
+            .await
+            .map_err(|e| ConvertError::Source(format!("upload task failed: {e}")))??;
         reports.push(report);
         descriptors.push(descriptor);
     }
@@ -250,7 +287,8 @@ pub async fn convert(src: &ImageLocation, dst: &ImageLocation, options: &Convert
     if !source.annotations.is_empty() {
         manifest["annotations"] = json!(source.annotations);
     }
-    let manifest = serde_json::to_vec(&manifest).map_err(|e| ConvertError::Source(e.to_string()))?;
+    let manifest =
+        serde_json::to_vec(&manifest).map_err(|e| ConvertError::Source(e.to_string()))?;
     let manifest_size = manifest.len() as u64;
     let manifest_digest = dest.put_manifest(manifest).await?;
     Ok(ConvertReport {
@@ -265,12 +303,16 @@ pub async fn convert(src: &ImageLocation, dst: &ImageLocation, options: &Convert
 
 /// The source config with the new layers' `diff_ids`; every other field is kept as it was.
 fn new_config(source: &[u8], diff_ids: &[Digest]) -> Result<Vec<u8>, ConvertError> {
-    let mut config: Value = serde_json::from_slice(source).map_err(|e| ConvertError::Source(format!("invalid image config: {e}")))?;
+    let mut config: Value = serde_json::from_slice(source)
+        .map_err(|e| ConvertError::Source(format!("invalid image config: {e}")))?;
     let rootfs = config
         .get_mut("rootfs")
         .and_then(Value::as_object_mut)
         .ok_or_else(|| ConvertError::Source("image config has no rootfs".into()))?;
-    rootfs.insert("diff_ids".into(), json!(diff_ids.iter().map(Digest::to_string).collect::<Vec<_>>()));
+    rootfs.insert(
+        "diff_ids".into(),
+        json!(diff_ids.iter().map(Digest::to_string).collect::<Vec<_>>()),
+    );
     serde_json::to_vec(&config).map_err(|e| ConvertError::Source(e.to_string()))
 }
 
@@ -282,23 +324,44 @@ fn media_type_static(media_type: &str) -> &'static str {
 }
 
 /// Where converted blobs go.
+// One per conversion, cloned once per layer: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Destination {
-    Layout { layout: Layout, tag: Option<String> },
-    Registry { client: Client, reference: Reference, mount_from: Option<Reference>, staging: PathBuf },
+    Layout {
+        layout: Layout,
+        tag: Option<String>,
+    },
+    Registry {
+        client: Client,
+        reference: Reference,
+        mount_from: Option<Reference>,
+        staging: PathBuf,
+    },
 }
 
 impl Destination {
-    fn open(dst: &ImageLocation, client: &Client, source: Option<&Reference>) -> Result<Self, ConvertError> {
+    fn open(
+        dst: &ImageLocation,
+        client: &Client,
+        source: Option<&Reference>,
+    ) -> Result<Self, ConvertError> {
         match dst {
-            ImageLocation::OciLayout { dir, tag } => Ok(Self::Layout { layout: Layout::create(dir)?, tag: tag.clone() }),
+            ImageLocation::OciLayout { dir, tag } => Ok(Self::Layout {
+                layout: Layout::create(dir)?,
+                tag: tag.clone(),
+            }),
             ImageLocation::DockerArchive { .. } => Err(ConvertError::Location(
                 "docker-archive: is a source only; write to oci:DIR[:TAG] or a registry".into(),
             )),
             ImageLocation::Registry(reference) => Ok(Self::Registry {
                 client: client.clone(),
                 reference: reference.clone(),
-                mount_from: source.filter(|s| s.registry == reference.registry && s.repository != reference.repository).cloned(),
+                mount_from: source
+                    .filter(|s| {
+                        s.registry == reference.registry && s.repository != reference.repository
+                    })
+                    .cloned(),
                 staging: std::env::temp_dir(),
             }),
         }
@@ -311,23 +374,36 @@ impl Destination {
             Self::Registry { staging, .. } => tempfile::Builder::new()
                 .prefix("lazysnap-layer-")
                 .tempfile_in(staging)
-                .map_err(|e| ConvertError::io(format!("creating a temporary file in {}", staging.display()), e)),
+                .map_err(|e| {
+                    ConvertError::io(
+                        format!("creating a temporary file in {}", staging.display()),
+                        e,
+                    )
+                }),
         }
     }
 
     /// For a layer carried over unchanged: `None` if the destination can get it without a copy
     /// (it has it, or a registry mount serves), else a verified local copy to put.
-    async fn stage_existing(&self, source: &SourceImage, layer: &SourceLayer, digest: &Digest) -> Result<Option<tempfile::NamedTempFile>, ConvertError> {
+    async fn stage_existing(
+        &self,
+        source: &SourceImage,
+        layer: &SourceLayer,
+        digest: &Digest,
+    ) -> Result<Option<tempfile::NamedTempFile>, ConvertError> {
         match self {
             Self::Layout { layout, .. } if layout.blob_path(digest).exists() => return Ok(None),
-            Self::Registry { client, reference, .. } if client.blob_size(reference, digest).await?.is_some() => return Ok(None),
+            Self::Registry {
+                client, reference, ..
+            } if client.blob_size(reference, digest).await?.is_some() => return Ok(None),
             _ => {}
         }
         let mut stored = source.open_layer(layer).await?;
         let mut out = self.new_blob()?;
         let label = digest.short();
         tokio::task::spawn_blocking(move || {
-            std::io::copy(&mut stored, out.as_file_mut()).map_err(|e| ConvertError::io(format!("layer {label}: copying"), e))?;
+            std::io::copy(&mut stored, out.as_file_mut())
+                .map_err(|e| ConvertError::io(format!("layer {label}: copying"), e))?;
             Ok::<_, ConvertError>(Some(out))
         })
         .await
@@ -335,23 +411,52 @@ impl Destination {
     }
 
     /// Stores a finished blob; `file` is `None` when the destination already has it.
-    async fn put_blob(&self, file: Option<tempfile::NamedTempFile>, digest: &Digest) -> Result<&'static str, ConvertError> {
-        let Some(file) = file else { return Ok("existed") };
+    async fn put_blob(
+        &self,
+        file: Option<tempfile::NamedTempFile>,
+        digest: &Digest,
+    ) -> Result<&'static str, ConvertError> {
+        let Some(file) = file else {
+            return Ok("existed");
+        };
         match self {
-            Self::Layout { layout, .. } => Ok(if layout.commit(file, digest)? { "written" } else { "existed" }),
-            Self::Registry { client, reference, mount_from, .. } => {
-                let pushed = client.push_blob(reference, digest, file.path(), mount_from.as_ref()).await?;
+            Self::Layout { layout, .. } => Ok(if layout.commit(file, digest)? {
+                "written"
+            } else {
+                "existed"
+            }),
+            Self::Registry {
+                client,
+                reference,
+                mount_from,
+                ..
+            } => {
+                let pushed = client
+                    .push_blob(reference, digest, file.path(), mount_from.as_ref())
+                    .await?;
                 Ok(outcome_name(pushed))
             }
         }
     }
 
-    async fn put_small_blob(&self, digest: &Digest, bytes: Vec<u8>) -> Result<&'static str, ConvertError> {
+    async fn put_small_blob(
+        &self,
+        digest: &Digest,
+        bytes: Vec<u8>,
+    ) -> Result<&'static str, ConvertError> {
         match self {
-            Self::Layout { layout, .. } => Ok(if layout.write_blob(digest, &bytes)? { "written" } else { "existed" }),
-            Self::Registry { client, reference, .. } => {
-                Ok(outcome_name(client.push_blob_bytes(reference, digest, bytes.into()).await?))
-            }
+            Self::Layout { layout, .. } => Ok(if layout.write_blob(digest, &bytes)? {
+                "written"
+            } else {
+                "existed"
+            }),
+            Self::Registry {
+                client, reference, ..
+            } => Ok(outcome_name(
+                client
+                    .push_blob_bytes(reference, digest, bytes.into())
+                    .await?,
+            )),
         }
     }
 
@@ -368,10 +473,18 @@ impl Destination {
                 layout.tag(descriptor, tag.as_deref())?;
                 Ok(digest)
             }
-            Self::Registry { client, reference, .. } => {
-                let pushed = client.push_manifest(reference, oci::MEDIA_TYPE_OCI_MANIFEST, manifest.into()).await?;
+            Self::Registry {
+                client, reference, ..
+            } => {
+                let pushed = client
+                    .push_manifest(reference, oci::MEDIA_TYPE_OCI_MANIFEST, manifest.into())
+                    .await?;
                 if pushed != digest {
-                    return Err(ConvertError::DigestMismatch { what: format!("{reference}: pushed manifest"), expected: digest, got: pushed });
+                    return Err(ConvertError::DigestMismatch {
+                        what: format!("{reference}: pushed manifest"),
+                        expected: digest,
+                        got: pushed,
+                    });
                 }
                 Ok(digest)
             }

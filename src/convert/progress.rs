@@ -46,7 +46,12 @@ impl LayerProgress {
 
     fn line(&self, bytes: u64, what: &str) -> String {
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-        format!("{} {what} {} {}/s", self.prefix, human(bytes), human((bytes as f64 / secs) as u64))
+        format!(
+            "{} {what} {} {}/s",
+            self.prefix,
+            human(bytes),
+            human((bytes as f64 / secs) as u64)
+        )
     }
 }
 

@@ -136,7 +136,10 @@ pub struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self { inner, hasher: Hasher::new() }
+        Self {
+            inner,
+            hasher: Hasher::new(),
+        }
     }
 
     /// Bytes written so far.
@@ -176,7 +179,10 @@ pub struct HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
-        Self { inner, hasher: Hasher::new() }
+        Self {
+            inner,
+            hasher: Hasher::new(),
+        }
     }
 
     /// Bytes read so far.
@@ -211,7 +217,10 @@ mod tests {
     fn parses_and_prints_sha256() {
         let d = Digest::of(b"");
         let s = d.to_string();
-        assert_eq!(s, "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            s,
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
         assert_eq!(s.parse::<Digest>().unwrap(), d);
     }
 
@@ -219,8 +228,12 @@ mod tests {
     fn rejects_other_algorithms_and_bad_hex() {
         assert!("sha512:00".parse::<Digest>().is_err());
         assert!("sha256:abc".parse::<Digest>().is_err());
-        assert!(format!("sha256:{}", "G".repeat(64)).parse::<Digest>().is_err());
-        assert!(format!("sha256:{}", "A".repeat(64)).parse::<Digest>().is_err());
+        assert!(format!("sha256:{}", "G".repeat(64))
+            .parse::<Digest>()
+            .is_err());
+        assert!(format!("sha256:{}", "A".repeat(64))
+            .parse::<Digest>()
+            .is_err());
     }
 
     #[test]

@@ -22,9 +22,16 @@ pub fn digest_of(bytes: &[u8]) -> String {
 
 /// Runs a command, failing with its stderr if it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> Result<Vec<u8>> {
-    let out = cmd.stderr(Stdio::piped()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(out.stdout)
 }
@@ -43,7 +50,11 @@ pub fn pipe(cmd: &mut Command, input: &[u8]) -> Result<Vec<u8>> {
     let out = child.wait_with_output()?;
     let _ = writer.join();
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(out.stdout)
 }
@@ -51,7 +62,14 @@ pub fn pipe(cmd: &mut Command, input: &[u8]) -> Result<Vec<u8>> {
 /// The tar of a directory, as GNU tar writes it (PAX, sorted, numeric owners, xattrs).
 pub fn tar_dir(dir: &Path) -> Result<Vec<u8>> {
     run(Command::new("tar")
-        .args(["--format=pax", "--sort=name", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C"])
+        .args([
+            "--format=pax",
+            "--sort=name",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "-C",
+        ])
         .arg(dir)
         .args(["-cf", "-", "."]))
 }
@@ -63,10 +81,20 @@ pub fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
 /// `tar -tv` of an uncompressed tar, the independent listing tests compare.
 pub fn tar_listing(tar: &[u8]) -> Result<Vec<String>> {
     let out = pipe(
-        Command::new("tar").args(["--numeric-owner", "--full-time", "--xattrs", "--xattrs-include=*", "-tvf", "-"]),
+        Command::new("tar").args([
+            "--numeric-owner",
+            "--full-time",
+            "--xattrs",
+            "--xattrs-include=*",
+            "-tvf",
+            "-",
+        ]),
         tar,
     )?;
-    Ok(String::from_utf8_lossy(&out).lines().map(str::to_owned).collect())
+    Ok(String::from_utf8_lossy(&out)
+        .lines()
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Decompresses a layer blob with the system tool its magic bytes call for.
@@ -99,7 +127,9 @@ impl LayoutBuilder {
     pub fn new(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir.join("blobs/sha256"))?;
         fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-        Ok(Self { dir: dir.to_owned() })
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
     }
 
     pub fn blob(&self, bytes: &[u8]) -> Result<Value> {
@@ -109,7 +139,9 @@ impl LayoutBuilder {
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
-        self.dir.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
+        self.dir
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
     }
 
     /// Writes an image of gzip layers made from `tars`; returns the manifest descriptor.
@@ -166,7 +198,8 @@ impl LayoutBuilder {
 /// `diff_ids` overrides what the config names (default: the tars' real digests).
 pub fn docker_archive(path: &Path, tars: &[Vec<u8>], diff_ids: Option<Vec<String>>) -> Result<()> {
     let staging = tempfile::tempdir()?;
-    let diff_ids: Vec<String> = diff_ids.unwrap_or_else(|| tars.iter().map(|t| digest_of(t)).collect());
+    let diff_ids: Vec<String> =
+        diff_ids.unwrap_or_else(|| tars.iter().map(|t| digest_of(t)).collect());
     let config = serde_json::to_vec(&config_for(&diff_ids, "amd64"))?;
     let config_name = format!("{}.json", sha256_hex(&config));
     fs::write(staging.path().join(&config_name), &config)?;
@@ -177,9 +210,18 @@ pub fn docker_archive(path: &Path, tars: &[Vec<u8>], diff_ids: Option<Vec<String
         fs::write(staging.path().join(&id).join("layer.tar"), tar)?;
         layer_names.push(format!("{id}/layer.tar"));
     }
-    let manifest = json!([{"Config": config_name, "RepoTags": ["test:latest"], "Layers": layer_names}]);
-    fs::write(staging.path().join("manifest.json"), serde_json::to_vec(&manifest)?)?;
-    run(Command::new("tar").arg("-C").arg(staging.path()).arg("-cf").arg(path).arg("."))?;
+    let manifest =
+        json!([{"Config": config_name, "RepoTags": ["test:latest"], "Layers": layer_names}]);
+    fs::write(
+        staging.path().join("manifest.json"),
+        serde_json::to_vec(&manifest)?,
+    )?;
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(staging.path())
+        .arg("-cf")
+        .arg(path)
+        .arg("."))?;
     Ok(())
 }
 
@@ -189,7 +231,9 @@ pub fn sample_tree(root: &Path, seed: u8) -> Result<()> {
     fs::create_dir_all(root.join("usr/bin"))?;
     fs::create_dir_all(root.join("srv/data"))?;
     fs::write(root.join("etc/hostname"), format!("host{seed}\n"))?;
-    let big: Vec<u8> = (0..600_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 ^ seed).collect();
+    let big: Vec<u8> = (0..600_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 ^ seed)
+        .collect();
     fs::write(root.join("usr/bin/tool"), &big)?;
     fs::write(root.join("srv/data/zeros"), vec![0u8; 300_000])?;
     fs::write(root.join("srv/data/empty"), b"")?;
@@ -197,7 +241,10 @@ pub fn sample_tree(root: &Path, seed: u8) -> Result<()> {
     std::os::unix::fs::symlink("tool", root.join("usr/bin/rel-link"))?;
     fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname.hard"))?;
     let name = "ü".repeat(60) + "-long-name.txt";
-    fs::write(root.join("srv").join(name), b"unicode and a name over 100 bytes\n")?;
+    fs::write(
+        root.join("srv").join(name),
+        b"unicode and a name over 100 bytes\n",
+    )?;
     Ok(())
 }
 

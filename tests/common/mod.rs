@@ -2,5 +2,5 @@
 //! dirs, torn down in `Drop`.
 #![allow(dead_code)]
 
-pub mod registry;
 pub mod image;
+pub mod registry;
