@@ -487,3 +487,142 @@ fn reads_zstd_chunked_written_by_skopeo() {
     let big = toc.entries.iter().find(|e| e.name == "d/big").unwrap();
     assert!(big.chunks.len() > 1, "skopeo chunks large files");
 }
+
+/// A synthetic tar stream of `files` regular files of `size` bytes each, generated on the fly
+/// (half pseudo-random, half text-like), so a multi-GiB layer needs no disk.
+struct SyntheticTar {
+    files: u64,
+    size: u64,
+    index: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    payload_left: u64,
+    state: u64,
+    done: bool,
+}
+
+impl SyntheticTar {
+    fn new(files: u64, size: u64) -> Self {
+        Self {
+            files,
+            size,
+            index: 0,
+            buf: Vec::new(),
+            pos: 0,
+            payload_left: 0,
+            state: 0x9e37_79b9_7f4a_7c15,
+            done: false,
+        }
+    }
+
+    fn header(name: &str, size: u64) -> [u8; 512] {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        h[136..148].copy_from_slice(b"14500000000\0");
+        h[156] = b'0';
+        h[257..265].copy_from_slice(b"ustar\x0000");
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    fn refill(&mut self) {
+        self.buf.clear();
+        self.pos = 0;
+        if self.payload_left > 0 {
+            let n = self.payload_left.min(1 << 16) as usize;
+            let random = self.index % 2 == 0;
+            for i in 0..n {
+                self.state ^= self.state << 13;
+                self.state ^= self.state >> 7;
+                self.state ^= self.state << 17;
+                let b = if random {
+                    self.state as u8
+                } else {
+                    b"lorem ipsum dolor sit amet\n"[i % 27] ^ (self.state as u8 & 1)
+                };
+                self.buf.push(b);
+            }
+            self.payload_left -= n as u64;
+            if self.payload_left == 0 {
+                self.buf
+                    .resize(self.buf.len() + (512 - (self.size % 512) as usize) % 512, 0);
+                self.index += 1;
+            }
+        } else if self.index < self.files {
+            self.buf.extend_from_slice(&Self::header(
+                &format!("data/file-{}", self.index),
+                self.size,
+            ));
+            self.payload_left = self.size;
+        } else if !self.done {
+            self.buf.resize(1024, 0);
+            self.done = true;
+        }
+    }
+}
+
+impl std::io::Read for SyntheticTar {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.buf.len() {
+            self.refill();
+            if self.buf.is_empty() {
+                return Ok(0);
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn peak_rss_kib() -> u64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Converts a 2 GiB layer with 4 MiB chunks and checks that memory stays bounded.
+/// Slow: run with `cargo test --release --test format -- --ignored`.
+#[test]
+#[ignore]
+fn large_layer_streams_in_bounded_memory() {
+    for format in [LayerFormat::ZstdChunked, LayerFormat::Estargz] {
+        let opts = WriteOptions {
+            format,
+            chunk_size: 4 << 20,
+            level: 3,
+            threads: 2,
+        };
+        let start = std::time::Instant::now();
+        let mut sink = std::io::sink();
+        let w = write_layer(
+            SyntheticTar::new(64, 32 << 20),
+            &mut sink,
+            &opts,
+            &mut |_| {},
+        )
+        .unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        let rss = peak_rss_kib();
+        eprintln!(
+            "{format:?}: {} MiB in, {} MiB out, {:.1} s ({:.0} MiB/s), peak RSS {} MiB",
+            w.uncompressed_size >> 20,
+            w.size >> 20,
+            secs,
+            (w.uncompressed_size >> 20) as f64 / secs,
+            rss >> 10
+        );
+        assert!(w.uncompressed_size >= 2 << 30);
+        assert!(rss < 256 << 10, "peak RSS {} MiB", rss >> 10);
+    }
+}
