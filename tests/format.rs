@@ -704,17 +704,18 @@ impl SyntheticTar {
         if self.payload_left > 0 {
             let n = self.payload_left.min(1 << 16) as usize;
             let random = self.index % 2 == 0;
-            for i in 0..n {
+            while self.buf.len() < n {
                 self.state ^= self.state << 13;
                 self.state ^= self.state >> 7;
                 self.state ^= self.state << 17;
-                let b = if random {
-                    self.state as u8
+                if random {
+                    self.buf.extend_from_slice(&self.state.to_le_bytes());
                 } else {
-                    b"lorem ipsum dolor sit amet\n"[i % 27] ^ (self.state as u8 & 1)
-                };
-                self.buf.push(b);
+                    self.buf.extend_from_slice(b"lorem ipsum dolor ");
+                    self.buf.push(b'a' + (self.state % 26) as u8);
+                }
             }
+            self.buf.truncate(n);
             self.payload_left -= n as u64;
             if self.payload_left == 0 {
                 self.buf

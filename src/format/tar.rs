@@ -194,7 +194,7 @@ impl<R: Read> TarParser<R> {
                 .ok_or_else(|| FormatError::entry(&field_name, "invalid size field"))?;
             match typeflag {
                 b'x' | b'g' | b'L' | b'K' => {
-                    if size > MAX_EXT_SIZE {
+                    if size > MAX_EXT_SIZE || raw.len() as u64 + size > 4 * MAX_EXT_SIZE {
                         return Err(FormatError::entry(
                             &field_name,
                             format!("extended header of {size} bytes is too large"),
