@@ -16,6 +16,9 @@ use super::error::FormatError;
 use super::EntryKind;
 
 pub(crate) const BLOCK: usize = 512;
+/// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z: the times RFC 3339 (and Go) can write.
+pub(crate) const MIN_TIME: i64 = -62_167_219_200;
+pub(crate) const MAX_TIME: i64 = 253_402_300_799;
 /// Largest PAX or GNU long-name record we buffer.
 const MAX_EXT_SIZE: u64 = 16 << 20;
 
@@ -331,6 +334,7 @@ impl<R: Read> TarParser<R> {
             }
         }
         let mut xattrs = BTreeMap::new();
+        let mut pax_mtime = None;
         for (k, v) in pax {
             let text = || String::from_utf8_lossy(v).into_owned();
             let dec = |what: &str| -> Result<u64, FormatError> {
@@ -352,8 +356,10 @@ impl<R: Read> TarParser<R> {
                 "uname" => uname = text(),
                 "gname" => gname = text(),
                 "mtime" => {
-                    (mtime, mtime_nsec) = parse_pax_time(&text())
-                        .ok_or_else(|| err(format!("invalid PAX mtime {:?}", text())))?
+                    pax_mtime = Some(
+                        parse_pax_time(&text())
+                            .ok_or_else(|| err(format!("invalid PAX mtime {:?}", text())))?,
+                    )
                 }
                 "SCHILY.devmajor" => {
                     dev_major = u32::try_from(dec("devmajor")?).unwrap_or(u32::MAX)
@@ -367,6 +373,14 @@ impl<R: Read> TarParser<R> {
                     }
                 }
             }
+        }
+        if let Some((secs, nsec)) = pax_mtime {
+            (mtime, mtime_nsec) = (secs, nsec);
+        }
+        if !(MIN_TIME..=MAX_TIME).contains(&mtime) {
+            return Err(err(format!(
+                "mtime {mtime} is outside years 0000-9999 (not representable in a TOC)"
+            )));
         }
         for (k, v) in pax {
             if let Some(enc) = k.strip_prefix("LIBARCHIVE.xattr.") {
@@ -830,6 +844,33 @@ pub(crate) mod tests {
         let err = entries(&bad).unwrap_err();
         assert!(matches!(err, FormatError::Checksum { .. }), "{err}");
         assert!(err.to_string().contains("\"f"), "{err}");
+    }
+
+    #[test]
+    fn base256_fields_and_unrepresentable_times() {
+        let mut t = TestTar::default();
+        t.add(&file("f", b""));
+        let mut data = t.finish();
+        let set = |data: &mut Vec<u8>, mtime: [u8; 12]| {
+            data[136..148].copy_from_slice(&mtime);
+            data[148..156].fill(b' ');
+            let sum: u64 = data[..512].iter().map(|&b| u64::from(b)).sum();
+            data[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        };
+        let mut ok = [0u8; 12];
+        ok[0] = 0x80;
+        ok[8..].copy_from_slice(&1_700_000_000u32.to_be_bytes());
+        set(&mut data, ok);
+        assert_eq!(entries(&data).unwrap()[0].0.mtime, 1_700_000_000);
+        let mut huge = [0u8; 12];
+        huge[0] = 0x80;
+        huge[4] = 0x7f;
+        set(&mut data, huge);
+        let err = entries(&data).unwrap_err().to_string();
+        assert!(
+            err.contains("\"f\"") && err.contains("outside years"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -594,6 +594,11 @@ mod tests {
         }
 
         #[test]
+        fn times_in_range_round_trip(secs in super::super::tar::MIN_TIME..=super::super::tar::MAX_TIME, nsec in 0u32..1_000_000_000) {
+            proptest::prop_assert_eq!(parse_time(&format_time(secs, nsec)), Some((secs, nsec)));
+        }
+
+        #[test]
         fn parse_time_never_panics(s in ".{0,40}") {
             let _ = parse_time(&s);
         }
