@@ -440,6 +440,24 @@ fn hostile_tars_are_rejected_naming_the_entry() {
 
 /// Writes an OCI image layout at `dir` with one uncompressed layer.
 fn oci_layout(dir: &Path, layer: &[u8]) {
+    let diff_id = Digest::of(layer);
+    oci_layout_with(
+        dir,
+        layer,
+        "application/vnd.oci.image.layer.v1.tar",
+        &BTreeMap::new(),
+        diff_id,
+    );
+}
+
+/// Writes an OCI image layout at `dir` with one layer of the given type and annotations.
+fn oci_layout_with(
+    dir: &Path,
+    layer: &[u8],
+    media_type: &str,
+    annotations: &BTreeMap<String, String>,
+    diff_id: Digest,
+) {
     fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     let put = |b: &[u8]| {
         let d = Digest::of(b);
@@ -448,12 +466,12 @@ fn oci_layout(dir: &Path, layer: &[u8]) {
     };
     let (ld, ls) = put(layer);
     let cfg = serde_json::json!({"architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [ld]}, "config": {}});
+        "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]}, "config": {}});
     let (cd, cs) = put(cfg.to_string().as_bytes());
     let man = serde_json::json!({"schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": ls}]});
+        "layers": [{"mediaType": media_type, "digest": ld, "size": ls, "annotations": annotations}]});
     let (md, ms) = put(man.to_string().as_bytes());
     let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
         "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
@@ -653,6 +671,26 @@ fn reads_layers_written_by_ctr_remote() {
             );
         }
     }
+
+    // The other way round (a weaker check): ctr-remote's converter, which always rebuilds layers
+    // (even its own eStargz), takes our eStargz layer as input and gives back the same tree, with
+    // no stray copy of our `stargz.index.json`.
+    let (blob, w) = convert(&tar, LayerFormat::Estargz, 2);
+    let ours = tmp.path().join("ours");
+    oci_layout_with(&ours, &blob, w.media_type, &w.annotations, w.diff_id);
+    let archive = tmp.path().join("ours.tar");
+    sh(&format!("tar -C {} -cf {} .", q(&ours), q(&archive)));
+    ctd.ctr(&format!(
+        "images import --no-unpack --index-name test/img:ours {}",
+        q(&archive)
+    ));
+    ctd.ctr("images convert --estargz --oci test/img:ours test/img:ours2");
+    let out = tmp.path().join("ours2.tar");
+    ctd.ctr(&format!("images export {} test/img:ours2", q(&out)));
+    let dir = tmp.path().join("ours2");
+    fs::create_dir_all(&dir).unwrap();
+    sh(&format!("tar -C {} -xf {}", q(&dir), q(&out)));
+    check_foreign_layer(&dir, &root, LayerFormat::Estargz, xattrs, false);
 }
 
 /// A synthetic tar stream of `files` regular files of `size` bytes each, generated on the fly
