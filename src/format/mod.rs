@@ -8,9 +8,9 @@
 //! The writer turns an uncompressed tar stream into a layer blob; the reader turns the blob's tail
 //! and TOC bytes into a [`Toc`], and one chunk's compressed bytes into verified file content.
 //!
-//! Files: `tar` (streaming parser that keeps raw header bytes; name checks), `toc` (the shared
-//! TOC JSON and the normalised model), `footer` (the three footer layouts), `writer` (the
-//! parallel, reproducible pipeline), `reader` (TOC and chunk verification), `error`.
+//! Files: `tar` (streaming parser that keeps raw header bytes), `names` (name and link rules),
+//! `toc` (the shared TOC JSON and the normalised model), `footer` (the footer layouts), `writer`
+//! (the parallel, reproducible pipeline), `reader` (TOC and chunk verification), `error`.
 //!
 //! Layout written:
 //! - zstd:chunked: frames `[headers…][chunk][headers/padding…][chunk]…[padding + end-of-archive]`,
@@ -28,8 +28,11 @@
 
 mod error;
 mod footer;
+mod names;
 mod reader;
 mod tar;
+#[cfg(test)]
+mod testtar;
 mod toc;
 mod writer;
 

@@ -5,7 +5,7 @@ use std::io::{Cursor, Read};
 
 use proptest::prelude::*;
 
-use super::tar::tests::{TestEntry, TestTar};
+use super::testtar::{TestEntry, TestTar};
 use super::*;
 
 fn opts(format: LayerFormat, chunk_size: u64, threads: usize) -> WriteOptions {
@@ -75,7 +75,7 @@ fn round_trip(entries: &[TestEntry], chunk_size: u64) {
         assert_eq!(toc.entries.len(), entries.len());
         let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         for (e, got) in entries.iter().zip(&toc.entries) {
-            let name = tar::normalise_name(&e.name).unwrap();
+            let name = names::normalise_name(&e.name).unwrap();
             assert_eq!(got.name, name);
             match e.typeflag {
                 b'0' => {

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::error::FormatError;
-use super::tar::{check_hardlink, check_symlink, normalise_name};
+use super::names::{check_hardlink, check_symlink, normalise_name};
 use super::{Chunk, EntryKind, LayerFormat, Toc, TocEntry};
 use crate::oci::Digest;
 
