@@ -7,11 +7,32 @@
 //!
 //! The writer turns an uncompressed tar stream into a layer blob; the reader turns the blob's tail
 //! and TOC bytes into a [`Toc`], and one chunk's compressed bytes into verified file content.
+//!
+//! Files: `tar` (streaming parser that keeps raw header bytes), `names` (name and link rules),
+//! `toc` (the shared TOC JSON and the normalised model), `footer` (the footer layouts), `writer`
+//! (the parallel, reproducible pipeline), `reader` (TOC and chunk verification), `error`.
+//!
+//! Layout written:
+//! - zstd:chunked: frames `[headers…][chunk][headers/padding…][chunk]…[padding + end-of-archive]`,
+//!   then skippable frames holding the zstd TOC and the 64-byte `GNUlInUx` footer. No tar-split
+//!   is written: its footer fields are zero, the TOC has no `tarSplitDigest` and no
+//!   `tarsplit-position` annotation is emitted. Whole-zero chunks carry `chunkType: "zeros"`
+//!   (their frames are still in the stream, so `zstd -d` gives the full tar).
+//! - eStargz: the same cut in gzip members; the TOC member holds the `stargz.index.json` header,
+//!   the JSON and the end-of-archive blocks; then the 51-byte footer. Chunk entries also carry
+//!   `endOffset` (ignored by other readers; ours uses it to fetch only the chunk's member).
+//! - Names are normalised (`./a/b/` → `a/b`, the root directory is `""`); tar bytes are passed
+//!   through unchanged. Trailing zero blocks and record padding after the end-of-archive marker
+//!   are dropped: the blob decodes to the entries plus exactly two zero blocks.
+//! - PAX global headers are passed through but not applied; GNU sparse files are rejected.
 
 mod error;
 mod footer;
+mod names;
 mod reader;
 mod tar;
+#[cfg(test)]
+mod testtar;
 mod toc;
 mod writer;
 
@@ -68,6 +89,18 @@ pub struct WriteOptions {
     pub level: i32,
     /// Compression threads; the output is byte-identical whatever the count.
     pub threads: usize,
+}
+
+impl Default for WriteOptions {
+    /// zstd:chunked, 4 MiB chunks, zstd level 3, one thread per core.
+    fn default() -> Self {
+        Self {
+            format: LayerFormat::ZstdChunked,
+            chunk_size: 4 << 20,
+            level: 3,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
 }
 
 /// The result of writing one layer: what the manifest and config need to name it.

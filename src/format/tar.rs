@@ -13,9 +13,13 @@ use std::io::{self, Read};
 use base64::Engine as _;
 
 use super::error::FormatError;
+use super::names::{check_hardlink, check_symlink, normalise_name};
 use super::EntryKind;
 
 pub(crate) const BLOCK: usize = 512;
+/// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z: the times RFC 3339 (and Go) can write.
+pub(crate) const MIN_TIME: i64 = -62_167_219_200;
+pub(crate) const MAX_TIME: i64 = 253_402_300_799;
 /// Largest PAX or GNU long-name record we buffer.
 const MAX_EXT_SIZE: u64 = 16 << 20;
 
@@ -194,7 +198,7 @@ impl<R: Read> TarParser<R> {
                 .ok_or_else(|| FormatError::entry(&field_name, "invalid size field"))?;
             match typeflag {
                 b'x' | b'g' | b'L' | b'K' => {
-                    if size > MAX_EXT_SIZE {
+                    if size > MAX_EXT_SIZE || raw.len() as u64 + size > 4 * MAX_EXT_SIZE {
                         return Err(FormatError::entry(
                             &field_name,
                             format!("extended header of {size} bytes is too large"),
@@ -331,6 +335,7 @@ impl<R: Read> TarParser<R> {
             }
         }
         let mut xattrs = BTreeMap::new();
+        let mut pax_mtime = None;
         for (k, v) in pax {
             let text = || String::from_utf8_lossy(v).into_owned();
             let dec = |what: &str| -> Result<u64, FormatError> {
@@ -352,8 +357,10 @@ impl<R: Read> TarParser<R> {
                 "uname" => uname = text(),
                 "gname" => gname = text(),
                 "mtime" => {
-                    (mtime, mtime_nsec) = parse_pax_time(&text())
-                        .ok_or_else(|| err(format!("invalid PAX mtime {:?}", text())))?
+                    pax_mtime = Some(
+                        parse_pax_time(&text())
+                            .ok_or_else(|| err(format!("invalid PAX mtime {:?}", text())))?,
+                    )
                 }
                 "SCHILY.devmajor" => {
                     dev_major = u32::try_from(dec("devmajor")?).unwrap_or(u32::MAX)
@@ -367,6 +374,14 @@ impl<R: Read> TarParser<R> {
                     }
                 }
             }
+        }
+        if let Some((secs, nsec)) = pax_mtime {
+            (mtime, mtime_nsec) = (secs, nsec);
+        }
+        if !(MIN_TIME..=MAX_TIME).contains(&mtime) {
+            return Err(err(format!(
+                "mtime {mtime} is outside years 0000-9999 (not representable in a TOC)"
+            )));
         }
         for (k, v) in pax {
             if let Some(enc) = k.strip_prefix("LIBARCHIVE.xattr.") {
@@ -543,71 +558,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Normalises an entry name: strips `./` and `/` separators, rejects absolute names and `..`.
-pub(crate) fn normalise_name(raw: &str) -> Result<String, String> {
-    if raw.starts_with('/') {
-        return Err("absolute name (entries must be relative to the layer root)".into());
-    }
-    let mut parts = Vec::new();
-    for c in raw.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                return Err("name contains a `..` component (would escape the layer root)".into())
-            }
-            c => parts.push(c),
-        }
-    }
-    Ok(parts.join("/"))
-}
-
-/// Checks a hard link target (relative to the layer root) and returns it normalised.
-pub(crate) fn check_hardlink(target: &str) -> Result<String, String> {
-    if target.starts_with('/') {
-        return Err(format!("hard link target {target:?} is absolute"));
-    }
-    let mut parts: Vec<&str> = Vec::new();
-    for c in target.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                if parts.pop().is_none() {
-                    return Err(format!(
-                        "hard link target {target:?} escapes the layer root"
-                    ));
-                }
-            }
-            c => parts.push(c),
-        }
-    }
-    if parts.is_empty() {
-        return Err(format!("hard link target {target:?} is the layer root"));
-    }
-    Ok(parts.join("/"))
-}
-
-/// Checks that a relative symlink target, resolved lexically from the entry's directory, stays
-/// inside the layer root. Absolute targets resolve inside the container root and are allowed.
-pub(crate) fn check_symlink(name: &str, target: &str) -> Result<(), String> {
-    if target.starts_with('/') {
-        return Ok(());
-    }
-    let mut parts: Vec<&str> = name.split('/').filter(|c| !c.is_empty()).collect();
-    parts.pop();
-    for c in target.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                if parts.pop().is_none() {
-                    return Err(format!("symlink target {target:?} escapes the layer root"));
-                }
-            }
-            c => parts.push(c),
-        }
-    }
-    Ok(())
-}
-
 /// A ustar header block for a plain regular file (the eStargz TOC entry).
 pub(crate) fn ustar_file_header(name: &str, size: u64, mode: u32) -> [u8; BLOCK] {
     let mut h = [0u8; BLOCK];
@@ -632,7 +582,7 @@ pub(crate) fn ustar_file_header(name: &str, size: u64, mode: u32) -> [u8; BLOCK]
 }
 
 /// Writes `v` as zero-padded octal with a NUL terminator (field width − 1 digits).
-fn put_octal(field: &mut [u8], v: u64) {
+pub(crate) fn put_octal(field: &mut [u8], v: u64) {
     let w = field.len() - 1;
     let s = format!("{v:0w$o}");
     let s = s.as_bytes();
@@ -642,87 +592,9 @@ fn put_octal(field: &mut [u8], v: u64) {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// A minimal tar builder for tests (PAX headers for long names and xattrs).
-    #[derive(Debug, Default)]
-    pub(crate) struct TestTar {
-        pub out: Vec<u8>,
-    }
-
-    #[derive(Debug, Clone)]
-    pub(crate) struct TestEntry {
-        pub name: String,
-        pub typeflag: u8,
-        pub mode: u32,
-        pub link: String,
-        pub data: Vec<u8>,
-        pub xattrs: Vec<(String, Vec<u8>)>,
-    }
-
-    impl TestTar {
-        fn header(name: &str, link: &str, typeflag: u8, mode: u32, size: u64) -> [u8; BLOCK] {
-            let mut h = ustar_file_header("", size, mode);
-            h[..100].fill(0);
-            let n = name.as_bytes();
-            h[..n.len().min(100)].copy_from_slice(&n[..n.len().min(100)]);
-            let l = link.as_bytes();
-            h[157..157 + l.len().min(100)].copy_from_slice(&l[..l.len().min(100)]);
-            h[156] = typeflag;
-            put_octal(&mut h[108..116], 1000);
-            put_octal(&mut h[116..124], 1000);
-            put_octal(&mut h[136..148], 1_700_000_000);
-            h[148..156].fill(b' ');
-            let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
-            h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-            h
-        }
-
-        fn pax_record(key: &str, val: &[u8]) -> Vec<u8> {
-            let body_len = key.len() + val.len() + 3;
-            let mut len = body_len + 1;
-            while format!("{len}").len() + body_len != len {
-                len = format!("{len}").len() + body_len;
-            }
-            let mut r = format!("{len} {key}=").into_bytes();
-            r.extend_from_slice(val);
-            r.push(b'\n');
-            r
-        }
-
-        pub fn add(&mut self, e: &TestEntry) {
-            let mut pax = Vec::new();
-            if e.name.len() > 100 || !e.name.is_ascii() {
-                pax.extend(Self::pax_record("path", e.name.as_bytes()));
-            }
-            if e.link.len() > 100 || !e.link.is_ascii() {
-                pax.extend(Self::pax_record("linkpath", e.link.as_bytes()));
-            }
-            for (k, v) in &e.xattrs {
-                pax.extend(Self::pax_record(&format!("SCHILY.xattr.{k}"), v));
-            }
-            if !pax.is_empty() {
-                let h = Self::header("PaxHeader", "", b'x', 0o644, pax.len() as u64);
-                self.out.extend_from_slice(&h);
-                let n = pax.len() as u64;
-                self.out.extend(pax);
-                self.out.extend(std::iter::repeat_n(0u8, padding(n)));
-            }
-            let short: String = e.name.chars().filter(|c| c.is_ascii()).take(90).collect();
-            let link: String = e.link.chars().filter(|c| c.is_ascii()).take(90).collect();
-            let h = Self::header(&short, &link, e.typeflag, e.mode, e.data.len() as u64);
-            self.out.extend_from_slice(&h);
-            self.out.extend_from_slice(&e.data);
-            self.out
-                .extend(std::iter::repeat_n(0u8, padding(e.data.len() as u64)));
-        }
-
-        pub fn finish(mut self) -> Vec<u8> {
-            self.out.extend([0u8; 1024]);
-            self.out
-        }
-    }
+    use crate::format::testtar::{TestEntry, TestTar};
 
     fn entries(data: &[u8]) -> Result<Vec<(EntryMeta, Vec<u8>)>, FormatError> {
         let mut p = TarParser::new(data);
@@ -830,6 +702,33 @@ pub(crate) mod tests {
         let err = entries(&bad).unwrap_err();
         assert!(matches!(err, FormatError::Checksum { .. }), "{err}");
         assert!(err.to_string().contains("\"f"), "{err}");
+    }
+
+    #[test]
+    fn base256_fields_and_unrepresentable_times() {
+        let mut t = TestTar::default();
+        t.add(&file("f", b""));
+        let mut data = t.finish();
+        let set = |data: &mut Vec<u8>, mtime: [u8; 12]| {
+            data[136..148].copy_from_slice(&mtime);
+            data[148..156].fill(b' ');
+            let sum: u64 = data[..512].iter().map(|&b| u64::from(b)).sum();
+            data[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        };
+        let mut ok = [0u8; 12];
+        ok[0] = 0x80;
+        ok[8..].copy_from_slice(&1_700_000_000u32.to_be_bytes());
+        set(&mut data, ok);
+        assert_eq!(entries(&data).unwrap()[0].0.mtime, 1_700_000_000);
+        let mut huge = [0u8; 12];
+        huge[0] = 0x80;
+        huge[4] = 0x7f;
+        set(&mut data, huge);
+        let err = entries(&data).unwrap_err().to_string();
+        assert!(
+            err.contains("\"f\"") && err.contains("outside years"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::io::{Cursor, Read};
 
 use proptest::prelude::*;
 
-use super::tar::tests::{TestEntry, TestTar};
+use super::testtar::{TestEntry, TestTar};
 use super::*;
 
 fn opts(format: LayerFormat, chunk_size: u64, threads: usize) -> WriteOptions {
@@ -75,7 +75,7 @@ fn round_trip(entries: &[TestEntry], chunk_size: u64) {
         assert_eq!(toc.entries.len(), entries.len());
         let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         for (e, got) in entries.iter().zip(&toc.entries) {
-            let name = tar::normalise_name(&e.name).unwrap();
+            let name = names::normalise_name(&e.name).unwrap();
             assert_eq!(got.name, name);
             match e.typeflag {
                 b'0' => {
@@ -239,8 +239,52 @@ fn zero_chunks_are_marked_in_zstd_chunked() {
     let (_, toc) = read_toc(Cursor::new(&blob), w.media_type, &w.annotations).unwrap();
     let zeros: Vec<bool> = toc.entries[0].chunks.iter().map(|c| c.zeros).collect();
     assert_eq!(zeros, [true, true, false, true]);
-    let json = String::from_utf8_lossy(&blob);
-    let _ = json;
+    let content = read_file(
+        Cursor::new(&blob),
+        LayerFormat::ZstdChunked,
+        &toc.entries[0],
+    )
+    .unwrap();
+    assert_eq!(content[2048], 1);
+    assert_eq!(content.len(), 4096);
+}
+
+#[test]
+fn empty_and_marker_only_inputs_give_valid_layers() {
+    let marker_and_padding = vec![0u8; 10240];
+    for input in [Vec::new(), marker_and_padding] {
+        for format in [LayerFormat::ZstdChunked, LayerFormat::Estargz] {
+            let (blob, w) = write(&input, &opts(format, 1024, 2));
+            assert_eq!(w.entries, 0);
+            let plain = decompress(format, &blob);
+            assert!(plain.ends_with(&[0u8; 1024]));
+            let (_, toc) = read_toc(Cursor::new(&blob), w.media_type, &w.annotations).unwrap();
+            assert!(toc.entries.is_empty());
+        }
+    }
+}
+
+#[test]
+fn options_are_validated() {
+    let mut out = Vec::new();
+    let o = WriteOptions {
+        chunk_size: 0,
+        ..WriteOptions::default()
+    };
+    let err = write_layer(&[][..], &mut out, &o, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, FormatError::Options(_)), "{err}");
+}
+
+#[test]
+fn estargz_prefetch_landmark_lists_the_entries_before_it() {
+    let mut t = TestTar::default();
+    t.add(&file("a", b"1".to_vec()));
+    t.add(&file("b", b"2".to_vec()));
+    t.add(&file(PREFETCH_LANDMARK, vec![0xf]));
+    t.add(&file("c", b"3".to_vec()));
+    let (blob, w) = write(&t.finish(), &opts(LayerFormat::Estargz, 1024, 1));
+    let (_, toc) = read_toc(Cursor::new(&blob), w.media_type, &w.annotations).unwrap();
+    assert_eq!(toc.prefetch, ["a", "b"]);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::error::FormatError;
-use super::tar::{check_hardlink, check_symlink, normalise_name};
+use super::names::{check_hardlink, check_symlink, normalise_name};
 use super::{Chunk, EntryKind, LayerFormat, Toc, TocEntry};
 use crate::oci::Digest;
 
@@ -591,6 +591,11 @@ mod tests {
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let _ = decode(LayerFormat::Estargz, &data, 100);
+        }
+
+        #[test]
+        fn times_in_range_round_trip(secs in super::super::tar::MIN_TIME..=super::super::tar::MAX_TIME, nsec in 0u32..1_000_000_000) {
+            proptest::prop_assert_eq!(parse_time(&format_time(secs, nsec)), Some((secs, nsec)));
         }
 
         #[test]

@@ -82,6 +82,12 @@ pub(crate) fn gzip_member(level: i32, data: &[u8]) -> std::io::Result<Vec<u8>> {
     enc.finish()
 }
 
+/// True if `data` is all zero bytes (memcmp against a zero block: fast in any build).
+fn is_zeros(data: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
 fn worker(
     format: LayerFormat,
     level: i32,
@@ -102,7 +108,7 @@ fn worker(
             let compressed = compress(format, level, &mut zstd, &job.data)
                 .map_err(|e| FormatError::Compress(e.to_string()))?;
             let (digest, zeros) = if job.chunk {
-                let zeros = format == LayerFormat::ZstdChunked && job.data.iter().all(|&b| b == 0);
+                let zeros = format == LayerFormat::ZstdChunked && is_zeros(&job.data);
                 (Some(Digest::of(&job.data)), zeros)
             } else {
                 (None, false)
