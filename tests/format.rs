@@ -31,6 +31,14 @@ fn sh(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The test command installs every tool the tests use, so a missing one is a failure, not a skip.
+fn require(tool: &str) {
+    assert!(
+        have(tool),
+        "{tool} is not installed: run scripts/setup-debian.sh (the test command does)"
+    );
+}
+
 fn have(tool: &str) -> bool {
     Command::new("bash")
         .arg("-c")
@@ -540,10 +548,7 @@ fn check_foreign_layer(
 /// `./`-prefixed names, content-defined chunks, end offsets of whole files); our reader loads it.
 #[test]
 fn reads_zstd_chunked_written_by_skopeo() {
-    if !have("skopeo") {
-        eprintln!("SKIPPED: skopeo is not installed");
-        return;
-    }
+    require("skopeo");
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     build_tree(&root);
@@ -623,10 +628,8 @@ impl Drop for Containerd {
 /// eStargz-style TOC without end offsets); our reader loads both.
 #[test]
 fn reads_layers_written_by_ctr_remote() {
-    if !have("ctr-remote") || !have("containerd") {
-        eprintln!("SKIPPED: ctr-remote or containerd is not installed");
-        return;
-    }
+    require("ctr-remote");
+    require("containerd");
     let tmp = tempfile::Builder::new()
         .prefix("ctd")
         .tempdir_in("/tmp")

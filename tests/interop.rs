@@ -150,7 +150,11 @@ async fn check_against_oracle(
             }
         }
         ensure!(files > 0, "layer {digest}: no regular file was read");
-        eprintln!("{reference} layer {}: {} TOC entries, {files} files read by range and verified", digest.short(), toc.entries.len());
+        eprintln!(
+            "{reference} layer {}: {} TOC entries, {files} files read by range and verified",
+            digest.short(),
+            toc.entries.len()
+        );
     }
     Ok(())
 }
