@@ -26,42 +26,41 @@ struct Measured {
     max_rss_mib: f64,
 }
 
-/// Runs `lazysnap convert` and measures it.
+/// Runs `lazysnap convert` and measures that one child process (not the fixture tools before it).
 fn measure(args: &[String]) -> Result<Measured> {
-    let before = children_usage();
+    let log = tempfile::NamedTempFile::new()?;
     let start = Instant::now();
-    let out = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(args)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen()?)
+        .spawn()
         .context("running lazysnap")?;
-    let seconds = start.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "lazysnap {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let after = children_usage();
-    Ok(Measured {
-        seconds,
-        cpu_seconds: after.0 - before.0,
-        max_rss_mib: after.1,
-    })
-}
-
-/// (user + system CPU seconds of all waited-for children, largest child's peak RSS in MiB).
-fn children_usage() -> (f64, f64) {
-    // SAFETY: getrusage writes into the zeroed struct we own; RUSAGE_CHILDREN is a valid target.
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: wait4 reaps our own child `pid` and writes into the zeroed rusage we own; `child`
+    // is never waited on afterwards (dropping a std Child does not wait).
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        if libc::wait4(pid, &mut status, 0, &mut usage) != pid {
+            bail!("wait4 failed: {}", std::io::Error::last_os_error());
+        }
         usage
     };
+    drop(child);
+    let seconds = start.elapsed().as_secs_f64();
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!(
+            "lazysnap {args:?} failed: {}",
+            std::fs::read_to_string(log.path())?
+        );
+    }
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    (
-        secs(usage.ru_utime) + secs(usage.ru_stime),
-        usage.ru_maxrss as f64 / 1024.0,
-    )
+    Ok(Measured {
+        seconds,
+        cpu_seconds: secs(usage.ru_utime) + secs(usage.ru_stime),
+        max_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+    })
 }
 
 /// Total uncompressed size of the layers of an OCI layout's only image.
