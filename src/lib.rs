@@ -3,8 +3,11 @@
 //! The modules follow the data's path from the registry to the container (see `docs/architecture.md`):
 //! `oci` (names and documents) → `registry` (the distribution API) → `format` (lazy layer layouts)
 //! → `convert` (the build path that writes them).
+pub mod cache;
 pub mod convert;
+pub mod fetch;
 pub mod format;
+pub mod fs;
 pub mod inspect;
 pub mod oci;
 pub mod registry;
