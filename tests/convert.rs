@@ -425,3 +425,36 @@ fn a_truncated_source_layer_is_an_error() -> Result<()> {
     );
     Ok(())
 }
+
+/// Unmounts a test mount when dropped, so a failing test leaves nothing mounted.
+struct MountGuard(std::path::PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_tags_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (src, _) = source_layout(&tmp.path().join("src"))?;
+    let small = tmp.path().join("small");
+    std::fs::create_dir(&small)?;
+    image::run(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=32k", "lazysnap-test"])
+            .arg(&small),
+    )?;
+    let _guard = MountGuard(small.clone());
+    let (ok, _, stderr) = lazysnap(&[
+        "convert",
+        &format!("oci:{}:src", src.dir.display()),
+        &format!("oci:{}:t", small.join("dst").display()),
+    ]);
+    assert!(!ok, "a conversion that cannot fit must fail");
+    assert!(stderr.contains("disk is full"), "{stderr}");
+    let index = std::fs::read_to_string(small.join("dst/index.json")).unwrap_or_default();
+    assert!(!index.contains("\"t\""), "nothing is tagged: {index}");
+    Ok(())
+}

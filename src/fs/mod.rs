@@ -44,7 +44,10 @@ pub struct MountOptions {
 
 impl Default for MountOptions {
     fn default() -> Self {
-        Self { read_timeout: Duration::from_secs(30), threads: 2 }
+        Self {
+            read_timeout: Duration::from_secs(30),
+            threads: 2,
+        }
     }
 }
 
@@ -98,7 +101,11 @@ pub struct UpperDir {
 }
 
 /// Mounts overlayfs at `target` over `lowers` (topmost layer first), read-only without `upper`.
-pub fn mount_overlay(lowers: &[PathBuf], upper: Option<&UpperDir>, target: &Path) -> Result<OverlayMount, FsError> {
+pub fn mount_overlay(
+    lowers: &[PathBuf],
+    upper: Option<&UpperDir>,
+    target: &Path,
+) -> Result<OverlayMount, FsError> {
     let _ = (lowers, upper, target);
     todo!("fs helper")
 }
