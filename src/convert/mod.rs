@@ -71,7 +71,7 @@ impl ConvertError {
             // ENOSPC: say where, and what to do.
             return Self::Io {
                 context: format!(
-                    "{context} (the disk is full: free space or set TMPDIR to a larger disk)"
+                    "{context} (the disk is full: free space there, or when pushing to a registry point TMPDIR at a larger disk)"
                 ),
                 error,
             };
