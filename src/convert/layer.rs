@@ -2,32 +2,13 @@
 //! and check the uncompressed stream against the config's `diff_id` (and, through the source
 //! reader, the stored bytes against the manifest digest) before the result may be used.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
 use crate::format::{self, FormatError, WriteOptions, WrittenLayer};
 use crate::oci::{Digest, Hasher};
 
 use super::ConvertError;
-
-/// How a source layer's bytes are compressed, told from its first bytes (media types lie, and
-/// docker archives carry none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    Gzip,
-    Zstd,
-    None,
-}
-
-impl Compression {
-    fn sniff(head: &[u8]) -> Self {
-        match head {
-            [0x1f, 0x8b, ..] => Self::Gzip,
-            [0x28, 0xb5, 0x2f, 0xfd, ..] => Self::Zstd,
-            _ => Self::None,
-        }
-    }
-}
 
 /// Rewrites the layer read from `stored` (compressed as it was stored) into `out`.
 ///
@@ -41,20 +22,8 @@ pub fn convert_layer<W: Write>(
     label: &str,
     progress: &mut dyn FnMut(u64),
 ) -> Result<WrittenLayer, ConvertError> {
-    let mut buffered = BufReader::with_capacity(1 << 20, stored);
-    let head = buffered
-        .fill_buf()
+    let (_, decoded) = format::decoder(stored)
         .map_err(|e| ConvertError::io(format!("layer {label}: reading"), e))?;
-    let compression = Compression::sniff(head);
-    let decoded: Box<dyn Read + Send> = match compression {
-        // Multi-member: an eStargz source is a concatenation of gzip members.
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buffered)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(buffered)
-                .map_err(|e| ConvertError::io(format!("layer {label}: starting zstd"), e))?,
-        ),
-        Compression::None => Box::new(buffered),
-    };
     // Decompression and the diff_id hash run on their own thread, ahead of the writer, so that
     // they overlap with tar parsing and the compression workers instead of adding to them.
     std::thread::scope(|scope| {
@@ -153,21 +122,5 @@ impl Read for ChannelReader {
         buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sniffs_compression_from_magic_bytes() {
-        assert_eq!(Compression::sniff(&[0x1f, 0x8b, 8]), Compression::Gzip);
-        assert_eq!(
-            Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd, 0]),
-            Compression::Zstd
-        );
-        assert_eq!(Compression::sniff(b"etc/\0\0"), Compression::None);
-        assert_eq!(Compression::sniff(b""), Compression::None);
     }
 }

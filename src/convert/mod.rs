@@ -23,7 +23,7 @@ use crate::format::{self, FormatError, LayerFormat, WriteOptions};
 use crate::oci::{self, Digest, OciError, Platform, Reference};
 use crate::registry::{Client, ClientConfig, PushedBlob, RegistryError};
 
-pub use layer::{convert_layer, Compression};
+pub use layer::convert_layer;
 pub use layout::{Layout, REF_NAME};
 pub use location::ImageLocation;
 pub use progress::human;

@@ -1,1 +1,427 @@
-//! TODO fetch
+//! Turning chunk misses into few, large range requests, and completing layers in the background.
+//!
+//! Owns: the path from "the file system needs chunk X" to verified bytes in the cache. A miss asks
+//! the registry for one range covering the chunk and its uncached neighbours (up to
+//! [`FetchConfig::max_request`]); concurrent readers of a chunk share one request; every chunk is
+//! verified against its TOC digest by [`format::decode_chunk`] before it is cached or served. The
+//! prefetch list is fetched in one batch, then the rest of the layer streams in the background as
+//! one whole-blob read that is checked against the manifest digest at its end.
+//! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
+
+mod plan;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::io::AsyncReadExt;
+
+use crate::cache::ChunkCache;
+use crate::format::{self, Chunk, LayerFormat, Toc};
+use crate::fs::{ChunkError, ChunkSource};
+use crate::oci::{Digest, Reference};
+use crate::registry::Client;
+
+pub use plan::{plan_ranges, Span};
+
+/// Fetch tuning.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Largest single range request built by coalescing neighbouring misses.
+    pub max_request: u64,
+    /// Largest gap of already-held or non-chunk bytes (tar headers) a coalesced request spans.
+    pub max_gap: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            max_request: 4 << 20,
+            max_gap: 64 << 10,
+        }
+    }
+}
+
+/// Why a layer could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("layer {layer}: {message}")]
+    Layer { layer: String, message: String },
+}
+
+/// Counters of what one layer fetched.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Bytes received from the registry for on-demand reads, prefetch and background completion.
+    pub on_demand_bytes: AtomicU64,
+    pub prefetch_bytes: AtomicU64,
+    pub background_bytes: AtomicU64,
+    pub requests: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub verify_failures: AtomicU64,
+}
+
+impl FetchStats {
+    /// All bytes received from the registry.
+    pub fn bytes(&self) -> u64 {
+        self.on_demand_bytes.load(Ordering::Relaxed)
+            + self.prefetch_bytes.load(Ordering::Relaxed)
+            + self.background_bytes.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    OnDemand,
+    Prefetch,
+}
+
+type RangeResult = Result<Arc<HashMap<Digest, Bytes>>, ChunkError>;
+type SharedRange = Shared<BoxFuture<'static, RangeResult>>;
+
+/// Serves one layer's chunks from the cache, or from its registry blob.
+#[derive(Clone)]
+pub struct LayerFetcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    reference: Reference,
+    blob: Digest,
+    blob_size: u64,
+    format: LayerFormat,
+    cache: ChunkCache,
+    config: FetchConfig,
+    /// The layer's distinct chunks in blob order: what coalescing may add to a request.
+    chunks: Vec<Chunk>,
+    /// Chunks being fetched, by digest: a second reader joins the first one's request.
+    inflight: Mutex<HashMap<Digest, SharedRange>>,
+    /// On-demand requests under way; background completion pauses while there are any.
+    busy: AtomicU64,
+    stats: FetchStats,
+}
+
+impl std::fmt::Debug for LayerFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerFetcher")
+            .field("blob", &self.inner.blob)
+            .field("format", &self.inner.format)
+            .finish()
+    }
+}
+
+impl LayerFetcher {
+    /// A fetcher for the blob `blob` (of `blob_size` bytes) of `reference`'s repository.
+    pub fn new(
+        client: Client,
+        reference: Reference,
+        blob: Digest,
+        blob_size: u64,
+        toc: &Toc,
+        cache: ChunkCache,
+        config: FetchConfig,
+    ) -> Self {
+        let mut chunks: Vec<Chunk> = toc
+            .entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().cloned())
+            .filter(|c| !c.zeros)
+            .collect();
+        chunks.sort_by_key(|c| (c.compressed_start, c.inner_offset));
+        chunks.dedup_by_key(|c| (c.compressed_start, c.inner_offset));
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                reference,
+                blob,
+                blob_size,
+                format: toc.format,
+                cache,
+                config,
+                chunks,
+                inflight: Mutex::new(HashMap::new()),
+                busy: AtomicU64::new(0),
+                stats: FetchStats::default(),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &FetchStats {
+        &self.inner.stats
+    }
+
+    /// The layer's blob digest.
+    pub fn blob(&self) -> Digest {
+        self.inner.blob
+    }
+
+    /// Whether every chunk of the layer is in the cache.
+    pub fn is_complete(&self) -> bool {
+        self.inner
+            .chunks
+            .iter()
+            .all(|c| self.inner.cache.contains(&c.digest))
+    }
+
+    /// Fetches the chunks of the TOC entries named in `names` (the start-up set), in as few
+    /// requests as coalescing allows.
+    pub async fn prefetch(&self, toc: &Toc, names: &[String]) -> Result<(), ChunkError> {
+        let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mut chunks: Vec<Chunk> = toc
+            .entries
+            .iter()
+            .filter(|e| wanted.contains(e.name.as_str()))
+            .flat_map(|e| e.chunks.iter().cloned())
+            .filter(|c| !c.zeros && !self.inner.cache.contains(&c.digest))
+            .collect();
+        chunks.sort_by_key(|c| (c.compressed_start, c.inner_offset));
+        chunks.dedup_by_key(|c| (c.compressed_start, c.inner_offset));
+        let spans = plan_ranges(
+            &chunks,
+            self.inner.config.max_request.max(16 << 20),
+            self.inner.config.max_gap,
+        );
+        let fetches: Vec<_> = spans
+            .into_iter()
+            .map(|span| self.start_range(span, Kind::Prefetch))
+            .collect();
+        for f in fetches {
+            f.await?;
+        }
+        Ok(())
+    }
+
+    /// Streams the whole blob once, caching every chunk not yet held, and checks the blob against
+    /// its manifest digest at the end. Pauses while on-demand reads are waiting.
+    pub async fn complete(&self) -> Result<(), FetchError> {
+        let inner = &self.inner;
+        let fail = |message: String| FetchError::Layer {
+            layer: inner.blob.short(),
+            message,
+        };
+        let mut reader = inner
+            .client
+            .blob_reader(&inner.reference, &inner.blob)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut pos = 0u64;
+        let mut buf: Vec<u8> = Vec::new(); // bytes from `buf_start`
+        let mut buf_start = 0u64;
+        let mut next = 0usize; // index into chunks
+        let mut block = vec![0u8; 256 << 10];
+        loop {
+            while inner.busy.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let n = reader
+                .read(&mut block)
+                .await
+                .map_err(|e| fail(format!("background read: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            inner
+                .stats
+                .background_bytes
+                .fetch_add(n as u64, Ordering::Relaxed);
+            buf.extend_from_slice(&block[..n]);
+            pos += n as u64;
+            // Decode every chunk whose compressed range is now complete.
+            while let Some(c) = inner.chunks.get(next) {
+                if c.compressed_end > pos {
+                    break;
+                }
+                next += 1;
+                if inner.cache.contains(&c.digest) {
+                    continue;
+                }
+                let start = (c.compressed_start - buf_start) as usize;
+                let end = (c.compressed_end - buf_start) as usize;
+                let data =
+                    format::decode_chunk(inner.format, c, &buf[start..end]).map_err(|e| {
+                        inner.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                        fail(e.to_string())
+                    })?;
+                inner
+                    .cache
+                    .put(&c.digest, Bytes::from(data))
+                    .map_err(|e| fail(e.to_string()))?;
+            }
+            // Keep only what a chunk still to come needs.
+            let keep_from = inner
+                .chunks
+                .get(next)
+                .map_or(pos, |c| c.compressed_start.min(pos));
+            if keep_from > buf_start {
+                buf.drain(..(keep_from - buf_start) as usize);
+                buf_start = keep_from;
+            }
+        }
+        if pos != inner.blob_size {
+            return Err(fail(format!(
+                "background read ended at {pos} of {} bytes",
+                inner.blob_size
+            )));
+        }
+        tracing::info!(layer = %inner.blob.short(), "layer complete and verified against its manifest digest");
+        Ok(())
+    }
+
+    /// Starts (or joins) the fetch of one planned range.
+    fn start_range(&self, span: Span, kind: Kind) -> SharedRange {
+        let inner = self.inner.clone();
+        let mut inflight = lock(&inner.inflight);
+        // A chunk of this span may already be on its way; the span is still fetched whole (the
+        // plan only holds chunks that were absent), and the newer result simply wins in the cache.
+        let digests: Vec<Digest> = span.chunks.iter().map(|c| c.digest).collect();
+        let task = {
+            let inner = inner.clone();
+            async move {
+                let result = fetch_span(&inner, &span, kind).await;
+                let mut inflight = lock(&inner.inflight);
+                for c in &span.chunks {
+                    inflight.remove(&c.digest);
+                }
+                result
+            }
+        };
+        let handle = tokio::spawn(task);
+        let shared = async move {
+            handle
+                .await
+                .map_err(|e| ChunkError(format!("fetch task failed: {e}")))?
+        }
+        .boxed()
+        .shared();
+        for d in digests {
+            inflight.insert(d, shared.clone());
+        }
+        shared
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One range GET, then every chunk in it decoded, verified and cached.
+async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
+    let layer = inner.blob.short();
+    let bytes = inner
+        .client
+        .get_blob_range(&inner.reference, &inner.blob, span.start..span.end)
+        .await
+        .map_err(|e| {
+            ChunkError(format!(
+                "layer {layer}: range {}-{}: {e}",
+                span.start, span.end
+            ))
+        })?;
+    inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let counter = match kind {
+        Kind::OnDemand => &inner.stats.on_demand_bytes,
+        Kind::Prefetch => &inner.stats.prefetch_bytes,
+    };
+    counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    let format = inner.format;
+    let chunks = span.chunks.clone();
+    let start = span.start;
+    // Decompression and hashing are CPU work: keep them off the async workers.
+    let decoded = tokio::task::spawn_blocking(move || {
+        chunks
+            .iter()
+            .map(|c| {
+                let from = (c.compressed_start - start) as usize;
+                let to = (c.compressed_end - start) as usize;
+                let data = bytes.get(from..to).ok_or_else(|| {
+                    format!("chunk at {} lies outside the response", c.compressed_start)
+                })?;
+                format::decode_chunk(format, c, data)
+                    .map(|d| (c.digest, Bytes::from(d)))
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ChunkError(format!("layer {layer}: decode task failed: {e}")))?;
+    let mut out = HashMap::with_capacity(decoded.len());
+    let mut first_error = None;
+    for d in decoded {
+        match d {
+            Ok((digest, data)) => {
+                if let Err(e) = inner.cache.put(&digest, data.clone()) {
+                    tracing::warn!(layer = %layer, chunk = %digest.short(), "cannot cache a verified chunk: {e}");
+                }
+                out.insert(digest, data);
+            }
+            Err(e) => {
+                inner.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(layer = %layer, "chunk failed verification, dropped: {e}");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if out.is_empty() {
+        if let Some(e) = first_error {
+            return Err(ChunkError(format!("layer {layer}: {e}")));
+        }
+    }
+    Ok(Arc::new(out))
+}
+
+impl ChunkSource for LayerFetcher {
+    fn read_chunk(&self, chunk: &Chunk) -> BoxFuture<'static, Result<Bytes, ChunkError>> {
+        let this = self.clone();
+        let chunk = chunk.clone();
+        async move {
+            let inner = &this.inner;
+            if chunk.zeros {
+                return Ok(Bytes::from(vec![0u8; chunk.size as usize]));
+            }
+            match inner.cache.get(&chunk.digest) {
+                Ok(Some(data)) => {
+                    inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(data);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(chunk = %chunk.digest.short(), "cache read failed, fetching: {e}"),
+            }
+            inner.busy.fetch_add(1, Ordering::Relaxed);
+            let _busy = BusyGuard(&inner.busy);
+            let joined = lock(&inner.inflight).get(&chunk.digest).cloned();
+            let range = match joined {
+                Some(shared) => shared,
+                None => {
+                    let span = plan::span_around(&inner.chunks, &chunk, &inner.cache, &inner.config);
+                    this.start_range(span, Kind::OnDemand)
+                }
+            };
+            let map = range.await?;
+            match map.get(&chunk.digest) {
+                Some(data) => Ok(data.clone()),
+                // A joined request may have been planned without this chunk's verified bytes
+                // (it failed verification): report that chunk's failure precisely.
+                None => Err(ChunkError(format!(
+                    "layer {}: chunk {} (at {} in the blob) failed verification",
+                    inner.blob.short(),
+                    chunk.digest,
+                    chunk.compressed_start
+                ))),
+            }
+        }
+        .boxed()
+    }
+}
+
+struct BusyGuard<'a>(&'a AtomicU64);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -26,6 +26,7 @@
 //!   are dropped: the blob decodes to the entries plus exactly two zero blocks.
 //! - PAX global headers are passed through but not applied; GNU sparse files are rejected.
 
+pub mod compression;
 mod error;
 mod footer;
 mod names;
@@ -39,6 +40,7 @@ mod writer;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
+pub use compression::{decoder, Compression};
 pub use error::FormatError;
 pub use reader::{read_file, read_toc};
 pub use toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};

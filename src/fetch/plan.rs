@@ -1,0 +1,122 @@
+//! Planning range requests: which neighbouring chunks ride along with a miss.
+
+use crate::cache::ChunkCache;
+use crate::format::Chunk;
+
+use super::FetchConfig;
+
+/// One range request `[start, end)` of the blob and the chunks it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub start: u64,
+    pub end: u64,
+    pub chunks: Vec<Chunk>,
+}
+
+/// Groups `chunks` (sorted by blob offset) into requests of at most `max_request` bytes whose
+/// chunks are at most `max_gap` apart. A single chunk larger than `max_request` gets its own.
+pub fn plan_ranges(chunks: &[Chunk], max_request: u64, max_gap: u64) -> Vec<Span> {
+    let mut spans: Vec<Span> = Vec::new();
+    for c in chunks {
+        match spans.last_mut() {
+            Some(s)
+                if c.compressed_start >= s.start
+                    && c.compressed_start <= s.end.saturating_add(max_gap)
+                    && c.compressed_end.max(s.end) - s.start <= max_request =>
+            {
+                s.end = s.end.max(c.compressed_end);
+                s.chunks.push(c.clone());
+            }
+            _ => spans.push(Span {
+                start: c.compressed_start,
+                end: c.compressed_end,
+                chunks: vec![c.clone()],
+            }),
+        }
+    }
+    spans
+}
+
+/// The request for an on-demand miss of `wanted`: `wanted` plus the uncached chunks that follow
+/// it in the blob (read-ahead of the rest of the file and of small neighbouring files), within
+/// the configured request size.
+pub fn span_around(
+    chunks: &[Chunk],
+    wanted: &Chunk,
+    cache: &ChunkCache,
+    config: &FetchConfig,
+) -> Span {
+    let at = chunks.partition_point(|c| {
+        (c.compressed_start, c.inner_offset) < (wanted.compressed_start, wanted.inner_offset)
+    });
+    let mut span = Span {
+        start: wanted.compressed_start,
+        end: wanted.compressed_end,
+        chunks: vec![wanted.clone()],
+    };
+    for c in chunks.iter().skip(at) {
+        if c.digest == wanted.digest && c.compressed_start == wanted.compressed_start {
+            continue;
+        }
+        if c.compressed_start > span.end.saturating_add(config.max_gap)
+            || c.compressed_end.max(span.end) - span.start > config.max_request
+        {
+            break;
+        }
+        if cache.contains(&c.digest) {
+            continue;
+        }
+        span.end = span.end.max(c.compressed_end);
+        span.chunks.push(c.clone());
+    }
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Digest;
+
+    fn chunk(start: u64, end: u64) -> Chunk {
+        Chunk {
+            file_offset: 0,
+            size: end - start,
+            compressed_start: start,
+            compressed_end: end,
+            inner_offset: 0,
+            digest: Digest::of(&start.to_le_bytes()),
+            zeros: false,
+        }
+    }
+
+    #[test]
+    fn neighbours_coalesce_up_to_the_request_size() {
+        let chunks = [
+            chunk(0, 100),
+            chunk(120, 300),
+            chunk(300, 900),
+            chunk(5000, 5100),
+        ];
+        let spans = plan_ranges(&chunks, 1000, 64);
+        assert_eq!(spans.len(), 2, "{spans:?}");
+        assert_eq!(
+            (spans[0].start, spans[0].end, spans[0].chunks.len()),
+            (0, 900, 3)
+        );
+        assert_eq!((spans[1].start, spans[1].end), (5000, 5100));
+        let spans = plan_ranges(&chunks, 500, 64);
+        assert_eq!(
+            spans.iter().map(|s| (s.start, s.end)).collect::<Vec<_>>(),
+            vec![(0, 300), (300, 900), (5000, 5100)]
+        );
+    }
+
+    #[test]
+    fn a_chunk_larger_than_the_limit_stands_alone() {
+        let spans = plan_ranges(&[chunk(0, 10), chunk(10, 5000), chunk(5000, 5010)], 100, 0);
+        assert_eq!(
+            spans.iter().map(|s| (s.start, s.end)).collect::<Vec<_>>(),
+            vec![(0, 10), (10, 5000), (5000, 5010)]
+        );
+    }
+}
