@@ -9,5 +9,6 @@ pub mod fetch;
 pub mod format;
 pub mod fs;
 pub mod inspect;
+pub mod mount;
 pub mod oci;
 pub mod registry;

@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lazysnap::convert::{self, human, ConvertOptions, ImageLocation};
 use lazysnap::format::LayerFormat;
 use lazysnap::inspect;
-use lazysnap::oci::Platform;
+use lazysnap::mount::{self, MountConfig};
+use lazysnap::oci::{Platform, Reference};
 use lazysnap::registry::ClientConfig;
 
 #[derive(Debug, Parser)]
@@ -23,6 +24,9 @@ struct Cli {
     /// Speak plain HTTP to registries that are not on loopback (loopback always is).
     #[arg(long, global = true)]
     plain_http: bool,
+    /// Directory holding all state: chunk cache, metadata, unpacked layers, mount points.
+    #[arg(long, global = true, default_value = "/var/lib/lazysnap")]
+    root: std::path::PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +51,18 @@ enum Command {
         platform: Option<Platform>,
         src: ImageLocation,
         dst: ImageLocation,
+    },
+    /// Mount an image read-only at MOUNTPOINT, fetching file content only when it is read.
+    ///
+    /// Stays in the foreground; SIGTERM or SIGINT unmounts everything and exits 0.
+    Mount {
+        /// Fetch only what is read (and the prefetch set), not the rest of each layer.
+        #[arg(long)]
+        no_background_fetch: bool,
+        #[arg(long)]
+        platform: Option<Platform>,
+        reference: Reference,
+        mountpoint: std::path::PathBuf,
     },
     /// Show an image's layers, their lazy format, and whether each TOC verifies.
     Inspect {
@@ -166,6 +182,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("a lazy layer's TOC did not verify: {bad}");
             }
         }
+    }
+    Ok(())
+}
+
+/// Returns at the first SIGTERM or SIGINT.
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
     Ok(())
 }

@@ -1,0 +1,514 @@
+//! Mounting a whole image: resolve it, mount each layer (lazy layers as FUSE file systems over
+//! their TOC, plain layers fetched, verified and unpacked once), and compose them with overlayfs.
+//!
+//! Owns: the order of those steps, where their state lives under the root directory, and tearing
+//! everything down in reverse. Does not own: how a layer is served (`fs`, `fetch`, `cache`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::try_join_all;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cache::{CacheConfig, ChunkCache};
+use crate::fetch::{FetchConfig, LayerFetcher};
+use crate::format::{self, LazyLayer, Toc};
+use crate::fs::{self, LayerMount, MountOptions, OverlayMount};
+use crate::oci::{self, Digest, ImageDocument, Platform, Reference};
+use crate::registry::{Client, ClientConfig};
+
+/// Why an image could not be mounted. Messages name the image or layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0}")]
+    Image(String),
+    #[error("layer {layer}: {message}")]
+    Layer { layer: String, message: String },
+    #[error("{context}: {error}")]
+    Io {
+        context: String,
+        error: std::io::Error,
+    },
+}
+
+fn layer_error(layer: &Digest, e: impl std::fmt::Display) -> MountError {
+    MountError::Layer {
+        layer: layer.short(),
+        message: e.to_string(),
+    }
+}
+
+/// Everything `mount` can be told.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Holds all state: `cache/`, `layers/` (unpacked plain layers), `run/` (mount points).
+    pub root: PathBuf,
+    /// After the prefetch set, fetch the rest of each lazy layer at low priority.
+    pub background_fetch: bool,
+    pub platform: Platform,
+    pub registry: ClientConfig,
+    pub disk_budget: u64,
+    pub memory_budget: u64,
+    pub fetch: FetchConfig,
+    pub fs: MountOptions,
+}
+
+impl MountConfig {
+    /// Defaults: state under `root`, background fetch on, no disk budget, 16 MiB memory cache.
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            background_fetch: true,
+            platform: Platform::host(),
+            registry: ClientConfig::default(),
+            disk_budget: 0,
+            memory_budget: 16 << 20,
+            fetch: FetchConfig::default(),
+            fs: MountOptions::default(),
+        }
+    }
+}
+
+/// How one layer was mounted.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    pub digest: Digest,
+    pub size: u64,
+    /// `zstd:chunked`, `estargz`, or `unpacked` for a plain layer.
+    pub mode: &'static str,
+    pub entries: Option<usize>,
+    pub seconds: f64,
+}
+
+enum Layer {
+    Lazy {
+        _mount: LayerMount,
+        fetcher: LayerFetcher,
+    },
+    Unpacked,
+}
+
+/// A mounted image. Dropping it unmounts the overlay, then every layer.
+pub struct ImageMount {
+    // Field order is drop order: the overlay goes before the layers under it.
+    overlay: Option<OverlayMount>,
+    layers: Vec<Layer>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    run_dir: Option<tempfile::TempDir>,
+    pub manifest_digest: Digest,
+    pub config: Value,
+    pub layer_info: Vec<LayerInfo>,
+    pub seconds: f64,
+}
+
+impl std::fmt::Debug for ImageMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageMount")
+            .field("manifest_digest", &self.manifest_digest)
+            .field("layers", &self.layer_info)
+            .finish()
+    }
+}
+
+impl ImageMount {
+    /// Bytes fetched from the registry so far by the lazy layers.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                Layer::Lazy { fetcher, .. } => fetcher.stats().bytes(),
+                Layer::Unpacked => 0,
+            })
+            .sum()
+    }
+
+    /// The lazy layers' fetchers (for their counters).
+    pub fn fetchers(&self) -> impl Iterator<Item = &LayerFetcher> {
+        self.layers.iter().filter_map(|l| match l {
+            Layer::Lazy { fetcher, .. } => Some(fetcher),
+            Layer::Unpacked => None,
+        })
+    }
+
+    /// Unmounts the overlay and every layer, and removes the mount points.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        for task in self.background.drain(..) {
+            task.abort();
+        }
+        if let Some(overlay) = self.overlay.take() {
+            overlay
+                .unmount()
+                .map_err(|e| MountError::Image(format!("unmounting the overlay: {e}")))?;
+        }
+        self.layers.clear();
+        if let Some(dir) = self.run_dir.take() {
+            dir.close().map_err(|e| MountError::Io {
+                context: "removing the mount points".into(),
+                error: e,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ImageMount {
+    fn drop(&mut self) {
+        for task in self.background.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Mounts the image `reference` read-only at `target`.
+pub async fn mount_image(
+    reference: &Reference,
+    target: &Path,
+    config: &MountConfig,
+) -> Result<ImageMount, MountError> {
+    let start = Instant::now();
+    let client =
+        Client::new(config.registry.clone()).map_err(|e| MountError::Image(e.to_string()))?;
+    let (manifest_digest, manifest, image_config) =
+        resolve(&client, reference, &config.platform).await?;
+    let cache = ChunkCache::open(CacheConfig {
+        dir: config.root.join("cache"),
+        disk_budget: config.disk_budget,
+        memory_budget: config.memory_budget,
+    })
+    .map_err(|e| {
+        MountError::Image(format!(
+            "opening the cache under {}: {e}",
+            config.root.display()
+        ))
+    })?;
+    let run = config.root.join("run");
+    std::fs::create_dir_all(&run).map_err(|e| MountError::Io {
+        context: format!("creating {}", run.display()),
+        error: e,
+    })?;
+    let run_dir = tempfile::Builder::new()
+        .prefix("mount-")
+        .tempdir_in(&run)
+        .map_err(|e| MountError::Io {
+            context: format!("creating a mount directory in {}", run.display()),
+            error: e,
+        })?;
+
+    let descriptors = manifest["layers"].as_array().cloned().unwrap_or_default();
+    let diff_ids = image_config
+        .pointer("/rootfs/diff_ids")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if diff_ids.len() != descriptors.len() {
+        return Err(MountError::Image(format!(
+            "{reference}: the manifest has {} layers but the config {} diff_ids",
+            descriptors.len(),
+            diff_ids.len()
+        )));
+    }
+    // Every layer at once: a lazy layer costs two small range reads, so the image mounts in
+    // about one round trip whatever its size.
+    let prepared = try_join_all(descriptors.iter().zip(&diff_ids).enumerate().map(
+        |(i, (d, diff_id))| {
+            let client = client.clone();
+            let cache = cache.clone();
+            let mount_dir = run_dir.path().join(format!("layer-{i}"));
+            async move {
+                prepare_layer(&client, reference, d, diff_id, &cache, &mount_dir, config).await
+            }
+        },
+    ))
+    .await?;
+
+    let mut layers = Vec::new();
+    let mut lowers = Vec::new();
+    let mut layer_info = Vec::new();
+    let mut background = Vec::new();
+    for p in prepared {
+        lowers.push(p.dir);
+        layer_info.push(p.info);
+        match p.lazy {
+            Some((mount, fetcher, toc)) => {
+                let task_fetcher = fetcher.clone();
+                let background_fetch = config.background_fetch;
+                background.push(tokio::spawn(async move {
+                    if !toc.prefetch.is_empty() {
+                        if let Err(e) = task_fetcher.prefetch(&toc, &toc.prefetch).await {
+                            tracing::warn!(layer = %task_fetcher.blob().short(), "prefetch failed: {e}");
+                        }
+                    }
+                    if background_fetch && !task_fetcher.is_complete() {
+                        if let Err(e) = task_fetcher.complete().await {
+                            tracing::warn!("background fetch stopped: {e}");
+                        }
+                    }
+                }));
+                layers.push(Layer::Lazy {
+                    _mount: mount,
+                    fetcher,
+                });
+            }
+            None => layers.push(Layer::Unpacked),
+        }
+    }
+    lowers.reverse(); // overlayfs wants the topmost layer first
+    let lowers = if lowers.is_empty() {
+        let empty = run_dir.path().join("empty");
+        std::fs::create_dir_all(&empty).map_err(|e| MountError::Io {
+            context: "creating an empty layer".into(),
+            error: e,
+        })?;
+        vec![empty]
+    } else {
+        lowers
+    };
+    let overlay = fs::mount_overlay(&lowers, None, target).map_err(|e| {
+        MountError::Image(format!("mounting the overlay at {}: {e}", target.display()))
+    })?;
+    Ok(ImageMount {
+        overlay: Some(overlay),
+        layers,
+        background,
+        run_dir: Some(run_dir),
+        manifest_digest,
+        config: image_config,
+        layer_info,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// The manifest (chosen for `platform` from an index) and config of `reference`.
+async fn resolve(
+    client: &Client,
+    reference: &Reference,
+    platform: &Platform,
+) -> Result<(Digest, Value, Value), MountError> {
+    let image = |e: &dyn std::fmt::Display| MountError::Image(format!("{reference}: {e}"));
+    let mut fetched = client
+        .get_manifest(reference)
+        .await
+        .map_err(|e| image(&e))?;
+    if let ImageDocument::Index(index) =
+        oci::parse_document(fetched.media_type.as_deref(), &fetched.bytes).map_err(|e| image(&e))?
+    {
+        let chosen = oci::select_platform(&index, platform).map_err(|e| image(&e))?;
+        let digest: Digest = chosen.digest().to_string().parse().map_err(|e| image(&e))?;
+        fetched = client
+            .get_manifest(&reference.with_digest(digest))
+            .await
+            .map_err(|e| image(&e))?;
+    }
+    let manifest: Value = serde_json::from_slice(&fetched.bytes).map_err(|e| image(&e))?;
+    let config_digest: Digest = manifest
+        .pointer("/config/digest")
+        .and_then(Value::as_str)
+        .ok_or_else(|| image(&"manifest has no config"))?
+        .parse()
+        .map_err(|e| image(&e))?;
+    let config_bytes = client
+        .get_blob(reference, &config_digest)
+        .await
+        .map_err(|e| image(&e))?;
+    let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| image(&e))?;
+    if let (Some(os), Some(arch)) = (
+        config.get("os").and_then(Value::as_str),
+        config.get("architecture").and_then(Value::as_str),
+    ) {
+        if os != platform.os || arch != platform.architecture {
+            return Err(image(&format!(
+                "image is {os}/{arch}, this host is {platform}"
+            )));
+        }
+    }
+    Ok((fetched.digest, manifest, config))
+}
+
+struct Prepared {
+    dir: PathBuf,
+    info: LayerInfo,
+    lazy: Option<(LayerMount, LayerFetcher, Arc<Toc>)>,
+}
+
+async fn prepare_layer(
+    client: &Client,
+    reference: &Reference,
+    descriptor: &Value,
+    diff_id: &Value,
+    cache: &ChunkCache,
+    mount_dir: &Path,
+    config: &MountConfig,
+) -> Result<Prepared, MountError> {
+    let start = Instant::now();
+    let digest: Digest = descriptor
+        .get("digest")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| MountError::Image(format!("{reference}: layer descriptor: {e}")))?;
+    let size = descriptor.get("size").and_then(Value::as_u64).unwrap_or(0);
+    let media_type = descriptor
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let annotations = descriptor
+        .get("annotations")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(lazy) = format::detect(media_type, &annotations) {
+        let toc = Arc::new(read_toc(client, reference, &digest, size, &lazy).await?);
+        let fetcher = LayerFetcher::new(
+            client.clone(),
+            reference.clone(),
+            digest,
+            size,
+            &toc,
+            cache.clone(),
+            config.fetch.clone(),
+        );
+        std::fs::create_dir_all(mount_dir).map_err(|e| MountError::Io {
+            context: format!("creating {}", mount_dir.display()),
+            error: e,
+        })?;
+        let mount = fs::mount_layer(
+            toc.clone(),
+            Arc::new(fetcher.clone()),
+            tokio::runtime::Handle::current(),
+            mount_dir,
+            &config.fs,
+        )
+        .map_err(|e| layer_error(&digest, e))?;
+        let info = LayerInfo {
+            digest,
+            size,
+            mode: crate::inspect::format_name(lazy.format),
+            entries: Some(toc.entries.len()),
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        tracing::info!(layer = %digest.short(), entries = toc.entries.len(), "mounted lazily");
+        return Ok(Prepared {
+            dir: mount_dir.to_owned(),
+            info,
+            lazy: Some((mount, fetcher, toc)),
+        });
+    }
+    let diff_id: Digest = diff_id
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| layer_error(&digest, format!("config diff_id: {e}")))?;
+    let dir = unpacked_layer(client, reference, &digest, &diff_id, &config.root).await?;
+    let info = LayerInfo {
+        digest,
+        size,
+        mode: "unpacked",
+        entries: None,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok(Prepared {
+        dir,
+        info,
+        lazy: None,
+    })
+}
+
+/// Finds and verifies a lazy layer's TOC: the footer (one range read, unless the annotation
+/// gives the position), then the TOC (one more).
+async fn read_toc(
+    client: &Client,
+    reference: &Reference,
+    digest: &Digest,
+    size: u64,
+    lazy: &LazyLayer,
+) -> Result<Toc, MountError> {
+    let position = match lazy.toc_position {
+        Some(p) => p,
+        None => {
+            let tail_len = format::tail_len(lazy.format).min(size);
+            let tail = client
+                .get_blob_range(reference, digest, size - tail_len..size)
+                .await
+                .map_err(|e| layer_error(digest, e))?;
+            format::parse_tail(lazy.format, &tail, size).map_err(|e| layer_error(digest, e))?
+        }
+    };
+    let end = position
+        .offset
+        .checked_add(position.compressed_len)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| layer_error(digest, "the TOC position lies outside the blob"))?;
+    let raw = client
+        .get_blob_range(reference, digest, position.offset..end)
+        .await
+        .map_err(|e| layer_error(digest, e))?;
+    format::parse_toc(lazy, position, &raw).map_err(|e| layer_error(digest, e))
+}
+
+/// A plain layer, fetched whole, checked against its digest and `diff_id`, and unpacked once
+/// into `ROOT/layers/<hex>/fs` (reused by later mounts).
+async fn unpacked_layer(
+    client: &Client,
+    reference: &Reference,
+    digest: &Digest,
+    diff_id: &Digest,
+    root: &Path,
+) -> Result<PathBuf, MountError> {
+    let base = root.join("layers").join(digest.hex());
+    let dir = base.join("fs");
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&base).map_err(|e| MountError::Io {
+        context: format!("creating {}", base.display()),
+        error: e,
+    })?;
+    let partial = tempfile::Builder::new()
+        .prefix(".partial-")
+        .tempdir_in(&base)
+        .map_err(|e| MountError::Io {
+            context: format!("creating a directory in {}", base.display()),
+            error: e,
+        })?;
+    let stored = client
+        .blob_reader(reference, digest)
+        .await
+        .map_err(|e| layer_error(digest, e))?;
+    let stored: Box<dyn std::io::Read + Send> = Box::new(tokio_util::io::SyncIoBridge::new(stored));
+    let target = partial.path().to_owned();
+    let expected = *diff_id;
+    let label = *digest;
+    tokio::task::spawn_blocking(move || -> Result<(), MountError> {
+        let (_, tar) = format::decoder(stored).map_err(|e| layer_error(&label, e))?;
+        let mut tar = oci::HashingReader::new(tar);
+        fs::unpack::unpack_layer(&mut tar, &target).map_err(|e| layer_error(&label, e))?;
+        std::io::copy(&mut tar, &mut std::io::sink()).map_err(|e| layer_error(&label, e))?;
+        let (_, got, _) = tar.finish();
+        if got != expected {
+            return Err(layer_error(&label, format!("uncompressed tar does not match the config's diff_id (expected {expected}, got {got})")));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| layer_error(digest, format!("unpack task failed: {e}")))??;
+    let kept = partial.keep();
+    std::fs::rename(&kept, &dir).map_err(|e| MountError::Io {
+        context: format!("moving the unpacked layer to {}", dir.display()),
+        error: e,
+    })?;
+    Ok(dir)
+}
+
+/// Waits up to `timeout` for every background fetch to finish (used by tests and benchmarks).
+pub async fn wait_background(mount: &mut ImageMount, timeout: Duration) -> bool {
+    let tasks = std::mem::take(&mut mount.background);
+    tokio::time::timeout(timeout, futures_util::future::join_all(tasks))
+        .await
+        .is_ok()
+}
