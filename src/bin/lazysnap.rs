@@ -164,6 +164,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{}", report.manifest_digest);
         }
+        Command::Mount {
+            no_background_fetch,
+            platform,
+            reference,
+            mountpoint,
+        } => {
+            let mut config = MountConfig::new(cli.root);
+            config.background_fetch = !no_background_fetch;
+            config.registry = registry;
+            if let Some(p) = platform {
+                config.platform = p;
+            }
+            let mounted = mount::mount_image(&reference, &mountpoint, &config)
+                .await
+                .with_context(|| format!("mounting {reference} at {}", mountpoint.display()))?;
+            eprintln!(
+                "mounted {}@{} at {} in {:.0} ms",
+                reference,
+                mounted.manifest_digest,
+                mountpoint.display(),
+                mounted.seconds * 1000.0
+            );
+            for l in &mounted.layer_info {
+                eprintln!(
+                    "  {} {:>10} {:<13} {:>6.0} ms",
+                    l.digest.short(),
+                    human(l.size),
+                    l.mode,
+                    l.seconds * 1000.0
+                );
+            }
+            wait_for_stop_signal().await?;
+            let fetched = mounted.fetched_bytes();
+            mounted.unmount().context("unmounting")?;
+            eprintln!(
+                "unmounted {}; fetched {}",
+                mountpoint.display(),
+                human(fetched)
+            );
+        }
         Command::Inspect {
             json,
             platform,
