@@ -59,6 +59,9 @@ enum Command {
         /// Fetch only what is read (and the prefetch set), not the rest of each layer.
         #[arg(long)]
         no_background_fetch: bool,
+        /// Seconds a read may wait for the registry before it fails with EIO.
+        #[arg(long, default_value_t = 30)]
+        read_timeout: u64,
         #[arg(long)]
         platform: Option<Platform>,
         reference: Reference,
@@ -166,12 +169,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Mount {
             no_background_fetch,
+            read_timeout,
             platform,
             reference,
             mountpoint,
         } => {
             let mut config = MountConfig::new(cli.root);
             config.background_fetch = !no_background_fetch;
+            config.fs.read_timeout = std::time::Duration::from_secs(read_timeout);
             config.registry = registry;
             if let Some(p) = platform {
                 config.platform = p;

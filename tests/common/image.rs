@@ -240,6 +240,27 @@ pub fn sample_tree(root: &Path, seed: u8) -> Result<()> {
     std::os::unix::fs::symlink("/usr/bin/tool", root.join("usr/bin/abs-link"))?;
     std::os::unix::fs::symlink("tool", root.join("usr/bin/rel-link"))?;
     fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname.hard"))?;
+    // Entry kinds a layer file system must reproduce: devices, a fifo, setuid, user xattrs.
+    run(Command::new("mknod")
+        .arg(root.join("etc/tty0"))
+        .args(["c", "4", "0"]))?;
+    run(Command::new("mknod")
+        .arg(root.join("etc/loop9"))
+        .args(["b", "7", "9"]))?;
+    run(Command::new("mkfifo").arg(root.join("srv/pipe")))?;
+    fs::write(root.join("usr/bin/suid"), b"setuid\n")?;
+    run(Command::new("chmod")
+        .arg("4755")
+        .arg(root.join("usr/bin/suid")))?;
+    run(Command::new("setfattr")
+        .args(["-n", "user.lazysnap", "-v", "tested"])
+        .arg(root.join("etc/hostname")))?;
+    run(Command::new("chown")
+        .arg("1234:5678")
+        .arg(root.join("srv/data/empty")))?;
+    run(Command::new("touch")
+        .args(["-h", "-d", "2021-05-06 07:08:09.123456789"])
+        .arg(root.join("usr/bin/tool")))?;
     let name = "ü".repeat(60) + "-long-name.txt";
     fs::write(
         root.join("srv").join(name),

@@ -129,6 +129,29 @@ impl TestRegistry {
         }
     }
 
+    /// Stops the registry (as if it died); [`Self::restart`] brings it back on the same port.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the registry again with the same config, port and storage.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("registry.log"))?;
+        self.child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning {REGISTRY_BIN}"))?;
+        self.wait_ready()
+    }
+
     /// The registry's log so far (warnings and errors).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()

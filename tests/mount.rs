@@ -1,0 +1,503 @@
+//! `lazysnap mount` with real parts: a real registry, kernel FUSE and overlayfs, compared with an
+//! independent unpack of the same image (`umoci unpack`). Every mount and process a test starts
+//! is torn down by a guard, even when the test fails.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use common::image::{self, LayoutBuilder};
+use common::registry::TestRegistry;
+use common::tree;
+use lazysnap::mount::{self, MountConfig};
+use lazysnap::oci::Reference;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
+const EIO: i32 = 5;
+
+fn mounted(path: &Path) -> bool {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*wanted))
+}
+
+/// Mount points below `dir` (our FUSE layers and overlays).
+fn mounts_below(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.starts_with(&prefix))
+        .collect()
+}
+
+/// Unmounts whatever is left below a directory when dropped.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let mut left = mounts_below(&self.0);
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in left {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
+/// A `lazysnap mount` child process; killed and cleaned up when dropped.
+struct MountProcess {
+    child: Child,
+    target: PathBuf,
+    log: PathBuf,
+}
+
+impl MountProcess {
+    fn start(root: &Path, reference: &str, target: &Path, extra: &[&str]) -> Result<Self> {
+        std::fs::create_dir_all(target)?;
+        let log = root.with_extension("log");
+        let child = Command::new(BIN)
+            .arg("--root")
+            .arg(root)
+            .arg("mount")
+            .args(extra)
+            .arg(reference)
+            .arg(target)
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut process = Self {
+            child,
+            target: target.to_owned(),
+            log,
+        };
+        let start = Instant::now();
+        while !mounted(target) {
+            if let Some(status) = process.child.try_wait()? {
+                bail!("lazysnap mount exited ({status}): {}", process.log());
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "not mounted after 30 s: {}",
+                process.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(process)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the process must exit 0 having unmounted the target.
+    fn stop(mut self) -> Result<String> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "still running 20 s after SIGTERM: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ensure!(status.success(), "exit status {status}: {}", self.log());
+        ensure!(
+            !mounted(&self.target),
+            "{} still mounted after exit",
+            self.target.display()
+        );
+        Ok(self.log())
+    }
+}
+
+impl Drop for MountProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+    }
+}
+
+/// The two-layer sample image as an OCI layout tagged `src`: awkward entries, then whiteouts.
+fn sample_layout(dir: &Path) -> Result<LayoutBuilder> {
+    let trees = tempfile::tempdir()?;
+    let (a, b) = (trees.path().join("a"), trees.path().join("b"));
+    image::sample_tree(&a, 1)?;
+    std::fs::create_dir_all(a.join("many"))?;
+    for i in 0..3000 {
+        std::fs::write(a.join("many").join(format!("f{i:04}")), format!("{i}\n"))?;
+    }
+    image::whiteout_tree(&b)?;
+    let layout = LayoutBuilder::new(dir)?;
+    let desc = layout.image(&[image::tar_dir(&a)?, image::tar_dir(&b)?], "amd64")?;
+    layout.tags(&[("src", desc)])?;
+    Ok(layout)
+}
+
+fn convert(src: &str, dst: &str, format: &str) -> Result<()> {
+    image::run(Command::new(BIN).args([
+        "convert",
+        "--format",
+        format,
+        "--chunk-size",
+        "65536",
+        src,
+        dst,
+    ]))?;
+    Ok(())
+}
+
+#[test]
+fn mounted_images_equal_umoci_unpack_in_both_formats_and_plain_gzip() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let layout = sample_layout(&work.path().join("src"))?;
+    let src = format!("oci:{}:src", layout.dir.display());
+
+    // The oracle: umoci's own unpack of the source image.
+    let bundle = work.path().join("bundle");
+    image::run(
+        Command::new("umoci")
+            .args([
+                "unpack",
+                "--image",
+                &format!("{}:src", layout.dir.display()),
+            ])
+            .arg(&bundle),
+    )?;
+    let want = tree::snapshot(&bundle.join("rootfs"))?;
+    ensure!(
+        want.contains_key("etc/tty0") && want.contains_key("many/f2999"),
+        "the oracle has the sample entries"
+    );
+    ensure!(
+        !want.contains_key("etc/hostname.hard"),
+        "the oracle applied the whiteout"
+    );
+
+    let plain = format!("{}/sample/plain:v1", registry.addr);
+    let push = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/push-layout.sh");
+    image::run(
+        Command::new(push)
+            .arg(format!("{}:src", layout.dir.display()))
+            .arg(&plain),
+    )?;
+    let zstd = format!("{}/sample/zstd:v1", registry.addr);
+    convert(&src, &zstd, "zstd-chunked")?;
+    let estargz = format!("{}/sample/estargz:v1", registry.addr);
+    convert(&src, &estargz, "estargz")?;
+
+    for (i, reference) in [&zstd, &estargz, &plain].into_iter().enumerate() {
+        let root = work.path().join(format!("root-{i}"));
+        let target = work.path().join(format!("mnt-{i}"));
+        let process = MountProcess::start(&root, reference, &target, &[])?;
+        let got = tree::snapshot(&target)?;
+        let differences = tree::differences(&want, &got);
+        ensure!(
+            differences.is_empty(),
+            "{reference}: {} differences:\n{}",
+            differences.len(),
+            differences.join("\n")
+        );
+        let log = process.stop()?;
+        ensure!(
+            mounts_below(&root).is_empty(),
+            "{reference}: left mounted: {:?}",
+            mounts_below(&root)
+        );
+        ensure!(log.contains("unmounted"), "{log}");
+    }
+    Ok(())
+}
+
+/// Converts the sample image into the registry and returns its reference and the blob path of
+/// its first layer in the registry's storage.
+fn lazy_sample(
+    registry: &TestRegistry,
+    work: &Path,
+    name: &str,
+) -> Result<(String, PathBuf, lazysnap::format::Toc)> {
+    let layout = sample_layout(&work.join(format!("src-{name}")))?;
+    let reference = format!("{}/sample/{name}:v1", registry.addr);
+    convert(
+        &format!("oci:{}:src", layout.dir.display()),
+        &reference,
+        "zstd-chunked",
+    )?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join(format!("src-{name}/index.json")))?)?;
+    let _ = index;
+    let out = image::run(Command::new(BIN).args(["inspect", "--json", &reference]))?;
+    let info: serde_json::Value = serde_json::from_slice(&out)?;
+    let digest: lazysnap::oci::Digest = info["layers"][0]["digest"]
+        .as_str()
+        .context("digest")?
+        .parse()?;
+    let path = registry.blob_data_path(&digest);
+    let annotations = info["layers"][0]["annotations"]
+        .as_object()
+        .context("annotations")?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let (_, toc) = lazysnap::format::read_toc(
+        std::fs::File::open(&path)?,
+        lazysnap::format::MEDIA_TYPE_ZSTD,
+        &annotations,
+    )?;
+    Ok((reference, path, toc))
+}
+
+#[test]
+fn a_corrupt_chunk_is_never_served_and_other_files_still_read() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, blob, toc) = lazy_sample(&registry, work.path(), "corrupt")?;
+    let tool = toc
+        .entries
+        .iter()
+        .find(|e| e.name == "usr/bin/tool")
+        .context("tool in TOC")?;
+    let chunk = &tool.chunks[1];
+    let mut bytes = std::fs::read(&blob)?;
+    let at = ((chunk.compressed_start + chunk.compressed_end) / 2) as usize;
+    bytes[at] ^= 0x01;
+    std::fs::write(&blob, &bytes)?;
+
+    let target = work.path().join("mnt");
+    let process = MountProcess::start(
+        &work.path().join("root"),
+        &reference,
+        &target,
+        &["--no-background-fetch"],
+    )?;
+    for attempt in 0..2 {
+        let err = std::fs::read(target.join("usr/bin/tool"))
+            .expect_err("a corrupt chunk must not be served");
+        assert_eq!(err.raw_os_error(), Some(EIO), "attempt {attempt}: {err}");
+    }
+    // The chunks before the corrupt one read correctly (no bad byte is returned with them).
+    let mut file = std::fs::File::open(target.join("usr/bin/tool"))?;
+    let mut first = vec![0u8; tool.chunks[0].size as usize];
+    std::io::Read::read_exact(&mut file, &mut first)?;
+    assert_eq!(lazysnap::oci::Digest::of(&first), tool.chunks[0].digest);
+    assert_eq!(
+        std::fs::read_to_string(target.join("etc/hostname"))?,
+        "host1\n"
+    );
+    let log = process.stop()?;
+    assert!(
+        log.contains("verification") || log.contains("digest"),
+        "the log names the failure: {log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_registry_that_goes_away_gives_eio_then_reads_recover() -> Result<()> {
+    let mut registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, _, _) = lazy_sample(&registry, work.path(), "away")?;
+    let target = work.path().join("mnt");
+    let process = MountProcess::start(
+        &work.path().join("root"),
+        &reference,
+        &target,
+        &["--no-background-fetch", "--read-timeout", "5"],
+    )?;
+    registry.stop()?;
+    let start = Instant::now();
+    let err = std::fs::read(target.join("usr/bin/tool")).expect_err("nothing to read from");
+    assert_eq!(err.raw_os_error(), Some(EIO), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "EIO came after {:?}",
+        start.elapsed()
+    );
+    registry.restart()?;
+    let data = std::fs::read(target.join("usr/bin/tool"))?;
+    assert_eq!(data.len(), 600_000);
+    process.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_truncated_blob_fails_reads_beyond_its_end() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, blob, toc) = lazy_sample(&registry, work.path(), "truncated")?;
+    // Keep the footer and TOC where the mount reads them, but cut a file's chunk out: rewrite
+    // the blob with the bytes of `usr/bin/tool`'s last chunk removed from the storage file.
+    let tool = toc
+        .entries
+        .iter()
+        .find(|e| e.name == "usr/bin/tool")
+        .context("tool")?;
+    let last = tool.chunks.last().context("chunk")?;
+    let bytes = std::fs::read(&blob)?;
+    let mut cut = bytes[..last.compressed_start as usize].to_vec();
+    cut.extend_from_slice(&bytes[last.compressed_end as usize..]);
+    std::fs::write(&blob, &cut)?;
+    let target = work.path().join("mnt");
+    let mount = MountProcess::start(
+        &work.path().join("root"),
+        &reference,
+        &target,
+        &["--no-background-fetch"],
+    );
+    // The registry now serves a shorter blob than the manifest says: either the mount refuses
+    // (the TOC is no longer where the annotation says) or the file read fails; never wrong bytes.
+    match mount {
+        Err(e) => ensure!(
+            format!("{e:#}").contains("TOC") || format!("{e:#}").contains("range"),
+            "{e:#}"
+        ),
+        Ok(process) => {
+            let err = std::fs::read(target.join("usr/bin/tool")).expect_err("truncated");
+            assert_eq!(err.raw_os_error(), Some(EIO));
+            process.stop()?;
+        }
+    }
+    Ok(())
+}
+
+/// In-process mount on the test's runtime, so the fetch counters can be read.
+async fn mount_in_process(
+    reference: &str,
+    root: &Path,
+    target: &Path,
+) -> Result<mount::ImageMount> {
+    std::fs::create_dir_all(target)?;
+    let mut config = MountConfig::new(root.to_owned());
+    config.background_fetch = false;
+    let reference: Reference = reference.parse()?;
+    Ok(mount::mount_image(&reference, target, &config).await?)
+}
+
+async fn read_in_thread(path: PathBuf) -> std::io::Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || std::fs::read(path))
+        .await
+        .map_err(|e| std::io::Error::new(ErrorKind::Other, e))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_readers_of_one_chunk_share_one_request() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, _, _) = lazy_sample(&registry, work.path(), "shared")?;
+    let target = work.path().join("mnt");
+    let mounted = mount_in_process(&reference, &work.path().join("root"), &target).await?;
+    let readers: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(read_in_thread(target.join("etc/hostname"))))
+        .collect();
+    for r in readers {
+        assert_eq!(r.await??, b"host1\n");
+    }
+    let requests: u64 = mounted
+        .fetchers()
+        .map(|f| {
+            f.stats()
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    assert_eq!(requests, 1, "eight readers of one chunk, one range request");
+    mounted.unmount()?;
+    assert!(mounts_below(work.path()).is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_image_sharing_chunks_fetches_none_of_them() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (first, _, _) = lazy_sample(&registry, work.path(), "first")?;
+    // A different image whose layer holds the same `usr/bin/tool` among other files.
+    let trees = tempfile::tempdir()?;
+    image::sample_tree(trees.path(), 1)?;
+    std::fs::write(
+        trees.path().join("etc/extra"),
+        b"only in the second image\n",
+    )?;
+    let layout = LayoutBuilder::new(&work.path().join("second-src"))?;
+    let desc = layout.image(&[image::tar_dir(trees.path())?], "amd64")?;
+    layout.tags(&[("src", desc)])?;
+    let second = format!("{}/sample/second:v1", registry.addr);
+    convert(
+        &format!("oci:{}:src", layout.dir.display()),
+        &second,
+        "zstd-chunked",
+    )?;
+
+    let root = work.path().join("root");
+    let m1 = mount_in_process(&first, &root, &work.path().join("m1")).await?;
+    let tool = read_in_thread(work.path().join("m1/usr/bin/tool")).await?;
+    m1.unmount()?;
+    let m2 = mount_in_process(&second, &root, &work.path().join("m2")).await?;
+    assert_eq!(
+        read_in_thread(work.path().join("m2/usr/bin/tool")).await?,
+        tool
+    );
+    let fetched = m2.fetched_bytes();
+    assert_eq!(
+        fetched, 0,
+        "the second image's copy of the file came from the cache"
+    );
+    assert_eq!(
+        read_in_thread(work.path().join("m2/etc/extra")).await?,
+        b"only in the second image\n"
+    );
+    assert!(
+        m2.fetched_bytes() > 0,
+        "a file only the second image has is fetched"
+    );
+    m2.unmount()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_completed_layer_no_longer_needs_the_registry() -> Result<()> {
+    let mut registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, _, _) = lazy_sample(&registry, work.path(), "complete")?;
+    let target = work.path().join("mnt");
+    std::fs::create_dir_all(&target)?;
+    let config = MountConfig::new(work.path().join("root"));
+    let mut mounted = mount::mount_image(&reference.parse()?, &target, &config).await?;
+    assert!(
+        mount::wait_background(&mut mounted, Duration::from_secs(60)).await,
+        "background fetch finished"
+    );
+    assert!(mounted.fetchers().all(|f| f.is_complete()));
+    registry.stop()?;
+    let want = tree::snapshot(&target);
+    assert!(
+        want.is_ok(),
+        "every file reads with the registry gone: {want:?}"
+    );
+    mounted.unmount()?;
+    Ok(())
+}
