@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod format;
 pub mod fs;
 pub mod inspect;
+pub mod metrics;
 pub mod mount;
 pub mod oci;
 pub mod registry;

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -397,7 +396,7 @@ async fn mount_in_process(
 async fn read_in_thread(path: PathBuf) -> std::io::Result<Vec<u8>> {
     tokio::task::spawn_blocking(move || std::fs::read(path))
         .await
-        .map_err(|e| std::io::Error::new(ErrorKind::Other, e))?
+        .map_err(std::io::Error::other)?
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

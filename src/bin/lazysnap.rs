@@ -62,6 +62,9 @@ enum Command {
         /// Seconds a read may wait for the registry before it fails with EIO.
         #[arg(long, default_value_t = 30)]
         read_timeout: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
         #[arg(long)]
         platform: Option<Platform>,
         reference: Reference,
@@ -170,6 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount {
             no_background_fetch,
             read_timeout,
+            metrics_addr,
             platform,
             reference,
             mountpoint,
@@ -177,6 +181,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = MountConfig::new(cli.root);
             config.background_fetch = !no_background_fetch;
             config.fs.read_timeout = std::time::Duration::from_secs(read_timeout);
+            if let Some(addr) = metrics_addr {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening for metrics on {addr}"))?;
+                tokio::spawn(lazysnap::metrics::serve(listener));
+            }
             config.registry = registry;
             if let Some(p) = platform {
                 config.platform = p;

@@ -22,6 +22,7 @@ use tokio::io::AsyncReadExt;
 use crate::cache::ChunkCache;
 use crate::format::{self, Chunk, LayerFormat, Toc};
 use crate::fs::{ChunkError, ChunkSource};
+use crate::metrics::METRICS;
 use crate::oci::{Digest, Reference};
 use crate::registry::Client;
 
@@ -79,6 +80,15 @@ enum Kind {
     Prefetch,
 }
 
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::OnDemand => "on_demand",
+            Self::Prefetch => "prefetch",
+        }
+    }
+}
+
 type RangeResult = Result<Arc<HashMap<Digest, Bytes>>, ChunkError>;
 type SharedRange = Shared<BoxFuture<'static, RangeResult>>;
 
@@ -133,6 +143,10 @@ impl LayerFetcher {
             .collect();
         chunks.sort_by_key(|c| (c.compressed_start, c.inner_offset));
         chunks.dedup_by_key(|c| (c.compressed_start, c.inner_offset));
+        METRICS
+            .layer_size_bytes
+            .with_label_values(&[&blob.short()])
+            .set(blob_size as i64);
         Self {
             inner: Arc::new(Inner {
                 client,
@@ -305,6 +319,17 @@ impl LayerFetcher {
     }
 }
 
+impl Inner {
+    /// Adds `n` fetched bytes of `kind` to the counters and the layer's gauge.
+    fn record(&self, kind: &str, n: u64) {
+        METRICS.fetch_bytes.with_label_values(&[kind]).inc_by(n);
+        METRICS
+            .layer_fetched_bytes
+            .with_label_values(&[&self.blob.short()])
+            .add(n as i64);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -312,6 +337,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// One range GET, then every chunk in it decoded, verified and cached.
 async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
     let layer = inner.blob.short();
+    let started = std::time::Instant::now();
+    METRICS
+        .fetch_requests
+        .with_label_values(&[kind.label()])
+        .inc();
     let bytes = inner
         .client
         .get_blob_range(&inner.reference, &inner.blob, span.start..span.end)
@@ -328,6 +358,7 @@ async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
         Kind::Prefetch => &inner.stats.prefetch_bytes,
     };
     counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    inner.record(kind.label(), bytes.len() as u64);
     let format = inner.format;
     let chunks = span.chunks.clone();
     let start = span.start;
@@ -361,11 +392,15 @@ async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
             }
             Err(e) => {
                 inner.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                METRICS.verify_failures.inc();
                 tracing::warn!(layer = %layer, "chunk failed verification, dropped: {e}");
                 first_error.get_or_insert(e);
             }
         }
     }
+    METRICS
+        .fetch_seconds
+        .observe(started.elapsed().as_secs_f64());
     if out.is_empty() {
         if let Some(e) = first_error {
             return Err(ChunkError(format!("layer {layer}: {e}")));
@@ -386,9 +421,10 @@ impl ChunkSource for LayerFetcher {
             match inner.cache.get(&chunk.digest) {
                 Ok(Some(data)) => {
                     inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    METRICS.cache_hits.inc();
                     return Ok(data);
                 }
-                Ok(None) => {}
+                Ok(None) => METRICS.cache_misses.inc(),
                 Err(e) => tracing::warn!(chunk = %chunk.digest.short(), "cache read failed, fetching: {e}"),
             }
             inner.busy.fetch_add(1, Ordering::Relaxed);
