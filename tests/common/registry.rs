@@ -6,6 +6,8 @@
 //! let reference = registry.reference("app:v1")?; // 127.0.0.1:PORT/app:v1
 //! ```
 
+#![allow(dead_code)]
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
