@@ -286,23 +286,31 @@ impl LayerFetcher {
         Ok(())
     }
 
-    /// Starts (or joins) the fetch of one planned range.
+    /// Starts the fetch of one planned range and registers its chunks as in flight.
     fn start_range(&self, span: Span, kind: Kind) -> SharedRange {
+        let mut inflight = lock(&self.inner.inflight);
+        self.start_range_locked(&mut inflight, span, kind)
+    }
+
+    /// [`Self::start_range`] with the in-flight map already locked, so that planning and
+    /// registering are one step and two readers never plan the same chunk.
+    fn start_range_locked(
+        &self,
+        inflight: &mut HashMap<Digest, SharedRange>,
+        span: Span,
+        kind: Kind,
+    ) -> SharedRange {
         let inner = self.inner.clone();
-        let mut inflight = lock(&inner.inflight);
-        // A chunk of this span may already be on its way; the span is still fetched whole (the
-        // plan only holds chunks that were absent), and the newer result simply wins in the cache.
         let digests: Vec<Digest> = span.chunks.iter().map(|c| c.digest).collect();
-        let task = {
-            let inner = inner.clone();
-            async move {
-                let result = fetch_span(&inner, &span, kind).await;
-                let mut inflight = lock(&inner.inflight);
-                for c in &span.chunks {
-                    inflight.remove(&c.digest);
-                }
-                result
+        // The task removes its chunks from the map when done; it cannot do so before they are
+        // inserted below, because the caller holds the map's lock until then.
+        let task = async move {
+            let result = fetch_span(&inner, &span, kind).await;
+            let mut inflight = lock(&inner.inflight);
+            for c in &span.chunks {
+                inflight.remove(&c.digest);
             }
+            result
         };
         let handle = tokio::spawn(task);
         let shared = async move {
@@ -429,12 +437,15 @@ impl ChunkSource for LayerFetcher {
             }
             inner.busy.fetch_add(1, Ordering::Relaxed);
             let _busy = BusyGuard(&inner.busy);
-            let joined = lock(&inner.inflight).get(&chunk.digest).cloned();
-            let range = match joined {
-                Some(shared) => shared,
-                None => {
-                    let span = plan::span_around(&inner.chunks, &chunk, &inner.cache, &inner.config);
-                    this.start_range(span, Kind::OnDemand)
+            let range = {
+                let mut inflight = lock(&inner.inflight);
+                match inflight.get(&chunk.digest).cloned() {
+                    Some(shared) => shared,
+                    None => {
+                        let held = |d: &Digest| inflight.contains_key(d) || inner.cache.contains(d);
+                        let span = plan::span_around(&inner.chunks, &chunk, &inner.config, held);
+                        this.start_range_locked(&mut inflight, span, Kind::OnDemand)
+                    }
                 }
             };
             let map = range.await?;

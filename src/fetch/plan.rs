@@ -1,7 +1,7 @@
 //! Planning range requests: which neighbouring chunks ride along with a miss.
 
-use crate::cache::ChunkCache;
 use crate::format::Chunk;
+use crate::oci::Digest;
 
 use super::FetchConfig;
 
@@ -37,14 +37,14 @@ pub fn plan_ranges(chunks: &[Chunk], max_request: u64, max_gap: u64) -> Vec<Span
     spans
 }
 
-/// The request for an on-demand miss of `wanted`: `wanted` plus the uncached chunks that follow
-/// it in the blob (read-ahead of the rest of the file and of small neighbouring files), within
-/// the configured request size.
+/// The request for an on-demand miss of `wanted`: `wanted` plus the chunks that follow it in the
+/// blob and are not `held` (cached or already on their way): read-ahead of the rest of the file
+/// and of small neighbouring files, within the configured request size.
 pub fn span_around(
     chunks: &[Chunk],
     wanted: &Chunk,
-    cache: &ChunkCache,
     config: &FetchConfig,
+    held: impl Fn(&Digest) -> bool,
 ) -> Span {
     let at = chunks.partition_point(|c| {
         (c.compressed_start, c.inner_offset) < (wanted.compressed_start, wanted.inner_offset)
@@ -63,7 +63,7 @@ pub fn span_around(
         {
             break;
         }
-        if cache.contains(&c.digest) {
+        if held(&c.digest) {
             continue;
         }
         span.end = span.end.max(c.compressed_end);
@@ -75,7 +75,6 @@ pub fn span_around(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oci::Digest;
 
     fn chunk(start: u64, end: u64) -> Chunk {
         Chunk {
@@ -108,6 +107,45 @@ mod tests {
         assert_eq!(
             spans.iter().map(|s| (s.start, s.end)).collect::<Vec<_>>(),
             vec![(0, 300), (300, 900), (5000, 5100)]
+        );
+    }
+
+    #[test]
+    fn read_ahead_skips_held_chunks_within_the_gap_and_stops_at_the_limit() {
+        let chunks = [
+            chunk(0, 100),
+            chunk(100, 200),
+            chunk(200, 300),
+            chunk(300, 400),
+            chunk(400, 500),
+        ];
+        let held = chunks[1].digest;
+        let starts = |config: &FetchConfig| -> Vec<u64> {
+            let span = span_around(&chunks, &chunks[0], config, |d| *d == held);
+            span.chunks.iter().map(|c| c.compressed_start).collect()
+        };
+        // A held chunk leaves a 100-byte hole: spanned when the gap allows it, up to the limit.
+        assert_eq!(
+            starts(&FetchConfig {
+                max_request: 350,
+                max_gap: 100
+            }),
+            vec![0, 200]
+        );
+        assert_eq!(
+            starts(&FetchConfig {
+                max_request: 500,
+                max_gap: 100
+            }),
+            vec![0, 200, 300, 400]
+        );
+        // Otherwise the read-ahead stops at the hole rather than fetch the held bytes again.
+        assert_eq!(
+            starts(&FetchConfig {
+                max_request: 500,
+                max_gap: 0
+            }),
+            vec![0]
         );
     }
 
