@@ -12,6 +12,9 @@ use rocksdb::{BlockBasedOptions, Direction, IteratorMode, Options, WriteBatch, D
 use super::CacheError;
 use crate::oci::Digest;
 
+/// Key and value of one metadata row.
+type Row = (Vec<u8>, Vec<u8>);
+
 pub(super) struct Meta {
     db: DB,
     path: PathBuf,
@@ -45,7 +48,7 @@ impl Meta {
         }
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, CacheError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<Row>, CacheError> {
         let mut out = Vec::new();
         for item in self
             .db
