@@ -31,7 +31,7 @@ mod error;
 mod footer;
 mod names;
 mod reader;
-mod tar;
+pub(crate) mod tar;
 #[cfg(test)]
 mod testtar;
 mod toc;

@@ -4,7 +4,11 @@
 //! overlayfs whiteouts (char 0:0) and opaque directories (`trusted.overlay.opaque`), mounting and
 //! unmounting. Does not own: where file content comes from; it asks a [`ChunkSource`].
 
+mod inode;
+mod layer;
 pub mod unpack;
+
+pub use inode::{InodeTable, NodeKind};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,11 +19,13 @@ use futures_util::future::BoxFuture;
 
 use crate::format::{Chunk, Toc};
 
-/// Errors name the mount point or entry concerned.
+/// Errors name the mount point concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    #[error("{0}")]
-    Other(String),
+    #[error("mounting {path}: {message}")]
+    Mount { path: PathBuf, message: String },
+    #[error("unmounting {path}: {message}")]
+    Unmount { path: PathBuf, message: String },
 }
 
 /// Why a chunk could not be served; the file system answers EIO and logs the message.
@@ -53,17 +59,62 @@ impl Default for MountOptions {
 
 /// A mounted layer; unmounted when dropped.
 #[derive(Debug)]
-pub struct LayerMount {}
+pub struct LayerMount {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+}
 
 impl LayerMount {
     pub fn mountpoint(&self) -> &Path {
-        todo!("fs helper")
+        &self.mountpoint
     }
 
     /// Unmounts now, reporting failure (dropping unmounts too, but cannot report).
-    pub fn unmount(self) -> Result<(), FsError> {
-        todo!("fs helper")
+    pub fn unmount(mut self) -> Result<(), FsError> {
+        self.unmount_inner()
     }
+
+    fn unmount_inner(&mut self) -> Result<(), FsError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        // The session threads end when the kernel drops the connection, which a process still
+        // holding a file open (through a lazily detached overlay, say) can delay indefinitely:
+        // wait a little, then leave them to end with the process rather than hang shutdown.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(session.umount_and_join());
+        });
+        match finished.recv_timeout(UNMOUNT_WAIT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                detach(&self.mountpoint);
+                Err(FsError::Unmount {
+                    path: self.mountpoint.clone(),
+                    message: format!("{e} (detached instead)"),
+                })
+            }
+            Err(_) => {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), "layer still in use after unmount; its users will see errors");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for LayerMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// How long an unmount waits for the FUSE session to wind down.
+const UNMOUNT_WAIT: Duration = Duration::from_secs(2);
+
+fn detach(path: &Path) {
+    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
 }
 
 /// Mounts the layer `toc` describes at `mountpoint`. Reads of file content are answered from
@@ -75,21 +126,90 @@ pub fn mount_layer(
     mountpoint: &Path,
     options: &MountOptions,
 ) -> Result<LayerMount, FsError> {
-    let _ = (toc, source, runtime, mountpoint, options);
-    todo!("fs helper")
+    let label = mountpoint
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let filesystem = layer::LayerFs {
+        table: inode::InodeTable::build(&toc),
+        toc,
+        source,
+        runtime,
+        read_timeout: options.read_timeout,
+        label,
+    };
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::RO,
+        // A root file system needs device nodes and setuid binaries to work.
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::FSName("lazysnap".into()),
+        fuser::MountOption::Subtype("lazysnap".into()),
+    ];
+    // Containers run as other users; overlayfs reads as the mounter.
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = options.threads > 1;
+    let session =
+        fuser::spawn_mount(filesystem, mountpoint, &config).map_err(|e| FsError::Mount {
+            path: mountpoint.to_owned(),
+            message: e.to_string(),
+        })?;
+    Ok(LayerMount {
+        session: Some(session),
+        mountpoint: mountpoint.to_owned(),
+    })
 }
 
 /// An overlayfs mount; unmounted when dropped.
 #[derive(Debug)]
-pub struct OverlayMount {}
+pub struct OverlayMount {
+    target: PathBuf,
+    mounted: bool,
+    /// An empty bottom layer, when only one lower was given (overlayfs wants two without upper).
+    _empty: Option<tempfile::TempDir>,
+}
 
 impl OverlayMount {
     pub fn target(&self) -> &Path {
-        todo!("fs helper")
+        &self.target
     }
 
-    pub fn unmount(self) -> Result<(), FsError> {
-        todo!("fs helper")
+    pub fn unmount(mut self) -> Result<(), FsError> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<(), FsError> {
+        if !self.mounted {
+            return Ok(());
+        }
+        self.mounted = false;
+        match nix::mount::umount2(&self.target, nix::mount::MntFlags::empty()) {
+            Ok(()) => Ok(()),
+            // Files still open: detach now; the kernel finishes when the last one closes.
+            Err(nix::errno::Errno::EBUSY) => {
+                tracing::warn!(target = %self.target.display(), "overlay busy; detached lazily");
+                nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+                    FsError::Unmount {
+                        path: self.target.clone(),
+                        message: e.to_string(),
+                    }
+                })
+            }
+            Err(e) => Err(FsError::Unmount {
+                path: self.target.clone(),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl Drop for OverlayMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            tracing::warn!("{e}");
+        }
     }
 }
 
@@ -106,6 +226,67 @@ pub fn mount_overlay(
     upper: Option<&UpperDir>,
     target: &Path,
 ) -> Result<OverlayMount, FsError> {
-    let _ = (lowers, upper, target);
-    todo!("fs helper")
+    let error = |message: String| FsError::Mount {
+        path: target.to_owned(),
+        message,
+    };
+    if lowers.is_empty() {
+        return Err(error("an overlay needs at least one lower layer".into()));
+    }
+    let mut lowers = lowers.to_vec();
+    let empty = if upper.is_none() && lowers.len() == 1 {
+        let dir = tempfile::Builder::new()
+            .prefix("lazysnap-empty-")
+            .tempdir()
+            .map_err(|e| error(format!("creating an empty layer: {e}")))?;
+        lowers.push(dir.path().to_owned());
+        Some(dir)
+    } else {
+        None
+    };
+    let mut paths: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
+    if let Some(u) = upper {
+        paths.extend([u.upper.as_path(), u.work.as_path()]);
+    }
+    if let Some(bad) = paths
+        .iter()
+        .find(|p| p.to_string_lossy().contains([',', ':']))
+    {
+        return Err(error(format!(
+            "{} contains ',' or ':', which overlayfs options cannot carry",
+            bad.display()
+        )));
+    }
+    let lowerdir = lowers
+        .iter()
+        .map(|p| p.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut data = format!("lowerdir={lowerdir},xino=on");
+    let mut flags = nix::mount::MsFlags::empty();
+    match upper {
+        Some(u) => data.push_str(&format!(
+            ",upperdir={},workdir={}",
+            u.upper.display(),
+            u.work.display()
+        )),
+        None => flags |= nix::mount::MsFlags::MS_RDONLY,
+    }
+    nix::mount::mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        flags,
+        Some(data.as_str()),
+    )
+    .map_err(|e| {
+        error(format!(
+            "overlayfs refused the mount: {e} (options: {data})"
+        ))
+    })?;
+    Ok(OverlayMount {
+        target: target.to_owned(),
+        mounted: true,
+        _empty: empty,
+    })
 }

@@ -1,15 +1,41 @@
 //! Unpacking a plain (non-lazy) layer into a directory that overlayfs can use as a lower layer:
 //! OCI whiteouts become overlay whiteouts and opaque directories, and no entry can write outside
 //! the directory.
+//!
+//! Names were already checked by the tar parser (no absolute names, no `..`, no links out of the
+//! root). What remains is the classic attack of a symlink created earlier in the same layer
+//! (`a -> /etc`, then `a/passwd`): every parent is opened component by component with
+//! `O_NOFOLLOW | O_DIRECTORY` from a descriptor of the target directory, and every entry is created
+//! relative to its parent's descriptor, so no path is ever resolved through a symlink.
 
+use std::ffi::CString;
 use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, AtFlags, OFlag};
+use nix::sys::stat::{
+    fchmod, fchmodat, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags,
+};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
+
+use crate::format::tar::{padding, EntryMeta, TarItem, TarParser};
+use crate::format::{EntryKind, FormatError};
 
 /// Errors name the entry concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
     #[error("{0}")]
-    Other(String),
+    Format(#[from] FormatError),
+    #[error("entry {name:?}: {message}")]
+    Entry { name: String, message: String },
+    #[error("{context}: {error}")]
+    Io {
+        context: String,
+        error: std::io::Error,
+    },
 }
 
 /// What was unpacked.
@@ -19,8 +45,286 @@ pub struct Unpacked {
     pub bytes: u64,
 }
 
+const OPAQUE_MARKER: &str = ".wh..wh..opq";
+const WHITEOUT_PREFIX: &str = ".wh.";
+
 /// Unpacks the uncompressed tar stream `tar` into the empty directory `dir`.
 pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError> {
-    let _ = (tar, dir);
-    todo!("unpack helper")
+    let root = nix::fcntl::open(
+        dir,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| UnpackError::Io {
+        context: format!("opening {}", dir.display()),
+        error: e.into(),
+    })?;
+    let mut parser = TarParser::new(tar);
+    let mut stats = Unpacked::default();
+    // Directories get their modes, owners and times last: writing children changes them.
+    let mut dirs: Vec<EntryMeta> = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while let Some(item) = parser.next_item()? {
+        let TarItem::Entry(entry) = item else {
+            continue;
+        };
+        let meta = entry.meta;
+        let name = meta.name.clone();
+        let fail = |message: String| UnpackError::Entry {
+            name: name.clone(),
+            message,
+        };
+        stats.entries += 1;
+        let mut payload_left = entry.size;
+        if name.is_empty() {
+            dirs.push(meta);
+        } else {
+            let (parent_path, base) = name.rsplit_once('/').unwrap_or(("", name.as_str()));
+            let parent = open_dir(&root, parent_path, true).map_err(&fail)?;
+            if base == OPAQUE_MARKER {
+                set_xattr(&parent, None, "trusted.overlay.opaque", b"y")
+                    .map_err(|e| fail(format!("marking the directory opaque: {e}")))?;
+            } else if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
+                remove(&parent, hidden).map_err(|e| fail(format!("replacing {hidden}: {e}")))?;
+                mknodat(&parent, hidden, SFlag::S_IFCHR, Mode::empty(), 0)
+                    .map_err(|e| fail(format!("creating the whiteout: {e}")))?;
+            } else {
+                match meta.kind {
+                    EntryKind::Dir => {
+                        if !is_dir(&parent, base) {
+                            remove(&parent, base).map_err(|e| fail(format!("replacing: {e}")))?;
+                            mkdirat(&parent, base, Mode::from_bits_truncate(0o700))
+                                .map_err(|e| fail(format!("mkdir: {e}")))?;
+                        }
+                        dirs.push(meta);
+                    }
+                    EntryKind::Reg => {
+                        remove(&parent, base).map_err(|e| fail(format!("replacing: {e}")))?;
+                        let flags = OFlag::O_CREAT
+                            | OFlag::O_EXCL
+                            | OFlag::O_WRONLY
+                            | OFlag::O_NOFOLLOW
+                            | OFlag::O_CLOEXEC;
+                        let fd = openat(&parent, base, flags, Mode::from_bits_truncate(0o600))
+                            .map_err(|e| fail(format!("create: {e}")))?;
+                        let mut file = std::fs::File::from(fd);
+                        while payload_left > 0 {
+                            let n = payload_left.min(buf.len() as u64) as usize;
+                            parser.read_payload(&mut buf[..n])?;
+                            std::io::Write::write_all(&mut file, &buf[..n])
+                                .map_err(|e| fail(format!("write: {e}")))?;
+                            payload_left -= n as u64;
+                            stats.bytes += n as u64;
+                        }
+                        fchownat(
+                            &parent,
+                            base,
+                            Some(Uid::from_raw(meta.uid)),
+                            Some(Gid::from_raw(meta.gid)),
+                            AtFlags::AT_SYMLINK_NOFOLLOW,
+                        )
+                        .map_err(|e| fail(format!("chown: {e}")))?;
+                        // After chown, which clears setuid and setgid.
+                        fchmod(&file, Mode::from_bits_truncate(meta.mode & 0o7777))
+                            .map_err(|e| fail(format!("chmod: {e}")))?;
+                        for (k, v) in &meta.xattrs {
+                            set_xattr(&file, None, k, v)
+                                .map_err(|e| fail(format!("xattr {k}: {e}")))?;
+                        }
+                        set_times(&parent, base, &meta).map_err(|e| fail(format!("times: {e}")))?;
+                    }
+                    EntryKind::Symlink => {
+                        remove(&parent, base).map_err(|e| fail(format!("replacing: {e}")))?;
+                        symlinkat(meta.link_name.as_str(), &parent, base)
+                            .map_err(|e| fail(format!("symlink: {e}")))?;
+                        fchownat(
+                            &parent,
+                            base,
+                            Some(Uid::from_raw(meta.uid)),
+                            Some(Gid::from_raw(meta.gid)),
+                            AtFlags::AT_SYMLINK_NOFOLLOW,
+                        )
+                        .map_err(|e| fail(format!("chown: {e}")))?;
+                        set_times(&parent, base, &meta).map_err(|e| fail(format!("times: {e}")))?;
+                    }
+                    EntryKind::Hardlink => {
+                        let (target_parent, target_base) = meta
+                            .link_name
+                            .rsplit_once('/')
+                            .unwrap_or(("", meta.link_name.as_str()));
+                        let from = open_dir(&root, target_parent, false)
+                            .map_err(|m| fail(format!("hard link target: {m}")))?;
+                        remove(&parent, base).map_err(|e| fail(format!("replacing: {e}")))?;
+                        linkat(&from, target_base, &parent, base, AtFlags::empty())
+                            .map_err(|e| fail(format!("hard link to {:?}: {e}", meta.link_name)))?;
+                    }
+                    EntryKind::Char | EntryKind::Block | EntryKind::Fifo => {
+                        remove(&parent, base).map_err(|e| fail(format!("replacing: {e}")))?;
+                        let (kind, dev) = match meta.kind {
+                            EntryKind::Char => (
+                                SFlag::S_IFCHR,
+                                nix::sys::stat::makedev(
+                                    meta.dev_major.into(),
+                                    meta.dev_minor.into(),
+                                ),
+                            ),
+                            EntryKind::Block => (
+                                SFlag::S_IFBLK,
+                                nix::sys::stat::makedev(
+                                    meta.dev_major.into(),
+                                    meta.dev_minor.into(),
+                                ),
+                            ),
+                            _ => (SFlag::S_IFIFO, 0),
+                        };
+                        mknodat(&parent, base, kind, Mode::empty(), dev)
+                            .map_err(|e| fail(format!("mknod: {e}")))?;
+                        fchownat(
+                            &parent,
+                            base,
+                            Some(Uid::from_raw(meta.uid)),
+                            Some(Gid::from_raw(meta.gid)),
+                            AtFlags::AT_SYMLINK_NOFOLLOW,
+                        )
+                        .map_err(|e| fail(format!("chown: {e}")))?;
+                        fchmodat(
+                            &parent,
+                            base,
+                            Mode::from_bits_truncate(meta.mode & 0o7777),
+                            FchmodatFlags::FollowSymlink,
+                        )
+                        .map_err(|e| fail(format!("chmod: {e}")))?;
+                        for (k, v) in &meta.xattrs {
+                            set_xattr(&parent, Some(base), k, v)
+                                .map_err(|e| fail(format!("xattr {k}: {e}")))?;
+                        }
+                        set_times(&parent, base, &meta).map_err(|e| fail(format!("times: {e}")))?;
+                    }
+                }
+            }
+        }
+        if payload_left > 0 {
+            parser.skip_payload(payload_left)?;
+        }
+        parser.skip_payload(padding(entry.size) as u64)?;
+    }
+    // Deepest first, so setting a parent's time is not undone by its children.
+    dirs.sort_by_key(|m| {
+        std::cmp::Reverse(m.name.matches('/').count() + usize::from(!m.name.is_empty()))
+    });
+    for meta in dirs {
+        let fail = |message: String| UnpackError::Entry {
+            name: meta.name.clone(),
+            message,
+        };
+        let fd = open_dir(&root, &meta.name, false).map_err(&fail)?;
+        nix::unistd::fchown(
+            &fd,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )
+        .map_err(|e| fail(format!("chown: {e}")))?;
+        fchmod(&fd, Mode::from_bits_truncate(meta.mode & 0o7777))
+            .map_err(|e| fail(format!("chmod: {e}")))?;
+        for (k, v) in &meta.xattrs {
+            set_xattr(&fd, None, k, v).map_err(|e| fail(format!("xattr {k}: {e}")))?;
+        }
+        let (atime, mtime) = times(&meta);
+        nix::sys::stat::futimens(&fd, &atime, &mtime).map_err(|e| fail(format!("times: {e}")))?;
+    }
+    Ok(stats)
+}
+
+/// Opens directory `path` below `root` one component at a time, never following a symlink;
+/// with `create`, missing directories are made (mode 0755, as an unpacker would).
+fn open_dir(root: &OwnedFd, path: &str, create: bool) -> Result<OwnedFd, String> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let mut fd = root.try_clone().map_err(|e| e.to_string())?;
+    let mut walked = String::new();
+    for component in path.split('/').filter(|c| !c.is_empty()) {
+        if !walked.is_empty() {
+            walked.push('/');
+        }
+        walked.push_str(component);
+        let next = match openat(&fd, component, flags, Mode::empty()) {
+            Ok(next) => next,
+            Err(Errno::ENOENT) if create => {
+                mkdirat(&fd, component, Mode::from_bits_truncate(0o755))
+                    .map_err(|e| format!("creating parent {walked:?}: {e}"))?;
+                openat(&fd, component, flags, Mode::empty())
+                    .map_err(|e| format!("opening parent {walked:?}: {e}"))?
+            }
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                return Err(format!(
+                    "parent {walked:?} is not a directory (a symlink?); refusing to follow it"
+                ))
+            }
+            Err(e) => return Err(format!("opening parent {walked:?}: {e}")),
+        };
+        fd = next;
+    }
+    Ok(fd)
+}
+
+fn is_dir(parent: &OwnedFd, name: &str) -> bool {
+    nix::sys::stat::fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|st| {
+        SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR
+    })
+}
+
+/// Removes `name` if present (an empty directory too), so a later entry replaces an earlier one.
+fn remove(parent: &OwnedFd, name: &str) -> Result<(), Errno> {
+    match unlinkat(parent, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(Errno::EISDIR) => unlinkat(parent, name, UnlinkatFlags::RemoveDir),
+        Err(e) => Err(e),
+    }
+}
+
+fn times(meta: &EntryMeta) -> (TimeSpec, TimeSpec) {
+    let t = TimeSpec::new(meta.mtime, i64::from(meta.mtime_nsec));
+    (t, t)
+}
+
+fn set_times(parent: &OwnedFd, name: &str, meta: &EntryMeta) -> Result<(), Errno> {
+    let (atime, mtime) = times(meta);
+    utimensat(
+        parent,
+        name,
+        &atime,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )
+}
+
+/// Sets an xattr on `fd` itself, or on `name` inside directory `fd` without following it.
+fn set_xattr(fd: &impl AsFd, name: Option<&str>, key: &str, value: &[u8]) -> std::io::Result<()> {
+    let key = CString::new(key)?;
+    let raw = fd.as_fd().as_raw_fd();
+    let rc = match name {
+        // SAFETY: `raw` is an open descriptor we borrow for the call; `key` is NUL-terminated and
+        // `value` is a valid buffer of the length passed.
+        None => unsafe {
+            nix::libc::fsetxattr(raw, key.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        },
+        Some(name) => {
+            let path = CString::new(format!("/proc/self/fd/{raw}/{name}"))?;
+            // SAFETY: as above; `lsetxattr` does not follow a final symlink, and `/proc/self/fd/N`
+            // names the directory `raw` refers to, so no other path is resolved.
+            unsafe {
+                nix::libc::lsetxattr(
+                    path.as_ptr(),
+                    key.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                )
+            }
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

@@ -132,24 +132,28 @@ impl ImageMount {
         })
     }
 
-    /// Unmounts the overlay and every layer, and removes the mount points.
+    /// Unmounts the overlay and every layer, and removes the mount points. Every step is tried
+    /// even if an earlier one failed; the first failure is reported.
     pub fn unmount(mut self) -> Result<(), MountError> {
         for task in self.background.drain(..) {
             task.abort();
         }
+        let mut first = None;
         if let Some(overlay) = self.overlay.take() {
-            overlay
-                .unmount()
-                .map_err(|e| MountError::Image(format!("unmounting the overlay: {e}")))?;
+            if let Err(e) = overlay.unmount() {
+                first.get_or_insert(MountError::Image(format!("unmounting the overlay: {e}")));
+            }
         }
         self.layers.clear();
         if let Some(dir) = self.run_dir.take() {
-            dir.close().map_err(|e| MountError::Io {
-                context: "removing the mount points".into(),
-                error: e,
-            })?;
+            if let Err(e) = dir.close() {
+                first.get_or_insert(MountError::Io {
+                    context: "removing the mount points".into(),
+                    error: e,
+                });
+            }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 
