@@ -500,3 +500,53 @@ async fn a_completed_layer_no_longer_needs_the_registry() -> Result<()> {
     mounted.unmount()?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tiny_disk_budget_evicts_but_keeps_a_complete_layer_while_mounted() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, _, _) = lazy_sample(&registry, work.path(), "budget")?;
+    let budget = 128 << 10;
+    let root = work.path().join("root");
+    let oracle = tempfile::tempdir()?;
+    image::sample_tree(oracle.path(), 1)?;
+
+    // Without background fetch nothing is complete, so nothing is pinned: reading everything
+    // keeps the cache within the budget, and every read is still right.
+    let target = work.path().join("m1");
+    std::fs::create_dir_all(&target)?;
+    let mut config = MountConfig::new(root.clone());
+    config.background_fetch = false;
+    config.disk_budget = budget;
+    let m1 = mount::mount_image(&reference.parse()?, &target, &config).await?;
+    for _ in 0..2 {
+        for name in ["usr/bin/tool", "usr/bin/tool.hard", "etc/hostname"] {
+            assert_eq!(
+                read_in_thread(target.join(name)).await?,
+                std::fs::read(oracle.path().join(name))?,
+                "{name}"
+            );
+        }
+    }
+    let usage = m1.cache_usage().context("usage")?;
+    assert!(
+        usage.disk_bytes <= budget,
+        "{usage:?} over a {budget}-byte budget"
+    );
+    m1.unmount()?;
+
+    // With background fetch the layer completes and is pinned while mounted, over the budget.
+    let target = work.path().join("m2");
+    std::fs::create_dir_all(&target)?;
+    config.background_fetch = true;
+    let mut m2 = mount::mount_image(&reference.parse()?, &target, &config).await?;
+    assert!(mount::wait_background(&mut m2, Duration::from_secs(60)).await);
+    let usage = m2.cache_usage().context("usage")?;
+    assert!(
+        usage.disk_bytes > budget,
+        "a complete, mounted layer is kept whole: {usage:?}"
+    );
+    m2.unmount()?;
+    Ok(())
+}

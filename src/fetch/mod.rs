@@ -35,6 +35,9 @@ pub struct FetchConfig {
     pub max_request: u64,
     /// Largest gap of already-held or non-chunk bytes (tar headers) a coalesced request spans.
     pub max_gap: u64,
+    /// How far a miss reads ahead into *other* files (small neighbours, likely read next); the
+    /// rest of the missed file itself may come along up to `max_request`.
+    pub max_neighbours: u64,
 }
 
 impl Default for FetchConfig {
@@ -42,6 +45,7 @@ impl Default for FetchConfig {
         Self {
             max_request: 4 << 20,
             max_gap: 64 << 10,
+            max_neighbours: 256 << 10,
         }
     }
 }
@@ -171,6 +175,11 @@ impl LayerFetcher {
     /// The layer's blob digest.
     pub fn blob(&self) -> Digest {
         self.inner.blob
+    }
+
+    /// The digests of every chunk of the layer (what pinning a complete layer protects).
+    pub fn chunk_digests(&self) -> Vec<Digest> {
+        self.inner.chunks.iter().map(|c| c.digest).collect()
     }
 
     /// Whether every chunk of the layer is in the cache.

@@ -58,8 +58,15 @@ pub fn span_around(
         if c.digest == wanted.digest && c.compressed_start == wanted.compressed_start {
             continue;
         }
+        // A chunk at file offset 0 starts another file: neighbours ride along only within the
+        // smaller read-ahead budget, the missed file's own later chunks within the request size.
+        let limit = if c.file_offset == 0 {
+            config.max_neighbours.min(config.max_request)
+        } else {
+            config.max_request
+        };
         if c.compressed_start > span.end.saturating_add(config.max_gap)
-            || c.compressed_end.max(span.end) - span.start > config.max_request
+            || c.compressed_end.max(span.end) - span.start > limit
         {
             break;
         }
@@ -76,9 +83,10 @@ pub fn span_around(
 mod tests {
     use super::*;
 
+    /// A chunk in the middle of one large file.
     fn chunk(start: u64, end: u64) -> Chunk {
         Chunk {
-            file_offset: 0,
+            file_offset: 1 + start,
             size: end - start,
             compressed_start: start,
             compressed_end: end,
@@ -128,14 +136,16 @@ mod tests {
         assert_eq!(
             starts(&FetchConfig {
                 max_request: 350,
-                max_gap: 100
+                max_gap: 100,
+                max_neighbours: 350
             }),
             vec![0, 200]
         );
         assert_eq!(
             starts(&FetchConfig {
                 max_request: 500,
-                max_gap: 100
+                max_gap: 100,
+                max_neighbours: 500
             }),
             vec![0, 200, 300, 400]
         );
@@ -143,9 +153,36 @@ mod tests {
         assert_eq!(
             starts(&FetchConfig {
                 max_request: 500,
-                max_gap: 0
+                max_gap: 0,
+                max_neighbours: 500
             }),
             vec![0]
+        );
+    }
+
+    #[test]
+    fn other_files_ride_along_only_within_the_neighbour_budget() {
+        let mut small: Vec<Chunk> = (0..10).map(|i| chunk(i * 100, i * 100 + 100)).collect();
+        for c in &mut small {
+            c.file_offset = 0; // ten one-chunk files
+        }
+        let config = FetchConfig {
+            max_request: 1000,
+            max_gap: 0,
+            max_neighbours: 300,
+        };
+        let span = span_around(&small, &small[0], &config, |_| false);
+        assert_eq!(
+            (span.start, span.end),
+            (0, 300),
+            "the missed file and two neighbours"
+        );
+        let big: Vec<Chunk> = (0..10).map(|i| chunk(i * 100, i * 100 + 100)).collect();
+        let span = span_around(&big, &big[0], &config, |_| false);
+        assert_eq!(
+            (span.start, span.end),
+            (0, 1000),
+            "the rest of one file, up to the request size"
         );
     }
 

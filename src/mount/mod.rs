@@ -97,6 +97,7 @@ pub struct ImageMount {
     layers: Vec<Layer>,
     background: Vec<tokio::task::JoinHandle<()>>,
     run_dir: Option<tempfile::TempDir>,
+    cache: Option<ChunkCache>,
     pub manifest_digest: Digest,
     pub config: Value,
     pub layer_info: Vec<LayerInfo>,
@@ -124,6 +125,11 @@ impl ImageMount {
             .sum()
     }
 
+    /// What the chunk cache holds now.
+    pub fn cache_usage(&self) -> Option<crate::cache::CacheUsage> {
+        self.cache.as_ref().map(ChunkCache::usage)
+    }
+
     /// The lazy layers' fetchers (for their counters).
     pub fn fetchers(&self) -> impl Iterator<Item = &LayerFetcher> {
         self.layers.iter().filter_map(|l| match l {
@@ -145,6 +151,9 @@ impl ImageMount {
             }
         }
         self.layers.clear();
+        if let (Some(dir), Some(cache)) = (&self.run_dir, &self.cache) {
+            release_pins(cache, dir.path());
+        }
         if let Some(dir) = self.run_dir.take() {
             if let Err(e) = dir.close() {
                 first.get_or_insert(MountError::Io {
@@ -192,6 +201,7 @@ pub async fn mount_image(
         context: format!("creating {}", run.display()),
         error: e,
     })?;
+    release_stale_pins(&cache, &run);
     let run_dir = tempfile::Builder::new()
         .prefix("mount-")
         .tempdir_in(&run)
@@ -238,13 +248,24 @@ pub async fn mount_image(
             Some((mount, fetcher, toc)) => {
                 let task_fetcher = fetcher.clone();
                 let background_fetch = config.background_fetch;
+                let task_cache = cache.clone();
+                let owner = pin_owner(run_dir.path(), &fetcher.blob());
                 background.push(tokio::spawn(async move {
                     if !toc.prefetch.is_empty() {
                         if let Err(e) = task_fetcher.prefetch(&toc, &toc.prefetch).await {
                             tracing::warn!(layer = %task_fetcher.blob().short(), "prefetch failed: {e}");
                         }
                     }
-                    if background_fetch && !task_fetcher.is_complete() {
+                    if !background_fetch {
+                        return;
+                    }
+                    // A layer being completed needs every chunk, and once complete it no longer
+                    // needs the registry: pin its chunks before fetching them, so eviction cannot
+                    // undo the work while it is mounted, whatever the disk budget.
+                    if let Err(e) = task_cache.pin(&owner, &task_fetcher.chunk_digests()) {
+                        tracing::warn!("cannot pin the layer's chunks: {e}");
+                    }
+                    if !task_fetcher.is_complete() {
                         if let Err(e) = task_fetcher.complete().await {
                             tracing::warn!("background fetch stopped: {e}");
                         }
@@ -277,11 +298,51 @@ pub async fn mount_image(
         layers,
         background,
         run_dir: Some(run_dir),
+        cache: Some(cache),
         manifest_digest,
         config: image_config,
         layer_info,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Pins are owned by `<mount directory name>/<layer hex>`, so a mount releases its own and a
+/// crashed process's pins can be recognised by their missing mount directory.
+fn pin_owner(run_dir: &Path, layer: &Digest) -> String {
+    let name = run_dir
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    format!("{name}/{}", layer.hex())
+}
+
+fn release_pins(cache: &ChunkCache, run_dir: &Path) {
+    let prefix = pin_owner(run_dir, &Digest::of(b""))
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+        + "/";
+    for owner in cache
+        .pin_owners()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| o.starts_with(&prefix))
+    {
+        if let Err(e) = cache.unpin(&owner) {
+            tracing::warn!("cannot release pins of {owner}: {e}");
+        }
+    }
+}
+
+/// Releases pins whose mount directory under `run` is gone (left by a process that died).
+fn release_stale_pins(cache: &ChunkCache, run: &Path) {
+    for owner in cache.pin_owners().unwrap_or_default() {
+        let dir = owner.split('/').next().unwrap_or_default();
+        if !run.join(dir).exists() {
+            tracing::info!("releasing stale pins of {owner}");
+            let _ = cache.unpin(&owner);
+        }
+    }
 }
 
 /// The manifest (chosen for `platform` from an index) and config of `reference`.

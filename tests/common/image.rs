@@ -240,6 +240,7 @@ pub fn sample_tree(root: &Path, seed: u8) -> Result<()> {
     std::os::unix::fs::symlink("/usr/bin/tool", root.join("usr/bin/abs-link"))?;
     std::os::unix::fs::symlink("tool", root.join("usr/bin/rel-link"))?;
     fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname.hard"))?;
+    fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool.hard"))?;
     // Entry kinds a layer file system must reproduce: devices, a fifo, setuid, user xattrs.
     run(Command::new("mknod")
         .arg(root.join("etc/tty0"))
