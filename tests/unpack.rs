@@ -22,7 +22,9 @@ fn python_tar(body: &str) -> Result<Vec<u8>> {
 }
 
 fn empty(dir: &Path) -> bool {
-    std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true)
+    std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
 }
 
 #[test]
@@ -35,10 +37,17 @@ fn a_symlink_in_the_layer_is_never_followed_out_of_the_directory() -> Result<()>
     ];
     for (i, body) in cases.iter().enumerate() {
         let dir = tempfile::tempdir()?;
-        let err = unpack_layer(&python_tar(body)?[..], dir.path()).expect_err("must refuse to write through a symlink");
+        let err = unpack_layer(&python_tar(body)?[..], dir.path())
+            .expect_err("must refuse to write through a symlink");
         let message = err.to_string();
-        assert!(message.contains("pwned") && message.contains("symlink"), "case {i}: {message}");
-        assert!(empty(outside.path()), "case {i}: something was written outside");
+        assert!(
+            message.contains("pwned") && message.contains("symlink"),
+            "case {i}: {message}"
+        );
+        assert!(
+            empty(outside.path()),
+            "case {i}: something was written outside"
+        );
         assert!(!Path::new("/tmp/pwned").exists(), "case {i}");
     }
     Ok(())
@@ -70,9 +79,23 @@ fn an_unpacked_layer_equals_gnu_tar_extraction() -> Result<()> {
     std::fs::create_dir_all(&ours)?;
     std::fs::create_dir_all(&theirs)?;
     let unpacked = unpack_layer(&tar[..], &ours)?;
-    assert!(unpacked.entries > 10 && unpacked.bytes > 600_000, "{unpacked:?}");
+    assert!(
+        unpacked.entries > 10 && unpacked.bytes > 600_000,
+        "{unpacked:?}"
+    );
     image::pipe(
-        Command::new("tar").args(["--xattrs", "--xattrs-include=*", "--same-owner", "-p", "--numeric-owner", "-xf", "-", "-C"]).arg(&theirs),
+        Command::new("tar")
+            .args([
+                "--xattrs",
+                "--xattrs-include=*",
+                "--same-owner",
+                "-p",
+                "--numeric-owner",
+                "-xf",
+                "-",
+                "-C",
+            ])
+            .arg(&theirs),
         &tar,
     )?;
     let differences = tree::differences(&tree::snapshot(&theirs)?, &tree::snapshot(&ours)?);
@@ -89,10 +112,17 @@ fn whiteouts_become_overlay_whiteouts_and_opaque_directories() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     unpack_layer(&image::tar_dir(&source)?[..], &dir)?;
     let whiteout = std::fs::symlink_metadata(dir.join("etc/hostname.hard"))?;
-    assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0, "char 0:0");
+    assert!(
+        whiteout.file_type().is_char_device() && whiteout.rdev() == 0,
+        "char 0:0"
+    );
     assert!(!dir.join("etc/.wh.hostname.hard").exists());
     assert!(!dir.join("srv/data/.wh..wh..opq").exists());
-    let out = image::run(Command::new("getfattr").args(["-n", "trusted.overlay.opaque", "--only-values"]).arg(dir.join("srv/data")))?;
+    let out = image::run(
+        Command::new("getfattr")
+            .args(["-n", "trusted.overlay.opaque", "--only-values"])
+            .arg(dir.join("srv/data")),
+    )?;
     assert_eq!(out, b"y");
     Ok(())
 }
