@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::convert::{ConvertError, ImageLocation, Layout, SourceImage};
-use crate::format::{self, LayerFormat, LazyLayer, Toc};
+use crate::format::{self, LayerFormat};
 use crate::oci::{Digest, Platform, Reference};
 use crate::registry::{Client, ClientConfig};
 
@@ -84,7 +84,11 @@ pub async fn inspect(
                 }
                 ImageLocation::DockerArchive { .. } => BlobAccess::None,
             };
-            match read_toc(&access, lazy, &digest, size).await {
+            match crate::fetch::read_toc(&digest, lazy, size, |start, end| {
+                access.range(&digest, start, end)
+            })
+            .await
+            {
                 Ok(toc) => {
                     info.toc_verified = true;
                     info.entries = Some(toc.entries.len());
@@ -142,40 +146,4 @@ impl BlobAccess {
             )),
         }
     }
-}
-
-/// Finds and verifies a layer's TOC with (at most) two range reads: the footer, then the TOC.
-async fn read_toc(
-    access: &BlobAccess,
-    lazy: &LazyLayer,
-    digest: &Digest,
-    size: u64,
-) -> Result<Toc, ConvertError> {
-    let label = digest.short();
-    let position = match lazy.toc_position {
-        Some(p) => p,
-        None => {
-            let tail_len = format::tail_len(lazy.format).min(size);
-            let tail = access.range(digest, size - tail_len, size).await?;
-            format::parse_tail(lazy.format, &tail, size).map_err(|source| ConvertError::Format {
-                layer: label.clone(),
-                error: source,
-            })?
-        }
-    };
-    let end = position
-        .offset
-        .checked_add(position.compressed_len)
-        .filter(|&e| e <= size)
-        .ok_or_else(|| {
-            ConvertError::Source(format!(
-                "layer {label}: TOC position {}+{} lies outside the {size}-byte blob",
-                position.offset, position.compressed_len
-            ))
-        })?;
-    let raw = access.range(digest, position.offset, end).await?;
-    format::parse_toc(lazy, position, &raw).map_err(|source| ConvertError::Format {
-        layer: label,
-        error: source,
-    })
 }

@@ -352,16 +352,6 @@ async fn a_corrupt_source_blob_fails_and_no_manifest_is_pushed() -> Result<()> {
     Ok(())
 }
 
-/// Builds a layer tar with Python's `tarfile` (an independent writer that allows hostile names).
-fn python_tar(script_body: &str) -> Result<Vec<u8>> {
-    let script = format!(
-        "import io, sys, tarfile\nbuf = io.BytesIO()\nt = tarfile.open(fileobj=buf, mode='w', format=tarfile.PAX_FORMAT)\n\
-         def add(name, data=b'', kind=tarfile.REGTYPE, link=''):\n    i = tarfile.TarInfo(name); i.type = kind; i.linkname = link; i.size = len(data)\n    t.addfile(i, io.BytesIO(data))\n\
-         {script_body}\nt.close()\nsys.stdout.buffer.write(buf.getvalue())\n"
-    );
-    image::run(Command::new("python3").args(["-c", &script]))
-}
-
 #[test]
 fn hostile_entries_are_rejected_naming_the_entry() -> Result<()> {
     let cases = [
@@ -382,7 +372,7 @@ fn hostile_entries_are_rejected_naming_the_entry() -> Result<()> {
     for (i, (body, entry)) in cases.iter().enumerate() {
         let tmp = tempfile::tempdir()?;
         let layout = LayoutBuilder::new(&tmp.path().join("src"))?;
-        let desc = layout.image(&[python_tar(body)?], "amd64")?;
+        let desc = layout.image(&[image::python_tar(body)?], "amd64")?;
         layout.tags(&[("src", desc)])?;
         let dst = tmp.path().join("dst");
         let (ok, _, stderr) = lazysnap(&[

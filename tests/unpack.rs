@@ -11,16 +11,6 @@ use anyhow::Result;
 use common::{image, tree};
 use lazysnap::fs::unpack::unpack_layer;
 
-/// Builds a tar with Python's `tarfile`, which writes what it is told (hostile entries included).
-fn python_tar(body: &str) -> Result<Vec<u8>> {
-    let script = format!(
-        "import io, sys, tarfile\nbuf = io.BytesIO()\nt = tarfile.open(fileobj=buf, mode='w', format=tarfile.PAX_FORMAT)\n\
-         def add(name, data=b'', kind=tarfile.REGTYPE, link=''):\n    i = tarfile.TarInfo(name); i.type = kind; i.linkname = link; i.size = len(data)\n    t.addfile(i, io.BytesIO(data))\n\
-         {body}\nt.close()\nsys.stdout.buffer.write(buf.getvalue())\n"
-    );
-    image::run(Command::new("python3").args(["-c", &script]))
-}
-
 fn empty(dir: &Path) -> bool {
     std::fs::read_dir(dir)
         .map(|mut d| d.next().is_none())
@@ -37,7 +27,7 @@ fn a_symlink_in_the_layer_is_never_followed_out_of_the_directory() -> Result<()>
     ];
     for (i, body) in cases.iter().enumerate() {
         let dir = tempfile::tempdir()?;
-        let err = unpack_layer(&python_tar(body)?[..], dir.path())
+        let err = unpack_layer(&image::python_tar(body)?[..], dir.path())
             .expect_err("must refuse to write through a symlink");
         let message = err.to_string();
         assert!(
@@ -61,7 +51,7 @@ fn links_and_names_out_of_the_layer_are_refused() -> Result<()> {
         ("add('/abs', b'x')", "/abs"),
     ] {
         let dir = tempfile::tempdir()?;
-        let err = unpack_layer(&python_tar(body)?[..], dir.path()).expect_err(body);
+        let err = unpack_layer(&image::python_tar(body)?[..], dir.path()).expect_err(body);
         assert!(err.to_string().contains(entry), "{err}");
         assert!(empty(dir.path()), "nothing unpacked for {body}");
     }

@@ -231,11 +231,7 @@ pub async fn convert(
         tracing::info!(layer = %label, digest = %written.digest, size = written.size, "layer ready");
         diff_ids.push(written.diff_id);
         if let Some(previous) = pending.take() {
-            let (report, descriptor) = previous
-                .await
-                .map_err(|e| ConvertError::Source(format!("upload task failed: {e}")))??;
-            reports.push(report);
-            descriptors.push(descriptor);
+            finish_upload(previous, &mut reports, &mut descriptors).await?;
         }
         let dest = dest.clone();
         let source_digest = layer.digest;
@@ -264,11 +260,7 @@ pub async fn convert(
         }));
     }
     if let Some(previous) = pending.take() {
-        let (report, descriptor) = previous
-            .await
-            .map_err(|e| ConvertError::Source(format!("upload task failed: {e}")))??;
-        reports.push(report);
-        descriptors.push(descriptor);
+        finish_upload(previous, &mut reports, &mut descriptors).await?;
     }
 
     let config = new_config(&source.config, &diff_ids)?;
@@ -299,6 +291,20 @@ pub async fn convert(
         layers: reports,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Waits for one layer's upload and records its report and manifest descriptor.
+async fn finish_upload(
+    upload: tokio::task::JoinHandle<Result<(LayerReport, Value), ConvertError>>,
+    reports: &mut Vec<LayerReport>,
+    descriptors: &mut Vec<Value>,
+) -> Result<(), ConvertError> {
+    let (report, descriptor) = upload
+        .await
+        .map_err(|e| ConvertError::Source(format!("upload task failed: {e}")))??;
+    reports.push(report);
+    descriptors.push(descriptor);
+    Ok(())
 }
 
 /// The source config with the new layers' `diff_ids`; every other field is kept as it was.

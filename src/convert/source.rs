@@ -184,14 +184,14 @@ impl SourceImage {
                 media_type,
                 digest: Some(digest),
                 size: Some(size),
-                annotations: string_map(d.get("annotations")),
+                annotations: oci::string_map(d.get("annotations")),
                 diff_id,
                 place: place(&digest, size),
             });
         }
         Ok(Self {
             manifest_digest,
-            annotations: string_map(manifest.get("annotations")),
+            annotations: oci::string_map(manifest.get("annotations")),
             config,
             layers,
             origin,
@@ -321,16 +321,6 @@ pub fn descriptor_digest(descriptor: &Value) -> Result<Digest, ConvertError> {
         .and_then(Value::as_str)
         .ok_or_else(|| ConvertError::Source("descriptor without digest".into()))?;
     Ok(s.parse()?)
-}
-
-fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
-    v.and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// A reader that fails at its end unless exactly `len` bytes hashing to `digest` passed.

@@ -20,13 +20,58 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::io::AsyncReadExt;
 
 use crate::cache::ChunkCache;
-use crate::format::{self, Chunk, LayerFormat, Toc};
+use crate::format::{self, Chunk, LayerFormat, LazyLayer, Toc};
 use crate::fs::{ChunkError, ChunkSource};
 use crate::metrics::METRICS;
 use crate::oci::{Digest, Reference};
 use crate::registry::Client;
 
 pub use plan::{plan_ranges, Span};
+
+/// Finds and verifies a lazy layer's TOC with at most two range reads of its `size`-byte blob:
+/// the footer (skipped when the annotation gives the position), then the TOC, which is checked
+/// against the digest the manifest pins before it is parsed. `read(start, end)` reads
+/// `[start, end)` of the blob, from a registry or a local file.
+pub async fn read_toc<F, Fut, E>(
+    blob: &Digest,
+    lazy: &LazyLayer,
+    size: u64,
+    read: F,
+) -> Result<Toc, FetchError>
+where
+    F: Fn(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>, E>>,
+    E: std::fmt::Display,
+{
+    let fail = |message: String| FetchError::Layer {
+        layer: blob.short(),
+        message,
+    };
+    let position = match lazy.toc_position {
+        Some(p) => p,
+        None => {
+            let tail_len = format::tail_len(lazy.format).min(size);
+            let tail = read(size - tail_len, size)
+                .await
+                .map_err(|e| fail(format!("reading the footer: {e}")))?;
+            format::parse_tail(lazy.format, &tail, size).map_err(|e| fail(e.to_string()))?
+        }
+    };
+    let end = position
+        .offset
+        .checked_add(position.compressed_len)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| {
+            fail(format!(
+                "TOC position {}+{} lies outside the {size}-byte blob",
+                position.offset, position.compressed_len
+            ))
+        })?;
+    let raw = read(position.offset, end)
+        .await
+        .map_err(|e| fail(format!("reading the TOC: {e}")))?;
+    format::parse_toc(lazy, position, &raw).map_err(|e| fail(e.to_string()))
+}
 
 /// Fetch tuning.
 #[derive(Debug, Clone)]

@@ -116,14 +116,7 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
                             payload_left -= n as u64;
                             stats.bytes += n as u64;
                         }
-                        fchownat(
-                            &parent,
-                            base,
-                            Some(Uid::from_raw(meta.uid)),
-                            Some(Gid::from_raw(meta.gid)),
-                            AtFlags::AT_SYMLINK_NOFOLLOW,
-                        )
-                        .map_err(|e| fail(format!("chown: {e}")))?;
+                        chown_at(&parent, base, &meta).map_err(|e| fail(format!("chown: {e}")))?;
                         // After chown, which clears setuid and setgid.
                         fchmod(&file, Mode::from_bits_truncate(meta.mode & 0o7777))
                             .map_err(|e| fail(format!("chmod: {e}")))?;
@@ -137,14 +130,7 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
                         remove(&parent, base).map_err(|e| fail(format!("replacing: {e}")))?;
                         symlinkat(meta.link_name.as_str(), &parent, base)
                             .map_err(|e| fail(format!("symlink: {e}")))?;
-                        fchownat(
-                            &parent,
-                            base,
-                            Some(Uid::from_raw(meta.uid)),
-                            Some(Gid::from_raw(meta.gid)),
-                            AtFlags::AT_SYMLINK_NOFOLLOW,
-                        )
-                        .map_err(|e| fail(format!("chown: {e}")))?;
+                        chown_at(&parent, base, &meta).map_err(|e| fail(format!("chown: {e}")))?;
                         set_times(&parent, base, &meta).map_err(|e| fail(format!("times: {e}")))?;
                     }
                     EntryKind::Hardlink => {
@@ -179,14 +165,7 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
                         };
                         mknodat(&parent, base, kind, Mode::empty(), dev)
                             .map_err(|e| fail(format!("mknod: {e}")))?;
-                        fchownat(
-                            &parent,
-                            base,
-                            Some(Uid::from_raw(meta.uid)),
-                            Some(Gid::from_raw(meta.gid)),
-                            AtFlags::AT_SYMLINK_NOFOLLOW,
-                        )
-                        .map_err(|e| fail(format!("chown: {e}")))?;
+                        chown_at(&parent, base, &meta).map_err(|e| fail(format!("chown: {e}")))?;
                         fchmodat(
                             &parent,
                             base,
@@ -264,6 +243,17 @@ fn open_dir(root: &OwnedFd, path: &str, create: bool) -> Result<OwnedFd, String>
         fd = next;
     }
     Ok(fd)
+}
+
+/// Sets an entry's owner without following it (a symlink's own owner, not its target's).
+fn chown_at(parent: &OwnedFd, name: &str, meta: &EntryMeta) -> Result<(), Errno> {
+    fchownat(
+        parent,
+        name,
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
 }
 
 fn is_dir(parent: &OwnedFd, name: &str) -> bool {

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::cache::{CacheConfig, ChunkCache};
 use crate::fetch::{FetchConfig, LayerFetcher};
-use crate::format::{self, LazyLayer, Toc};
+use crate::format::{self, Toc};
 use crate::fs::{self, LayerMount, MountOptions, OverlayMount};
 use crate::oci::{self, Digest, ImageDocument, Platform, Reference};
 use crate::registry::{Client, ClientConfig};
@@ -418,17 +418,19 @@ async fn prepare_layer(
         .get("mediaType")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let annotations = descriptor
-        .get("annotations")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let annotations = oci::string_map(descriptor.get("annotations"));
     if let Some(lazy) = format::detect(media_type, &annotations) {
-        let toc = Arc::new(read_toc(client, reference, &digest, size, &lazy).await?);
+        let read = |start: u64, end: u64| async move {
+            client
+                .get_blob_range(reference, &digest, start..end)
+                .await
+                .map(|b| b.to_vec())
+        };
+        let toc = Arc::new(
+            crate::fetch::read_toc(&digest, &lazy, size, read)
+                .await
+                .map_err(|e| MountError::Image(e.to_string()))?,
+        );
         let fetcher = LayerFetcher::new(
             client.clone(),
             reference.clone(),
@@ -482,38 +484,6 @@ async fn prepare_layer(
         info,
         lazy: None,
     })
-}
-
-/// Finds and verifies a lazy layer's TOC: the footer (one range read, unless the annotation
-/// gives the position), then the TOC (one more).
-async fn read_toc(
-    client: &Client,
-    reference: &Reference,
-    digest: &Digest,
-    size: u64,
-    lazy: &LazyLayer,
-) -> Result<Toc, MountError> {
-    let position = match lazy.toc_position {
-        Some(p) => p,
-        None => {
-            let tail_len = format::tail_len(lazy.format).min(size);
-            let tail = client
-                .get_blob_range(reference, digest, size - tail_len..size)
-                .await
-                .map_err(|e| layer_error(digest, e))?;
-            format::parse_tail(lazy.format, &tail, size).map_err(|e| layer_error(digest, e))?
-        }
-    };
-    let end = position
-        .offset
-        .checked_add(position.compressed_len)
-        .filter(|&e| e <= size)
-        .ok_or_else(|| layer_error(digest, "the TOC position lies outside the blob"))?;
-    let raw = client
-        .get_blob_range(reference, digest, position.offset..end)
-        .await
-        .map_err(|e| layer_error(digest, e))?;
-    format::parse_toc(lazy, position, &raw).map_err(|e| layer_error(digest, e))
 }
 
 /// A plain layer, fetched whole, checked against its digest and `diff_id`, and unpacked once

@@ -51,3 +51,15 @@ pub enum OciError {
     #[error("no manifest for {wanted} in index; it offers {offered}")]
     NoPlatform { wanted: String, offered: String },
 }
+
+/// The string entries of a JSON object (annotations, labels); anything else gives an empty map.
+pub fn string_map(value: Option<&serde_json::Value>) -> std::collections::BTreeMap<String, String> {
+    value
+        .and_then(serde_json::Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -279,3 +279,14 @@ pub fn whiteout_tree(root: &Path) -> Result<()> {
     fs::write(root.join("srv/data/new"), b"after the opaque dir\n")?;
     Ok(())
 }
+
+/// A layer tar written by Python's `tarfile`, an independent writer that writes what it is told,
+/// hostile entries included. `body` calls `add(name, data=b'', kind=tarfile.REGTYPE, link='')`.
+pub fn python_tar(body: &str) -> Result<Vec<u8>> {
+    let script = format!(
+        "import io, sys, tarfile\nbuf = io.BytesIO()\nt = tarfile.open(fileobj=buf, mode='w', format=tarfile.PAX_FORMAT)\n\
+         def add(name, data=b'', kind=tarfile.REGTYPE, link=''):\n    i = tarfile.TarInfo(name); i.type = kind; i.linkname = link; i.size = len(data)\n    t.addfile(i, io.BytesIO(data))\n\
+         {body}\nt.close()\nsys.stdout.buffer.write(buf.getvalue())\n"
+    );
+    run(Command::new("python3").args(["-c", &script]))
+}
