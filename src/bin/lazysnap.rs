@@ -10,6 +10,7 @@ use lazysnap::inspect;
 use lazysnap::mount::{self, MountConfig};
 use lazysnap::oci::{Platform, Reference};
 use lazysnap::registry::ClientConfig;
+use lazysnap::run::{self as launcher, spec::Network, RunOptions, Stage};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,6 +71,12 @@ enum Command {
         reference: Reference,
         mountpoint: std::path::PathBuf,
     },
+    /// Run an image as a container (with runc) before it has been downloaded.
+    ///
+    /// The container's standard streams and exit status are its own; lazysnap's report (digest,
+    /// time to mount and to first exec, bytes fetched) goes to stderr. Failures of lazysnap
+    /// itself exit with 125. SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 are forwarded.
+    Run(Box<RunArgs>),
     /// Show an image's layers, their lazy format, and whether each TOC verifies.
     Inspect {
         /// Print JSON instead of a table.
@@ -79,6 +86,58 @@ enum Command {
         platform: Option<Platform>,
         reference: ImageLocation,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Remove the container's writable layer on exit (the default; see --keep).
+    #[arg(long)]
+    rm: bool,
+    /// Keep the container's writable layer and bundle under ROOT/containers/NAME after exit.
+    #[arg(long, conflicts_with = "rm")]
+    keep: bool,
+    /// Container name and hostname (default: generated).
+    #[arg(long)]
+    name: Option<String>,
+    /// Set an environment variable (K=V), or pass K from this environment.
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory inside the container (default: the image's WorkingDir, or /).
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User: name, uid, name:group or uid:gid, resolved in the image's /etc/passwd and /etc/group.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Network: the host's, or a new namespace with only loopback.
+    #[arg(long, value_enum, default_value_t = NetArg::Host)]
+    net: NetArg,
+    /// Replace the image's Entrypoint (and drop its Cmd); "" clears it.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Fetch only what the container reads (and the prefetch set), not the rest of each layer.
+    #[arg(long)]
+    no_background_fetch: bool,
+    /// Seconds a read may wait for the registry before it fails with EIO.
+    #[arg(long, default_value_t = 30)]
+    read_timeout: u64,
+    #[arg(long)]
+    platform: Option<Platform>,
+    /// Also write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    report: Option<std::path::PathBuf>,
+    /// The runc binary.
+    #[arg(long, default_value = "runc")]
+    runc: std::path::PathBuf,
+    reference: Reference,
+    /// Command and arguments, replacing the image's Cmd.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum NetArg {
+    Host,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -107,7 +166,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lazysnap: {e:#}");
             ExitCode::FAILURE
@@ -130,7 +189,7 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let registry = ClientConfig {
         plain_http: cli.plain_http,
         ..ClientConfig::default()
@@ -220,6 +279,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 human(fetched)
             );
         }
+        Command::Run(args) => return Ok(run_container(*args, cli.root, registry).await),
         Command::Inspect {
             json,
             platform,
@@ -239,7 +299,99 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lazysnap run`: the container's exit status, or 125 when lazysnap itself failed.
+async fn run_container(
+    args: RunArgs,
+    root: std::path::PathBuf,
+    registry: ClientConfig,
+) -> ExitCode {
+    let mut mount = MountConfig::new(root.clone());
+    mount.background_fetch = !args.no_background_fetch;
+    mount.fs.read_timeout = std::time::Duration::from_secs(args.read_timeout);
+    mount.registry = registry;
+    if let Some(p) = args.platform {
+        mount.platform = p;
+    }
+    let options = RunOptions {
+        mount,
+        name: args.name,
+        overrides: launcher::spec::Overrides {
+            entrypoint: args.entrypoint,
+            command: args.command,
+            env: args.env,
+            working_dir: args.workdir,
+            user: args.user,
+        },
+        network: match args.net {
+            NetArg::Host => Network::Host,
+            NetArg::None => Network::None,
+        },
+        keep: args.keep,
+        runc: launcher::runc::Runc {
+            binary: args.runc,
+            ..Default::default()
+        },
+    };
+    let reference = args.reference;
+    let mut on_stage = |stage: Stage<'_>| match stage {
+        Stage::Mounted { mount } => {
+            eprintln!("lazysnap: {reference}@{}", mount.manifest_digest);
+            let total: u64 = mount.layer_info.iter().map(|l| l.size).sum();
+            eprintln!(
+                "lazysnap: mounted {} layers ({}) in {:.0} ms",
+                mount.layer_info.len(),
+                human(total),
+                mount.seconds * 1000.0
+            );
+            for l in &mount.layer_info {
+                let how = if l.mode == "unpacked" {
+                    "unpacked"
+                } else {
+                    "lazy"
+                };
+                eprintln!(
+                    "lazysnap:   {} {:>10} {:<8} {:<13} {:>6.0} ms",
+                    l.digest.short(),
+                    human(l.size),
+                    how,
+                    l.mode,
+                    l.seconds * 1000.0
+                );
+            }
+        }
+        Stage::Started { seconds, fetched } => eprintln!(
+            "lazysnap: first exec after {:.0} ms, {} fetched",
+            seconds * 1000.0,
+            human(fetched)
+        ),
+    };
+    match launcher::run(&reference, &options, &mut on_stage).await {
+        Ok(report) => {
+            eprintln!(
+                "lazysnap: exit {} after {:.2} s, {} of {} fetched",
+                report.exit_code,
+                report.total_seconds,
+                human(report.fetched_at_exit),
+                human(report.image_bytes)
+            );
+            if let Some(path) = &args.report {
+                let written = serde_json::to_vec_pretty(&report)
+                    .map_err(std::io::Error::other)
+                    .and_then(|json| std::fs::write(path, json));
+                if let Err(e) = written {
+                    eprintln!("lazysnap: writing the report to {}: {e}", path.display());
+                }
+            }
+            ExitCode::from(u8::try_from(report.exit_code).unwrap_or(255))
+        }
+        Err(e) => {
+            eprintln!("lazysnap: running {reference}: {e}");
+            ExitCode::from(launcher::EXIT_LAUNCHER_FAILED)
+        }
+    }
 }
 
 /// Returns at the first SIGTERM or SIGINT.

@@ -180,6 +180,17 @@ pub async fn mount_image(
     target: &Path,
     config: &MountConfig,
 ) -> Result<ImageMount, MountError> {
+    mount_image_with_upper(reference, target, config, None).await
+}
+
+/// Mounts the image `reference` at `target`, writable through `upper` when one is given (a
+/// container's root): writes land in the upper directory, the layers stay read-only.
+pub async fn mount_image_with_upper(
+    reference: &Reference,
+    target: &Path,
+    config: &MountConfig,
+    upper: Option<&fs::UpperDir>,
+) -> Result<ImageMount, MountError> {
     let start = Instant::now();
     let client =
         Client::new(config.registry.clone()).map_err(|e| MountError::Image(e.to_string()))?;
@@ -290,7 +301,7 @@ pub async fn mount_image(
     } else {
         lowers
     };
-    let overlay = fs::mount_overlay(&lowers, None, target).map_err(|e| {
+    let overlay = fs::mount_overlay(&lowers, upper, target).map_err(|e| {
         MountError::Image(format!("mounting the overlay at {}: {e}", target.display()))
     })?;
     Ok(ImageMount {
@@ -351,7 +362,8 @@ async fn resolve(
     reference: &Reference,
     platform: &Platform,
 ) -> Result<(Digest, Value, Value), MountError> {
-    let image = |e: &dyn std::fmt::Display| MountError::Image(format!("{reference}: {e}"));
+    // Callers name the image in their context; registry errors name the reference themselves.
+    let image = |e: &dyn std::fmt::Display| MountError::Image(e.to_string());
     let mut fetched = client
         .get_manifest(reference)
         .await

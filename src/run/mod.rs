@@ -1,0 +1,372 @@
+//! The launcher: `lazysnap run` starts a container from a lazily mounted image with runc.
+//!
+//! Steps: mount the image with a writable upper layer under `ROOT/containers/<id>`, resolve the
+//! user against the image's own passwd and group, write the runtime spec, `runc create`, `runc
+//! start` (the moment of first exec), wait for the container's process while forwarding
+//! signals to it, then delete the container, unmount, and remove its writable layer. Every exit
+//! path, failure included, goes through the same teardown.
+//!
+//! The image is mounted in-process (`mount`); the node service will offer the same snapshot
+//! over its socket so that the cache is shared with containerd's containers.
+
+pub mod runc;
+pub mod spec;
+pub mod user;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::fs::UpperDir;
+use crate::mount::{self, ImageMount, LayerInfo, MountConfig, MountError};
+use crate::oci::{Digest, Reference};
+use runc::{Runc, RuncError};
+use spec::{ImageProcess, Network, Overrides, SpecError, SpecInput};
+use user::UserError;
+
+/// Exit status for a failure of lazysnap itself, before or around the container (as docker).
+pub const EXIT_LAUNCHER_FAILED: u8 = 125;
+
+/// Why a container could not be run. Every variant means exit status 125.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Runtime(#[from] RuncError),
+    #[error("container name {0:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit")]
+    BadName(String),
+    #[error("a container named {name:?} exists already ({dir})")]
+    NameInUse { name: String, dir: String },
+    #[error("{context}: {error}")]
+    Io {
+        context: String,
+        error: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+    let context = context.into();
+    move |error| RunError::Io { context, error }
+}
+
+/// Everything `run` can be told.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// How the image is mounted; its `root` also holds `containers/<id>`.
+    pub mount: MountConfig,
+    /// Container name (also its hostname); generated when absent.
+    pub name: Option<String>,
+    pub overrides: Overrides,
+    pub network: Network,
+    /// Keep the writable layer and bundle after exit (mounts go regardless).
+    pub keep: bool,
+    pub runc: Runc,
+}
+
+/// What happened, for the person debugging a slow start (and for benchmarks, as JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub reference: String,
+    /// The resolved manifest digest: the only honest name of what ran.
+    pub digest: Digest,
+    pub container: String,
+    pub layers: Vec<LayerInfo>,
+    /// Compressed size of all layers.
+    pub image_bytes: u64,
+    pub mount_seconds: f64,
+    /// From the start of `run` until the container's process was released to exec.
+    pub first_exec_seconds: f64,
+    /// Bytes the lazy layers had fetched from the registry at first exec.
+    pub fetched_at_exec: u64,
+    pub total_seconds: f64,
+    pub fetched_at_exit: u64,
+    pub exit_code: i32,
+}
+
+/// Stages reported while the container runs, so the launcher can print them as they happen.
+#[derive(Debug)]
+pub enum Stage<'a> {
+    Mounted { mount: &'a ImageMount },
+    Started { seconds: f64, fetched: u64 },
+}
+
+/// Runs `reference` as a container and returns when its process has exited and everything is
+/// torn down. `on_stage` is called at mount and at first exec.
+pub async fn run(
+    reference: &Reference,
+    options: &RunOptions,
+    on_stage: &mut (dyn FnMut(Stage<'_>) + Send),
+) -> Result<RunReport, RunError> {
+    let start = Instant::now();
+    let id = match &options.name {
+        Some(n) => valid_name(n)?,
+        None => format!(
+            "lazysnap-{}",
+            &Digest::of(random_seed().as_bytes()).hex()[..12]
+        ),
+    };
+    let dir = options.mount.root.join("containers").join(&id);
+    if dir.exists() {
+        return Err(RunError::NameInUse {
+            name: id,
+            dir: dir.display().to_string(),
+        });
+    }
+    runc::become_subreaper()
+        .map_err(|e| io("becoming a child subreaper")(std::io::Error::from(e)))?;
+    let mut container = Container::create(id, dir, options)?;
+    let result = container.run(reference, options, start, on_stage).await;
+    let teardown = container.teardown();
+    let report = result?;
+    teardown?;
+    Ok(report)
+}
+
+/// A container's directory and whatever of it exists so far; torn down in reverse.
+struct Container {
+    id: String,
+    dir: PathBuf,
+    runc: Runc,
+    keep: bool,
+    created: bool,
+    mount: Option<ImageMount>,
+}
+
+impl Container {
+    fn create(id: String, dir: PathBuf, options: &RunOptions) -> Result<Self, RunError> {
+        for sub in ["upper", "work", "rootfs", "bundle"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(io(format!("creating {}", path.display())))?;
+        }
+        std::fs::create_dir_all(&options.runc.state)
+            .map_err(io(format!("creating {}", options.runc.state.display())))?;
+        Ok(Self {
+            id,
+            dir,
+            runc: options.runc.clone(),
+            keep: options.keep,
+            created: false,
+            mount: None,
+        })
+    }
+
+    async fn run(
+        &mut self,
+        reference: &Reference,
+        options: &RunOptions,
+        start: Instant,
+        on_stage: &mut (dyn FnMut(Stage<'_>) + Send),
+    ) -> Result<RunReport, RunError> {
+        let rootfs = self.dir.join("rootfs");
+        let upper = UpperDir {
+            upper: self.dir.join("upper"),
+            work: self.dir.join("work"),
+        };
+        let mounted =
+            mount::mount_image_with_upper(reference, &rootfs, &options.mount, Some(&upper)).await?;
+        let mount_seconds = start.elapsed().as_secs_f64();
+        on_stage(Stage::Mounted { mount: &mounted });
+        let digest = mounted.manifest_digest;
+        let layers = mounted.layer_info.clone();
+        let image = ImageProcess::from_config(&mounted.config);
+        self.mount = Some(mounted);
+
+        let bundle = self.dir.join("bundle");
+        let pid_file = bundle.join("pid");
+        self.write_spec(&image, options, &rootfs, &bundle).await?;
+        let (runc, id) = (self.runc.clone(), self.id.clone());
+        let (bundle_path, pid_path) = (bundle.clone(), pid_file.clone());
+        self.created = true; // from here on a failed create may still have left runc state
+        blocking(move || runc.create(&id, &bundle_path, &pid_path)).await?;
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .map_err(io("reading runc's pid file"))?
+            .trim()
+            .parse()
+            .map_err(|e| io("reading runc's pid file")(std::io::Error::other(e)))?;
+        let (runc, id) = (self.runc.clone(), self.id.clone());
+        blocking(move || runc.start(&id)).await?;
+        let first_exec_seconds = start.elapsed().as_secs_f64();
+        let fetched_at_exec = self.fetched();
+        on_stage(Stage::Started {
+            seconds: first_exec_seconds,
+            fetched: fetched_at_exec,
+        });
+
+        let exit_code = wait_forwarding_signals(pid).await?;
+        Ok(RunReport {
+            reference: reference.to_string(),
+            digest,
+            container: self.id.clone(),
+            image_bytes: layers.iter().map(|l| l.size).sum(),
+            layers,
+            mount_seconds,
+            first_exec_seconds,
+            fetched_at_exec,
+            total_seconds: start.elapsed().as_secs_f64(),
+            fetched_at_exit: self.fetched(),
+            exit_code,
+        })
+    }
+
+    fn fetched(&self) -> u64 {
+        self.mount.as_ref().map_or(0, ImageMount::fetched_bytes)
+    }
+
+    /// Resolves the user (reading the image's passwd lazily, off the async threads) and writes
+    /// `bundle/config.json`.
+    async fn write_spec(
+        &self,
+        image: &ImageProcess,
+        options: &RunOptions,
+        rootfs: &Path,
+        bundle: &Path,
+    ) -> Result<(), RunError> {
+        let o = &options.overrides;
+        let args = spec::command(image, o)?;
+        let user_spec = o.user.clone().unwrap_or_else(|| image.user.clone());
+        let root = rootfs.to_owned();
+        let user = blocking(move || user::resolve(&root, &user_spec)).await?;
+        let hostname: String = self.id.chars().take(63).collect();
+        let env = spec::environment(image, o, &hostname, &user.home);
+        let cwd = o
+            .working_dir
+            .clone()
+            .or_else(|| (!image.working_dir.is_empty()).then(|| image.working_dir.clone()))
+            .unwrap_or_else(|| "/".to_owned());
+        let spec = spec::runtime_spec(&SpecInput {
+            args,
+            env,
+            cwd,
+            user: &user,
+            rootfs,
+            hostname: &hostname,
+            network: options.network,
+        })?;
+        let json = serde_json::to_vec_pretty(&spec)
+            .map_err(|e| io("writing the runtime spec")(std::io::Error::other(e)))?;
+        std::fs::write(bundle.join("config.json"), json).map_err(io("writing config.json"))
+    }
+
+    /// Deletes the runc container, unmounts, and removes the directory unless kept. Every step
+    /// is tried; the first failure is returned.
+    fn teardown(&mut self) -> Result<(), RunError> {
+        let mut first: Option<RunError> = None;
+        if std::mem::take(&mut self.created) {
+            if let Err(e) = self.runc.delete(&self.id) {
+                first.get_or_insert(e.into());
+            }
+        }
+        if let Some(mount) = self.mount.take() {
+            if let Err(e) = mount.unmount() {
+                first.get_or_insert(e.into());
+            }
+        }
+        if !self.keep && self.dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                first.get_or_insert(io(format!("removing {}", self.dir.display()))(e));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Container {
+    /// A panic or a cancelled future still leaves no container, mount or directory behind.
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::warn!("cleaning up container {}: {e}", self.id);
+        }
+    }
+}
+
+/// Waits for `pid` to exit, forwarding SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2.
+async fn wait_forwarding_signals(pid: i32) -> Result<i32, RunError> {
+    use nix::sys::signal::Signal;
+    use tokio::signal::unix::{signal, SignalKind};
+    let kinds = [
+        (SignalKind::interrupt(), Signal::SIGINT),
+        (SignalKind::terminate(), Signal::SIGTERM),
+        (SignalKind::hangup(), Signal::SIGHUP),
+        (SignalKind::quit(), Signal::SIGQUIT),
+        (SignalKind::user_defined1(), Signal::SIGUSR1),
+        (SignalKind::user_defined2(), Signal::SIGUSR2),
+    ];
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut listeners = Vec::new();
+    for (kind, sig) in kinds {
+        let mut stream = signal(kind).map_err(io("installing signal handlers"))?;
+        let tx = tx.clone();
+        listeners.push(tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    let mut exit = tokio::task::spawn_blocking(move || runc::wait_exit(pid));
+    let code = loop {
+        tokio::select! {
+            done = &mut exit => break done.map_err(|e| io("waiting for the container")(std::io::Error::other(e)))??,
+            Some(sig) = rx.recv() => runc::forward(pid, sig),
+        }
+    };
+    for l in listeners {
+        l.abort();
+    }
+    Ok(code)
+}
+
+async fn blocking<T: Send + 'static, E: Into<RunError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, RunError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io("a blocking task failed")(std::io::Error::other(e)))?
+        .map_err(Into::into)
+}
+
+fn valid_name(name: &str) -> Result<String, RunError> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && name.len() <= 128;
+    ok.then(|| name.to_owned())
+        .ok_or_else(|| RunError::BadName(name.to_owned()))
+}
+
+/// Enough entropy for a unique container name: time, pid and a stack address.
+fn random_seed() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let marker = 0u8;
+    format!(
+        "{}-{}-{:p}",
+        now.as_nanos(),
+        std::process::id(),
+        &marker as *const u8
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("web-1.a_b").is_ok());
+        for bad in ["", "-x", "a/b", "../x", "a b"] {
+            assert!(
+                matches!(valid_name(bad), Err(RunError::BadName(_))),
+                "{bad}"
+            );
+        }
+    }
+}

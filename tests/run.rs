@@ -1,0 +1,401 @@
+//! `lazysnap run` with real parts: a real registry, kernel FUSE and overlayfs, and real runc.
+//! Images are real (busybox-static and Debian's python3, built from Debian packages by the
+//! fixtures), converted by `lazysnap convert` and pushed to a registry on loopback. Every test
+//! checks that no mount and no container directory is left behind, and a guard cleans up even
+//! when a test fails.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use common::image::{self, LayoutBuilder};
+use common::registry::TestRegistry;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
+
+fn fixture(name: &str, args: &[&str]) -> Result<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let out = image::run(Command::new(script).args(args))?;
+    Ok(String::from_utf8(out)?.trim().to_owned())
+}
+
+/// Mount points at or below `dir`.
+fn mounts_below(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.starts_with(&prefix))
+        .collect()
+}
+
+/// A state root for `lazysnap run`; whatever a failed test left mounted or running under it is
+/// removed on drop.
+struct Root {
+    dir: tempfile::TempDir,
+    runc_state: PathBuf,
+}
+
+impl Root {
+    fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        Ok(Self {
+            dir,
+            runc_state: PathBuf::from("/run/lazysnap/runc"),
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--root").arg(self.path()).arg("run").args(args);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `lazysnap run ARGS` to the end.
+    fn run(&self, args: &[&str]) -> Result<Output> {
+        let out = self.command(args).output()?;
+        eprintln!(
+            "lazysnap run {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out)
+    }
+
+    /// Nothing left: no mount under the root, no container directory.
+    fn assert_clean(&self) -> Result<()> {
+        let left = mounts_below(self.path());
+        ensure!(left.is_empty(), "mounts left behind: {left:?}");
+        let containers = self.path().join("containers");
+        if containers.exists() {
+            let names: Vec<_> = std::fs::read_dir(&containers)?
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect();
+            ensure!(names.is_empty(), "container dirs left behind: {names:?}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(self.path().join("containers")) {
+            for e in entries.flatten() {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&self.runc_state)
+                    .args(["delete", "--force"])
+                    .arg(e.file_name())
+                    .output();
+            }
+        }
+        let mut left = mounts_below(self.path());
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in left {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The busybox-static image converted to zstd:chunked and pushed; returns its reference.
+fn busybox(registry: &TestRegistry, work: &Path) -> Result<String> {
+    let layout = fixture(
+        "busybox-image.sh",
+        &[work.join("bb").to_str().context("path")?, "v1"],
+    )?;
+    let reference = format!("{}/bb/lazy:v1", registry.addr);
+    image::run(Command::new(BIN).args(["convert", &format!("oci:{layout}"), &reference]))?;
+    Ok(reference)
+}
+
+#[test]
+fn busybox_runs_with_the_image_defaults_and_the_command_line_overrides() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let reference = busybox(&registry, work.path())?;
+    let root = Root::new()?;
+
+    // The image's Cmd: sh -c 'echo hello'.
+    let out = root.run(&[&reference])?;
+    ensure!(out.status.code() == Some(0), "{}", stderr(&out));
+    ensure!(stdout(&out) == "hello\n", "stdout {:?}", stdout(&out));
+    let err = stderr(&out);
+    ensure!(
+        err.contains("@sha256:") && err.contains("first exec after"),
+        "the report names the digest and the start-up time: {err}"
+    );
+    root.assert_clean()?;
+
+    // A command, environment, working directory and user from the command line.
+    let out = root.run(&[
+        "-e",
+        "GREETING=hi there",
+        "-w",
+        "/tmp",
+        "-u",
+        "nobody",
+        &reference,
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING\"; pwd; id -u; id -g; echo $PATH",
+    ])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    ensure!(
+        stdout(&out) == "hi there\n/tmp\n65534\n65534\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
+        "stdout {:?}",
+        stdout(&out)
+    );
+    let out = root.run(&["-u", "0:65534", &reference, "id", "-G"])?;
+    ensure!(stdout(&out) == "65534\n", "stdout {:?}", stdout(&out));
+
+    // The container's exit status is ours.
+    let out = root.run(&[&reference, "sh", "-c", "exit 7"])?;
+    ensure!(out.status.code() == Some(7), "status {}", out.status);
+    root.assert_clean()
+}
+
+#[test]
+fn writes_land_in_the_upper_layer_only() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let reference = busybox(&registry, work.path())?;
+    let root = Root::new()?;
+
+    let out = root.run(&[
+        "--keep",
+        "--name",
+        "writer",
+        &reference,
+        "sh",
+        "-c",
+        "echo new > /newfile && rm /etc/group && echo changed >> /etc/passwd",
+    ])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    ensure!(
+        mounts_below(root.path()).is_empty(),
+        "--keep keeps files, not mounts"
+    );
+    let upper = root.path().join("containers/writer/upper");
+    ensure!(std::fs::read_to_string(upper.join("newfile"))? == "new\n");
+    let whiteout = std::fs::symlink_metadata(upper.join("etc/group"))?;
+    ensure!(
+        whiteout.file_type().is_char_device(),
+        "a deletion is an overlay whiteout in the upper layer"
+    );
+    ensure!(std::fs::read_to_string(upper.join("etc/passwd"))?.ends_with("changed\n"));
+
+    // A new container sees the image as it was: the layers were never written.
+    let out = root.run(&[
+        &reference,
+        "sh",
+        "-c",
+        "test ! -e /newfile && test -s /etc/group && ! grep -q changed /etc/passwd && echo pristine",
+    ])?;
+    ensure!(stdout(&out) == "pristine\n", "{}", stderr(&out));
+    std::fs::remove_dir_all(root.path().join("containers/writer"))?;
+    root.assert_clean()
+}
+
+#[test]
+fn signals_reach_the_containers_process() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let reference = busybox(&registry, work.path())?;
+    let root = Root::new()?;
+
+    for (signal, code) in [(Signal::SIGTERM, 3), (Signal::SIGINT, 4)] {
+        let script = "trap 'echo got TERM; exit 3' TERM; trap 'echo got INT; exit 4' INT; \
+                      echo ready; while :; do sleep 0.1; done";
+        let mut child = root
+            .command(&[&reference, "sh", "-c", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let first = lines.next().context("no output")??;
+        ensure!(first == "ready", "first line {first:?}");
+        kill(Pid::from_raw(child.id() as i32), signal)?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                bail!("lazysnap run did not exit 20 s after {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        ensure!(
+            rest.first().map(String::as_str) == Some(&*format!("got {}", &signal.as_str()[3..])),
+            "{signal} reached the process: {rest:?}"
+        );
+        ensure!(status.code() == Some(code), "status {status}");
+    }
+
+    // A process killed from outside (its PID 1 cannot be killed from inside) gives 128 + n.
+    let mut child = root
+        .command(&[
+            "--name",
+            "victim",
+            &reference,
+            "sh",
+            "-c",
+            "echo ready; sleep 60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    ensure!(lines.next().context("no output")?? == "ready");
+    let state = image::run(
+        Command::new("runc")
+            .arg("--root")
+            .arg(&root.runc_state)
+            .args(["state", "victim"]),
+    )?;
+    let state: serde_json::Value = serde_json::from_slice(&state)?;
+    let pid = state["pid"].as_i64().context("runc state has a pid")?;
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL)?;
+    let status = child.wait()?;
+    ensure!(status.code() == Some(137), "status {status}");
+    root.assert_clean()
+}
+
+#[test]
+fn bad_input_exits_125_with_a_clear_message_and_leaves_nothing() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let reference = busybox(&registry, work.path())?;
+    let root = Root::new()?;
+
+    // An image for another architecture is refused before anything runs.
+    let trees = tempfile::tempdir()?;
+    std::fs::create_dir_all(trees.path().join("bin"))?;
+    std::fs::write(trees.path().join("bin/app"), "not really arm64\n")?;
+    let layout = LayoutBuilder::new(&work.path().join("arm"))?;
+    let desc = layout.image(&[image::tar_dir(trees.path())?], "arm64")?;
+    layout.tags(&[("v1", desc)])?;
+    let arm = format!("{}/arm/app:v1", registry.addr);
+    image::run(Command::new(BIN).args([
+        "convert",
+        &format!("oci:{}:v1", layout.dir.display()),
+        &arm,
+    ]))?;
+
+    let unknown = format!("{}/no/such:image", registry.addr);
+    let cases: [(Vec<&str>, &str); 5] = [
+        (
+            vec![&arm, "/bin/app"],
+            "image is linux/arm64, this host is linux/amd64",
+        ),
+        (vec![&reference, "/no/such/program"], "/no/such/program"),
+        (vec!["-u", "ghost", &reference], "unknown user \"ghost\""),
+        (vec!["-w", "relative", &reference], "not an absolute path"),
+        (vec![&unknown], "MANIFEST_UNKNOWN"),
+    ];
+    for (args, message) in cases {
+        let out = root.run(&args)?;
+        ensure!(
+            out.status.code() == Some(125),
+            "{args:?}: status {}",
+            out.status
+        );
+        ensure!(
+            stderr(&out).contains(message),
+            "{args:?}: stderr lacks {message:?}: {}",
+            stderr(&out)
+        );
+        ensure!(stdout(&out).is_empty(), "nothing ran: {:?}", stdout(&out));
+        root.assert_clean()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn python_starts_before_the_image_is_downloaded() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let layout = fixture(
+        "debian-image.sh",
+        &[
+            "--packages",
+            "python3",
+            work.path().join("py").to_str().context("path")?,
+            "v1",
+        ],
+    )?;
+    let reference = format!("{}/debian/python3:v1", registry.addr);
+    image::run(Command::new(BIN).args(["convert", &format!("oci:{layout}"), &reference]))?;
+    let root = Root::new()?;
+    let report = work.path().join("report.json");
+
+    let out = root.run(&[
+        "--no-background-fetch",
+        "--report",
+        report.to_str().context("path")?,
+        "-e",
+        "WHO=lazysnap",
+        &reference,
+        "python3",
+        "-c",
+        "import os, json; print('hello from', os.environ['WHO'], json.dumps([1]))",
+    ])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    ensure!(
+        stdout(&out) == "hello from lazysnap [1]\n",
+        "{:?}",
+        stdout(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    let size = report["image_bytes"].as_u64().context("image_bytes")?;
+    let at_exec = report["fetched_at_exec"].as_u64().context("fetched")?;
+    let at_exit = report["fetched_at_exit"].as_u64().context("fetched")?;
+    eprintln!(
+        "python3 image {size} bytes: {at_exec} fetched at first exec, {at_exit} at exit, first exec after {} s",
+        report["first_exec_seconds"]
+    );
+    ensure!(
+        report["layers"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(|l| l["mode"] == "zstd:chunked")),
+        "every layer was mounted lazily: {report}"
+    );
+    ensure!(
+        at_exec < size / 2,
+        "the process started before half of the image was fetched ({at_exec} of {size})"
+    );
+    ensure!(
+        at_exit < size / 2,
+        "python3 -c reads a small part of the image ({at_exit} of {size})"
+    );
+    ensure!(report["digest"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("sha256:")));
+    root.assert_clean()
+}
