@@ -172,6 +172,17 @@ fn busybox_runs_with_the_image_defaults_and_the_command_line_overrides() -> Resu
     let out = root.run(&["-u", "0:65534", &reference, "id", "-G"])?;
     ensure!(stdout(&out) == "65534\n", "stdout {:?}", stdout(&out));
 
+    // A plain gzip image runs too: its layer is fetched whole, verified and unpacked first.
+    let layout = fixture(
+        "busybox-image.sh",
+        &[work.path().join("bb").to_str().context("path")?, "v1"],
+    )?;
+    let plain = format!("{}/bb/plain:v1", registry.addr);
+    fixture("push-layout.sh", &[&layout, &plain])?;
+    let out = root.run(&[&plain])?;
+    ensure!(stdout(&out) == "hello\n", "{}", stderr(&out));
+    ensure!(stderr(&out).contains("unpacked"), "{}", stderr(&out));
+
     // The container's exit status is ours.
     let out = root.run(&[&reference, "sh", "-c", "exit 7"])?;
     ensure!(out.status.code() == Some(7), "status {}", out.status);
