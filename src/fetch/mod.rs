@@ -162,6 +162,15 @@ struct Inner {
     /// On-demand requests under way; background completion pauses while there are any.
     busy: AtomicU64,
     stats: FetchStats,
+    /// Frames (by blob offset) that reads asked for: what an ideal fetcher must transfer.
+    needed: Mutex<NeededFrames>,
+}
+
+/// The distinct compressed frames reads needed, and their total size.
+#[derive(Debug, Default)]
+struct NeededFrames {
+    starts: std::collections::HashSet<u64>,
+    bytes: u64,
 }
 
 impl std::fmt::Debug for LayerFetcher {
@@ -209,12 +218,20 @@ impl LayerFetcher {
                 inflight: Mutex::new(HashMap::new()),
                 busy: AtomicU64::new(0),
                 stats: FetchStats::default(),
+                needed: Mutex::default(),
             }),
         }
     }
 
     pub fn stats(&self) -> &FetchStats {
         &self.inner.stats
+    }
+
+    /// Compressed bytes of the distinct frames that reads asked for, whether they came from the
+    /// cache or the registry: the least any fetcher could have transferred for those reads
+    /// (the benchmark's oracle).
+    pub fn needed_bytes(&self) -> u64 {
+        lock(&self.inner.needed).bytes
     }
 
     /// The layer's blob digest.
@@ -479,6 +496,12 @@ impl ChunkSource for LayerFetcher {
             let inner = &this.inner;
             if chunk.zeros {
                 return Ok(Bytes::from(vec![0u8; chunk.size as usize]));
+            }
+            {
+                let mut needed = lock(&inner.needed);
+                if needed.starts.insert(chunk.compressed_start) {
+                    needed.bytes += chunk.compressed_end - chunk.compressed_start;
+                }
             }
             match inner.cache.get(&chunk.digest) {
                 Ok(Some(data)) => {

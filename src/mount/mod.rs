@@ -125,6 +125,11 @@ impl ImageMount {
             .sum()
     }
 
+    /// Compressed bytes of the frames that reads needed (see [`LayerFetcher::needed_bytes`]).
+    pub fn needed_bytes(&self) -> u64 {
+        self.fetchers().map(LayerFetcher::needed_bytes).sum()
+    }
+
     /// What the chunk cache holds now.
     pub fn cache_usage(&self) -> Option<crate::cache::CacheUsage> {
         self.cache.as_ref().map(ChunkCache::usage)

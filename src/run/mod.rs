@@ -86,6 +86,9 @@ pub struct RunReport {
     pub fetched_at_exec: u64,
     pub total_seconds: f64,
     pub fetched_at_exit: u64,
+    /// Compressed bytes of the chunks the container's reads needed, cached or not: what an
+    /// ideal lazy fetcher must transfer (the cold-start benchmark's oracle).
+    pub needed_bytes: u64,
     pub exit_code: i32,
 }
 
@@ -210,6 +213,7 @@ impl Container {
             fetched_at_exec,
             total_seconds: start.elapsed().as_secs_f64(),
             fetched_at_exit: self.fetched(),
+            needed_bytes: self.mount.as_ref().map_or(0, ImageMount::needed_bytes),
             exit_code,
         })
     }

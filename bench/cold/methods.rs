@@ -1,0 +1,313 @@
+//! The ways of starting a workload that are compared, each timed from "start" to the workload's
+//! ready line, with every cache dropped before the run.
+//!
+//! - `full-pull`: containerd 1.6 and its default overlayfs snapshotter, `ctr image pull` then
+//!   `ctr run`: how nodes work today.
+//! - `lazysnap`: containerd with lazysnapd as its snapshotter (labelled pull, then run).
+//! - `lazysnap-run`: the launcher, `lazysnap run`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::workloads::Workload;
+
+/// One timed start.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    pub seconds: f64,
+    /// From lazysnap's report: compressed bytes of the chunks the workload's reads needed.
+    pub needed_bytes: Option<u64>,
+}
+
+/// Drops the page cache (and dentries, inodes) so every run reads from disk or network.
+pub fn drop_page_cache() -> Result<()> {
+    let _ = Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
+}
+
+/// Runs `cmd` until a line of its stdout or stderr contains `ready`, then waits for it to exit;
+/// returns the seconds from `start` to the ready line.
+pub fn time_until_ready(mut cmd: Command, ready: &str, start: Instant) -> Result<f64> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().context("stdout")?) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().context("stderr")?),
+    ]
+    .into_iter()
+    .map(|stream| {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send((Instant::now(), line));
+            }
+        })
+    })
+    .collect();
+    drop(tx);
+    let mut seen = Vec::new();
+    let mut ready_at = None;
+    while let Ok((at, line)) = rx.recv_timeout(Duration::from_secs(600)) {
+        if ready_at.is_none() && line.contains(ready) {
+            ready_at = Some(at);
+        }
+        seen.push(line);
+    }
+    let status = wait(&mut child, Duration::from_secs(60))?;
+    for r in readers {
+        let _ = r.join();
+    }
+    match ready_at {
+        Some(at) if status.success() => Ok(at.duration_since(start).as_secs_f64()),
+        _ => bail!(
+            "{cmd:?} ({status}) never printed {ready:?}:\n{}",
+            seen.join("\n")
+        ),
+    }
+}
+
+fn wait(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            bail!("still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `lazysnap run` from a fresh state root: the launcher's cold start.
+pub fn lazysnap_run(lazysnap: &Path, root: &Path, reference: &str, w: &Workload) -> Result<Sample> {
+    let report = root.with_extension("report.json");
+    let mut cmd = Command::new(lazysnap);
+    cmd.arg("--root")
+        .arg(root)
+        .args(["run", "--net", "none", "--no-background-fetch", "--report"])
+        .arg(&report)
+        .arg(reference)
+        .args(&w.command);
+    let seconds = time_until_ready(cmd, w.ready, Instant::now())?;
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    Ok(Sample {
+        seconds,
+        needed_bytes: report["needed_bytes"].as_u64(),
+    })
+}
+
+/// A containerd 1.6 of our own: its own root, state, socket and config, started by hand.
+pub struct Containerd {
+    child: Child,
+    dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd under `dir`; with `lazysnapd` set, registers it as the `lazysnap`
+    /// proxy snapshotter.
+    pub fn start(dir: &Path, lazysnapd: Option<&Path>) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("containerd.sock");
+        let mut config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display(),
+        );
+        if let Some(s) = lazysnapd {
+            config.push_str(&format!(
+                "[proxy_plugins.lazysnap]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                s.display()
+            ));
+        }
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.join("containerd.log"))?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting containerd")?;
+        let me = Self {
+            child,
+            dir: dir.to_owned(),
+            socket,
+        };
+        let start = Instant::now();
+        while me
+            .ctr(&["version"])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "containerd did not start: see {}",
+                    me.dir.join("containerd.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(me)
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("-a")
+            .arg(&self.socket)
+            .args(["-n", "bench"])
+            .args(args);
+        c
+    }
+
+    /// `ctr image pull` then `ctr run`: a full pull with containerd's default snapshotter.
+    pub fn full_pull(&self, reference: &str, w: &Workload, id: &str) -> Result<Sample> {
+        let start = Instant::now();
+        let pull = self
+            .ctr(&["image", "pull", "--plain-http", reference])
+            .output()?;
+        if !pull.status.success() {
+            bail!(
+                "ctr pull {reference}: {}",
+                String::from_utf8_lossy(&pull.stderr)
+            );
+        }
+        let mut run = self.ctr(&["run", "--rm", reference, id]);
+        run.args(&w.command);
+        let seconds = time_until_ready(run, w.ready, start)?;
+        Ok(Sample {
+            seconds,
+            needed_bytes: None,
+        })
+    }
+
+    /// A labelled pull through lazysnapd (`ctr-remote image rpull`, which sends the labels the
+    /// CRI plugin sends), then `ctr run` on the lazysnap snapshotter.
+    pub fn lazy_pull(&self, reference: &str, w: &Workload, id: &str) -> Result<Sample> {
+        let start = Instant::now();
+        let pull = Command::new("ctr-remote")
+            .arg("-a")
+            .arg(&self.socket)
+            .args([
+                "-n",
+                "bench",
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "lazysnap",
+            ])
+            .arg(reference)
+            .output()?;
+        if !pull.status.success() {
+            bail!(
+                "ctr-remote rpull {reference}: {}",
+                String::from_utf8_lossy(&pull.stderr)
+            );
+        }
+        let mut run = self.ctr(&["run", "--rm", "--snapshotter", "lazysnap", reference, id]);
+        run.args(&w.command);
+        let seconds = time_until_ready(run, w.ready, start)?;
+        Ok(Sample {
+            seconds,
+            needed_bytes: None,
+        })
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // containerd leaves its shims' and snapshots' mounts when killed: undo them.
+        let prefix = self.dir.to_string_lossy().into_owned();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A lazysnapd of our own (`--root`, `--address` under `dir`), stopped and cleaned up on drop.
+pub struct Lazysnapd {
+    child: Child,
+    binary: PathBuf,
+    dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Lazysnapd {
+    pub fn start(binary: &Path, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("lazysnapd.sock");
+        let log = std::fs::File::create(dir.join("lazysnapd.log"))?;
+        let child = Command::new(binary)
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--address")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lazysnapd")?;
+        let mut me = Self {
+            child,
+            binary: binary.to_owned(),
+            dir: dir.to_owned(),
+            socket,
+        };
+        let start = Instant::now();
+        while !me.socket.exists() {
+            if me.child.try_wait()?.is_some() || start.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "lazysnapd did not start: see {}",
+                    me.dir.join("lazysnapd.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for Lazysnapd {
+    /// SIGTERM leaves the layer mounts for a quick restart; `--cleanup` then removes them.
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if wait(&mut self.child, Duration::from_secs(10)).is_err() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = Command::new(&self.binary)
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--cleanup")
+            .status();
+    }
+}

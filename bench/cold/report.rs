@@ -1,0 +1,195 @@
+//! Results: the JSON others compare runs with (schema kept stable), a markdown table with the
+//! ratios the targets are stated in, and an SVG bar chart.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// One workload and method over all runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub workload: String,
+    pub method: String,
+    pub seconds_median: f64,
+    pub seconds_min: f64,
+    pub seconds_max: f64,
+    pub bytes_fetched: u64,
+    pub requests: u64,
+}
+
+impl Row {
+    pub fn new(
+        workload: &str,
+        method: &str,
+        seconds: &[f64],
+        bytes: &[u64],
+        requests: &[u64],
+    ) -> Self {
+        Self {
+            workload: workload.to_owned(),
+            method: method.to_owned(),
+            seconds_median: median_f(seconds),
+            seconds_min: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+            seconds_max: seconds.iter().copied().fold(0.0, f64::max),
+            bytes_fetched: median_u(bytes),
+            requests: median_u(requests),
+        }
+    }
+}
+
+pub fn median_f(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+pub fn median_u(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+/// The target ratio to full-pull for a workload, from the issue.
+fn target(workload: &str) -> Option<f64> {
+    match workload {
+        "python-hello" => Some(0.15),
+        "java-hello" => Some(0.25),
+        "big-sparse" => Some(0.05),
+        _ => None,
+    }
+}
+
+fn find<'a>(rows: &'a [Row], workload: &str, method: &str) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.workload == workload && r.method == method)
+}
+
+/// The markdown table, with each lazy method's ratio to full-pull and to the oracle, and the
+/// bytes it fetched against the bytes the workload needed.
+pub fn markdown(conditions: &serde_json::Value, rows: &[Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Conditions: {}\n",
+        serde_json::to_string(conditions).unwrap_or_default()
+    );
+    let _ = writeln!(
+        s,
+        "| workload | method | median s | min s | max s | MB fetched | requests | vs full-pull | vs oracle |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let full = find(rows, &r.workload, "full-pull").map(|f| f.seconds_median);
+        let oracle = find(rows, &r.workload, "oracle").map(|f| f.seconds_median);
+        let ratio = |base: Option<f64>| match base {
+            Some(b) if b > 0.0 && r.method != "full-pull" && r.method != "oracle" => {
+                format!("{:.2}x", r.seconds_median / b)
+            }
+            _ => "".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} |",
+            r.workload,
+            r.method,
+            r.seconds_median,
+            r.seconds_min,
+            r.seconds_max,
+            r.bytes_fetched as f64 / 1e6,
+            r.requests,
+            ratio(full),
+            ratio(oracle)
+        );
+    }
+    let _ = writeln!(s, "\nTargets (lazysnap methods):\n");
+    for r in rows.iter().filter(|r| r.method.starts_with("lazysnap")) {
+        let mut notes = Vec::new();
+        if let (Some(t), Some(f)) = (target(&r.workload), find(rows, &r.workload, "full-pull")) {
+            let got = r.seconds_median / f.seconds_median;
+            notes.push(verdict(got, t, "x full-pull"));
+        }
+        if let Some(o) = find(rows, &r.workload, "oracle") {
+            notes.push(verdict(
+                r.seconds_median / o.seconds_median,
+                1.5,
+                "x oracle",
+            ));
+            if o.bytes_fetched > 0 {
+                notes.push(verdict(
+                    r.bytes_fetched as f64 / o.bytes_fetched as f64,
+                    2.0,
+                    "x the bytes needed",
+                ));
+            }
+        }
+        let _ = writeln!(s, "- {} / {}: {}", r.workload, r.method, notes.join("; "));
+    }
+    s
+}
+
+fn verdict(got: f64, target: f64, unit: &str) -> String {
+    if got <= target {
+        format!("{got:.2}{unit} (target <= {target}: met)")
+    } else {
+        format!(
+            "{got:.2}{unit} (target <= {target}: missed by {:.0}%)",
+            (got / target - 1.0) * 100.0
+        )
+    }
+}
+
+/// A grouped horizontal bar chart of median seconds per workload and method.
+pub fn svg(rows: &[Row]) -> String {
+    let methods = ["full-pull", "lazysnap", "lazysnap-run", "oracle"];
+    let colors = ["#9e9e9e", "#1565c0", "#42a5f5", "#2e7d32"];
+    let mut workloads: Vec<&str> = Vec::new();
+    for r in rows {
+        if !workloads.contains(&r.workload.as_str()) {
+            workloads.push(&r.workload);
+        }
+    }
+    let max = rows.iter().map(|r| r.seconds_median).fold(0.1, f64::max);
+    let (left, width, bar, gap) = (120.0, 560.0, 14.0, 18.0);
+    let group = methods.len() as f64 * bar + gap;
+    let height = 40.0 + group * workloads.len() as f64 + 30.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+        left + width + 80.0
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"{left}\" y=\"16\" font-size=\"13\">Cold start, seconds to ready (median)</text>"
+    );
+    for (wi, w) in workloads.iter().enumerate() {
+        let y0 = 30.0 + wi as f64 * group;
+        let _ = writeln!(
+            s,
+            "<text x=\"4\" y=\"{}\">{w}</text>",
+            y0 + methods.len() as f64 * bar / 2.0 + 4.0
+        );
+        for (mi, m) in methods.iter().enumerate() {
+            let Some(r) = find(rows, w, m) else { continue };
+            let y = y0 + mi as f64 * bar;
+            let len = width * r.seconds_median / max;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{left}\" y=\"{y}\" width=\"{len:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{m} {:.2} s</text>",
+                bar - 2.0,
+                colors[mi],
+                left + len + 4.0,
+                y + bar - 4.0,
+                r.seconds_median
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}

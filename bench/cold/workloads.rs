@@ -1,0 +1,197 @@
+//! The workloads, HelloBench style: real images from Debian packages, each with a command that
+//! prints a line when the workload is ready. Images are built once by the test fixtures (cached
+//! under /var/cache/lazysnap), pushed plain (gzip, what nodes pull today) and converted by
+//! `lazysnap convert` into zstd:chunked.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// One workload: which image, what to run, and the line that says it is ready.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub name: &'static str,
+    pub image: Image,
+    pub command: Vec<String>,
+    /// Start-up ends when a line of the workload's stdout or stderr contains this.
+    pub ready: &'static str,
+}
+
+/// The images the workloads run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    Python,
+    Java,
+    Gcc,
+    BigSparse,
+}
+
+impl Image {
+    fn repo(self) -> &'static str {
+        match self {
+            Self::Python => "python",
+            Self::Java => "java",
+            Self::Gcc => "gcc",
+            Self::BigSparse => "big-sparse",
+        }
+    }
+
+    /// `HOST/bench/REPO:plain` and `:lazy`.
+    pub fn reference(self, addr: &str, kind: &str) -> String {
+        format!("{addr}/bench/{}:{kind}", self.repo())
+    }
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// Every workload, in the order they run; `quick` keeps `python-hello` only.
+pub fn all(quick: bool) -> Vec<Workload> {
+    let mut w = vec![Workload {
+        name: "python-hello",
+        image: Image::Python,
+        command: args(&["python3", "-c", "print('hello')"]),
+        ready: "hello",
+    }];
+    if quick {
+        return w;
+    }
+    w.extend([
+        Workload {
+            name: "python-import",
+            image: Image::Python,
+            command: args(&[
+                "python3",
+                "-c",
+                "import json, sqlite3, asyncio, email.parser, http.client, xml.etree.ElementTree, \
+                 decimal, unittest, argparse, logging, multiprocessing, ssl, csv, zipfile, \
+                 tarfile, urllib.request, html.parser, statistics; print('imported')",
+            ]),
+            ready: "imported",
+        },
+        Workload {
+            name: "java-hello",
+            image: Image::Java,
+            command: args(&["java", "-version"]),
+            ready: "version",
+        },
+        Workload {
+            name: "gcc-hello",
+            image: Image::Gcc,
+            command: args(&[
+                "sh",
+                "-c",
+                "printf '#include <stdio.h>\\nint main(void) { puts(\"compiled hello\"); return 0; }\\n' \
+                 > /tmp/h.c && gcc -O0 -o /tmp/h /tmp/h.c && /tmp/h",
+            ]),
+            ready: "compiled hello",
+        },
+        Workload {
+            name: "big-sparse",
+            image: Image::BigSparse,
+            command: args(&["sh", "-c", "echo hello from a big image"]),
+            ready: "hello from a big image",
+        },
+    ]);
+    w
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Builds (or finds cached) the image's OCI layout; returns `DIR:TAG`.
+fn layout(image: Image, repo_root: &Path, cache: &Path, work: &Path) -> Result<String> {
+    let fixtures = repo_root.join("tests/fixtures");
+    let out = work.join(image.repo());
+    let packages = match image {
+        Image::Python => "python3",
+        Image::Java => "openjdk-17-jre-headless",
+        Image::Gcc => "gcc libc6-dev",
+        Image::BigSparse => return big_sparse(&fixtures, cache, &out),
+    };
+    eprintln!("coldstart: image {} (Debian + {packages})", image.repo());
+    run(Command::new(fixtures.join("debian-image.sh"))
+        .args(["--packages", packages])
+        .arg(&out)
+        .arg("v1"))
+}
+
+/// busybox plus a 2 GiB layer of random (incompressible) data that the workload never reads.
+fn big_sparse(fixtures: &Path, cache: &Path, out: &Path) -> Result<String> {
+    let cached = cache.join("big-sparse-r1/layout");
+    if !cached.join("index.json").exists() {
+        eprintln!("coldstart: building big-sparse (busybox + 2 GiB of random data; once)");
+        let base = run(Command::new(fixtures.join("busybox-image.sh"))
+            .arg(out.join("base"))
+            .arg("v1"))?;
+        let base_dir = base.rsplit_once(':').map_or(base.as_str(), |(d, _)| d);
+        let partial = cache.join("big-sparse-r1/partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(partial.join("tree/data"))?;
+        run(Command::new("cp")
+            .args(["-a", base_dir])
+            .arg(partial.join("layout")))?;
+        run(Command::new("sh").arg("-c").arg(format!(
+            "head -c 2G /dev/urandom > '{}' && tar -C '{}' --owner=0 --group=0 -cf '{}' data",
+            partial.join("tree/data/blob").display(),
+            partial.join("tree").display(),
+            partial.join("data.tar").display()
+        )))?;
+        run(Command::new("umoci")
+            .args(["raw", "add-layer", "--image"])
+            .arg(format!("{}:v1", partial.join("layout").display()))
+            .arg(partial.join("data.tar")))?;
+        std::fs::rename(partial.join("layout"), &cached)?;
+        std::fs::remove_dir_all(&partial)?;
+    }
+    Ok(format!("{}:v1", cached.display()))
+}
+
+/// Pushes every image the workloads need, plain and converted, to the registry at `addr`
+/// (skipped by the registry when already there: pushes and conversion are reproducible).
+pub fn publish(
+    workloads: &[Workload],
+    addr: &str,
+    lazysnap: &Path,
+    repo_root: &Path,
+    cache: &Path,
+) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let mut done: Vec<Image> = Vec::new();
+    for w in workloads {
+        if done.contains(&w.image) {
+            continue;
+        }
+        done.push(w.image);
+        let layout = layout(w.image, repo_root, cache, work.path())?;
+        let plain = w.image.reference(addr, "plain");
+        run(
+            Command::new(repo_root.join("tests/fixtures/push-layout.sh"))
+                .arg(&layout)
+                .arg(&plain),
+        )?;
+        run(Command::new(lazysnap)
+            .arg("convert")
+            .arg(&plain)
+            .arg(w.image.reference(addr, "lazy")))?;
+        eprintln!("coldstart: published {plain} and :lazy");
+    }
+    Ok(())
+}
+
+/// The bench cache directory (images, registry storage) under `LAZYSNAP_CACHE`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("LAZYSNAP_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/lazysnap"), PathBuf::from)
+        .join("bench")
+}
