@@ -172,6 +172,50 @@ fn busybox_runs_with_the_image_defaults_and_the_command_line_overrides() -> Resu
     let out = root.run(&["-u", "0:65534", &reference, "id", "-G"])?;
     ensure!(stdout(&out) == "65534\n", "stdout {:?}", stdout(&out));
 
+    // An image whose config sets Entrypoint, Cmd, Env, WorkingDir and User (written by umoci,
+    // an independent tool): the defaults apply, a command replaces Cmd only.
+    let layout = fixture(
+        "busybox-image.sh",
+        &[work.path().join("cfg").to_str().context("path")?, "v1"],
+    )?;
+    let dir = layout.rsplit_once(':').context("layout:tag")?.0;
+    image::run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &layout,
+        "--tag",
+        "cfg",
+        "--config.user",
+        "nobody",
+        "--config.workingdir",
+        "/var/tmp",
+        "--config.env",
+        "FROM_IMAGE=yes",
+        "--config.entrypoint",
+        "/bin/sh",
+        "--config.entrypoint",
+        "-c",
+        "--config.cmd",
+        "echo $FROM_IMAGE; pwd; id -u",
+    ]))?;
+    let configured = format!("{}/bb/configured:v1", registry.addr);
+    image::run(Command::new(BIN).args(["convert", &format!("oci:{dir}:cfg"), &configured]))?;
+    let out = root.run(&[&configured])?;
+    ensure!(
+        stdout(&out) == "yes\n/var/tmp\n65534\n",
+        "image defaults: {:?} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = root.run(&[&configured, "echo replaced Cmd; id -un"])?;
+    ensure!(
+        stdout(&out) == "replaced Cmd\nnobody\n",
+        "the entrypoint stays: {:?}",
+        stdout(&out)
+    );
+    let out = root.run(&["--entrypoint", "/bin/echo", &configured, "no", "shell"])?;
+    ensure!(stdout(&out) == "no shell\n", "{:?}", stdout(&out));
+
     // A plain gzip image runs too: its layer is fetched whole, verified and unpacked first.
     let layout = fixture(
         "busybox-image.sh",
