@@ -7,11 +7,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::image;
+use common::image::{self, fixture};
 use common::registry::TestRegistry;
 use lazysnap::format::{self, EntryKind, LayerFormat};
 use lazysnap::oci::{self, ImageDocument, Reference};
@@ -19,14 +18,6 @@ use lazysnap::registry::{Client, ClientConfig};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
-
-fn fixture(script: &str, args: &[&str]) -> Result<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(script);
-    let out = image::run(Command::new(path).args(args))?;
-    Ok(String::from_utf8(out)?.trim().to_owned())
-}
 
 /// The layer descriptors and config of `reference`'s manifest.
 async fn layers(

@@ -13,20 +13,12 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use common::image::{self, LayoutBuilder};
+use common::image::{self, fixture, LayoutBuilder};
 use common::registry::TestRegistry;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
-
-fn fixture(name: &str, args: &[&str]) -> Result<String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let out = image::run(Command::new(script).args(args))?;
-    Ok(String::from_utf8(out)?.trim().to_owned())
-}
 
 /// Mount points at or below `dir`.
 fn mounts_below(dir: &Path) -> Vec<String> {

@@ -36,6 +36,15 @@ pub fn run(cmd: &mut Command) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// Runs `tests/fixtures/SCRIPT ARGS`; returns its stdout, trimmed (the fixtures print one result).
+pub fn fixture(script: &str, args: &[&str]) -> Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(script);
+    let out = run(Command::new(path).args(args))?;
+    Ok(String::from_utf8(out)?.trim().to_owned())
+}
+
 /// Runs a command with `input` on stdin; returns stdout.
 pub fn pipe(cmd: &mut Command, input: &[u8]) -> Result<Vec<u8>> {
     let mut child = cmd
