@@ -91,7 +91,7 @@ pub fn markdown(conditions: &serde_json::Value, rows: &[Row]) -> String {
         let oracle = find(rows, &r.workload, "oracle").map(|f| f.seconds_median);
         let ratio = |base: Option<f64>| match base {
             Some(b) if b > 0.0 && r.method != "full-pull" && r.method != "oracle" => {
-                format!("{:.2}x", r.seconds_median / b)
+                ratio_text(r.seconds_median / b)
             }
             _ => "".into(),
         };
@@ -135,12 +135,23 @@ pub fn markdown(conditions: &serde_json::Value, rows: &[Row]) -> String {
     s
 }
 
+/// Two significant decimals for the small ratios (big-sparse is a few thousandths).
+fn ratio_text(r: f64) -> String {
+    if r < 0.1 {
+        format!("{r:.4}x")
+    } else {
+        format!("{r:.2}x")
+    }
+}
+
 fn verdict(got: f64, target: f64, unit: &str) -> String {
+    let got_text = ratio_text(got);
+    let got_text = got_text.trim_end_matches('x');
     if got <= target {
-        format!("{got:.2}{unit} (target <= {target}: met)")
+        format!("{got_text}{unit} (target <= {target}: met)")
     } else {
         format!(
-            "{got:.2}{unit} (target <= {target}: missed by {:.0}%)",
+            "{got_text}{unit} (target <= {target}: missed by {:.0}%)",
             (got / target - 1.0) * 100.0
         )
     }
