@@ -2,7 +2,8 @@
 //!
 //! The modules follow the data's path from the registry to the container (see `docs/architecture.md`):
 //! `oci` (names and documents) → `registry` (the distribution API) → `format` (lazy layer layouts)
-//! → `convert` (the build path that writes them).
+//! → `convert` (the build path that writes them); `snapshot` and `service` make the node service
+//! `lazysnapd`, a containerd remote snapshotter.
 pub mod cache;
 pub mod convert;
 pub mod fetch;
@@ -13,3 +14,5 @@ pub mod metrics;
 pub mod mount;
 pub mod oci;
 pub mod registry;
+pub mod service;
+pub mod snapshot;
