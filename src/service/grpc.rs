@@ -42,6 +42,15 @@ impl From<SnapshotError> for Status {
     }
 }
 
+/// Logs the outcome of a call inside its span (`LAZYSNAP_LOG=lazysnap=debug` shows every call).
+fn traced<T>(result: Result<T, SnapshotError>) -> Result<T, SnapshotError> {
+    match &result {
+        Ok(_) => tracing::debug!("ok"),
+        Err(e) => tracing::debug!("{e}"),
+    }
+    result
+}
+
 fn to_grpc_info(info: Info) -> GrpcInfo {
     GrpcInfo {
         kind: match info.kind {
@@ -92,7 +101,7 @@ impl containerd_snapshots::Snapshotter for Grpc {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn stat(&self, key: String) -> Result<GrpcInfo, SnapshotError> {
-        self.snapshotter.stat(&key).map(to_grpc_info)
+        traced(self.snapshotter.stat(&key)).map(to_grpc_info)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -101,9 +110,11 @@ impl containerd_snapshots::Snapshotter for Grpc {
         info: GrpcInfo,
         fieldpaths: Option<Vec<String>>,
     ) -> Result<GrpcInfo, SnapshotError> {
-        self.snapshotter
-            .update(from_grpc_info(info), &fieldpaths.unwrap_or_default())
-            .map(to_grpc_info)
+        traced(
+            self.snapshotter
+                .update(from_grpc_info(info), &fieldpaths.unwrap_or_default()),
+        )
+        .map(to_grpc_info)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -121,7 +132,7 @@ impl containerd_snapshots::Snapshotter for Grpc {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn mounts(&self, key: String) -> Result<Vec<GrpcMount>, SnapshotError> {
-        self.snapshotter.mounts(&key).map(to_grpc_mounts)
+        traced(self.snapshotter.mounts(&key)).map(to_grpc_mounts)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -131,10 +142,7 @@ impl containerd_snapshots::Snapshotter for Grpc {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<GrpcMount>, SnapshotError> {
-        self.snapshotter
-            .prepare(&key, &parent, labels)
-            .await
-            .map(to_grpc_mounts)
+        traced(self.snapshotter.prepare(&key, &parent, labels).await).map(to_grpc_mounts)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -144,9 +152,7 @@ impl containerd_snapshots::Snapshotter for Grpc {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<GrpcMount>, SnapshotError> {
-        self.snapshotter
-            .view(&key, &parent, labels)
-            .map(to_grpc_mounts)
+        traced(self.snapshotter.view(&key, &parent, labels)).map(to_grpc_mounts)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -158,14 +164,17 @@ impl containerd_snapshots::Snapshotter for Grpc {
     ) -> Result<(), SnapshotError> {
         let snapshotter = self.snapshotter.clone();
         // Commit measures the tree: off the async threads.
-        tokio::task::spawn_blocking(move || snapshotter.commit(&name, &key, labels))
-            .await
-            .map_err(|e| SnapshotError::FailedPrecondition(format!("commit task failed: {e}")))?
+        traced(
+            tokio::task::spawn_blocking(move || snapshotter.commit(&name, &key, labels))
+                .await
+                .map_err(|e| SnapshotError::FailedPrecondition(format!("commit task failed: {e}")))
+                .and_then(|r| r),
+        )
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn remove(&self, key: String) -> Result<(), SnapshotError> {
-        self.snapshotter.remove(&key).await
+        traced(self.snapshotter.remove(&key).await)
     }
 
     async fn clear(&self) -> Result<(), SnapshotError> {
@@ -174,13 +183,14 @@ impl containerd_snapshots::Snapshotter for Grpc {
 
     type InfoStream = InfoStream;
 
-    #[tracing::instrument(level = "debug", skip(self))]
+    #[tracing::instrument(level = "debug", skip(self, _snapshotter))]
     async fn list(
         &self,
         _snapshotter: String,
         filters: Vec<String>,
     ) -> Result<InfoStream, SnapshotError> {
-        let infos = self.snapshotter.walk(&filters)?;
+        let infos = traced(self.snapshotter.walk(&filters))?;
+        tracing::debug!(found = infos.len());
         Ok(stream::iter(
             infos
                 .into_iter()
