@@ -1,0 +1,514 @@
+//! `lazysnapd` as containerd's remote snapshotter, with real parts: Debian's containerd 1.6 with
+//! its own config and a `[proxy_plugins.lazysnap]` entry, a real registry, runc, kernel FUSE and
+//! overlayfs. The oracle is containerd's own overlayfs snapshotter unpacking the plain image.
+//! Every daemon is stopped by its PID and every mount detached by a guard, even when a test fails.
+
+mod common;
+#[path = "common/containerd.rs"]
+mod containerd;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use common::image;
+use common::registry::TestRegistry;
+use common::tree;
+use containerd::{mounts_below, stop_child, unmount_below, TestContainerd};
+
+const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
+const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
+const SNAPSHOTTER: &str = "lazysnap";
+/// What the tests run in each container: file content, tree shape and identity, all of which
+/// must come out the same from every snapshotter.
+const PROBE: &str =
+    "echo ok; md5sum /bin/busybox /etc/passwd /etc/group; ls -lan /etc | grep -v '^total'; ls /bin | wc -l; id";
+
+/// A `lazysnapd` child with its own root, socket and metrics port.
+struct Lazysnapd {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    metrics_addr: String,
+}
+
+impl Lazysnapd {
+    fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("lssd-").tempdir()?;
+        let socket = dir.path().join("lazysnapd.sock");
+        let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        let config = dir.path().join("lazysnapd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "root = \"{}\"\naddress = \"{}\"\nmetrics_address = \"{metrics_addr}\"\n[fetch]\nread_timeout_secs = 20\n",
+                dir.path().join("root").display(),
+                socket.display()
+            ),
+        )?;
+        let child = Self::spawn(dir.path())?;
+        let mut daemon = Self {
+            child,
+            dir,
+            socket,
+            metrics_addr,
+        };
+        daemon.wait_serving()?;
+        Ok(daemon)
+    }
+
+    fn spawn(dir: &Path) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("lazysnapd.log"))?;
+        Command::new(LAZYSNAPD)
+            .arg("--config")
+            .arg(dir.join("lazysnapd.toml"))
+            .env("LAZYSNAP_LOG", "info,lazysnap=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning lazysnapd")
+    }
+
+    fn wait_serving(&mut self) -> Result<()> {
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("lazysnapd exited ({status}): {}", self.log());
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "lazysnapd not serving after 30 s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM (must exit 0 with nothing left mounted), then start again on the same root.
+    fn restart(&mut self) -> Result<()> {
+        self.stop_in_place()?;
+        self.child = Self::spawn(self.dir.path())?;
+        self.wait_serving()
+    }
+
+    fn stop_in_place(&mut self) -> Result<()> {
+        stop_child(&mut self.child, Duration::from_secs(20));
+        let status = self.child.wait()?;
+        ensure!(status.success(), "lazysnapd exit {status}: {}", self.log());
+        let left = mounts_below(&self.root());
+        ensure!(left.is_empty(), "left mounted after SIGTERM: {left:?}");
+        Ok(())
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("lazysnapd.log")).unwrap_or_default()
+    }
+
+    /// The metrics endpoint's text.
+    fn metrics(&self) -> Result<String> {
+        let mut stream = TcpStream::connect(&self.metrics_addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// The value of a counter line `NAME` (labels included), 0 if absent.
+    fn metric(&self, name: &str) -> Result<f64> {
+        Ok(self
+            .metrics()?
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
+    /// The sum of every series of a metric family `NAME{...}`.
+    fn metric_sum(&self, name: &str) -> Result<f64> {
+        Ok(self
+            .metrics()?
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+            .filter_map(|rest| rest.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// SIGTERM: must exit 0 with every lazy layer unmounted.
+    fn stop(mut self) -> Result<()> {
+        self.stop_in_place()
+    }
+}
+
+impl Drop for Lazysnapd {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+        unmount_below(self.dir.path());
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The busybox-static image in the registry three ways: as built (gzip), and converted to
+/// zstd:chunked and eStargz by `lazysnap convert`.
+struct Images {
+    plain: String,
+    zstd: String,
+    estargz: String,
+    _work: tempfile::TempDir,
+}
+
+fn busybox_images(registry: &TestRegistry) -> Result<Images> {
+    let work = tempfile::tempdir()?;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let layout = String::from_utf8(image::run(
+        Command::new(fixtures.join("busybox-image.sh")).arg(work.path().join("layout")),
+    )?)?
+    .trim()
+    .to_owned();
+    let plain = format!("{}/busybox:plain", registry.addr);
+    image::run(
+        Command::new(fixtures.join("push-layout.sh"))
+            .arg(&layout)
+            .arg(&plain),
+    )?;
+    let source = format!("oci:{layout}");
+    let zstd = format!("{}/busybox:zstd", registry.addr);
+    let estargz = format!("{}/busybox:estargz", registry.addr);
+    for (format, dst) in [("zstd-chunked", &zstd), ("estargz", &estargz)] {
+        image::run(Command::new(LAZYSNAP).args(["convert", "--format", format, &source, dst]))?;
+    }
+    Ok(Images {
+        plain,
+        zstd,
+        estargz,
+        _work: work,
+    })
+}
+
+/// A JSON document of `reference`'s repository, straight from the registry with curl: its
+/// manifest (`manifests`, by tag) or a blob (`blobs`, by digest).
+fn registry_json(reference: &str, kind: &str, digest: Option<&str>) -> Result<serde_json::Value> {
+    let (host, rest) = reference.split_once('/').context("reference has no host")?;
+    let (repo, tag) = rest.rsplit_once(':').context("reference has no tag")?;
+    let body = image::run(Command::new("curl").args([
+        "-fsSL",
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        "-H",
+        "Accept: application/vnd.docker.distribution.manifest.v2+json",
+        &format!("http://{host}/v2/{repo}/{kind}/{}", digest.unwrap_or(tag)),
+    ]))?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// The layer digests of `reference`'s manifest, straight from the registry.
+fn layer_digests(reference: &str) -> Result<Vec<String>> {
+    let manifest = registry_json(reference, "manifests", None)?;
+    Ok(manifest["layers"]
+        .as_array()
+        .context("manifest has no layers")?
+        .iter()
+        .filter_map(|l| l["digest"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Runs [`PROBE`] in a container of `reference` on `snapshotter`.
+fn probe(ctd: &TestContainerd, snapshotter: &str, reference: &str, id: &str) -> Result<String> {
+    let id = format!("{id}-{}", std::process::id());
+    ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        snapshotter,
+        reference,
+        &id,
+        "/bin/sh",
+        "-c",
+        PROBE,
+    ])
+}
+
+/// The top chain ID of `reference` (what its unpacked snapshot is named), from its config.
+fn chain_id(reference: &str) -> Result<String> {
+    let manifest = registry_json(reference, "manifests", None)?;
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .context("manifest has no config")?;
+    let config = registry_json(reference, "blobs", Some(config_digest))?;
+    let mut chain: Option<String> = None;
+    for diff_id in config["rootfs"]["diff_ids"]
+        .as_array()
+        .context("config has no diff_ids")?
+    {
+        let diff_id = diff_id.as_str().context("diff_id")?;
+        chain = Some(match chain {
+            None => diff_id.to_owned(),
+            Some(parent) => image::digest_of(format!("{parent} {diff_id}").as_bytes()),
+        });
+    }
+    chain.context("image has no layers")
+}
+
+/// The tree of `reference` as `snapshotter` unpacked it: a read-only View of its top snapshot
+/// through containerd, mounted here with the mount list containerd got.
+fn image_tree(
+    ctd: &TestContainerd,
+    snapshotter: &str,
+    reference: &str,
+    target: &Path,
+) -> Result<TreeMap> {
+    std::fs::create_dir_all(target)?;
+    let key = format!("view-{}", target.display());
+    let parent = chain_id(reference)?;
+    let mounts = ctd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        snapshotter,
+        "view",
+        "--mounts",
+        &key,
+        &parent,
+    ])?;
+    let result = (|| {
+        let mounts: Vec<serde_json::Value> =
+            serde_json::from_str(&mounts).with_context(|| format!("view mounts {mounts:?}"))?;
+        ensure!(mounts.len() == 1, "one mount expected: {mounts:?}");
+        // ctr prints Go's mount.Mount: `Type`, `Source`, `Options`.
+        let m = &mounts[0];
+        let options: Vec<&str> = m["Options"]
+            .as_array()
+            .map(|o| o.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        image::run(
+            Command::new("mount")
+                .args(["-t", m["Type"].as_str().context("mount type")?])
+                .args(["-o", &options.join(",")])
+                .arg(m["Source"].as_str().context("mount source")?)
+                .arg(target),
+        )?;
+        let tree = tree::snapshot(target);
+        image::run(Command::new("umount").arg(target))?;
+        tree
+    })();
+    // A view holds no lease: containerd's GC may have collected it already, which is fine.
+    let removed = ctd.ctr(&["snapshots", "--snapshotter", snapshotter, "rm", &key]);
+    let tree = result?;
+    if let Err(e) = removed {
+        ensure!(format!("{e}").contains("not found"), "{e:#}");
+    }
+    Ok(tree)
+}
+
+/// The oracle: the plain image through containerd's own overlayfs snapshotter.
+fn oracle(ctd: &TestContainerd, images: &Images, work: &Path) -> Result<(String, TreeMap)> {
+    ctd.ctr(&["images", "pull", "--plain-http", &images.plain])?;
+    let output = probe(ctd, "overlayfs", &images.plain, "oracle")?;
+    ensure!(output.starts_with("ok\n"), "oracle run: {output}");
+    let tree = image_tree(ctd, "overlayfs", &images.plain, &work.join("oracle"))?;
+    ensure!(tree.contains_key("bin/busybox"), "oracle tree: {tree:?}");
+    Ok((output, tree))
+}
+
+type TreeMap = std::collections::BTreeMap<String, tree::Node>;
+
+#[test]
+fn lazy_images_pull_without_layer_blobs_and_run_like_overlayfs() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let work = tempfile::tempdir()?;
+    let daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    let (want_output, want_tree) = oracle(&ctd, &images, work.path())?;
+
+    for (i, reference) in [&images.zstd, &images.estargz].into_iter().enumerate() {
+        ctd.ctr_remote(&[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            SNAPSHOTTER,
+            reference,
+        ])
+        .with_context(|| daemon.log())?;
+        let content = ctd.ctr(&["content", "ls", "-q"])?;
+        for layer in layer_digests(reference)? {
+            ensure!(
+                !content.contains(&layer),
+                "{reference}: layer {layer} was downloaded into containerd's content store:\n{content}\nlazysnapd log:\n{}",
+                daemon.log()
+            );
+        }
+        let output = probe(&ctd, SNAPSHOTTER, reference, &format!("lazy{i}"))
+            .with_context(|| daemon.log())?;
+        ensure!(
+            output == want_output,
+            "{reference}: the container saw\n{output}\noverlayfs gave\n{want_output}"
+        );
+        let got_tree = image_tree(
+            &ctd,
+            SNAPSHOTTER,
+            reference,
+            &work.path().join(format!("t{i}")),
+        )
+        .with_context(|| daemon.log())?;
+        let differences = tree::differences(&want_tree, &got_tree);
+        ensure!(
+            differences.is_empty(),
+            "{reference}: {} differences from overlayfs:\n{}",
+            differences.len(),
+            differences.join("\n")
+        );
+    }
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(lazy >= 2.0, "lazy layers counted: {lazy}\n{}", daemon.log());
+    ensure!(
+        !mounts_below(&daemon.root()).is_empty(),
+        "the lazy layers are FUSE mounts under lazysnapd's root"
+    );
+
+    // containerd's GC removes the snapshots of removed images; lazysnapd unmounts their layers.
+    for reference in [&images.zstd, &images.estargz, &images.plain] {
+        ctd.ctr(&["images", "rm", "--sync", reference])?;
+    }
+    let start = Instant::now();
+    while !mounts_below(&daemon.root()).is_empty() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "still mounted after the images were removed: {:?}\n{}",
+            mounts_below(&daemon.root()),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = ctd.ctr(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])?;
+    ensure!(left.lines().count() <= 1, "snapshots left: {left}");
+    drop(ctd);
+    daemon.stop()
+}
+
+#[test]
+fn a_plain_gzip_image_falls_back_and_runs_through_the_same_snapshotter() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let work = tempfile::tempdir()?;
+    let daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    let (want_output, want_tree) = oracle(&ctd, &images, work.path())?;
+    // The oracle pulled the plain image into the content store already: remove it, so this
+    // pull must fetch it again and unpack it into lazysnapd's snapshots.
+    ctd.ctr(&["images", "rm", "--sync", &images.plain])?;
+
+    ctd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &images.plain,
+    ])
+    .with_context(|| daemon.log())?;
+    let content = ctd.ctr(&["content", "ls", "-q"])?;
+    for layer in layer_digests(&images.plain)? {
+        ensure!(
+            content.contains(&layer),
+            "the gzip layer {layer} should have been downloaded by containerd:\n{content}"
+        );
+    }
+    let fallbacks = daemon.metric("lazysnap_snapshot_fallbacks_total{reason=\"not_lazy\"}")?;
+    ensure!(
+        fallbacks >= 1.0,
+        "fallbacks counted: {fallbacks}\n{}",
+        daemon.log()
+    );
+    ensure!(
+        daemon.log().contains("not in a lazy format"),
+        "the fallback is logged with its reason:\n{}",
+        daemon.log()
+    );
+    let output = probe(&ctd, SNAPSHOTTER, &images.plain, "plain").with_context(|| daemon.log())?;
+    ensure!(
+        output == want_output,
+        "the container saw\n{output}\noverlayfs gave\n{want_output}"
+    );
+    let got_tree = image_tree(&ctd, SNAPSHOTTER, &images.plain, &work.path().join("t"))?;
+    let differences = tree::differences(&want_tree, &got_tree);
+    ensure!(
+        differences.is_empty(),
+        "{} differences from overlayfs:\n{}",
+        differences.len(),
+        differences.join("\n")
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
+#[test]
+fn a_restarted_lazysnapd_mounts_its_lazy_layers_again_without_refetching() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let work = tempfile::tempdir()?;
+    let mut daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    ctd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &images.zstd,
+    ])
+    .with_context(|| daemon.log())?;
+    let before = probe(&ctd, SNAPSHOTTER, &images.zstd, "before")?;
+    // Reading every file puts every chunk in the cache.
+    let tree_before = image_tree(&ctd, SNAPSHOTTER, &images.zstd, &work.path().join("a"))?;
+
+    daemon.restart()?;
+    let restored = daemon.metric("lazysnap_snapshot_restored_layers_total")?;
+    ensure!(restored >= 1.0, "restored: {restored}\n{}", daemon.log());
+    // containerd's gRPC client reconnects with backoff (about a second after a short outage);
+    // until then calls fail as unavailable.
+    let start = Instant::now();
+    let after = loop {
+        let id = format!("after{}", start.elapsed().as_millis());
+        match probe(&ctd, SNAPSHOTTER, &images.zstd, &id) {
+            Err(e)
+                if format!("{e}").contains("unavailable")
+                    && start.elapsed() < Duration::from_secs(15) =>
+            {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            other => break other.with_context(|| daemon.log())?,
+        }
+    };
+    ensure!(
+        after == before,
+        "after the restart\n{after}\nbefore\n{before}"
+    );
+    let tree_after = image_tree(&ctd, SNAPSHOTTER, &images.zstd, &work.path().join("b"))?;
+    let differences = tree::differences(&tree_before, &tree_after);
+    ensure!(differences.is_empty(), "{}", differences.join("\n"));
+    let fetched = daemon.metric_sum("lazysnap_fetch_bytes_total")?;
+    ensure!(
+        fetched == 0.0,
+        "{fetched} bytes fetched again after the restart\n{}",
+        daemon.log()
+    );
+    drop(ctd);
+    daemon.stop()
+}
