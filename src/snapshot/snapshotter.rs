@@ -257,12 +257,20 @@ impl Snapshotter {
     }
 }
 
-/// Unmounts a lazy layer (off the async threads: an unmount may wait for FUSE to wind down) and
-/// releases its pins.
+/// Unmounts a lazy layer (off the async threads: an unmount may wait for FUSE to wind down),
+/// releases its pins and evicts past the disk budget.
 async fn release(mounted: Mounted, cache: ChunkCache) {
     let owner = mounted.pin_owner.clone();
     let _ = tokio::task::spawn_blocking(move || drop(mounted)).await;
     if let Err(e) = cache.unpin(&owner) {
         tracing::warn!("cannot release pins of {owner}: {e}");
+    }
+    // Its chunks are ordinary cache entries now: trim the cache to its budget right away, so
+    // removing an image frees its disk without waiting for the next fetch.
+    match tokio::task::spawn_blocking(move || cache.evict()).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(freed)) => tracing::info!(freed, "evicted chunks past the disk budget"),
+        Ok(Err(e)) => tracing::warn!("eviction after removing a lazy layer: {e}"),
+        Err(e) => tracing::warn!("eviction task failed: {e}"),
     }
 }
