@@ -591,3 +591,68 @@ fn removing_an_image_evicts_its_chunks_past_the_disk_budget() -> Result<()> {
     drop(ctd);
     daemon.stop()
 }
+
+/// containerd's CRI ImageService over its socket (what kubelet talks to).
+async fn cri_images(
+    socket: &Path,
+) -> Result<
+    k8s_cri::v1::image_service_client::ImageServiceClient<
+        containerd_snapshots::tonic::transport::Channel,
+    >,
+> {
+    use containerd_snapshots::tonic::transport::{Endpoint, Uri};
+    let socket = socket.to_owned();
+    // The URI is a placeholder: the connector dials the unix socket.
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            tokio::net::UnixStream::connect(socket.clone())
+        }))
+        .await
+        .context("connecting to containerd's CRI")?;
+    Ok(k8s_cri::v1::image_service_client::ImageServiceClient::new(
+        channel,
+    ))
+}
+
+#[test]
+fn a_cri_pull_image_mounts_lazily_with_the_cri_labels() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start_cri(&[(SNAPSHOTTER, &daemon.socket)], SNAPSHOTTER)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let image_ref = runtime.block_on(async {
+        let mut client = cri_images(&ctd.socket).await?;
+        let response = client
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
+                    image: images.zstd.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("CRI PullImage\n{}", daemon.log()))?;
+        anyhow::Ok(response.into_inner().image_ref)
+    })?;
+    ensure!(image_ref.starts_with("sha256:"), "image ref {image_ref}");
+    let content = ctd.ctr_in("k8s.io", &["content", "ls", "-q"])?;
+    for layer in layer_digests(&images.zstd)? {
+        ensure!(
+            !content.contains(&layer),
+            "CRI downloaded layer {layer}:\n{content}\nlazysnapd log:\n{}",
+            daemon.log()
+        );
+    }
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(lazy >= 1.0, "lazy layers: {lazy}\n{}", daemon.log());
+    ensure!(
+        daemon
+            .log()
+            .contains("containerd.io/snapshot/cri.manifest-digest"),
+        "CRI sent its labels:\n{}",
+        daemon.log()
+    );
+    drop(ctd);
+    daemon.stop()
+}

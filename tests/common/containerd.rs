@@ -36,6 +36,17 @@ impl TestContainerd {
     /// Starts containerd with `[proxy_plugins.NAME] type = "snapshot"` for each `(NAME, socket)`,
     /// and the CRI plugin off (the tests here talk to containerd's own API).
     pub fn start(snapshotters: &[(&str, &Path)]) -> Result<Self> {
+        Self::start_with(snapshotters, None)
+    }
+
+    /// Like [`Self::start`], with the CRI plugin on and using `snapshotter`, passing the layer
+    /// labels (`disable_snapshot_annotations = false`), with `restrict_oom_score_adj` (root here
+    /// cannot lower oom_score_adj) and a stream server on a free loopback port.
+    pub fn start_cri(snapshotters: &[(&str, &Path)], snapshotter: &str) -> Result<Self> {
+        Self::start_with(snapshotters, Some(snapshotter))
+    }
+
+    fn start_with(snapshotters: &[(&str, &Path)], cri: Option<&str>) -> Result<Self> {
         anyhow::ensure!(
             Path::new(CONTAINERD_BIN).exists(),
             "{CONTAINERD_BIN} not found: install the Debian package containerd"
@@ -50,17 +61,32 @@ impl TestContainerd {
                 address.display()
             ));
         }
+        // Top-level keys must come before the first table.
+        let (top, cri) = match cri {
+            None => (
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+                String::new(),
+            ),
+            Some(snapshotter) => ("", format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  \
+                 stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{snapshotter}\"\n  \
+                 disable_snapshot_annotations = false\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{cni}/bin\"\n  conf_dir = \"{cni}/conf\"\n",
+                cni = d.join("cni").display()
+            )),
+        };
         let config = format!(
             "version = 2\n\
              root = \"{root}\"\n\
              state = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             {top}\
              [grpc]\n  address = \"{sock}\"\n\
              [ttrpc]\n  address = \"{sock}.ttrpc\"\n\
              [debug]\n  address = \"{debug}\"\n  level = \"info\"\n\
              [metrics]\n  address = \"\"\n\
              [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n\
-             {proxies}",
+             {proxies}{cri}",
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = socket.display(),
@@ -130,18 +156,33 @@ impl TestContainerd {
         self.run_client(CTR_BIN, args, env)
     }
 
+    /// `ctr -a SOCK -n NAMESPACE ARGS...` in another namespace (CRI's is `k8s.io`).
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
+        self.run_client_in(namespace, CTR_BIN, args, &[])
+    }
+
     /// `ctr-remote -a SOCK -n NS ARGS...` (stargz-snapshotter's ctr, for `image rpull`).
     pub fn ctr_remote(&self, args: &[&str]) -> Result<String> {
         self.run_client(CTR_REMOTE_BIN, args, &[])
     }
 
     fn run_client(&self, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
+        self.run_client_in(&self.namespace, bin, args, env)
+    }
+
+    fn run_client_in(
+        &self,
+        namespace: &str,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<String> {
         let mut cmd = Command::new(bin);
         cmd.envs(env.iter().copied());
         cmd.arg("-a")
             .arg(&self.socket)
             .arg("-n")
-            .arg(&self.namespace)
+            .arg(namespace)
             .args(args);
         let (status, stdout, stderr) = run_with_timeout(&mut cmd, COMMAND_TIMEOUT)?;
         if !status {
