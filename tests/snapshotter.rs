@@ -189,6 +189,8 @@ fn free_port() -> Result<u16> {
 /// The busybox-static image in the registry three ways: as built (gzip), and converted to
 /// zstd:chunked and eStargz by `lazysnap convert`.
 struct Images {
+    /// `DIR:latest`, the OCI layout the fixture script wrote.
+    layout: String,
     plain: String,
     zstd: String,
     estargz: String,
@@ -216,6 +218,7 @@ fn busybox_images(registry: &TestRegistry) -> Result<Images> {
         image::run(Command::new(LAZYSNAP).args(["convert", "--format", format, &source, dst]))?;
     }
     Ok(Images {
+        layout,
         plain,
         zstd,
         estargz,
@@ -615,11 +618,12 @@ async fn cri_images(
 }
 
 #[test]
-fn a_cri_pull_image_mounts_lazily_with_the_cri_labels() -> Result<()> {
+fn cri_pulls_lazily_with_its_labels_and_runs_a_pod_from_lazy_images() -> Result<()> {
     let registry = TestRegistry::start()?;
     let images = busybox_images(&registry)?;
     let daemon = Lazysnapd::start()?;
-    let ctd = TestContainerd::start_cri(&[(SNAPSHOTTER, &daemon.socket)], SNAPSHOTTER)?;
+    let pause = pause_image(&registry, &images)?;
+    let ctd = TestContainerd::start_cri(&[(SNAPSHOTTER, &daemon.socket)], SNAPSHOTTER, &pause)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let image_ref = runtime.block_on(async {
         let mut client = cri_images(&ctd.socket).await?;
@@ -653,6 +657,156 @@ fn a_cri_pull_image_mounts_lazily_with_the_cri_labels() -> Result<()> {
         "CRI sent its labels:\n{}",
         daemon.log()
     );
+
+    // A pod whose sandbox and container both start from lazy images.
+    let logs = tempfile::tempdir()?;
+    let output = runtime
+        .block_on(run_pod(&ctd.socket, &images.zstd, logs.path()))
+        .with_context(|| daemon.log())?;
+    ensure!(
+        output.starts_with("ok\n"),
+        "the pod's container printed\n{output}"
+    );
+    ensure!(output.contains("/bin/busybox"), "{output}");
     drop(ctd);
     daemon.stop()
+}
+
+/// A pod sandbox image: busybox running `sleep` (pods need a process that stays), converted to
+/// zstd:chunked so the sandbox itself starts lazily.
+fn pause_image(registry: &TestRegistry, images: &Images) -> Result<String> {
+    let (dir, _) = images
+        .layout
+        .rsplit_once(':')
+        .context("layout has no tag")?;
+    image::run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &images.layout,
+        "--tag",
+        "pause",
+        "--config.cmd",
+        "/bin/sleep",
+        "--config.cmd",
+        "100000",
+    ]))?;
+    let pause = format!("{}/pause:lazy", registry.addr);
+    image::run(Command::new(LAZYSNAP).args(["convert", &format!("oci:{dir}:pause"), &pause]))?;
+    Ok(pause)
+}
+
+/// A pod on the host network (no CNI here) running one container from a lazy image; returns the
+/// container's log. Stops and removes the pod whatever happens.
+async fn run_pod(socket: &Path, image: &str, log_dir: &Path) -> Result<String> {
+    use containerd_snapshots::tonic::transport::{Endpoint, Uri};
+    use k8s_cri::v1 as cri;
+    let socket = socket.to_owned();
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            tokio::net::UnixStream::connect(socket.clone())
+        }))
+        .await?;
+    let mut runtime = cri::runtime_service_client::RuntimeServiceClient::new(channel);
+    let sandbox_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "lazy".into(),
+            uid: format!("uid-{}", std::process::id()),
+            namespace: "test".into(),
+            attempt: 0,
+        }),
+        // Host network shares the host's UTS namespace: no hostname of its own.
+        log_directory: log_dir.to_string_lossy().into_owned(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            ..Default::default()
+        })
+        .await
+        .context("RunPodSandbox")?
+        .into_inner()
+        .pod_sandbox_id;
+    let result = async {
+        let container = runtime
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(cri::ContainerConfig {
+                    metadata: Some(cri::ContainerMetadata {
+                        name: "probe".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(cri::ImageSpec {
+                        image: image.to_owned(),
+                        ..Default::default()
+                    }),
+                    command: vec!["/bin/sh".into(), "-c".into(), PROBE.into()],
+                    log_path: "probe.log".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .context("CreateContainer")?
+            .into_inner()
+            .container_id;
+        runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: container.clone(),
+            })
+            .await
+            .context("StartContainer")?;
+        let start = Instant::now();
+        loop {
+            let status = runtime
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: container.clone(),
+                    verbose: false,
+                })
+                .await
+                .context("ContainerStatus")?
+                .into_inner()
+                .status
+                .context("no status")?;
+            if status.state == cri::ContainerState::ContainerExited as i32 {
+                ensure!(status.exit_code == 0, "container exited {status:?}");
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "container still {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // CRI log lines: `TIMESTAMP STREAM TAG content`.
+        let log = std::fs::read_to_string(log_dir.join("probe.log"))?;
+        anyhow::Ok(
+            log.lines()
+                .filter_map(|l| l.splitn(4, ' ').nth(3))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        )
+    }
+    .await;
+    let _ = runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await;
+    let _ = runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await;
+    result
 }

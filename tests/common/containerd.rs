@@ -42,11 +42,16 @@ impl TestContainerd {
     /// Like [`Self::start`], with the CRI plugin on and using `snapshotter`, passing the layer
     /// labels (`disable_snapshot_annotations = false`), with `restrict_oom_score_adj` (root here
     /// cannot lower oom_score_adj) and a stream server on a free loopback port.
-    pub fn start_cri(snapshotters: &[(&str, &Path)], snapshotter: &str) -> Result<Self> {
-        Self::start_with(snapshotters, Some(snapshotter))
+    /// `sandbox_image` is the pod sandbox ("pause") image.
+    pub fn start_cri(
+        snapshotters: &[(&str, &Path)],
+        snapshotter: &str,
+        sandbox_image: &str,
+    ) -> Result<Self> {
+        Self::start_with(snapshotters, Some((snapshotter, sandbox_image)))
     }
 
-    fn start_with(snapshotters: &[(&str, &Path)], cri: Option<&str>) -> Result<Self> {
+    fn start_with(snapshotters: &[(&str, &Path)], cri: Option<(&str, &str)>) -> Result<Self> {
         anyhow::ensure!(
             Path::new(CONTAINERD_BIN).exists(),
             "{CONTAINERD_BIN} not found: install the Debian package containerd"
@@ -67,8 +72,9 @@ impl TestContainerd {
                 "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
                 String::new(),
             ),
-            Some(snapshotter) => ("", format!(
+            Some((snapshotter, sandbox_image)) => ("", format!(
                 "[plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  \
+                 sandbox_image = \"{sandbox_image}\"\n  \
                  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
                  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{snapshotter}\"\n  \
                  disable_snapshot_annotations = false\n\
