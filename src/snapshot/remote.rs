@@ -142,6 +142,25 @@ impl Remote {
         self.config.enabled
     }
 
+    /// [`Self::mount`] bounded by the read timeout: a registry that hangs must not hold up
+    /// containerd's pull for the client's full retry budget; the layer falls back instead.
+    pub(super) async fn mount_in_time(
+        &self,
+        layer: &RemoteLayer,
+        dir: &Path,
+        pin_owner: String,
+    ) -> Result<(Mounted, Usage), Fallback> {
+        let limit = self.config.fs.read_timeout;
+        tokio::time::timeout(limit, self.mount(layer, dir, pin_owner))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Fallback::new(
+                    "timeout",
+                    format!("the registry did not give the layer's TOC within {limit:?}"),
+                ))
+            })
+    }
+
     pub(super) fn cache(&self) -> &ChunkCache {
         &self.cache
     }

@@ -72,41 +72,43 @@ impl Snapshotter {
                 let _ = cache.unpin(&owner);
             }
         }
-        for (name, record) in records {
-            let Some(layer) = record.remote.clone() else {
-                continue;
-            };
-            if self.layers().contains_key(&record.id) {
-                continue;
-            }
-            let dir = self.store.fs_dir(record.id);
-            // A mount left by the previous process is dead (ENOTCONN): detach it first.
-            let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
-            if let Err(e) = std::fs::create_dir_all(&dir) {
-                tracing::error!(snapshot = %name, "cannot restore lazy layer: creating {}: {e}", dir.display());
-                METRICS.restore_failures.inc();
-                continue;
-            }
-            match self
-                .remote
-                .mount(&layer, &dir, format!("{PIN_PREFIX}{}", record.id))
-                .await
-            {
-                Ok((mounted, _)) => {
-                    self.layers().insert(record.id, mounted);
-                    METRICS.restored.inc();
-                    METRICS.mounted.inc();
-                }
-                Err(f) => {
-                    tracing::error!(snapshot = %name, reason = f.reason, "cannot restore lazy layer: {}", f.message);
-                    METRICS.restore_failures.inc();
-                }
-            }
-        }
+        // All at once: each costs a round trip or two to the registry.
+        let restores = records.into_iter().filter_map(|(name, record)| {
+            let layer = record.remote.clone()?;
+            (!self.layers().contains_key(&record.id))
+                .then(|| self.restore_one(name, record.id, layer))
+        });
+        futures_util::future::join_all(restores).await;
         match self.store.cleanup() {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "removed orphaned snapshot directories"),
             Err(e) => tracing::warn!("cleanup: {e}"),
+        }
+    }
+
+    async fn restore_one(&self, name: String, id: u64, layer: RemoteLayer) {
+        let dir = self.store.fs_dir(id);
+        // A mount left by the previous process is dead (ENOTCONN): detach it first.
+        let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::error!(snapshot = %name, "cannot restore lazy layer: creating {}: {e}", dir.display());
+            METRICS.restore_failures.inc();
+            return;
+        }
+        match self
+            .remote
+            .mount_in_time(&layer, &dir, format!("{PIN_PREFIX}{id}"))
+            .await
+        {
+            Ok((mounted, _)) => {
+                self.layers().insert(id, mounted);
+                METRICS.restored.inc();
+                METRICS.mounted.inc();
+            }
+            Err(f) => {
+                tracing::error!(snapshot = %name, reason = f.reason, "cannot restore lazy layer: {}", f.message);
+                METRICS.restore_failures.inc();
+            }
         }
     }
 
@@ -157,7 +159,7 @@ impl Snapshotter {
         let dir = self.store.fs_dir(id);
         let (mounted, usage) = match self
             .remote
-            .mount(&layer, &dir, format!("{PIN_PREFIX}{id}"))
+            .mount_in_time(&layer, &dir, format!("{PIN_PREFIX}{id}"))
             .await
         {
             Ok(m) => m,
