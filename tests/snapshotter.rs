@@ -810,3 +810,57 @@ async fn run_pod(socket: &Path, image: &str, log_dir: &Path) -> Result<String> {
         .await;
     result
 }
+
+#[test]
+fn a_hosts_toml_mirror_serves_lazy_layers_of_an_unreachable_registry() -> Result<()> {
+    let mirror = TestRegistry::start()?;
+    let images = busybox_images(&mirror)?;
+    // The image is named after a registry nobody answers for; hosts.toml sends both containerd
+    // and lazysnapd to the mirror, which has it.
+    let dead = format!("127.0.0.1:{}", free_port()?);
+    let hosts = tempfile::tempdir()?;
+    let file = lazysnap::snapshot::hosts::hosts_file(hosts.path(), &dead);
+    std::fs::create_dir_all(file.parent().context("hosts dir")?)?;
+    std::fs::write(
+        &file,
+        format!(
+            "server = \"http://{dead}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            mirror.addr
+        ),
+    )?;
+    let reference = images.zstd.replacen(&mirror.addr, &dead, 1);
+    let daemon = Lazysnapd::start_with(&format!(
+        "[registry]\nconfig_path = \"{}\"\n",
+        hosts.path().display()
+    ))?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    let hosts_dir = hosts.path().to_string_lossy().into_owned();
+    ctd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--hosts-dir",
+        &hosts_dir,
+        "--snapshotter",
+        SNAPSHOTTER,
+        &reference,
+    ])
+    .with_context(|| daemon.log())?;
+    let content = ctd.ctr(&["content", "ls", "-q"])?;
+    for layer in layer_digests(&images.zstd)? {
+        ensure!(
+            !content.contains(&layer),
+            "layer {layer} was downloaded:\n{content}\n{}",
+            daemon.log()
+        );
+    }
+    ensure!(
+        daemon.log().contains(&format!("host={}", mirror.addr)),
+        "the layer was mounted from the mirror:\n{}",
+        daemon.log()
+    );
+    let output = probe(&ctd, SNAPSHOTTER, &reference, "mirror").with_context(|| daemon.log())?;
+    ensure!(output.starts_with("ok\n"), "{output}");
+    drop(ctd);
+    daemon.stop()
+}

@@ -21,6 +21,7 @@
 //! plain_http = false                   # loopback registries always get plain HTTP
 //! docker_config_dir = "/root/.docker"  # default: $DOCKER_CONFIG, else ~/.docker
 //! max_retries = 3
+//! config_path = "/etc/containerd/certs.d"  # hosts.toml mirrors; default: none
 //! ```
 
 use std::net::SocketAddr;
@@ -84,6 +85,9 @@ pub struct RegistrySection {
     pub plain_http: bool,
     pub docker_config_dir: Option<PathBuf>,
     pub max_retries: u32,
+    /// containerd's registry `config_path` (e.g. `/etc/containerd/certs.d`): mirrors from its
+    /// `<registry>/hosts.toml` files. None: registries are reached directly.
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -128,6 +132,7 @@ impl Default for RegistrySection {
             plain_http: c.plain_http,
             docker_config_dir: c.docker_config_dir,
             max_retries: c.max_retries,
+            config_path: None,
         }
     }
 }
@@ -190,6 +195,7 @@ impl Config {
                 threads: self.fetch.fuse_threads.max(1),
             },
             background_fetch: self.fetch.background,
+            hosts_dir: self.registry.config_path.clone(),
         }
     }
 }

@@ -10,10 +10,12 @@
 //!
 //! - [`Store`]: the synchronous semantics and persistence (unit-tested without containerd);
 //! - [`Snapshotter`]: the store plus lazy layers (the remote handshake, restore on start);
-//! - `filter`: containerd's filter language for Walk/List.
+//! - `filter`: containerd's filter language for Walk/List;
+//! - `hosts`: registry mirrors from containerd's `hosts.toml` files.
 
 mod db;
 pub mod filter;
+pub mod hosts;
 mod metrics;
 mod mounts;
 mod remote;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::hosts::Hosts;
 use super::{Usage, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
 use crate::cache::ChunkCache;
 use crate::fetch::{FetchConfig, LayerFetcher};
@@ -36,6 +37,8 @@ pub struct RemoteConfig {
     pub fs: MountOptions,
     /// After the prefetch set, fetch the rest of each lazy layer at low priority (and pin it).
     pub background_fetch: bool,
+    /// containerd's registry `config_path`: `<registry>/hosts.toml` files naming mirrors.
+    pub hosts_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RemoteConfig {
@@ -46,6 +49,7 @@ impl Default for RemoteConfig {
             fetch: FetchConfig::default(),
             fs: MountOptions::default(),
             background_fetch: true,
+            hosts_dir: None,
         }
     }
 }
@@ -121,7 +125,17 @@ impl Drop for Mounted {
 pub(super) struct Remote {
     config: RemoteConfig,
     client: Client,
+    /// For mirrors that `hosts.toml` names with `http://`.
+    plain_client: Client,
+    hosts: Hosts,
     cache: ChunkCache,
+}
+
+/// A lazy layer found at one host: its blob size, layout and verified TOC.
+struct Located {
+    size: u64,
+    lazy: format::LazyLayer,
+    toc: Arc<format::Toc>,
 }
 
 impl Remote {
@@ -129,11 +143,18 @@ impl Remote {
         config: RemoteConfig,
         cache: ChunkCache,
     ) -> Result<Self, super::SnapshotError> {
-        let client = Client::new(config.registry.clone())
-            .map_err(|e| super::SnapshotError::InvalidArgument(format!("registry client: {e}")))?;
+        let client_for = |plain_http: bool| {
+            Client::new(ClientConfig {
+                plain_http: config.registry.plain_http || plain_http,
+                ..config.registry.clone()
+            })
+            .map_err(|e| super::SnapshotError::InvalidArgument(format!("registry client: {e}")))
+        };
         Ok(Self {
+            client: client_for(false)?,
+            plain_client: client_for(true)?,
+            hosts: Hosts::new(config.hosts_dir.clone()),
             config,
-            client,
             cache,
         })
     }
@@ -181,48 +202,36 @@ impl Remote {
             .layer
             .parse()
             .map_err(|e| Fallback::new("labels", format!("layer {}: {e}", layer.layer)))?;
-        let manifest = self.manifest(&reference, &layer.manifest).await?;
-        let descriptor = manifest["layers"]
-            .as_array()
-            .and_then(|layers| {
-                layers
-                    .iter()
-                    .find(|d| d["digest"].as_str() == Some(layer.layer.as_str()))
-            })
-            .ok_or_else(|| {
-                Fallback::new(
-                    "manifest",
-                    format!("the manifest of {reference} has no layer {}", layer.layer),
-                )
-            })?;
-        let size = descriptor["size"].as_u64().unwrap_or(0);
-        let media_type = descriptor["mediaType"].as_str().unwrap_or_default();
-        let annotations = oci::string_map(descriptor.get("annotations"));
-        let lazy = format::detect(media_type, &annotations).ok_or_else(|| {
-            Fallback::new(
-                "not_lazy",
-                format!(
-                    "layer {} ({media_type}) is not in a lazy format",
-                    digest.short()
-                ),
-            )
-        })?;
-        let read = |start: u64, end: u64| {
-            let reference = &reference;
-            async move {
-                self.client
-                    .get_blob_range(reference, &digest, start..end)
-                    .await
-                    .map(|b| b.to_vec())
+        // Mirrors first, as hosts.toml orders them; a host that fails moves on to the next.
+        let mut failure = None;
+        let mut found = None;
+        for host in self.hosts.candidates(&reference.registry) {
+            let at = Reference {
+                registry: host.host.clone(),
+                ..reference.clone()
+            };
+            let client = if host.plain_http {
+                &self.plain_client
+            } else {
+                &self.client
+            };
+            match self.locate(client, &at, &layer.manifest, digest).await {
+                Ok(located) => {
+                    found = Some((client.clone(), at, located));
+                    break;
+                }
+                Err(f) if matches!(f.reason, "registry" | "toc") => {
+                    tracing::debug!(host = %host.host, reason = f.reason, "{}", f.message);
+                    failure = Some(f);
+                }
+                Err(f) => return Err(f),
             }
+        }
+        let Some((client, reference, Located { size, lazy, toc })) = found else {
+            return Err(failure.unwrap_or_else(|| Fallback::new("registry", "no host to try")));
         };
-        let toc = Arc::new(
-            crate::fetch::read_toc(&digest, &lazy, size, read)
-                .await
-                .map_err(|e| Fallback::new("toc", e))?,
-        );
         let fetcher = LayerFetcher::new(
-            self.client.clone(),
+            client,
             reference.clone(),
             digest,
             size,
@@ -240,6 +249,7 @@ impl Remote {
         .map_err(|e| Fallback::new("mount", e))?;
         tracing::info!(
             layer = %digest.short(),
+            host = %reference.registry,
             format = inspect::format_name(lazy.format),
             entries = toc.entries.len(),
             dir = %dir.display(),
@@ -269,12 +279,66 @@ impl Remote {
 }
 
 impl Remote {
+    /// Finds the layer `digest` of `reference`'s manifest at one host and reads its TOC.
+    async fn locate(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        manifest_digest: &str,
+        digest: Digest,
+    ) -> Result<Located, Fallback> {
+        let manifest = self.manifest(client, reference, manifest_digest).await?;
+        let descriptor = manifest["layers"]
+            .as_array()
+            .and_then(|layers| {
+                layers
+                    .iter()
+                    .find(|d| d["digest"].as_str() == Some(digest.to_string().as_str()))
+            })
+            .ok_or_else(|| {
+                Fallback::new(
+                    "manifest",
+                    format!("the manifest of {reference} has no layer {digest}"),
+                )
+            })?;
+        let size = descriptor["size"].as_u64().unwrap_or(0);
+        let media_type = descriptor["mediaType"].as_str().unwrap_or_default();
+        let annotations = oci::string_map(descriptor.get("annotations"));
+        let lazy = format::detect(media_type, &annotations).ok_or_else(|| {
+            Fallback::new(
+                "not_lazy",
+                format!(
+                    "layer {} ({media_type}) is not in a lazy format",
+                    digest.short()
+                ),
+            )
+        })?;
+        let read = |start: u64, end: u64| async move {
+            client
+                .get_blob_range(reference, &digest, start..end)
+                .await
+                .map(|b| b.to_vec())
+        };
+        let toc = crate::fetch::read_toc(&digest, &lazy, size, read)
+            .await
+            .map_err(|e| Fallback::new("toc", e))?;
+        Ok(Located {
+            size,
+            lazy,
+            toc: Arc::new(toc),
+        })
+    }
+
     /// The image manifest: fetched by `digest` (and so verified) when the labels name it, else
     /// resolved from the reference, through an index to this host's platform.
-    async fn manifest(&self, reference: &Reference, digest: &str) -> Result<Value, Fallback> {
+    async fn manifest(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        digest: &str,
+    ) -> Result<Value, Fallback> {
         let fetched = if digest.is_empty() {
-            let fetched = self
-                .client
+            let fetched = client
                 .get_manifest(reference)
                 .await
                 .map_err(|e| Fallback::new("registry", e))?;
@@ -289,7 +353,7 @@ impl Remote {
                         .to_string()
                         .parse()
                         .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))?;
-                    self.client
+                    client
                         .get_manifest(&reference.with_digest(digest))
                         .await
                         .map_err(|e| Fallback::new("registry", e))?
@@ -301,7 +365,7 @@ impl Remote {
                 .parse()
                 .map_err(|e| Fallback::new("labels", format!("manifest {digest}: {e}")))?;
             // Asked for by digest, so the registry client verifies the bytes.
-            self.client
+            client
                 .get_manifest(&reference.with_digest(digest))
                 .await
                 .map_err(|e| Fallback::new("registry", e))?
