@@ -864,3 +864,29 @@ fn a_hosts_toml_mirror_serves_lazy_layers_of_an_unreachable_registry() -> Result
     drop(ctd);
     daemon.stop()
 }
+
+#[test]
+fn cleanup_detaches_every_mount_left_under_the_root() -> Result<()> {
+    let root = tempfile::Builder::new().prefix("lssd-").tempdir()?;
+    let _guard = containerd::UnmountOnDrop(root.path().to_owned());
+    let fs = root.path().join("snapshots/7/fs");
+    std::fs::create_dir_all(&fs)?;
+    image::run(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "lazysnap-test"])
+            .arg(&fs),
+    )?;
+    ensure!(!mounts_below(root.path()).is_empty(), "mounted");
+    image::run(
+        Command::new(LAZYSNAPD)
+            .arg("--root")
+            .arg(root.path())
+            .arg("--cleanup"),
+    )?;
+    ensure!(
+        mounts_below(root.path()).is_empty(),
+        "still mounted: {:?}",
+        mounts_below(root.path())
+    );
+    Ok(())
+}

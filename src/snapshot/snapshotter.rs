@@ -120,8 +120,15 @@ impl Snapshotter {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         if let Some(target) = labels.get(LABEL_TARGET).cloned() {
-            if let Ok(existing) = self.store.stat(&target) {
+            if let Ok(existing) = self.store.record(&target) {
                 if existing.kind == Kind::Committed && existing.parent == parent {
+                    // A lazy layer whose mount could not be restored at start gets another try
+                    // now that it is wanted again.
+                    if let Some(layer) = existing.remote.clone() {
+                        if !self.layers().contains_key(&existing.id) {
+                            self.restore_one(target.clone(), existing.id, layer).await;
+                        }
+                    }
                     return Err(SnapshotError::AlreadyExists(target));
                 }
             }
@@ -274,5 +281,89 @@ async fn release(mounted: Mounted, cache: ChunkCache) {
         Ok(Ok(freed)) => tracing::info!(freed, "evicted chunks past the disk budget"),
         Ok(Err(e)) => tracing::warn!("eviction after removing a lazy layer: {e}"),
         Err(e) => tracing::warn!("eviction task failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheConfig;
+
+    fn open(root: &Path) -> Snapshotter {
+        let cache = ChunkCache::open(CacheConfig {
+            dir: root.join("cache"),
+            disk_budget: 0,
+            memory_budget: 1 << 20,
+        })
+        .unwrap();
+        Snapshotter::open(root, RemoteConfig::default(), cache).unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_target_without_layer_labels_falls_back_to_an_active_snapshot_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotter = open(dir.path());
+        let before = METRICS.fallbacks.with_label_values(&["no_labels"]).get();
+        let mounts = snapshotter
+            .prepare(
+                "ns/1/extract",
+                "",
+                labels(&[(LABEL_TARGET, "sha256:chain")]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(mounts[0].kind, "bind");
+        assert_eq!(snapshotter.stat("ns/1/extract").unwrap().kind, Kind::Active);
+        assert!(METRICS.fallbacks.with_label_values(&["no_labels"]).get() > before);
+    }
+
+    #[tokio::test]
+    async fn an_existing_target_with_the_same_parent_answers_already_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotter = open(dir.path());
+        snapshotter
+            .prepare("ns/1/extract", "", HashMap::new())
+            .await
+            .unwrap();
+        snapshotter
+            .commit("sha256:chain", "ns/1/extract", HashMap::new())
+            .unwrap();
+        let err = snapshotter
+            .prepare(
+                "ns/2/extract",
+                "",
+                labels(&[(LABEL_TARGET, "sha256:chain")]),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::AlreadyExists(_)), "{err}");
+        // Under another parent the target is a different layer: prepared as usual.
+        snapshotter
+            .prepare("ns/1/base", "", HashMap::new())
+            .await
+            .unwrap();
+        snapshotter
+            .commit("base", "ns/1/base", HashMap::new())
+            .unwrap();
+        snapshotter
+            .prepare(
+                "ns/3/extract",
+                "base",
+                labels(&[(LABEL_TARGET, "sha256:chain")]),
+            )
+            .await
+            .unwrap();
+        snapshotter.remove("ns/3/extract").await.unwrap();
+        assert!(matches!(
+            snapshotter.stat("ns/3/extract"),
+            Err(SnapshotError::NotFound(_))
+        ));
     }
 }

@@ -268,6 +268,16 @@ pub fn mounts_below(dir: &Path) -> Vec<String> {
     points
 }
 
+/// Detaches every mount at or below its directory when dropped.
+#[derive(Debug)]
+pub struct UnmountOnDrop(pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        unmount_below(&self.0);
+    }
+}
+
 /// Detaches every mount at or below `dir`.
 pub fn unmount_below(dir: &Path) {
     for m in mounts_below(dir) {
