@@ -98,27 +98,72 @@ impl Lazysnapd {
     }
 
     /// SIGTERM (must exit 0 with nothing left mounted), then start again on the same root.
+    /// SIGTERM to the gRPC service only (it must exit 0), then start it again: the layer host
+    /// keeps serving the layers meanwhile.
     fn restart(&mut self) -> Result<()> {
+        stop_child(&mut self.child, Duration::from_secs(20));
+        let status = self.child.wait()?;
+        ensure!(status.success(), "lazysnapd exit {status}: {}", self.log());
+        self.child = Self::spawn(self.dir.path())?;
+        self.wait_serving()
+    }
+
+    /// Everything stopped (the service by SIGTERM, the layer host by `lazysnapd --cleanup`),
+    /// then started again: the layers must be mounted again from the records.
+    fn restart_cold(&mut self) -> Result<()> {
         self.stop_in_place()?;
         self.child = Self::spawn(self.dir.path())?;
         self.wait_serving()
+    }
+
+    /// The layer host's pid, from its pid file.
+    fn layer_host_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.root().join("layer-host.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn stop_in_place(&mut self) -> Result<()> {
         stop_child(&mut self.child, Duration::from_secs(20));
         let status = self.child.wait()?;
         ensure!(status.success(), "lazysnapd exit {status}: {}", self.log());
+        let host = self.layer_host_pid();
+        image::run(
+            Command::new(LAZYSNAPD)
+                .arg("--config")
+                .arg(self.dir.path().join("lazysnapd.toml"))
+                .arg("--cleanup"),
+        )?;
+        if let Some(pid) = host {
+            ensure!(
+                !Path::new(&format!("/proc/{pid}")).exists()
+                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .unwrap_or_default()
+                        .contains(") Z "),
+                "the layer host {pid} still runs after --cleanup:\n{}",
+                self.host_log()
+            );
+        }
         let left = mounts_below(&self.root());
-        ensure!(left.is_empty(), "left mounted after SIGTERM: {left:?}");
+        ensure!(left.is_empty(), "left mounted after --cleanup: {left:?}");
         Ok(())
+    }
+
+    fn host_log(&self) -> String {
+        std::fs::read_to_string(self.root().join("layer-host.log")).unwrap_or_default()
     }
 
     fn root(&self) -> PathBuf {
         self.dir.path().join("root")
     }
 
+    /// The service's log, then the layer host's.
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("lazysnapd.log")).unwrap_or_default()
+            + "\n--- layer host ---\n"
+            + &self.host_log()
     }
 
     /// Chunk files in the cache (`ROOT/cache/chunks/**`, temporary files excluded).
@@ -176,6 +221,21 @@ impl Lazysnapd {
 impl Drop for Lazysnapd {
     fn drop(&mut self) {
         stop_child(&mut self.child, Duration::from_secs(10));
+        // The layer host is not our child: stop it by the pid it wrote.
+        if let Some(pid) = self.layer_host_pid() {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let start = Instant::now();
+            while nix::sys::signal::kill(pid, None).is_ok()
+                && start.elapsed() < Duration::from_secs(10)
+                && self.layer_host_pid().is_some()
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if self.layer_host_pid().is_some() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
         unmount_below(self.dir.path());
     }
 }
@@ -492,7 +552,8 @@ fn a_plain_gzip_image_falls_back_and_runs_through_the_same_snapshotter() -> Resu
 }
 
 #[test]
-fn a_restarted_lazysnapd_mounts_its_lazy_layers_again_without_refetching() -> Result<()> {
+fn a_running_container_keeps_reading_across_a_restart_and_a_cold_start_refetches_nothing(
+) -> Result<()> {
     let registry = TestRegistry::start()?;
     let images = busybox_images(&registry)?;
     let work = tempfile::tempdir()?;
@@ -507,28 +568,69 @@ fn a_restarted_lazysnapd_mounts_its_lazy_layers_again_without_refetching() -> Re
         &images.zstd,
     ])
     .with_context(|| daemon.log())?;
-    let before = probe(&ctd, SNAPSHOTTER, &images.zstd, "before")?;
-    // Reading every file puts every chunk in the cache.
-    let tree_before = image_tree(&ctd, SNAPSHOTTER, &images.zstd, &work.path().join("a"))?;
+    let long = format!("long-{}", std::process::id());
+    ctd.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &images.zstd,
+        &long,
+        "/bin/sleep",
+        "100000",
+    ])?;
+    let result = (|| -> Result<()> {
+        // The gRPC service restarts; the layer host, and so the container's lower layer, stays.
+        daemon.restart()?;
+        let start = Instant::now();
+        let exec = loop {
+            let exec = ctd.ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                &format!("e{}", start.elapsed().as_millis()),
+                &long,
+                "/bin/sh",
+                "-c",
+                PROBE,
+            ]);
+            match exec {
+                Ok(out) if !out.is_empty() => break out,
+                Ok(_) if start.elapsed() < Duration::from_secs(15) => {}
+                Err(e) if start.elapsed() < Duration::from_secs(15) => {
+                    tracing_free_sleep(&e);
+                }
+                other => break other.with_context(|| daemon.log())?,
+            }
+        };
+        ensure!(
+            exec.starts_with("ok\n"),
+            "the running container read\n{exec}"
+        );
+        let before = retry_unavailable(|id| probe(&ctd, SNAPSHOTTER, &images.zstd, id))
+            .with_context(|| daemon.log())?;
+        ensure!(
+            before == exec,
+            "a new container saw\n{before}\nthe old one\n{exec}"
+        );
+        Ok(())
+    })();
+    let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", &long]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = ctd.ctr(&["task", "delete", "-f", &long]);
+    let _ = ctd.ctr(&["container", "delete", &long]);
+    result?;
 
-    daemon.restart()?;
+    // Reading every file puts every chunk in the cache; a cold start must not fetch any again.
+    let tree_before = image_tree(&ctd, SNAPSHOTTER, &images.zstd, &work.path().join("a"))?;
+    let before = probe(&ctd, SNAPSHOTTER, &images.zstd, "warm")?;
+    daemon.restart_cold()?;
     let restored = daemon.metric("lazysnap_snapshot_restored_layers_total")?;
     ensure!(restored >= 1.0, "restored: {restored}\n{}", daemon.log());
     // containerd's gRPC client reconnects with backoff (about a second after a short outage);
     // until then calls fail as unavailable.
-    let start = Instant::now();
-    let after = loop {
-        let id = format!("after{}", start.elapsed().as_millis());
-        match probe(&ctd, SNAPSHOTTER, &images.zstd, &id) {
-            Err(e)
-                if format!("{e}").contains("unavailable")
-                    && start.elapsed() < Duration::from_secs(15) =>
-            {
-                std::thread::sleep(Duration::from_millis(250));
-            }
-            other => break other.with_context(|| daemon.log())?,
-        }
-    };
+    let after = retry_unavailable(|id| probe(&ctd, SNAPSHOTTER, &images.zstd, id))
+        .with_context(|| daemon.log())?;
     ensure!(
         after == before,
         "after the restart\n{after}\nbefore\n{before}"
@@ -544,6 +646,29 @@ fn a_restarted_lazysnapd_mounts_its_lazy_layers_again_without_refetching() -> Re
     );
     drop(ctd);
     daemon.stop()
+}
+
+/// Waits a little before retrying a call containerd refused while reconnecting.
+fn tracing_free_sleep(_error: &anyhow::Error) {
+    std::thread::sleep(Duration::from_millis(250));
+}
+
+/// Runs `call` (given a fresh id) until containerd stops answering `unavailable`: after lazysnapd
+/// restarts, containerd's gRPC client reconnects with backoff (about a second).
+fn retry_unavailable(mut call: impl FnMut(&str) -> Result<String>) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        let id = format!("r{}", start.elapsed().as_millis());
+        match call(&id) {
+            Err(e)
+                if format!("{e}").contains("unavailable")
+                    && start.elapsed() < Duration::from_secs(15) =>
+            {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
 }
 
 #[test]

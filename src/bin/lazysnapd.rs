@@ -24,9 +24,13 @@ struct Cli {
     /// gRPC unix socket (overrides `address`; default /run/lazysnap/lazysnapd.sock).
     #[arg(long)]
     address: Option<PathBuf>,
-    /// Unmount every layer and snapshot mount left under the root, then exit.
+    /// Stop the layer host and unmount every layer and snapshot mount left under the root, then
+    /// exit.
     #[arg(long)]
     cleanup: bool,
+    /// Run as the layer host (started by lazysnapd itself; its config comes in the environment).
+    #[arg(long, hide = true)]
+    layer_host: bool,
     /// More log output on stderr (-v debug). `LAZYSNAP_LOG` takes a tracing filter.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -52,9 +56,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut config = match &cli.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
+    let mut config = match (&cli.config, std::env::var(service::layer_host::CONFIG_ENV)) {
+        (Some(path), _) => Config::load(path)?,
+        (None, Ok(json)) if cli.layer_host => {
+            serde_json::from_str(&json).context("the layer host's config from lazysnapd")?
+        }
+        (None, _) => Config::default(),
     };
     if let Some(root) = cli.root {
         config.root = root;
@@ -62,13 +69,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(address) = cli.address {
         config.address = address;
     }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     if cli.cleanup {
-        let points = service::unmount_all_under(&config.root)?;
+        let points = runtime.block_on(service::cleanup(&config.root))?;
         tracing::info!(mounts = points.len(), root = %config.root.display(), "unmounted");
         return Ok(());
     }
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -78,7 +85,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 _ = int.recv() => tracing::info!("SIGINT: stopping"),
             }
         };
-        service::run(&config, stop).await?;
+        if cli.layer_host {
+            service::layer_host::serve(&config, stop).await?;
+        } else {
+            service::run(&config, stop).await?;
+        }
         anyhow::Ok(())
-    })
+    });
+    // Background fetches and blocking reads are abandoned, not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }

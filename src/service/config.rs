@@ -5,6 +5,7 @@
 //! root = "/var/lib/lazysnap"
 //! address = "/run/lazysnap/lazysnapd.sock"
 //! metrics_address = "127.0.0.1:9464"   # "" turns the endpoint off
+//! separate_layer_host = true           # FUSE layers outlive restarts of the gRPC service
 //!
 //! [cache]
 //! disk_budget_bytes = 0                # 0: unlimited
@@ -28,7 +29,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ServiceError;
 use crate::fetch::FetchConfig;
@@ -42,19 +43,22 @@ pub const DEFAULT_ROOT: &str = "/var/lib/lazysnap";
 pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnapd.sock";
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub root: PathBuf,
     pub address: PathBuf,
     /// `host:port` for `GET /metrics`; empty for none.
     pub metrics_address: String,
+    /// Serve lazy layers from a separate, long-lived `lazysnapd --layer-host` process, so the
+    /// gRPC snapshotter can restart without unmounting the layers running containers read.
+    pub separate_layer_host: bool,
     pub cache: CacheSection,
     pub fetch: FetchSection,
     pub registry: RegistrySection,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheSection {
     /// Bytes of chunk data kept on disk before the least recently used unpinned chunks are
@@ -64,7 +68,7 @@ pub struct CacheSection {
     pub memory_budget_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FetchSection {
     /// Mount layers in a lazy format lazily; off makes lazysnapd a plain overlayfs snapshotter.
@@ -79,7 +83,7 @@ pub struct FetchSection {
     pub fuse_threads: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistrySection {
     pub plain_http: bool,
@@ -96,6 +100,7 @@ impl Default for Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
             metrics_address: "127.0.0.1:9464".into(),
+            separate_layer_host: true,
             cache: CacheSection::default(),
             fetch: FetchSection::default(),
             registry: RegistrySection::default(),

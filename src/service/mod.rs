@@ -7,6 +7,8 @@
 
 pub mod config;
 mod grpc;
+pub mod layer_host;
+mod metrics;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,8 @@ pub use config::Config;
 pub use grpc::Grpc;
 
 use crate::cache::{CacheConfig, ChunkCache};
-use crate::snapshot::{SnapshotError, Snapshotter};
+use crate::snapshot::{LayerHost, LocalHost, SnapshotError, Snapshotter};
+use layer_host::LayerHostClient;
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -49,17 +52,24 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServiceError
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
     let root = &config.root;
     std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
-    let cache_dir = root.join("cache");
-    let cache = ChunkCache::open(CacheConfig {
-        dir: cache_dir.clone(),
-        disk_budget: config.cache.disk_budget_bytes,
-        memory_budget: config.cache.memory_budget_bytes,
-    })
-    .map_err(|e| ServiceError::Cache {
-        path: cache_dir,
-        message: e.to_string(),
-    })?;
-    let snapshotter = Arc::new(Snapshotter::open(root, config.remote(), cache)?);
+    let (host, client): (Arc<dyn LayerHost>, Option<Arc<LayerHostClient>>) =
+        if config.separate_layer_host {
+            let client = Arc::new(LayerHostClient::connect_or_spawn(config).await?);
+            (client.clone(), Some(client))
+        } else {
+            let cache_dir = root.join("cache");
+            let cache = ChunkCache::open(CacheConfig {
+                dir: cache_dir.clone(),
+                disk_budget: config.cache.disk_budget_bytes,
+                memory_budget: config.cache.memory_budget_bytes,
+            })
+            .map_err(|e| ServiceError::Cache {
+                path: cache_dir,
+                message: e.to_string(),
+            })?;
+            (Arc::new(LocalHost::new(config.remote(), cache)?), None)
+        };
+    let snapshotter = Arc::new(Snapshotter::open(root, host)?);
     snapshotter.restore().await;
 
     let metrics = match config.metrics().map_err(|message| ServiceError::Config {
@@ -71,7 +81,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
                 .await
                 .map_err(io(format!("binding the metrics endpoint {addr}")))?;
             tracing::info!(%addr, "metrics at http://{addr}/metrics");
-            Some(tokio::spawn(crate::metrics::serve(listener)))
+            Some(tokio::spawn(metrics::serve(listener, client)))
         }
         None => None,
     };
@@ -87,7 +97,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
     if let Some(task) = metrics {
         task.abort();
     }
-    snapshotter.unmount_all().await;
+    snapshotter.shutdown().await;
     let _ = std::fs::remove_file(&config.address);
     tracing::info!("lazysnapd stopped");
     served.map_err(|e| ServiceError::Serve {
@@ -97,7 +107,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
 }
 
 /// Binds the socket, replacing a stale one left by a process that died.
-fn bind(address: &Path) -> Result<tokio::net::UnixListener, ServiceError> {
+pub(crate) fn bind(address: &Path) -> Result<tokio::net::UnixListener, ServiceError> {
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     }
@@ -113,8 +123,17 @@ fn bind(address: &Path) -> Result<tokio::net::UnixListener, ServiceError> {
         .map_err(io(format!("binding the socket {}", address.display())))
 }
 
-/// Detaches every mount below `root/snapshots` (what `lazysnapd --cleanup` does after a crash
-/// left dead FUSE mounts behind). Returns the mount points.
+/// What `lazysnapd --cleanup` does: stops the layer host (which unmounts its layers), then
+/// detaches every mount left below `root/snapshots` (dead FUSE mounts after a crash). Returns
+/// the mount points it had to detach.
+pub async fn cleanup(root: &Path) -> Result<Vec<PathBuf>, ServiceError> {
+    if layer_host::stop(root).await {
+        tracing::info!("stopped the layer host");
+    }
+    unmount_all_under(root)
+}
+
+/// Detaches every mount below `root/snapshots`. Returns the mount points.
 pub fn unmount_all_under(root: &Path) -> Result<Vec<PathBuf>, ServiceError> {
     let prefix = root.join("snapshots");
     let table = std::fs::read_to_string("/proc/self/mountinfo")

@@ -10,11 +10,13 @@
 //!
 //! - [`Store`]: the synchronous semantics and persistence (unit-tested without containerd);
 //! - [`Snapshotter`]: the store plus lazy layers (the remote handshake, restore on start);
+//! - [`LayerHost`]: the process serving lazy layers ([`LocalHost`]: this one);
 //! - `filter`: containerd's filter language for Walk/List;
 //! - `hosts`: registry mirrors from containerd's `hosts.toml` files.
 
 mod db;
 pub mod filter;
+mod host;
 pub mod hosts;
 mod metrics;
 mod mounts;
@@ -29,7 +31,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-pub use remote::{RemoteConfig, RemoteLayer};
+pub use host::{LayerHost, LocalHost, PIN_PREFIX};
+pub use remote::{Fallback, RemoteConfig, RemoteLayer, FALLBACK_REASONS};
 pub use snapshotter::Snapshotter;
 pub use store::Store;
 

@@ -72,8 +72,31 @@ pub struct Fallback {
     pub message: String,
 }
 
+/// Every fallback reason (the metric's label values).
+pub const FALLBACK_REASONS: &[&str] = &[
+    "no_labels",
+    "labels",
+    "registry",
+    "manifest",
+    "not_lazy",
+    "toc",
+    "timeout",
+    "mount",
+    "disabled",
+    "internal",
+];
+
 impl Fallback {
-    pub(super) fn new(reason: &'static str, message: impl std::fmt::Display) -> Self {
+    /// The reason named `text`, as one of [`FALLBACK_REASONS`] (`internal` for anything else).
+    pub fn reason_named(text: &str) -> &'static str {
+        FALLBACK_REASONS
+            .iter()
+            .find(|r| **r == text)
+            .copied()
+            .unwrap_or("internal")
+    }
+
+    pub fn new(reason: &'static str, message: impl std::fmt::Display) -> Self {
         Self {
             reason,
             message: message.to_string(),

@@ -5,44 +5,33 @@
 //! name with the Prepare's parent and labels, and Prepare answers `ALREADY_EXISTS`. containerd then
 //! finds it with Walk (`labels."containerd.io/snapshot.ref"==TARGET,parent==PARENT`) and never
 //! downloads the layer. Anything that stops the handshake is logged and counted, and Prepare goes
-//! on as overlayfs's would.
+//! on as overlayfs's would. The layers themselves are served by a [`LayerHost`].
 //!
-//! Lock order: the store's lock, then `layers`; no lock is held across an await or an unmount.
+//! No lock is held across an await.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
 
+use super::host::LayerHost;
 use super::metrics::METRICS;
-use super::remote::{Fallback, Mounted, Remote};
-use super::{
-    Info, Kind, Mount, RemoteConfig, RemoteLayer, SnapshotError, Store, Usage, LABEL_TARGET,
-};
-use crate::cache::ChunkCache;
-
-/// Pins of a lazy layer's chunks are owned by `snapshot/<id>`.
-const PIN_PREFIX: &str = "snapshot/";
+use super::remote::Fallback;
+use super::{Info, Kind, Mount, RemoteLayer, SnapshotError, Store, Usage, LABEL_TARGET};
 
 /// The snapshotter (see the module docs).
 #[derive(Debug)]
 pub struct Snapshotter {
     store: Store,
-    remote: Remote,
-    /// Lazy layers mounted by this process, by snapshot id.
-    layers: Mutex<HashMap<u64, Mounted>>,
+    host: Arc<dyn LayerHost>,
 }
 
 impl Snapshotter {
-    /// Opens the store under `root`; lazy layers use `cache`. Call [`Self::restore`] next.
-    pub fn open(
-        root: &Path,
-        config: RemoteConfig,
-        cache: ChunkCache,
-    ) -> Result<Self, SnapshotError> {
+    /// Opens the store under `root`; lazy layers are served by `host`. Call [`Self::restore`]
+    /// next.
+    pub fn open(root: &Path, host: Arc<dyn LayerHost>) -> Result<Self, SnapshotError> {
         Ok(Self {
             store: Store::open(root)?,
-            remote: Remote::new(config, cache)?,
-            layers: Mutex::new(HashMap::new()),
+            host,
         })
     }
 
@@ -50,35 +39,25 @@ impl Snapshotter {
         &self.store
     }
 
-    fn layers(&self) -> MutexGuard<'_, HashMap<u64, Mounted>> {
-        self.layers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Mounts every committed lazy layer again (after a restart its mount died with the old
-    /// process), releases pins of snapshots that are gone, and removes orphaned directories.
-    /// A layer that cannot be mounted is logged and counted; its snapshot stays, so containerd's
-    /// view of the images does not change under it.
+    /// Mounts every committed lazy layer the host does not serve (after a restart of a local
+    /// host, all of them), releases pins of snapshots that are gone, and removes orphaned
+    /// directories. A layer that cannot be mounted is logged and counted; its snapshot stays, so
+    /// containerd's view of the images does not change under it, and the next Prepare that
+    /// wants it tries again.
     pub async fn restore(&self) {
         let records = self.store.records();
-        let ids: std::collections::HashSet<String> = records
-            .iter()
-            .map(|(_, r)| format!("{PIN_PREFIX}{}", r.id))
-            .collect();
-        let cache = self.remote.cache();
-        for owner in cache.pin_owners().unwrap_or_default() {
-            if owner.starts_with(PIN_PREFIX) && !ids.contains(&owner) {
-                let _ = cache.unpin(&owner);
-            }
-        }
+        self.host
+            .release_stale_pins(records.iter().map(|(_, r)| r.id).collect())
+            .await;
+        let mounted = self.host.mounted().await;
         // All at once: each costs a round trip or two to the registry.
         let restores = records.into_iter().filter_map(|(name, record)| {
             let layer = record.remote.clone()?;
-            (!self.layers().contains_key(&record.id))
-                .then(|| self.restore_one(name, record.id, layer))
+            (!mounted.contains(&record.id)).then(|| self.restore_one(name, record.id, layer))
         });
         futures_util::future::join_all(restores).await;
+        let mounted = self.host.mounted().await;
+        METRICS.mounted.set(mounted.len() as i64);
         match self.store.cleanup() {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "removed orphaned snapshot directories"),
@@ -87,21 +66,8 @@ impl Snapshotter {
     }
 
     async fn restore_one(&self, name: String, id: u64, layer: RemoteLayer) {
-        let dir = self.store.fs_dir(id);
-        // A mount left by the previous process is dead (ENOTCONN): detach it first.
-        let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::error!(snapshot = %name, "cannot restore lazy layer: creating {}: {e}", dir.display());
-            METRICS.restore_failures.inc();
-            return;
-        }
-        match self
-            .remote
-            .mount_in_time(&layer, &dir, format!("{PIN_PREFIX}{id}"))
-            .await
-        {
-            Ok((mounted, _)) => {
-                self.layers().insert(id, mounted);
+        match self.host.mount(id, layer, self.store.fs_dir(id)).await {
+            Ok(_) => {
                 METRICS.restored.inc();
                 METRICS.mounted.inc();
             }
@@ -125,7 +91,7 @@ impl Snapshotter {
                     // A lazy layer whose mount could not be restored at start gets another try
                     // now that it is wanted again.
                     if let Some(layer) = existing.remote.clone() {
-                        if !self.layers().contains_key(&existing.id) {
+                        if !self.host.mounted().await.contains(&existing.id) {
                             self.restore_one(target.clone(), existing.id, layer).await;
                         }
                     }
@@ -152,7 +118,7 @@ impl Snapshotter {
         parent: &str,
         labels: &HashMap<String, String>,
     ) -> Result<(), Fallback> {
-        if !self.remote.enabled() {
+        if !self.host.enabled() {
             return Err(Fallback::new(
                 "disabled",
                 "lazy loading is off in the config",
@@ -163,13 +129,12 @@ impl Snapshotter {
             .store
             .reserve(false)
             .map_err(|e| Fallback::new("internal", e))?;
-        let dir = self.store.fs_dir(id);
-        let (mounted, usage) = match self
-            .remote
-            .mount_in_time(&layer, &dir, format!("{PIN_PREFIX}{id}"))
+        let usage = match self
+            .host
+            .mount(id, layer.clone(), self.store.fs_dir(id))
             .await
         {
-            Ok(m) => m,
+            Ok(usage) => usage,
             Err(f) => {
                 self.store.remove_dir(id);
                 return Err(f);
@@ -180,13 +145,12 @@ impl Snapshotter {
             .insert_committed(target, parent, labels.clone(), id, usage, Some(layer))
         {
             Ok(()) => {
-                self.layers().insert(id, mounted);
                 METRICS.lazy_layers.inc();
                 METRICS.mounted.inc();
                 Ok(())
             }
             Err(e) => {
-                release(mounted, self.remote.cache().clone()).await;
+                self.host.unmount(id).await;
                 self.store.remove_dir(id);
                 match e {
                     // Another Prepare of the same layer won the race: containerd uses that one.
@@ -223,10 +187,9 @@ impl Snapshotter {
     /// Removes a snapshot; a lazy layer is unmounted and its pins released first.
     pub async fn remove(&self, key: &str) -> Result<(), SnapshotError> {
         let record = self.store.remove(key)?;
-        let mounted = self.layers().remove(&record.id);
-        if let Some(mounted) = mounted {
+        if record.remote.is_some() {
+            self.host.unmount(record.id).await;
             METRICS.mounted.dec();
-            release(mounted, self.remote.cache().clone()).await;
         }
         self.store.remove_dir(record.id);
         Ok(())
@@ -253,41 +216,19 @@ impl Snapshotter {
         self.store.cleanup().map(|_| ())
     }
 
-    /// Unmounts every lazy layer (on shutdown: a FUSE mount cannot outlive its process, and a
-    /// dead one only gives ENOTCONN). Records stay, so the next start mounts them again.
-    pub async fn unmount_all(&self) {
-        let layers: Vec<Mounted> = self.layers().drain().map(|(_, m)| m).collect();
-        let n = layers.len();
-        let _ = tokio::task::spawn_blocking(move || drop(layers)).await;
-        METRICS.mounted.set(0);
-        if n > 0 {
-            tracing::info!(layers = n, "unmounted lazy layers");
-        }
-    }
-}
-
-/// Unmounts a lazy layer (off the async threads: an unmount may wait for FUSE to wind down),
-/// releases its pins and evicts past the disk budget.
-async fn release(mounted: Mounted, cache: ChunkCache) {
-    let owner = mounted.pin_owner.clone();
-    let _ = tokio::task::spawn_blocking(move || drop(mounted)).await;
-    if let Err(e) = cache.unpin(&owner) {
-        tracing::warn!("cannot release pins of {owner}: {e}");
-    }
-    // Its chunks are ordinary cache entries now: trim the cache to its budget right away, so
-    // removing an image frees its disk without waiting for the next fetch.
-    match tokio::task::spawn_blocking(move || cache.evict()).await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(freed)) => tracing::info!(freed, "evicted chunks past the disk budget"),
-        Ok(Err(e)) => tracing::warn!("eviction after removing a lazy layer: {e}"),
-        Err(e) => tracing::warn!("eviction task failed: {e}"),
+    /// On shutdown: a local host unmounts every lazy layer (a FUSE mount cannot outlive its
+    /// process, and a dead one only gives ENOTCONN); a separate layer host keeps them. Records
+    /// stay, so the next start mounts whatever is missing.
+    pub async fn shutdown(&self) {
+        self.host.shutdown().await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::CacheConfig;
+    use crate::cache::{CacheConfig, ChunkCache};
+    use crate::snapshot::{LocalHost, RemoteConfig};
 
     fn open(root: &Path) -> Snapshotter {
         let cache = ChunkCache::open(CacheConfig {
@@ -296,7 +237,8 @@ mod tests {
             memory_budget: 1 << 20,
         })
         .unwrap();
-        Snapshotter::open(root, RemoteConfig::default(), cache).unwrap()
+        let host = LocalHost::new(RemoteConfig::default(), cache).unwrap();
+        Snapshotter::open(root, Arc::new(host)).unwrap()
     }
 
     fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
