@@ -621,6 +621,33 @@ fn a_running_container_keeps_reading_across_a_restart_and_a_cold_start_refetches
     let _ = ctd.ctr(&["container", "delete", &long]);
     result?;
 
+    // A layer host that dies is replaced, and the layers new containers need are mounted again.
+    let host = daemon.layer_host_pid().context("no layer host pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let start = Instant::now();
+    while daemon.layer_host_pid() == Some(host)
+        && Path::new(&format!("/proc/{host}/stat")).exists()
+        && !std::fs::read_to_string(format!("/proc/{host}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "layer host still alive"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its FUSE mount is dead now; containerd's next use of the snapshot brings it back.
+    let revived =
+        probe(&ctd, SNAPSHOTTER, &images.zstd, "revived").with_context(|| daemon.log())?;
+    ensure!(
+        revived.starts_with("ok\n"),
+        "after the layer host died:\n{revived}"
+    );
+
     // Reading every file puts every chunk in the cache; a cold start must not fetch any again.
     let tree_before = image_tree(&ctd, SNAPSHOTTER, &images.zstd, &work.path().join("a"))?;
     let before = probe(&ctd, SNAPSHOTTER, &images.zstd, "warm")?;

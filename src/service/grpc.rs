@@ -132,7 +132,7 @@ impl containerd_snapshots::Snapshotter for Grpc {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn mounts(&self, key: String) -> Result<Vec<GrpcMount>, SnapshotError> {
-        traced(self.snapshotter.mounts(&key)).map(to_grpc_mounts)
+        traced(self.snapshotter.mounts(&key).await).map(to_grpc_mounts)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -152,7 +152,7 @@ impl containerd_snapshots::Snapshotter for Grpc {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<GrpcMount>, SnapshotError> {
-        traced(self.snapshotter.view(&key, &parent, labels)).map(to_grpc_mounts)
+        traced(self.snapshotter.view(&key, &parent, labels).await).map(to_grpc_mounts)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]

@@ -162,6 +162,10 @@ pub struct LayerHostClient {
     enabled: bool,
     /// A request may wait this long (a mount is bounded by the read timeout).
     timeout: Duration,
+    /// To start a new layer host if this one died; `None` never starts one.
+    config: Option<Config>,
+    /// One restart at a time.
+    starting: tokio::sync::Mutex<()>,
 }
 
 impl LayerHostClient {
@@ -171,16 +175,28 @@ impl LayerHostClient {
             socket: socket_path(&config.root),
             enabled: config.fetch.lazy,
             timeout: Duration::from_secs(config.fetch.read_timeout_secs + 30),
+            config: Some(config.clone()),
+            starting: tokio::sync::Mutex::new(()),
         };
-        if client.request(&Request::Mounted).await.is_ok() {
+        if client.exchange(&Request::Mounted).await.is_ok() {
             tracing::info!("using the running layer host");
             return Ok(client);
         }
+        client.start().await?;
+        Ok(client)
+    }
+
+    /// Starts a layer host and waits until it answers.
+    async fn start(&self) -> Result<(), ServiceError> {
+        let Some(config) = &self.config else {
+            return Ok(());
+        };
+        let client = self;
         spawn(config)?;
         let start = Instant::now();
         loop {
-            match client.request(&Request::Mounted).await {
-                Ok(_) => return Ok(client),
+            match client.exchange(&Request::Mounted).await {
+                Ok(_) => return Ok(()),
                 Err(e) if start.elapsed() > START_TIMEOUT => {
                     return Err(ServiceError::Serve {
                         path: client.socket.clone(),
@@ -195,7 +211,30 @@ impl LayerHostClient {
         }
     }
 
+    /// Sends `request`; if no layer host answers (it died), starts a new one and sends it again.
+    /// The new host has no layers: the snapshotter mounts a layer again when it is next wanted.
     async fn request(&self, request: &Request) -> std::io::Result<Response> {
+        match self.exchange(request).await {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && self.config.is_some() =>
+            {
+                let _one = self.starting.lock().await;
+                if self.exchange(&Request::Mounted).await.is_err() {
+                    tracing::warn!("the layer host is gone ({e}); starting a new one");
+                    self.start()
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                }
+                self.exchange(request).await
+            }
+            other => other,
+        }
+    }
+
+    async fn exchange(&self, request: &Request) -> std::io::Result<Response> {
         let exchange = async {
             let stream = tokio::net::UnixStream::connect(&self.socket).await?;
             let (read, mut write) = stream.into_split();
@@ -233,6 +272,8 @@ pub async fn stop(root: &Path) -> bool {
         socket: socket_path(root),
         enabled: true,
         timeout: Duration::from_secs(30),
+        config: None,
+        starting: tokio::sync::Mutex::new(()),
     };
     let pid: Option<i32> = std::fs::read_to_string(pid_path(root))
         .ok()
@@ -283,8 +324,14 @@ fn spawn(config: &Config) -> Result<(), ServiceError> {
         .spawn()
         .map_err(io("starting the layer host"))?;
     tracing::info!(pid = child.id(), log = %log_path.display(), "started the layer host");
-    // Not waited for: it outlives this process by design (reaped by init when it exits).
-    drop(child);
+    // It outlives this process by design; while this process lives, a thread reaps it if it
+    // exits first (no zombie), and after that init does.
+    let mut child = child;
+    std::thread::spawn(move || {
+        if let Ok(status) = child.wait() {
+            tracing::warn!(%status, "the layer host exited");
+        }
+    });
     Ok(())
 }
 

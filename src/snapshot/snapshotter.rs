@@ -78,6 +78,32 @@ impl Snapshotter {
         }
     }
 
+    /// Mounts again any lazy layer in `parent`'s chain that its host does not serve (the layer
+    /// host died and a new one started empty, or a restore failed), so the mounts handed out
+    /// never name a dead or empty lower.
+    async fn ensure_chain_mounted(&self, parent: &str) {
+        let mut missing = Vec::new();
+        let mut next = parent.to_owned();
+        while !next.is_empty() {
+            let Ok(record) = self.store.record(&next) else {
+                break;
+            };
+            if let Some(layer) = record.remote.clone() {
+                missing.push((next.clone(), record.id, layer));
+            }
+            next = record.parent;
+        }
+        if missing.is_empty() {
+            return;
+        }
+        let mounted = self.host.mounted().await;
+        for (name, id, layer) in missing {
+            if !mounted.contains(&id) {
+                self.restore_one(name, id, layer).await;
+            }
+        }
+    }
+
     /// Prepare, with the remote handshake when the labels ask for it.
     pub async fn prepare(
         &self,
@@ -109,6 +135,7 @@ impl Snapshotter {
                 }
             }
         }
+        self.ensure_chain_mounted(parent).await;
         self.store.prepare(key, parent, labels, Kind::Active)
     }
 
@@ -162,16 +189,19 @@ impl Snapshotter {
     }
 
     /// A read-only view of `parent`.
-    pub fn view(
+    pub async fn view(
         &self,
         key: &str,
         parent: &str,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
+        self.ensure_chain_mounted(parent).await;
         self.store.prepare(key, parent, labels, Kind::View)
     }
 
-    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+        let parent = self.store.record(key)?.parent;
+        self.ensure_chain_mounted(&parent).await;
         self.store.mounts(key)
     }
 
