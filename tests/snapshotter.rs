@@ -116,13 +116,20 @@ impl Lazysnapd {
         self.wait_serving()
     }
 
-    /// The layer host's pid, from its pid file.
+    /// The layer host's pid, from its pid file, if that process is this daemon's layer host
+    /// (a pid file left by a killed host may name a reused pid).
     fn layer_host_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.root().join("layer-host.pid"))
+        let pid: i32 = std::fs::read_to_string(self.root().join("layer-host.pid"))
             .ok()?
             .trim()
             .parse()
-            .ok()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let root = self.root().to_string_lossy().into_owned();
+        (String::from_utf8_lossy(&cmdline).contains("--layer-host")
+            && String::from_utf8_lossy(&environ).contains(&root))
+        .then_some(pid)
     }
 
     fn stop_in_place(&mut self) -> Result<()> {

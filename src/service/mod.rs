@@ -1,9 +1,14 @@
 //! The node service `lazysnapd`: containerd's snapshots gRPC API on a unix socket (registered in
 //! containerd as `[proxy_plugins.lazysnap] type = "snapshot"`), and the metrics endpoint.
 //!
-//! Owns: the process's lifecycle (open the state, mount the lazy layers again, serve, and on
-//! shutdown stop serving and unmount), the socket, and the config file. Does not own: snapshot
+//! Owns: the processes' lifecycle (open the state, find or start the layer host, mount missing
+//! lazy layers again, serve; on shutdown stop serving, and unmount only if the layers are served
+//! in-process), the sockets, the config file and the metrics page. Does not own: snapshot
 //! semantics (`snapshot`).
+//!
+//! - `grpc`: the snapshots API over a [`Snapshotter`];
+//! - `layer_host`: the separate process serving lazy layers, and its client;
+//! - `config`: the TOML file; `metrics`: the endpoint.
 
 pub mod config;
 mod grpc;
