@@ -152,6 +152,13 @@ impl Snapshotter {
             ));
         }
         let layer = RemoteLayer::from_labels(labels)?;
+        if self.store.stat(target).is_ok() {
+            // Same chain, differently named parent (see below): not worth a mount.
+            return Err(Fallback::new(
+                "internal",
+                format!("{target} exists with another parent"),
+            ));
+        }
         let id = self
             .store
             .reserve(false)
@@ -181,7 +188,18 @@ impl Snapshotter {
                 self.store.remove_dir(id);
                 match e {
                     // Another Prepare of the same layer won the race: containerd uses that one.
-                    SnapshotError::AlreadyExists(_) => Ok(()),
+                    SnapshotError::AlreadyExists(_)
+                        if self.store.stat(target).is_ok_and(|i| i.parent == parent) =>
+                    {
+                        Ok(())
+                    }
+                    // The name is taken by the same chain over a differently named parent (its
+                    // lower layer was unpacked in another containerd namespace): containerd
+                    // would not find ours, so let it unpack this one as usual.
+                    SnapshotError::AlreadyExists(_) => Err(Fallback::new(
+                        "internal",
+                        format!("{target} exists with another parent"),
+                    )),
                     e => Err(Fallback::new("internal", e)),
                 }
             }
@@ -294,6 +312,28 @@ mod tests {
         assert_eq!(mounts[0].kind, "bind");
         assert_eq!(snapshotter.stat("ns/1/extract").unwrap().kind, Kind::Active);
         assert!(METRICS.fallbacks.with_label_values(&["no_labels"]).get() > before);
+    }
+
+    #[tokio::test]
+    async fn a_target_taken_under_another_parent_falls_back_instead_of_answering_already_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotter = open(dir.path());
+        snapshotter.prepare("k", "", HashMap::new()).await.unwrap();
+        snapshotter
+            .commit("sha256:chain", "k", HashMap::new())
+            .unwrap();
+        snapshotter.prepare("b", "", HashMap::new()).await.unwrap();
+        snapshotter.commit("ns2/base", "b", HashMap::new()).unwrap();
+        let layer_labels = labels(&[
+            (LABEL_TARGET, "sha256:chain"),
+            (crate::snapshot::LABEL_IMAGE_REF, "127.0.0.1:1/app:v1"),
+            (crate::snapshot::LABEL_LAYER_DIGEST, "sha256:00"),
+        ]);
+        let mounts = snapshotter
+            .prepare("ns2/7/extract", "ns2/base", layer_labels)
+            .await
+            .unwrap();
+        assert_eq!(mounts[0].kind, "overlay");
     }
 
     #[tokio::test]
