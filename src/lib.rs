@@ -3,7 +3,8 @@
 //! The modules follow the data's path from the registry to the container (see `docs/architecture.md`):
 //! `oci` (names and documents) → `registry` (the distribution API) → `format` (lazy layer layouts)
 //! → `convert` (the build path that writes them); `cache`, `fetch`, `fs` and `mount` serve an image
-//! lazily, and `run` starts a container on it.
+//! lazily; `snapshot` and `service` make the node service `lazysnapd`, a containerd remote
+//! snapshotter; `run` starts a container on a lazily mounted image.
 pub mod cache;
 pub mod convert;
 pub mod fetch;
@@ -15,3 +16,5 @@ pub mod mount;
 pub mod oci;
 pub mod registry;
 pub mod run;
+pub mod service;
+pub mod snapshot;

@@ -1,0 +1,243 @@
+//! lazysnapd's configuration file (TOML). Every key is optional; `docs/configuration.md` is the
+//! reference and must list the same defaults as [`Config::default`].
+//!
+//! ```toml
+//! root = "/var/lib/lazysnap"
+//! address = "/run/lazysnap/lazysnapd.sock"
+//! metrics_address = "127.0.0.1:9464"   # "" turns the endpoint off
+//! separate_layer_host = true           # FUSE layers outlive restarts of the gRPC service
+//!
+//! [cache]
+//! disk_budget_bytes = 0                # 0: unlimited
+//! memory_budget_bytes = 16777216
+//!
+//! [fetch]
+//! lazy = true                          # false: every layer is unpacked by containerd
+//! background = true
+//! read_timeout_secs = 30
+//! max_request_bytes = 4194304
+//! fuse_threads = 2
+//!
+//! [registry]
+//! plain_http = false                   # loopback registries always get plain HTTP
+//! docker_config_dir = "/root/.docker"  # default: $DOCKER_CONFIG, else ~/.docker
+//! max_retries = 3
+//! config_path = "/etc/containerd/certs.d"  # hosts.toml mirrors; default: none
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ServiceError;
+use crate::fetch::FetchConfig;
+use crate::fs::MountOptions;
+use crate::registry::ClientConfig;
+use crate::snapshot::RemoteConfig;
+
+/// Default state directory.
+pub const DEFAULT_ROOT: &str = "/var/lib/lazysnap";
+/// Default gRPC socket (what containerd's `[proxy_plugins.lazysnap] address` names).
+pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnapd.sock";
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub root: PathBuf,
+    pub address: PathBuf,
+    /// `host:port` for `GET /metrics`; empty for none.
+    pub metrics_address: String,
+    /// Serve lazy layers from a separate, long-lived `lazysnapd --layer-host` process, so the
+    /// gRPC snapshotter can restart without unmounting the layers running containers read.
+    pub separate_layer_host: bool,
+    pub cache: CacheSection,
+    pub fetch: FetchSection,
+    pub registry: RegistrySection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Bytes of chunk data kept on disk before the least recently used unpinned chunks are
+    /// evicted; 0 for no limit.
+    pub disk_budget_bytes: u64,
+    /// Bytes of hot chunks kept in memory.
+    pub memory_budget_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchSection {
+    /// Mount layers in a lazy format lazily; off makes lazysnapd a plain overlayfs snapshotter.
+    pub lazy: bool,
+    /// After the start-up set, fetch the rest of each lazy layer in the background.
+    pub background: bool,
+    /// A read waiting longer than this for the registry fails with EIO.
+    pub read_timeout_secs: u64,
+    /// Largest coalesced range request.
+    pub max_request_bytes: u64,
+    /// FUSE event-loop threads per layer.
+    pub fuse_threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    pub plain_http: bool,
+    pub docker_config_dir: Option<PathBuf>,
+    pub max_retries: u32,
+    /// containerd's registry `config_path` (e.g. `/etc/containerd/certs.d`): mirrors from its
+    /// `<registry>/hosts.toml` files. None: registries are reached directly.
+    pub config_path: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from(DEFAULT_ROOT),
+            address: PathBuf::from(DEFAULT_ADDRESS),
+            metrics_address: "127.0.0.1:9464".into(),
+            separate_layer_host: true,
+            cache: CacheSection::default(),
+            fetch: FetchSection::default(),
+            registry: RegistrySection::default(),
+        }
+    }
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self {
+            disk_budget_bytes: 0,
+            memory_budget_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Default for FetchSection {
+    fn default() -> Self {
+        let fs = MountOptions::default();
+        Self {
+            lazy: true,
+            background: true,
+            read_timeout_secs: fs.read_timeout.as_secs(),
+            max_request_bytes: FetchConfig::default().max_request,
+            fuse_threads: fs.threads,
+        }
+    }
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        let c = ClientConfig::default();
+        Self {
+            plain_http: c.plain_http,
+            docker_config_dir: c.docker_config_dir,
+            max_retries: c.max_retries,
+            config_path: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file is an error (the operator named it), an empty one means
+    /// all defaults.
+    pub fn load(path: &Path) -> Result<Self, ServiceError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ServiceError::Config {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|message| ServiceError::Config {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses the TOML text of a config file.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        if config.fetch.read_timeout_secs == 0 {
+            return Err("fetch.read_timeout_secs must be at least 1".into());
+        }
+        if config.fetch.max_request_bytes < 4096 {
+            return Err("fetch.max_request_bytes must be at least 4096".into());
+        }
+        config.metrics()?;
+        Ok(config)
+    }
+
+    /// The metrics address, if the endpoint is on.
+    pub fn metrics(&self) -> Result<Option<SocketAddr>, String> {
+        if self.metrics_address.is_empty() {
+            return Ok(None);
+        }
+        self.metrics_address.parse().map(Some).map_err(|e| {
+            format!(
+                "metrics_address {:?}: {e} (want HOST:PORT, or \"\" for none)",
+                self.metrics_address
+            )
+        })
+    }
+
+    /// How the snapshotter fetches and serves lazy layers.
+    pub fn remote(&self) -> RemoteConfig {
+        RemoteConfig {
+            enabled: self.fetch.lazy,
+            registry: ClientConfig {
+                plain_http: self.registry.plain_http,
+                docker_config_dir: self.registry.docker_config_dir.clone(),
+                max_retries: self.registry.max_retries,
+            },
+            fetch: FetchConfig {
+                max_request: self.fetch.max_request_bytes,
+                ..FetchConfig::default()
+            },
+            fs: MountOptions {
+                read_timeout: Duration::from_secs(self.fetch.read_timeout_secs),
+                threads: self.fetch.fuse_threads.max(1),
+            },
+            background_fetch: self.fetch.background,
+            hosts_dir: self.registry.config_path.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_means_the_documented_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.root, Path::new("/var/lib/lazysnap"));
+        assert_eq!(config.address, Path::new("/run/lazysnap/lazysnapd.sock"));
+        assert_eq!(config.cache.memory_budget_bytes, 16 << 20);
+        assert_eq!(config.fetch.read_timeout_secs, 30);
+        assert!(config.fetch.lazy && config.fetch.background);
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_the_defaults() {
+        let shipped = Config::parse(include_str!("../../systemd/lazysnapd.toml")).unwrap();
+        assert_eq!(shipped, Config::default());
+    }
+
+    #[test]
+    fn keys_override_defaults_and_unknown_or_bad_keys_are_errors() {
+        let config = Config::parse(
+            "root = \"/srv/ls\"\nmetrics_address = \"\"\n[cache]\ndisk_budget_bytes = 1000\n[fetch]\nbackground = false\n",
+        )
+        .unwrap();
+        assert_eq!(config.root, Path::new("/srv/ls"));
+        assert_eq!(config.metrics().unwrap(), None);
+        assert_eq!(config.cache.disk_budget_bytes, 1000);
+        assert!(!config.remote().background_fetch);
+        assert!(Config::parse("[cache]\ndisk_budget = 1\n").is_err());
+        assert!(Config::parse("metrics_address = \"nowhere\"\n").is_err());
+        assert!(Config::parse("[fetch]\nread_timeout_secs = 0\n").is_err());
+    }
+}

@@ -1,0 +1,396 @@
+//! The layer host: a separate, long-lived `lazysnapd --layer-host` process that owns the chunk
+//! cache and every FUSE session, so the gRPC snapshotter can be restarted (upgraded, crash,
+//! `systemctl restart`) while containers keep reading their lazy layers.
+//!
+//! The snapshotter starts it when none answers on `ROOT/layer-host.sock` (in its own process
+//! group, so signals to the snapshotter do not reach it; the unit's `KillMode=process` keeps
+//! systemd from killing it too) and talks to it with one JSON request and one JSON response per
+//! connection. It stops on `lazysnapd --cleanup` (a `shutdown` request) or SIGTERM, unmounting
+//! its layers. Its pid is in `ROOT/layer-host.pid` and its log in `ROOT/layer-host.log`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::{io, Config, ServiceError};
+use crate::cache::{CacheConfig, ChunkCache};
+use crate::snapshot::{Fallback, LayerHost, LocalHost, RemoteLayer, Usage};
+
+/// The environment variable carrying the config (JSON) to a spawned layer host.
+pub const CONFIG_ENV: &str = "LAZYSNAPD_LAYER_HOST_CONFIG";
+/// How long a spawned layer host may take to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn socket_path(root: &Path) -> PathBuf {
+    root.join("layer-host.sock")
+}
+
+pub fn pid_path(root: &Path) -> PathBuf {
+    root.join("layer-host.pid")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    Mount {
+        id: u64,
+        layer: RemoteLayer,
+        dir: PathBuf,
+    },
+    Unmount {
+        id: u64,
+    },
+    Mounted,
+    ReleaseStalePins {
+        live: Vec<u64>,
+    },
+    Metrics,
+    Shutdown,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+enum Response {
+    Mounted { usage: Usage },
+    Fallback { reason: String, message: String },
+    Ids { ids: Vec<u64> },
+    Text { text: String },
+    Done,
+}
+
+/// Opens the cache and serves layers on `ROOT/layer-host.sock` until SIGTERM or a `shutdown`
+/// request; then unmounts every layer.
+pub async fn serve(
+    config: &Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    let root = &config.root;
+    std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
+    let cache_dir = root.join("cache");
+    let cache = ChunkCache::open(CacheConfig {
+        dir: cache_dir.clone(),
+        disk_budget: config.cache.disk_budget_bytes,
+        memory_budget: config.cache.memory_budget_bytes,
+    })
+    .map_err(|e| ServiceError::Cache {
+        path: cache_dir,
+        message: e.to_string(),
+    })?;
+    let host = Arc::new(LocalHost::new(config.remote(), cache)?);
+    let socket = socket_path(root);
+    let listener = super::bind(&socket)?;
+    std::fs::write(pid_path(root), std::process::id().to_string())
+        .map_err(io("writing the layer host's pid file"))?;
+    tracing::info!(socket = %socket.display(), "layer host serving");
+    let (quit, mut quitting) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = quitting.recv() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let host = host.clone();
+                let quit = quit.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &host, quit).await {
+                        tracing::warn!("layer host request: {e}");
+                    }
+                });
+            }
+        }
+    }
+    host.unmount_all().await;
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(pid_path(root));
+    tracing::info!("layer host stopped");
+    Ok(())
+}
+
+async fn handle(
+    stream: tokio::net::UnixStream,
+    host: &LocalHost,
+    quit: tokio::sync::mpsc::Sender<()>,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let request: Request = serde_json::from_str(&line)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let response = match request {
+        Request::Mount { id, layer, dir } => match host.mount(id, layer, dir).await {
+            Ok(usage) => Response::Mounted { usage },
+            Err(f) => Response::Fallback {
+                reason: f.reason.to_owned(),
+                message: f.message,
+            },
+        },
+        Request::Unmount { id } => {
+            host.unmount(id).await;
+            Response::Done
+        }
+        Request::Mounted => Response::Ids {
+            ids: host.mounted().await,
+        },
+        Request::ReleaseStalePins { live } => {
+            host.release_stale_pins(live).await;
+            Response::Done
+        }
+        Request::Metrics => Response::Text {
+            text: crate::metrics::render(),
+        },
+        Request::Shutdown => {
+            let _ = quit.try_send(());
+            Response::Done
+        }
+    };
+    let mut out = serde_json::to_vec(&response)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
+/// The snapshotter's side: a [`LayerHost`] that asks the layer host process.
+#[derive(Debug)]
+pub struct LayerHostClient {
+    socket: PathBuf,
+    enabled: bool,
+    /// A request may wait this long (a mount is bounded by the read timeout).
+    timeout: Duration,
+    /// To start a new layer host if this one died; `None` never starts one.
+    config: Option<Config>,
+    /// One restart at a time.
+    starting: tokio::sync::Mutex<()>,
+}
+
+impl LayerHostClient {
+    /// Connects to the layer host of `config.root`, starting one if none answers.
+    pub async fn connect_or_spawn(config: &Config) -> Result<Self, ServiceError> {
+        let client = Self {
+            socket: socket_path(&config.root),
+            enabled: config.fetch.lazy,
+            timeout: Duration::from_secs(config.fetch.read_timeout_secs + 30),
+            config: Some(config.clone()),
+            starting: tokio::sync::Mutex::new(()),
+        };
+        if client.exchange(&Request::Mounted).await.is_ok() {
+            tracing::info!("using the running layer host");
+            return Ok(client);
+        }
+        client.start().await?;
+        Ok(client)
+    }
+
+    /// Starts a layer host and waits until it answers.
+    async fn start(&self) -> Result<(), ServiceError> {
+        let Some(config) = &self.config else {
+            return Ok(());
+        };
+        let client = self;
+        spawn(config)?;
+        let start = Instant::now();
+        loop {
+            match client.exchange(&Request::Mounted).await {
+                Ok(_) => return Ok(()),
+                Err(e) if start.elapsed() > START_TIMEOUT => {
+                    return Err(ServiceError::Serve {
+                        path: client.socket.clone(),
+                        message: format!(
+                            "the layer host did not answer within {START_TIMEOUT:?} ({e}); see {}",
+                            config.root.join("layer-host.log").display()
+                        ),
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Sends `request`; if no layer host answers (it died), starts a new one and sends it again.
+    /// The new host has no layers: the snapshotter mounts a layer again when it is next wanted.
+    async fn request(&self, request: &Request) -> std::io::Result<Response> {
+        match self.exchange(request).await {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && self.config.is_some() =>
+            {
+                let _one = self.starting.lock().await;
+                if self.exchange(&Request::Mounted).await.is_err() {
+                    tracing::warn!("the layer host is gone ({e}); starting a new one");
+                    self.start()
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                }
+                self.exchange(request).await
+            }
+            other => other,
+        }
+    }
+
+    async fn exchange(&self, request: &Request) -> std::io::Result<Response> {
+        let exchange = async {
+            let stream = tokio::net::UnixStream::connect(&self.socket).await?;
+            let (read, mut write) = stream.into_split();
+            let mut out = serde_json::to_vec(request)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            out.push(b'\n');
+            write.write_all(&out).await?;
+            let mut line = String::new();
+            BufReader::new(read).read_line(&mut line).await?;
+            serde_json::from_str(&line)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the layer host did not answer",
+                ))
+            })
+    }
+
+    /// The layer host's metrics text (empty if it does not answer).
+    pub async fn metrics(&self) -> String {
+        match self.request(&Request::Metrics).await {
+            Ok(Response::Text { text }) => text,
+            _ => String::new(),
+        }
+    }
+}
+
+/// Asks the layer host of `root` to unmount everything and exit; false if none answered.
+pub async fn stop(root: &Path) -> bool {
+    let client = LayerHostClient {
+        socket: socket_path(root),
+        enabled: true,
+        timeout: Duration::from_secs(30),
+        config: None,
+        starting: tokio::sync::Mutex::new(()),
+    };
+    let pid: Option<i32> = std::fs::read_to_string(pid_path(root))
+        .ok()
+        .and_then(|p| p.trim().parse().ok());
+    if client.request(&Request::Shutdown).await.is_err() {
+        return false;
+    }
+    // Wait for it to unmount and exit.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30)
+        && (client.socket.exists() || pid.is_some_and(running))
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has exited).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Starts `lazysnapd --layer-host` in its own process group, logging to `ROOT/layer-host.log`.
+fn spawn(config: &Config) -> Result<(), ServiceError> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(io("finding lazysnapd's own executable"))?;
+    let log_path = config.root.join("layer-host.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(format!("opening {}", log_path.display())))?;
+    let json = serde_json::to_string(config).map_err(|e| ServiceError::Serve {
+        path: log_path.clone(),
+        message: format!("encoding the config: {e}"),
+    })?;
+    let child = std::process::Command::new(exe)
+        .arg("--layer-host")
+        .env(CONFIG_ENV, json)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(io("duplicating the log file"))?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(io("starting the layer host"))?;
+    tracing::info!(pid = child.id(), log = %log_path.display(), "started the layer host");
+    // It outlives this process by design; while this process lives, a thread reaps it if it
+    // exits first (no zombie), and after that init does.
+    let mut child = child;
+    std::thread::spawn(move || {
+        if let Ok(status) = child.wait() {
+            tracing::warn!(%status, "the layer host exited");
+        }
+    });
+    Ok(())
+}
+
+fn fallback(response: std::io::Result<Response>) -> Result<Usage, Fallback> {
+    match response {
+        Ok(Response::Mounted { usage }) => Ok(usage),
+        Ok(Response::Fallback { reason, message }) => {
+            Err(Fallback::new(Fallback::reason_named(&reason), message))
+        }
+        Ok(other) => Err(Fallback::new(
+            "internal",
+            format!("unexpected layer host answer {other:?}"),
+        )),
+        Err(e) => Err(Fallback::new("internal", format!("layer host: {e}"))),
+    }
+}
+
+impl LayerHost for LayerHostClient {
+    fn mount(
+        &self,
+        id: u64,
+        layer: RemoteLayer,
+        dir: PathBuf,
+    ) -> BoxFuture<'_, Result<Usage, Fallback>> {
+        async move { fallback(self.request(&Request::Mount { id, layer, dir }).await) }.boxed()
+    }
+
+    fn unmount(&self, id: u64) -> BoxFuture<'_, ()> {
+        async move {
+            if let Err(e) = self.request(&Request::Unmount { id }).await {
+                tracing::warn!(id, "layer host did not unmount: {e}");
+            }
+        }
+        .boxed()
+    }
+
+    fn mounted(&self) -> BoxFuture<'_, Vec<u64>> {
+        async move {
+            match self.request(&Request::Mounted).await {
+                Ok(Response::Ids { ids }) => ids,
+                _ => Vec::new(),
+            }
+        }
+        .boxed()
+    }
+
+    fn release_stale_pins(&self, live: Vec<u64>) -> BoxFuture<'_, ()> {
+        async move {
+            let _ = self.request(&Request::ReleaseStalePins { live }).await;
+        }
+        .boxed()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        // The point of a separate host: its layers stay mounted for running containers.
+        async {}.boxed()
+    }
+
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+}

@@ -1,0 +1,79 @@
+//! The snapshotter's metrics, registered in the process-wide registry (`crate::metrics`) on first
+//! use so `GET /metrics` shows them beside the data path's.
+
+use std::sync::LazyLock;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+
+#[derive(Debug)]
+pub(super) struct SnapshotMetrics {
+    /// Layers mounted lazily through the remote handshake.
+    pub lazy_layers: IntCounter,
+    /// Layers containerd had to download and unpack, by reason (bounded set, see `remote`).
+    pub fallbacks: IntCounterVec,
+    /// Lazy layers mounted again after a restart, and those that could not be.
+    pub restored: IntCounter,
+    pub restore_failures: IntCounter,
+    /// Lazy layers mounted now.
+    pub mounted: IntGauge,
+}
+
+pub(super) static METRICS: LazyLock<SnapshotMetrics> = LazyLock::new(|| {
+    // Constant definitions: a failure is a programming error, caught by the unit test.
+    let opts = |name: &str, help: &str| Opts::new(name, help).namespace("lazysnap");
+    let m = SnapshotMetrics {
+        lazy_layers: IntCounter::with_opts(opts(
+            "snapshot_lazy_layers_total",
+            "Layers mounted lazily instead of being downloaded by containerd.",
+        ))
+        .expect("valid metric"),
+        fallbacks: IntCounterVec::new(
+            opts(
+                "snapshot_fallbacks_total",
+                "Layers containerd downloaded and unpacked itself, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric"),
+        restored: IntCounter::with_opts(opts(
+            "snapshot_restored_layers_total",
+            "Lazy layers mounted again when lazysnapd started.",
+        ))
+        .expect("valid metric"),
+        restore_failures: IntCounter::with_opts(opts(
+            "snapshot_restore_failures_total",
+            "Lazy layers that could not be mounted again when lazysnapd started.",
+        ))
+        .expect("valid metric"),
+        mounted: IntGauge::with_opts(opts("snapshot_mounted_layers", "Lazy layers mounted now."))
+            .expect("valid metric"),
+    };
+    let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        Box::new(m.lazy_layers.clone()),
+        Box::new(m.fallbacks.clone()),
+        Box::new(m.restored.clone()),
+        Box::new(m.restore_failures.clone()),
+        Box::new(m.mounted.clone()),
+    ];
+    for c in collectors {
+        if let Err(e) = crate::metrics::METRICS.registry.register(c) {
+            tracing::warn!("cannot register a snapshot metric: {e}");
+        }
+    }
+    m
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_metrics_render_in_the_shared_registry() {
+        METRICS.fallbacks.with_label_values(&["not_lazy"]).inc();
+        let text = crate::metrics::render();
+        assert!(
+            text.contains("lazysnap_snapshot_fallbacks_total{reason=\"not_lazy\"}"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,1052 @@
+//! `lazysnapd` as containerd's remote snapshotter, with real parts: Debian's containerd 1.6 with
+//! its own config and a `[proxy_plugins.lazysnap]` entry, a real registry, runc, kernel FUSE and
+//! overlayfs. The oracle is containerd's own overlayfs snapshotter unpacking the plain image.
+//! Every daemon is stopped by its PID and every mount detached by a guard, even when a test fails.
+
+mod common;
+#[path = "common/containerd.rs"]
+mod containerd;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use common::image;
+use common::registry::TestRegistry;
+use common::tree;
+use containerd::{mounts_below, stop_child, unmount_below, TestContainerd};
+
+const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
+const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
+const SNAPSHOTTER: &str = "lazysnap";
+/// What the tests run in each container: file content, tree shape and identity, all of which
+/// must come out the same from every snapshotter (`-A`: not `..`, the container's own root,
+/// whose time is its start).
+const PROBE: &str =
+    "echo ok; md5sum /bin/busybox /etc/passwd /etc/group; ls -lAn /etc | grep -v '^total'; ls /bin | wc -l; id";
+
+/// A `lazysnapd` child with its own root, socket and metrics port.
+struct Lazysnapd {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    metrics_addr: String,
+}
+
+impl Lazysnapd {
+    fn start() -> Result<Self> {
+        Self::start_with("")
+    }
+
+    /// Starts with `extra` appended to the config file (TOML tables).
+    fn start_with(extra: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("lssd-").tempdir()?;
+        let socket = dir.path().join("lazysnapd.sock");
+        let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        let config = dir.path().join("lazysnapd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "root = \"{}\"\naddress = \"{}\"\nmetrics_address = \"{metrics_addr}\"\n[fetch]\nread_timeout_secs = 20\n{extra}",
+                dir.path().join("root").display(),
+                socket.display()
+            ),
+        )?;
+        let child = Self::spawn(dir.path())?;
+        let mut daemon = Self {
+            child,
+            dir,
+            socket,
+            metrics_addr,
+        };
+        daemon.wait_serving()?;
+        Ok(daemon)
+    }
+
+    fn spawn(dir: &Path) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("lazysnapd.log"))?;
+        Command::new(LAZYSNAPD)
+            .arg("--config")
+            .arg(dir.join("lazysnapd.toml"))
+            .env("LAZYSNAP_LOG", "info,lazysnap=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning lazysnapd")
+    }
+
+    fn wait_serving(&mut self) -> Result<()> {
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("lazysnapd exited ({status}): {}", self.log());
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "lazysnapd not serving after 30 s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM (must exit 0 with nothing left mounted), then start again on the same root.
+    /// SIGTERM to the gRPC service only (it must exit 0), then start it again: the layer host
+    /// keeps serving the layers meanwhile.
+    fn restart(&mut self) -> Result<()> {
+        stop_child(&mut self.child, Duration::from_secs(20));
+        let status = self.child.wait()?;
+        ensure!(status.success(), "lazysnapd exit {status}: {}", self.log());
+        self.child = Self::spawn(self.dir.path())?;
+        self.wait_serving()
+    }
+
+    /// Everything stopped (the service by SIGTERM, the layer host by `lazysnapd --cleanup`),
+    /// then started again: the layers must be mounted again from the records.
+    fn restart_cold(&mut self) -> Result<()> {
+        self.stop_in_place()?;
+        self.child = Self::spawn(self.dir.path())?;
+        self.wait_serving()
+    }
+
+    /// The layer host's pid, from its pid file, if that process is this daemon's layer host
+    /// (a pid file left by a killed host may name a reused pid).
+    fn layer_host_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.root().join("layer-host.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let root = self.root().to_string_lossy().into_owned();
+        (String::from_utf8_lossy(&cmdline).contains("--layer-host")
+            && String::from_utf8_lossy(&environ).contains(&root))
+        .then_some(pid)
+    }
+
+    fn stop_in_place(&mut self) -> Result<()> {
+        stop_child(&mut self.child, Duration::from_secs(20));
+        let status = self.child.wait()?;
+        ensure!(status.success(), "lazysnapd exit {status}: {}", self.log());
+        let host = self.layer_host_pid();
+        image::run(
+            Command::new(LAZYSNAPD)
+                .arg("--config")
+                .arg(self.dir.path().join("lazysnapd.toml"))
+                .arg("--cleanup"),
+        )?;
+        if let Some(pid) = host {
+            ensure!(
+                !Path::new(&format!("/proc/{pid}")).exists()
+                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .unwrap_or_default()
+                        .contains(") Z "),
+                "the layer host {pid} still runs after --cleanup:\n{}",
+                self.host_log()
+            );
+        }
+        let left = mounts_below(&self.root());
+        ensure!(left.is_empty(), "left mounted after --cleanup: {left:?}");
+        Ok(())
+    }
+
+    fn host_log(&self) -> String {
+        std::fs::read_to_string(self.root().join("layer-host.log")).unwrap_or_default()
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// The service's log, then the layer host's.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("lazysnapd.log")).unwrap_or_default()
+            + "\n--- layer host ---\n"
+            + &self.host_log()
+    }
+
+    /// Chunk files in the cache (`ROOT/cache/chunks/**`, temporary files excluded).
+    fn cached_chunks(&self) -> usize {
+        let mut count = 0;
+        let mut stack = vec![self.root().join("cache/chunks")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if !entry.file_name().to_string_lossy().starts_with('.') {
+                    count += 1;
+                }
+            }
+        }
+        count
+    }
+
+    /// The metrics endpoint's text.
+    fn metrics(&self) -> Result<String> {
+        let mut stream = TcpStream::connect(&self.metrics_addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// The value of a counter line `NAME` (labels included), 0 if absent.
+    fn metric(&self, name: &str) -> Result<f64> {
+        Ok(self
+            .metrics()?
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
+    /// The sum of every series of a metric family `NAME{...}`.
+    fn metric_sum(&self, name: &str) -> Result<f64> {
+        Ok(self
+            .metrics()?
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+            .filter_map(|rest| rest.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// SIGTERM: must exit 0 with every lazy layer unmounted.
+    fn stop(mut self) -> Result<()> {
+        self.stop_in_place()
+    }
+}
+
+impl Drop for Lazysnapd {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+        // The layer host is not our child: stop it by the pid it wrote.
+        if let Some(pid) = self.layer_host_pid() {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let start = Instant::now();
+            while nix::sys::signal::kill(pid, None).is_ok()
+                && start.elapsed() < Duration::from_secs(10)
+                && self.layer_host_pid().is_some()
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if self.layer_host_pid().is_some() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        unmount_below(self.dir.path());
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The busybox-static image in the registry three ways: as built (gzip), and converted to
+/// zstd:chunked and eStargz by `lazysnap convert`.
+struct Images {
+    /// `DIR:latest`, the OCI layout the fixture script wrote.
+    layout: String,
+    plain: String,
+    zstd: String,
+    estargz: String,
+    _work: tempfile::TempDir,
+}
+
+fn busybox_images(registry: &TestRegistry) -> Result<Images> {
+    let work = tempfile::tempdir()?;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let layout = String::from_utf8(image::run(
+        Command::new(fixtures.join("busybox-image.sh")).arg(work.path().join("layout")),
+    )?)?
+    .trim()
+    .to_owned();
+    let plain = format!("{}/busybox:plain", registry.addr);
+    image::run(
+        Command::new(fixtures.join("push-layout.sh"))
+            .arg(&layout)
+            .arg(&plain),
+    )?;
+    let source = format!("oci:{layout}");
+    let zstd = format!("{}/busybox:zstd", registry.addr);
+    let estargz = format!("{}/busybox:estargz", registry.addr);
+    for (format, dst) in [("zstd-chunked", &zstd), ("estargz", &estargz)] {
+        image::run(Command::new(LAZYSNAP).args(["convert", "--format", format, &source, dst]))?;
+    }
+    Ok(Images {
+        layout,
+        plain,
+        zstd,
+        estargz,
+        _work: work,
+    })
+}
+
+/// A JSON document of `reference`'s repository, straight from the registry with curl: its
+/// manifest (`manifests`, by tag) or a blob (`blobs`, by digest).
+fn registry_json(reference: &str, kind: &str, digest: Option<&str>) -> Result<serde_json::Value> {
+    let (host, rest) = reference.split_once('/').context("reference has no host")?;
+    let (repo, tag) = rest.rsplit_once(':').context("reference has no tag")?;
+    let body = image::run(Command::new("curl").args([
+        "-fsSL",
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        "-H",
+        "Accept: application/vnd.docker.distribution.manifest.v2+json",
+        &format!("http://{host}/v2/{repo}/{kind}/{}", digest.unwrap_or(tag)),
+    ]))?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// The layer digests of `reference`'s manifest, straight from the registry.
+fn layer_digests(reference: &str) -> Result<Vec<String>> {
+    let manifest = registry_json(reference, "manifests", None)?;
+    Ok(manifest["layers"]
+        .as_array()
+        .context("manifest has no layers")?
+        .iter()
+        .filter_map(|l| l["digest"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Runs [`PROBE`] in a container of `reference` on `snapshotter`. `ctr run` under load sometimes
+/// loses a short-lived container's output (exit 0, nothing on stdout, with any snapshotter):
+/// [`PROBE`] always prints, so an empty result is retried, a wrong one never.
+fn probe(ctd: &TestContainerd, snapshotter: &str, reference: &str, id: &str) -> Result<String> {
+    for attempt in 0..3 {
+        let id = format!("{id}-{}-{attempt}", std::process::id());
+        let output = ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            reference,
+            &id,
+            "/bin/sh",
+            "-c",
+            PROBE,
+        ])?;
+        if !output.is_empty() {
+            return Ok(output);
+        }
+    }
+    bail!("{reference} on {snapshotter}: three runs printed nothing")
+}
+
+/// The top chain ID of `reference` (what its unpacked snapshot is named), from its config.
+fn chain_id(reference: &str) -> Result<String> {
+    let manifest = registry_json(reference, "manifests", None)?;
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .context("manifest has no config")?;
+    let config = registry_json(reference, "blobs", Some(config_digest))?;
+    let mut chain: Option<String> = None;
+    for diff_id in config["rootfs"]["diff_ids"]
+        .as_array()
+        .context("config has no diff_ids")?
+    {
+        let diff_id = diff_id.as_str().context("diff_id")?;
+        chain = Some(match chain {
+            None => diff_id.to_owned(),
+            Some(parent) => image::digest_of(format!("{parent} {diff_id}").as_bytes()),
+        });
+    }
+    chain.context("image has no layers")
+}
+
+/// The tree of `reference` as `snapshotter` unpacked it: a read-only View of its top snapshot
+/// through containerd, mounted here with the mount list containerd got.
+fn image_tree(
+    ctd: &TestContainerd,
+    snapshotter: &str,
+    reference: &str,
+    target: &Path,
+) -> Result<TreeMap> {
+    std::fs::create_dir_all(target)?;
+    let key = format!("view-{}", target.display());
+    let parent = chain_id(reference)?;
+    let mounts = ctd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        snapshotter,
+        "view",
+        "--mounts",
+        &key,
+        &parent,
+    ])?;
+    let result = (|| {
+        let mounts: Vec<serde_json::Value> =
+            serde_json::from_str(&mounts).with_context(|| format!("view mounts {mounts:?}"))?;
+        ensure!(mounts.len() == 1, "one mount expected: {mounts:?}");
+        // ctr prints Go's mount.Mount: `Type`, `Source`, `Options`.
+        let m = &mounts[0];
+        let options: Vec<&str> = m["Options"]
+            .as_array()
+            .map(|o| o.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        image::run(
+            Command::new("mount")
+                .args(["-t", m["Type"].as_str().context("mount type")?])
+                .args(["-o", &options.join(",")])
+                .arg(m["Source"].as_str().context("mount source")?)
+                .arg(target),
+        )?;
+        let tree = tree::snapshot(target);
+        image::run(Command::new("umount").arg(target))?;
+        tree
+    })();
+    // A view holds no lease: containerd's GC may have collected it already, which is fine.
+    let removed = ctd.ctr(&["snapshots", "--snapshotter", snapshotter, "rm", &key]);
+    let tree = result?;
+    if let Err(e) = removed {
+        ensure!(format!("{e}").contains("not found"), "{e:#}");
+    }
+    Ok(tree)
+}
+
+/// The oracle: the plain image through containerd's own overlayfs snapshotter.
+fn oracle(ctd: &TestContainerd, images: &Images, work: &Path) -> Result<(String, TreeMap)> {
+    ctd.ctr(&["images", "pull", "--plain-http", &images.plain])?;
+    let output = probe(ctd, "overlayfs", &images.plain, "oracle")?;
+    ensure!(output.starts_with("ok\n"), "oracle run: {output}");
+    let tree = image_tree(ctd, "overlayfs", &images.plain, &work.join("oracle"))?;
+    ensure!(tree.contains_key("bin/busybox"), "oracle tree: {tree:?}");
+    Ok((output, tree))
+}
+
+type TreeMap = std::collections::BTreeMap<String, tree::Node>;
+
+#[test]
+fn lazy_images_pull_without_layer_blobs_and_run_like_overlayfs() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let work = tempfile::tempdir()?;
+    let daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    let (want_output, want_tree) = oracle(&ctd, &images, work.path())?;
+
+    for (i, reference) in [&images.zstd, &images.estargz].into_iter().enumerate() {
+        ctd.ctr_remote(&[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            SNAPSHOTTER,
+            reference,
+        ])
+        .with_context(|| daemon.log())?;
+        let content = ctd.ctr(&["content", "ls", "-q"])?;
+        for layer in layer_digests(reference)? {
+            ensure!(
+                !content.contains(&layer),
+                "{reference}: layer {layer} was downloaded into containerd's content store:\n{content}\nlazysnapd log:\n{}",
+                daemon.log()
+            );
+        }
+        let output = probe(&ctd, SNAPSHOTTER, reference, &format!("lazy{i}"))
+            .with_context(|| daemon.log())?;
+        ensure!(
+            output == want_output,
+            "{reference}: the container saw\n{output}\noverlayfs gave\n{want_output}"
+        );
+        let got_tree = image_tree(
+            &ctd,
+            SNAPSHOTTER,
+            reference,
+            &work.path().join(format!("t{i}")),
+        )
+        .with_context(|| daemon.log())?;
+        let differences = tree::differences(&want_tree, &got_tree);
+        ensure!(
+            differences.is_empty(),
+            "{reference}: {} differences from overlayfs:\n{}",
+            differences.len(),
+            differences.join("\n")
+        );
+    }
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(lazy >= 2.0, "lazy layers counted: {lazy}\n{}", daemon.log());
+    ensure!(
+        !mounts_below(&daemon.root()).is_empty(),
+        "the lazy layers are FUSE mounts under lazysnapd's root"
+    );
+
+    // containerd's GC removes the snapshots of removed images; lazysnapd unmounts their layers.
+    for reference in [&images.zstd, &images.estargz, &images.plain] {
+        ctd.ctr(&["images", "rm", "--sync", reference])?;
+    }
+    let start = Instant::now();
+    while !mounts_below(&daemon.root()).is_empty() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "still mounted after the images were removed: {:?}\n{}",
+            mounts_below(&daemon.root()),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = ctd.ctr(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])?;
+    ensure!(left.lines().count() <= 1, "snapshots left: {left}");
+    drop(ctd);
+    daemon.stop()
+}
+
+#[test]
+fn a_plain_gzip_image_falls_back_and_runs_through_the_same_snapshotter() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let work = tempfile::tempdir()?;
+    let daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    let (want_output, want_tree) = oracle(&ctd, &images, work.path())?;
+    // The oracle pulled the plain image into the content store already: remove it, so this
+    // pull must fetch it again and unpack it into lazysnapd's snapshots.
+    ctd.ctr(&["images", "rm", "--sync", &images.plain])?;
+
+    ctd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &images.plain,
+    ])
+    .with_context(|| daemon.log())?;
+    let content = ctd.ctr(&["content", "ls", "-q"])?;
+    for layer in layer_digests(&images.plain)? {
+        ensure!(
+            content.contains(&layer),
+            "the gzip layer {layer} should have been downloaded by containerd:\n{content}"
+        );
+    }
+    let fallbacks = daemon.metric("lazysnap_snapshot_fallbacks_total{reason=\"not_lazy\"}")?;
+    ensure!(
+        fallbacks >= 1.0,
+        "fallbacks counted: {fallbacks}\n{}",
+        daemon.log()
+    );
+    ensure!(
+        daemon.log().contains("not in a lazy format"),
+        "the fallback is logged with its reason:\n{}",
+        daemon.log()
+    );
+    let output = probe(&ctd, SNAPSHOTTER, &images.plain, "plain").with_context(|| daemon.log())?;
+    ensure!(
+        output == want_output,
+        "the container saw\n{output}\noverlayfs gave\n{want_output}"
+    );
+    let got_tree = image_tree(&ctd, SNAPSHOTTER, &images.plain, &work.path().join("t"))?;
+    let differences = tree::differences(&want_tree, &got_tree);
+    ensure!(
+        differences.is_empty(),
+        "{} differences from overlayfs:\n{}",
+        differences.len(),
+        differences.join("\n")
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
+#[test]
+fn a_running_container_keeps_reading_across_a_restart_and_a_cold_start_refetches_nothing(
+) -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let work = tempfile::tempdir()?;
+    let mut daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    ctd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &images.zstd,
+    ])
+    .with_context(|| daemon.log())?;
+    let long = format!("long-{}", std::process::id());
+    ctd.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &images.zstd,
+        &long,
+        "/bin/sleep",
+        "100000",
+    ])?;
+    let result = (|| -> Result<()> {
+        // The gRPC service restarts; the layer host, and so the container's lower layer, stays.
+        daemon.restart()?;
+        let start = Instant::now();
+        let exec = loop {
+            let exec = ctd.ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                &format!("e{}", start.elapsed().as_millis()),
+                &long,
+                "/bin/sh",
+                "-c",
+                PROBE,
+            ]);
+            match exec {
+                Ok(out) if !out.is_empty() => break out,
+                Ok(_) if start.elapsed() < Duration::from_secs(15) => {}
+                Err(e) if start.elapsed() < Duration::from_secs(15) => {
+                    tracing_free_sleep(&e);
+                }
+                other => break other.with_context(|| daemon.log())?,
+            }
+        };
+        ensure!(
+            exec.starts_with("ok\n"),
+            "the running container read\n{exec}"
+        );
+        let before = retry_unavailable(|id| probe(&ctd, SNAPSHOTTER, &images.zstd, id))
+            .with_context(|| daemon.log())?;
+        ensure!(
+            before == exec,
+            "a new container saw\n{before}\nthe old one\n{exec}"
+        );
+        Ok(())
+    })();
+    let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", &long]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = ctd.ctr(&["task", "delete", "-f", &long]);
+    let _ = ctd.ctr(&["container", "delete", &long]);
+    result?;
+
+    // A layer host that dies is replaced, and the layers new containers need are mounted again.
+    let host = daemon.layer_host_pid().context("no layer host pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let start = Instant::now();
+    while daemon.layer_host_pid() == Some(host)
+        && Path::new(&format!("/proc/{host}/stat")).exists()
+        && !std::fs::read_to_string(format!("/proc/{host}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "layer host still alive"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its FUSE mount is dead now; containerd's next use of the snapshot brings it back.
+    let revived =
+        probe(&ctd, SNAPSHOTTER, &images.zstd, "revived").with_context(|| daemon.log())?;
+    ensure!(
+        revived.starts_with("ok\n"),
+        "after the layer host died:\n{revived}"
+    );
+
+    // Reading every file puts every chunk in the cache; a cold start must not fetch any again.
+    let tree_before = image_tree(&ctd, SNAPSHOTTER, &images.zstd, &work.path().join("a"))?;
+    let before = probe(&ctd, SNAPSHOTTER, &images.zstd, "warm")?;
+    daemon.restart_cold()?;
+    let restored = daemon.metric("lazysnap_snapshot_restored_layers_total")?;
+    ensure!(restored >= 1.0, "restored: {restored}\n{}", daemon.log());
+    // containerd's gRPC client reconnects with backoff (about a second after a short outage);
+    // until then calls fail as unavailable.
+    let after = retry_unavailable(|id| probe(&ctd, SNAPSHOTTER, &images.zstd, id))
+        .with_context(|| daemon.log())?;
+    ensure!(
+        after == before,
+        "after the restart\n{after}\nbefore\n{before}"
+    );
+    let tree_after = image_tree(&ctd, SNAPSHOTTER, &images.zstd, &work.path().join("b"))?;
+    let differences = tree::differences(&tree_before, &tree_after);
+    ensure!(differences.is_empty(), "{}", differences.join("\n"));
+    let fetched = daemon.metric_sum("lazysnap_fetch_bytes_total")?;
+    ensure!(
+        fetched == 0.0,
+        "{fetched} bytes fetched again after the restart\n{}",
+        daemon.log()
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
+/// Waits a little before retrying a call containerd refused while reconnecting.
+fn tracing_free_sleep(_error: &anyhow::Error) {
+    std::thread::sleep(Duration::from_millis(250));
+}
+
+/// Runs `call` (given a fresh id) until containerd stops answering `unavailable`: after lazysnapd
+/// restarts, containerd's gRPC client reconnects with backoff (about a second).
+fn retry_unavailable(mut call: impl FnMut(&str) -> Result<String>) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        let id = format!("r{}", start.elapsed().as_millis());
+        match call(&id) {
+            Err(e)
+                if format!("{e}").contains("unavailable")
+                    && start.elapsed() < Duration::from_secs(15) =>
+            {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
+}
+
+#[test]
+fn removing_an_image_evicts_its_chunks_past_the_disk_budget() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    // A budget of one byte: only pins keep chunks on disk.
+    let daemon = Lazysnapd::start_with("[cache]\ndisk_budget_bytes = 1\n")?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    ctd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &images.zstd,
+    ])
+    .with_context(|| daemon.log())?;
+    probe(&ctd, SNAPSHOTTER, &images.zstd, "budget").with_context(|| daemon.log())?;
+    // The background fetch completes the mounted layer and pins it, whatever the budget.
+    let start = Instant::now();
+    while !daemon.log().contains("layer complete in the cache") {
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the layer never completed:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pinned = daemon.cached_chunks();
+    ensure!(pinned > 0, "a mounted, complete layer keeps its chunks");
+
+    ctd.ctr(&["images", "rm", "--sync", &images.zstd])?;
+    let start = Instant::now();
+    while daemon.cached_chunks() > 0 {
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} of {pinned} chunks still cached after the image was removed:\n{}",
+            daemon.cached_chunks(),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        mounts_below(&daemon.root()).is_empty(),
+        "the layer is unmounted"
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
+/// containerd's CRI ImageService over its socket (what kubelet talks to).
+async fn cri_images(
+    socket: &Path,
+) -> Result<
+    k8s_cri::v1::image_service_client::ImageServiceClient<
+        containerd_snapshots::tonic::transport::Channel,
+    >,
+> {
+    use containerd_snapshots::tonic::transport::{Endpoint, Uri};
+    let socket = socket.to_owned();
+    // The URI is a placeholder: the connector dials the unix socket.
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            tokio::net::UnixStream::connect(socket.clone())
+        }))
+        .await
+        .context("connecting to containerd's CRI")?;
+    Ok(k8s_cri::v1::image_service_client::ImageServiceClient::new(
+        channel,
+    ))
+}
+
+#[test]
+fn cri_pulls_lazily_with_its_labels_and_runs_a_pod_from_lazy_images() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let daemon = Lazysnapd::start()?;
+    let pause = pause_image(&registry, &images)?;
+    let ctd = TestContainerd::start_cri(&[(SNAPSHOTTER, &daemon.socket)], SNAPSHOTTER, &pause)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let image_ref = runtime.block_on(async {
+        let mut client = cri_images(&ctd.socket).await?;
+        let response = client
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
+                    image: images.zstd.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("CRI PullImage\n{}", daemon.log()))?;
+        anyhow::Ok(response.into_inner().image_ref)
+    })?;
+    ensure!(image_ref.starts_with("sha256:"), "image ref {image_ref}");
+    let content = ctd.ctr_in("k8s.io", &["content", "ls", "-q"])?;
+    for layer in layer_digests(&images.zstd)? {
+        ensure!(
+            !content.contains(&layer),
+            "CRI downloaded layer {layer}:\n{content}\nlazysnapd log:\n{}",
+            daemon.log()
+        );
+    }
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(lazy >= 1.0, "lazy layers: {lazy}\n{}", daemon.log());
+    ensure!(
+        daemon
+            .log()
+            .contains("containerd.io/snapshot/cri.manifest-digest"),
+        "CRI sent its labels:\n{}",
+        daemon.log()
+    );
+
+    // A pod whose sandbox and container both start from lazy images.
+    let logs = tempfile::tempdir()?;
+    let output = runtime
+        .block_on(run_pod(&ctd.socket, &images.zstd, logs.path()))
+        .with_context(|| daemon.log())?;
+    ensure!(
+        output.starts_with("ok\n"),
+        "the pod's container printed\n{output}"
+    );
+    ensure!(output.contains("/bin/busybox"), "{output}");
+    drop(ctd);
+    daemon.stop()
+}
+
+/// A pod sandbox image: busybox running `sleep` (pods need a process that stays), converted to
+/// zstd:chunked so the sandbox itself starts lazily.
+fn pause_image(registry: &TestRegistry, images: &Images) -> Result<String> {
+    let (dir, _) = images
+        .layout
+        .rsplit_once(':')
+        .context("layout has no tag")?;
+    image::run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &images.layout,
+        "--tag",
+        "pause",
+        "--config.cmd",
+        "/bin/sleep",
+        "--config.cmd",
+        "100000",
+    ]))?;
+    let pause = format!("{}/pause:lazy", registry.addr);
+    image::run(Command::new(LAZYSNAP).args(["convert", &format!("oci:{dir}:pause"), &pause]))?;
+    Ok(pause)
+}
+
+/// A pod on the host network (no CNI here) running one container from a lazy image; returns the
+/// container's log. Stops and removes the pod whatever happens.
+async fn run_pod(socket: &Path, image: &str, log_dir: &Path) -> Result<String> {
+    use containerd_snapshots::tonic::transport::{Endpoint, Uri};
+    use k8s_cri::v1 as cri;
+    let socket = socket.to_owned();
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            tokio::net::UnixStream::connect(socket.clone())
+        }))
+        .await?;
+    let mut runtime = cri::runtime_service_client::RuntimeServiceClient::new(channel);
+    let sandbox_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "lazy".into(),
+            uid: format!("uid-{}", std::process::id()),
+            namespace: "test".into(),
+            attempt: 0,
+        }),
+        // Host network shares the host's UTS namespace: no hostname of its own.
+        log_directory: log_dir.to_string_lossy().into_owned(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            ..Default::default()
+        })
+        .await
+        .context("RunPodSandbox")?
+        .into_inner()
+        .pod_sandbox_id;
+    let result = async {
+        let container = runtime
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(cri::ContainerConfig {
+                    metadata: Some(cri::ContainerMetadata {
+                        name: "probe".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(cri::ImageSpec {
+                        image: image.to_owned(),
+                        ..Default::default()
+                    }),
+                    command: vec!["/bin/sh".into(), "-c".into(), PROBE.into()],
+                    log_path: "probe.log".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .context("CreateContainer")?
+            .into_inner()
+            .container_id;
+        runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: container.clone(),
+            })
+            .await
+            .context("StartContainer")?;
+        let start = Instant::now();
+        loop {
+            let status = runtime
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: container.clone(),
+                    verbose: false,
+                })
+                .await
+                .context("ContainerStatus")?
+                .into_inner()
+                .status
+                .context("no status")?;
+            if status.state == cri::ContainerState::ContainerExited as i32 {
+                ensure!(status.exit_code == 0, "container exited {status:?}");
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "container still {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // CRI log lines: `TIMESTAMP STREAM TAG content`.
+        let log = std::fs::read_to_string(log_dir.join("probe.log"))?;
+        anyhow::Ok(
+            log.lines()
+                .filter_map(|l| l.splitn(4, ' ').nth(3))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        )
+    }
+    .await;
+    let _ = runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await;
+    let _ = runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await;
+    result
+}
+
+#[test]
+fn a_hosts_toml_mirror_serves_lazy_layers_of_an_unreachable_registry() -> Result<()> {
+    let mirror = TestRegistry::start()?;
+    let images = busybox_images(&mirror)?;
+    // The image is named after a registry nobody answers for; hosts.toml sends both containerd
+    // and lazysnapd to the mirror, which has it.
+    let dead = format!("127.0.0.1:{}", free_port()?);
+    let hosts = tempfile::tempdir()?;
+    let file = lazysnap::snapshot::hosts::hosts_file(hosts.path(), &dead);
+    std::fs::create_dir_all(file.parent().context("hosts dir")?)?;
+    std::fs::write(
+        &file,
+        format!(
+            "server = \"http://{dead}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            mirror.addr
+        ),
+    )?;
+    let reference = images.zstd.replacen(&mirror.addr, &dead, 1);
+    let daemon = Lazysnapd::start_with(&format!(
+        "[registry]\nconfig_path = \"{}\"\n",
+        hosts.path().display()
+    ))?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    let hosts_dir = hosts.path().to_string_lossy().into_owned();
+    ctd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--hosts-dir",
+        &hosts_dir,
+        "--snapshotter",
+        SNAPSHOTTER,
+        &reference,
+    ])
+    .with_context(|| daemon.log())?;
+    let content = ctd.ctr(&["content", "ls", "-q"])?;
+    for layer in layer_digests(&images.zstd)? {
+        ensure!(
+            !content.contains(&layer),
+            "layer {layer} was downloaded:\n{content}\n{}",
+            daemon.log()
+        );
+    }
+    ensure!(
+        daemon.log().contains(&format!("host={}", mirror.addr)),
+        "the layer was mounted from the mirror:\n{}",
+        daemon.log()
+    );
+    let output = probe(&ctd, SNAPSHOTTER, &reference, "mirror").with_context(|| daemon.log())?;
+    ensure!(output.starts_with("ok\n"), "{output}");
+    drop(ctd);
+    daemon.stop()
+}
+
+#[test]
+fn cleanup_detaches_every_mount_left_under_the_root() -> Result<()> {
+    let root = tempfile::Builder::new().prefix("lssd-").tempdir()?;
+    let _guard = containerd::UnmountOnDrop(root.path().to_owned());
+    let fs = root.path().join("snapshots/7/fs");
+    std::fs::create_dir_all(&fs)?;
+    image::run(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "lazysnap-test"])
+            .arg(&fs),
+    )?;
+    ensure!(!mounts_below(root.path()).is_empty(), "mounted");
+    image::run(
+        Command::new(LAZYSNAPD)
+            .arg("--root")
+            .arg(root.path())
+            .arg("--cleanup"),
+    )?;
+    ensure!(
+        mounts_below(root.path()).is_empty(),
+        "still mounted: {:?}",
+        mounts_below(root.path())
+    );
+    Ok(())
+}
