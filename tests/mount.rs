@@ -226,6 +226,29 @@ fn mounted_images_equal_umoci_unpack_in_both_formats_and_plain_gzip() -> Result<
     Ok(())
 }
 
+/// The registry's stored blob of `reference`'s first layer, and its TOC read from that file (not
+/// through the code under test's fetch path).
+fn registry_toc(
+    registry: &TestRegistry,
+    reference: &str,
+) -> Result<(PathBuf, lazysnap::format::Toc)> {
+    let out = image::run(Command::new(BIN).args(["inspect", "--json", reference]))?;
+    let info: serde_json::Value = serde_json::from_slice(&out)?;
+    let layer = &info["layers"][0];
+    let digest: lazysnap::oci::Digest = layer["digest"].as_str().context("digest")?.parse()?;
+    let path = registry.blob_data_path(&digest);
+    let annotations = layer["annotations"]
+        .as_object()
+        .context("annotations")?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let media_type = layer["media_type"].as_str().context("media type")?;
+    let (_, toc) =
+        lazysnap::format::read_toc(std::fs::File::open(&path)?, media_type, &annotations)?;
+    Ok((path, toc))
+}
+
 /// Converts the sample image into the registry and returns its reference and the blob path of
 /// its first layer in the registry's storage.
 fn lazy_sample(
@@ -240,27 +263,7 @@ fn lazy_sample(
         &reference,
         "zstd-chunked",
     )?;
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(work.join(format!("src-{name}/index.json")))?)?;
-    let _ = index;
-    let out = image::run(Command::new(BIN).args(["inspect", "--json", &reference]))?;
-    let info: serde_json::Value = serde_json::from_slice(&out)?;
-    let digest: lazysnap::oci::Digest = info["layers"][0]["digest"]
-        .as_str()
-        .context("digest")?
-        .parse()?;
-    let path = registry.blob_data_path(&digest);
-    let annotations = info["layers"][0]["annotations"]
-        .as_object()
-        .context("annotations")?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-        .collect();
-    let (_, toc) = lazysnap::format::read_toc(
-        std::fs::File::open(&path)?,
-        lazysnap::format::MEDIA_TYPE_ZSTD,
-        &annotations,
-    )?;
+    let (path, toc) = registry_toc(registry, &reference)?;
     Ok((reference, path, toc))
 }
 
@@ -548,5 +551,102 @@ async fn a_tiny_disk_budget_evicts_but_keeps_a_complete_layer_while_mounted() ->
         "a complete, mounted layer is kept whole: {usage:?}"
     );
     m2.unmount()?;
+    Ok(())
+}
+
+/// Bytes no compressor shrinks, from a seed (so two files never share a chunk).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_estargz_prefetch_set_is_fetched_at_mount_in_one_request() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    // The start-up files, the landmark, then a large file and a late file: tar order is blob
+    // order, so the late file lies far beyond anything a prefetch request could take along.
+    let files = [
+        ("startup/a", noise(40_000, 1)),
+        ("startup/b", noise(90_000, 2)),
+        ("filler", noise(1 << 20, 3)),
+        ("late/c", noise(30_000, 4)),
+    ];
+    let data_dir = work.path().join("data");
+    std::fs::create_dir_all(&data_dir)?;
+    let mut body = String::new();
+    for (i, (name, data)) in files.iter().enumerate() {
+        let path = data_dir.join(i.to_string());
+        std::fs::write(&path, data)?;
+        body.push_str(&format!(
+            "add({name:?}, data=open({:?}, 'rb').read())\n",
+            path.display().to_string()
+        ));
+        if i == 1 {
+            body.push_str("add('.prefetch.landmark', data=bytes([0xf]))\n");
+        }
+    }
+    let tar = image::python_tar(&body)?;
+    let layout = LayoutBuilder::new(&work.path().join("src"))?;
+    let desc = layout.image(&[tar], "amd64")?;
+    layout.tags(&[("src", desc)])?;
+    let reference = format!("{}/sample/prefetch:v1", registry.addr);
+    convert(
+        &format!("oci:{}:src", layout.dir.display()),
+        &reference,
+        "estargz",
+    )?;
+    // The converter must keep the landmark where the source tar had it.
+    let (_, toc) = registry_toc(&registry, &reference)?;
+    ensure!(
+        toc.prefetch == ["startup/a", "startup/b"],
+        "prefetch set from the converted TOC: {:?}",
+        toc.prefetch
+    );
+
+    let target = work.path().join("mnt");
+    let mut mounted = mount_in_process(&reference, &work.path().join("root"), &target).await?;
+    ensure!(
+        mount::wait_background(&mut mounted, Duration::from_secs(30)).await,
+        "prefetch finished"
+    );
+    let fetcher = mounted.fetchers().next().context("a lazy layer")?;
+    let stats = fetcher.stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let prefetched = load(&stats.prefetch_bytes);
+    ensure!(
+        prefetched >= 130_000,
+        "the start-up files were fetched at mount: {prefetched} bytes"
+    );
+    ensure!(
+        prefetched < 1 << 20,
+        "and not the file after the landmark: {prefetched} bytes"
+    );
+    assert_eq!(load(&stats.prefetch_requests), 1, "in one request");
+    assert_eq!(load(&stats.on_demand_bytes), 0, "nothing read yet");
+
+    for (name, data) in &files[..2] {
+        assert_eq!(&read_in_thread(target.join(name)).await?, data, "{name}");
+    }
+    assert_eq!(
+        load(&stats.on_demand_requests),
+        0,
+        "prefetched files are read from the cache"
+    );
+    assert_eq!(read_in_thread(target.join("late/c")).await?, files[3].1);
+    ensure!(
+        load(&stats.on_demand_bytes) > 0 && load(&stats.on_demand_requests) >= 1,
+        "a file after the landmark is fetched when read"
+    );
+    mounted.unmount()?;
+    assert!(mounts_below(work.path()).is_empty());
     Ok(())
 }

@@ -109,7 +109,10 @@ pub struct FetchStats {
     pub on_demand_bytes: AtomicU64,
     pub prefetch_bytes: AtomicU64,
     pub background_bytes: AtomicU64,
+    /// Registry requests of every kind, and of the two kinds that are range reads.
     pub requests: AtomicU64,
+    pub on_demand_requests: AtomicU64,
+    pub prefetch_requests: AtomicU64,
     pub cache_hits: AtomicU64,
     pub verify_failures: AtomicU64,
 }
@@ -415,11 +418,15 @@ async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
             ))
         })?;
     inner.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let counter = match kind {
-        Kind::OnDemand => &inner.stats.on_demand_bytes,
-        Kind::Prefetch => &inner.stats.prefetch_bytes,
+    let (counter, requests) = match kind {
+        Kind::OnDemand => (
+            &inner.stats.on_demand_bytes,
+            &inner.stats.on_demand_requests,
+        ),
+        Kind::Prefetch => (&inner.stats.prefetch_bytes, &inner.stats.prefetch_requests),
     };
     counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    requests.fetch_add(1, Ordering::Relaxed);
     inner.record(kind.label(), bytes.len() as u64);
     let format = inner.format;
     let chunks = span.chunks.clone();
