@@ -650,3 +650,142 @@ async fn the_estargz_prefetch_set_is_fetched_at_mount_in_one_request() -> Result
     assert!(mounts_below(work.path()).is_empty());
     Ok(())
 }
+
+/// The file system type mounted at `path`, if any (the last mount there wins).
+fn fstype_at(path: &Path) -> Option<String> {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(&*wanted))
+        .filter_map(|l| {
+            let (_, after) = l.split_once(" - ")?;
+            after.split(' ').next().map(str::to_owned)
+        })
+        .last()
+}
+
+/// Every process descending from `pid` (children found through `/proc/*/stat`).
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`: comm may hold spaces, so parse after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for &(child, parent) in &parents {
+            if parent == p && !out.contains(&child) {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Mounts the sample image with the real binary, waits for the overlay, sends `signal`, and
+/// checks the promise: exit status 0, no mount left under the root or at the mount point, no
+/// process left behind. With `hold_open`, a reader keeps a file open across the signal.
+fn signal_stops_the_mount_cleanly(signal: nix::sys::signal::Signal, hold_open: bool) -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, _, _) = lazy_sample(&registry, work.path(), "signal")?;
+    let root = work.path().join("root");
+    let target = work.path().join("mnt");
+    let mut process = MountProcess::start(&root, &reference, &target, &[])?;
+    let start = Instant::now();
+    while fstype_at(&target).as_deref() != Some("overlay") {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} is {:?}, not an overlay",
+            target.display(),
+            fstype_at(&target)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        mounts_below(&root).iter().any(|m| m.contains("layer-")),
+        "layer file systems are mounted under the root: {:?}",
+        mounts_below(&root)
+    );
+    let held = if hold_open {
+        let mut f = std::fs::File::open(target.join("usr/bin/tool"))?;
+        let mut head = [0u8; 16];
+        std::io::Read::read_exact(&mut f, &mut head)?;
+        Some(f)
+    } else {
+        None
+    };
+    let pid = process.child.id();
+    let children = descendants(pid);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = process.child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "still running 20 s after {signal}: {}",
+            process.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    ensure!(
+        status.code() == Some(0),
+        "{signal}: exit status {status}: {}",
+        process.log()
+    );
+    let left: Vec<String> = mounts_below(&root)
+        .into_iter()
+        .chain(mounts_below(&target))
+        .collect();
+    ensure!(left.is_empty(), "{signal}: still mounted: {left:?}");
+    let alive: Vec<u32> = children
+        .into_iter()
+        .filter(|c| Path::new(&format!("/proc/{c}")).exists())
+        .collect();
+    ensure!(alive.is_empty(), "{signal}: processes left: {alive:?}");
+    ensure!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the mount process is gone"
+    );
+    drop(held);
+    ensure!(
+        process.log().contains("unmounted"),
+        "{signal}: {}",
+        process.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_unmounts_everything_and_exits_0() -> Result<()> {
+    signal_stops_the_mount_cleanly(nix::sys::signal::Signal::SIGTERM, false)
+}
+
+#[test]
+fn sigint_unmounts_everything_and_exits_0() -> Result<()> {
+    signal_stops_the_mount_cleanly(nix::sys::signal::Signal::SIGINT, false)
+}
+
+#[test]
+fn sigterm_with_a_file_held_open_still_exits_0_and_leaves_no_mount() -> Result<()> {
+    signal_stops_the_mount_cleanly(nix::sys::signal::Signal::SIGTERM, true)
+}
