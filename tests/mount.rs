@@ -651,18 +651,19 @@ async fn the_estargz_prefetch_set_is_fetched_at_mount_in_one_request() -> Result
     Ok(())
 }
 
-/// The file system type mounted at `path`, if any (the last mount there wins).
+/// The file system type mounted at `path`, if any (the last mount there, the visible one).
 fn fstype_at(path: &Path) -> Option<String> {
     let wanted = path.to_string_lossy();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
+        .rev()
         .filter(|l| l.split(' ').nth(4) == Some(&*wanted))
         .filter_map(|l| {
             let (_, after) = l.split_once(" - ")?;
             after.split(' ').next().map(str::to_owned)
         })
-        .last()
+        .next()
 }
 
 /// Every process descending from `pid` (children found through `/proc/*/stat`).
@@ -788,4 +789,125 @@ fn sigint_unmounts_everything_and_exits_0() -> Result<()> {
 #[test]
 fn sigterm_with_a_file_held_open_still_exits_0_and_leaves_no_mount() -> Result<()> {
     signal_stops_the_mount_cleanly(nix::sys::signal::Signal::SIGTERM, true)
+}
+
+/// The sum of the series of metric `name` (a family, or one series with its labels) scraped from
+/// a mount process's `/metrics` endpoint.
+fn scrape(addr: &str, name: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Polls `done` every 50 ms for up to `limit`.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while !done()? {
+        ensure!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn complete_files_are_read_through_passthrough_without_fuse_reads() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, _, toc) = lazy_sample(&registry, work.path(), "passthrough")?;
+    let tool_entry = toc
+        .entries
+        .iter()
+        .find(|e| e.name == "usr/bin/tool")
+        .context("tool")?;
+    ensure!(tool_entry.chunks.len() > 1, "the tool spans several chunks");
+    let oracle = tempfile::tempdir()?;
+    image::sample_tree(oracle.path(), 1)?;
+    let want_tool = std::fs::read(oracle.path().join("usr/bin/tool"))?;
+
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.to_string()
+    };
+    let target = work.path().join("mnt");
+    let process = MountProcess::start(
+        &work.path().join("root"),
+        &reference,
+        &target,
+        &["--metrics-addr", &addr],
+    )?;
+    let reads = || scrape(&addr, "lazysnap_fuse_operations_total{op=\"read\"}");
+    let passthrough_opens = || scrape(&addr, "lazysnap_fuse_passthrough_opens_total");
+    let tool = target.join("usr/bin/tool");
+
+    // A first open is a plain FUSE open: its reads reach the daemon (the counter works).
+    let mut held = std::fs::File::open(&tool)?;
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(&mut held, &mut head)?;
+    assert_eq!(head[..], want_tool[..16]);
+    ensure!(reads()? >= 1.0, "a plain read is counted");
+
+    // While that handle is open the file must stay a plain FUSE file (the kernel refuses to mix
+    // the two kinds on one inode): further opens through the other name of this hard-linked
+    // inode succeed and read right, and the file is prepared for later meanwhile.
+    wait_until(
+        Duration::from_secs(60),
+        "tool prepared for passthrough",
+        || {
+            let mut other = std::fs::File::open(target.join("usr/bin/tool.hard"))?;
+            std::io::Read::read_exact(&mut other, &mut head)?;
+            assert_eq!(head[..], want_tool[..16]);
+            Ok(scrape(&addr, "lazysnap_passthrough_files_total")? >= 1.0)
+        },
+    )?;
+    assert_eq!(
+        passthrough_opens()?,
+        0.0,
+        "no passthrough while a plain handle is open"
+    );
+    drop(held);
+
+    // Now every handle is closed: a new open is a passthrough open, and two of them share the
+    // backing file. Reading the whole file (most of it never cached) costs the daemon no READ.
+    let before = reads()?;
+    let mut first = std::fs::File::open(&tool)?;
+    let mut second = std::fs::File::open(target.join("usr/bin/tool.hard"))?;
+    ensure!(
+        passthrough_opens()? >= 2.0,
+        "opens of a complete file use passthrough: {}",
+        process.log()
+    );
+    for f in [&mut first, &mut second] {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(f, &mut data)?;
+        ensure!(data == want_tool, "passthrough content equals the source");
+    }
+    assert_eq!(
+        reads()?,
+        before,
+        "the daemon saw no READ for passthrough reads"
+    );
+    drop((first, second));
+
+    // A one-chunk file is served straight from its verified chunk file.
+    let hostname = target.join("etc/hostname");
+    assert_eq!(std::fs::read(&hostname)?, b"host1\n");
+    let opens = passthrough_opens()?;
+    wait_until(Duration::from_secs(30), "hostname by passthrough", || {
+        drop(std::fs::File::open(&hostname)?);
+        Ok(passthrough_opens()? > opens)
+    })?;
+    assert_eq!(std::fs::read(&hostname)?, b"host1\n");
+    process.stop()?;
+    Ok(())
 }

@@ -8,9 +8,10 @@
 //! one whole-blob read that is checked against the manifest digest at its end.
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
+mod local;
 mod plan;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::io::AsyncReadExt;
 
 use crate::cache::ChunkCache;
-use crate::format::{self, Chunk, LayerFormat, LazyLayer, Toc};
+use crate::format::{self, Chunk, LayerFormat, LazyLayer, Toc, TocEntry};
 use crate::fs::{ChunkError, ChunkSource};
 use crate::metrics::METRICS;
 use crate::oci::{Digest, Reference};
@@ -165,6 +166,11 @@ struct Inner {
     /// On-demand requests under way; background completion pauses while there are any.
     busy: AtomicU64,
     stats: FetchStats,
+    /// Where passthrough files are prepared; none outside a runtime (no passthrough then).
+    runtime: Option<tokio::runtime::Handle>,
+    /// Whole files being prepared for passthrough, by content digest.
+    preparing: Mutex<HashSet<Digest>>,
+    prepare_slots: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for LayerFetcher {
@@ -212,6 +218,9 @@ impl LayerFetcher {
                 inflight: Mutex::new(HashMap::new()),
                 busy: AtomicU64::new(0),
                 stats: FetchStats::default(),
+                runtime: tokio::runtime::Handle::try_current().ok(),
+                preparing: Mutex::new(HashSet::new()),
+                prepare_slots: tokio::sync::Semaphore::new(1),
             }),
         }
     }
@@ -479,6 +488,10 @@ async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
 }
 
 impl ChunkSource for LayerFetcher {
+    fn local_file(&self, entry: &TocEntry) -> Option<std::fs::File> {
+        self.local_file_of(entry)
+    }
+
     fn read_chunk(&self, chunk: &Chunk) -> BoxFuture<'static, Result<Bytes, ChunkError>> {
         let this = self.clone();
         let chunk = chunk.clone();

@@ -6,6 +6,7 @@
 
 mod inode;
 mod layer;
+mod passthrough;
 pub mod unpack;
 
 pub use inode::{InodeTable, NodeKind};
@@ -17,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
-use crate::format::{Chunk, Toc};
+use crate::format::{Chunk, Toc, TocEntry};
 
 /// Errors name the mount point concerned.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,13 @@ pub struct ChunkError(pub String);
 pub trait ChunkSource: Send + Sync + 'static {
     /// The uncompressed, verified bytes of `chunk` (one of the TOC's chunks).
     fn read_chunk(&self, chunk: &Chunk) -> BoxFuture<'static, Result<Bytes, ChunkError>>;
+
+    /// A local file holding exactly the verified content of `entry`, ready now, for the kernel
+    /// to read directly (FUSE passthrough). Called on open, so it must be cheap and must never
+    /// fetch: an implementation may start preparing the file and offer it to a later open.
+    fn local_file(&self, _entry: &TocEntry) -> Option<std::fs::File> {
+        None
+    }
 }
 
 /// How to mount a layer.
@@ -46,6 +54,8 @@ pub struct MountOptions {
     pub read_timeout: Duration,
     /// FUSE event-loop threads.
     pub threads: usize,
+    /// Open files whose content is local with FUSE passthrough, when the kernel offers it.
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -53,6 +63,7 @@ impl Default for MountOptions {
         Self {
             read_timeout: Duration::from_secs(30),
             threads: 2,
+            passthrough: true,
         }
     }
 }
@@ -136,6 +147,7 @@ pub fn mount_layer(
         runtime,
         read_timeout: options.read_timeout,
         label,
+        passthrough: passthrough::Passthrough::new(options.passthrough),
     };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
