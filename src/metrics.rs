@@ -30,6 +30,8 @@ pub struct Metrics {
     /// Per mounted layer: bytes of its blob fetched so far, and the blob's size.
     pub layer_fetched_bytes: IntGaugeVec,
     pub layer_size_bytes: IntGaugeVec,
+    /// Per layer: 1 once its background fetch finished and the blob matched its digest.
+    pub layer_complete: IntGaugeVec,
     /// FUSE operations served, by operation, and their latency.
     pub fuse_ops: IntCounterVec,
     pub fuse_seconds: HistogramVec,
@@ -101,6 +103,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["layer"],
         )
         .expect("valid metric definition"),
+        layer_complete: IntGaugeVec::new(
+            Opts::new(
+                "layer_complete",
+                "1 once a layer is fetched whole and verified against its digest.",
+            )
+            .namespace("lazysnap"),
+            &["layer"],
+        )
+        .expect("valid metric definition"),
         fuse_ops: counter_vec(
             "fuse_operations_total",
             "FUSE operations served, by operation.",
@@ -139,6 +150,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.verify_failures.clone()),
         Box::new(m.layer_fetched_bytes.clone()),
         Box::new(m.layer_size_bytes.clone()),
+        Box::new(m.layer_complete.clone()),
         Box::new(m.fuse_ops.clone()),
         Box::new(m.fuse_seconds.clone()),
         Box::new(m.passthrough_opens.clone()),

@@ -74,6 +74,12 @@ where
     format::parse_toc(lazy, position, &raw).map_err(|e| fail(e.to_string()))
 }
 
+/// Layers streamed in the background at once, process-wide. Each holds a read block and up to
+/// one compressed chunk in memory, so a limit keeps memory independent of how many layers are
+/// mounted; more streams at once would not fetch the whole any sooner over one link.
+static BACKGROUND_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(2));
+
 /// Fetch tuning.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
@@ -283,12 +289,20 @@ impl LayerFetcher {
             layer: inner.blob.short(),
             message,
         };
+        let _slot = BACKGROUND_SLOTS
+            .acquire()
+            .await
+            .map_err(|e| fail(format!("background slot: {e}")))?;
         let mut reader = inner
             .client
             .blob_reader(&inner.reference, &inner.blob)
             .await
             .map_err(|e| fail(e.to_string()))?;
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+        METRICS
+            .fetch_requests
+            .with_label_values(&["background"])
+            .inc();
         let mut pos = 0u64;
         let mut buf: Vec<u8> = Vec::new(); // bytes from `buf_start`
         let mut buf_start = 0u64;
@@ -309,6 +323,7 @@ impl LayerFetcher {
                 .stats
                 .background_bytes
                 .fetch_add(n as u64, Ordering::Relaxed);
+            inner.record("background", n as u64);
             buf.extend_from_slice(&block[..n]);
             pos += n as u64;
             // Decode every chunk whose compressed range is now complete.
@@ -348,6 +363,10 @@ impl LayerFetcher {
                 inner.blob_size
             )));
         }
+        METRICS
+            .layer_complete
+            .with_label_values(&[&inner.blob.short()])
+            .set(1);
         tracing::info!(layer = %inner.blob.short(), "layer complete and verified against its manifest digest");
         Ok(())
     }
