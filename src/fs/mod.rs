@@ -128,6 +128,27 @@ fn detach(path: &Path) {
     let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
 }
 
+/// Allocations at least this large are given back to the system when freed.
+const MMAP_THRESHOLD: i32 = 256 << 10;
+
+/// Stops glibc from keeping freed chunk-sized buffers. A process serving layers allocates and
+/// frees megabyte buffers (chunks, range responses) from many threads; glibc's default raises its
+/// mmap threshold to the largest size freed so far, after which such buffers come from per-thread
+/// arenas and stay resident once freed (measured: 45 of 83 MiB RSS serving 10 layers). A fixed
+/// threshold maps them instead, and returns them when freed. Process-wide, set once, harmless
+/// elsewhere; the cost is a page fault per page of each large buffer.
+fn limit_allocator_retention() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: mallopt only changes glibc's allocator parameters, under its own lock; any
+        // thread may call it at any time, and it takes no pointers.
+        let ok = unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+        if ok != 1 {
+            tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; freed buffers may stay resident");
+        }
+    });
+}
+
 /// Mounts the layer `toc` describes at `mountpoint`. Reads of file content are answered from
 /// `source` on `runtime` without blocking the FUSE loop.
 pub fn mount_layer(
@@ -137,6 +158,7 @@ pub fn mount_layer(
     mountpoint: &Path,
     options: &MountOptions,
 ) -> Result<LayerMount, FsError> {
+    limit_allocator_retention();
     let label = mountpoint
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
