@@ -129,7 +129,9 @@ impl Drop for MountProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+        if mounted(&self.target) {
+            let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+        }
     }
 }
 

@@ -25,7 +25,10 @@ impl LayerFetcher {
             FilePart::Zeros(_) => true,
         });
         let runtime = inner.runtime.as_ref()?;
-        if !all_local || !lock(&inner.preparing).insert(digest) {
+        if !all_local
+            || lock(&inner.refused).contains(&digest)
+            || !lock(&inner.preparing).insert(digest)
+        {
             return None;
         }
         let this = self.clone();
@@ -40,7 +43,11 @@ impl LayerFetcher {
             drop(permit);
             match result {
                 Ok(Ok(true)) => METRICS.passthrough_files.inc(),
-                Ok(Ok(false)) => {}
+                // The chunks do not make the file the TOC names (or one just went): reads stay
+                // in FUSE, and the work is not repeated on every open.
+                Ok(Ok(false)) => {
+                    lock(&inner.refused).insert(digest);
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(layer = %inner.blob.short(), file = %name, "cannot prepare a passthrough file: {e}")
                 }

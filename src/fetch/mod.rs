@@ -176,6 +176,8 @@ struct Inner {
     runtime: Option<tokio::runtime::Handle>,
     /// Whole files being prepared for passthrough, by content digest.
     preparing: Mutex<HashSet<Digest>>,
+    /// Whole files that could not be made from their chunks; not tried again.
+    refused: Mutex<HashSet<Digest>>,
     prepare_slots: tokio::sync::Semaphore,
 }
 
@@ -226,6 +228,7 @@ impl LayerFetcher {
                 stats: FetchStats::default(),
                 runtime: tokio::runtime::Handle::try_current().ok(),
                 preparing: Mutex::new(HashSet::new()),
+                refused: Mutex::new(HashSet::new()),
                 prepare_slots: tokio::sync::Semaphore::new(1),
             }),
         }
