@@ -277,9 +277,11 @@ fn main() -> Result<()> {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        // The first open after completion prepares the file for passthrough (in the background);
-        // opens after that are served by the kernel from the local file.
-        read_all(&m.target.join("big"))?;
+        // The first open after completion is served through FUSE (chunks from the disk cache,
+        // each re-verified) and prepares the file for passthrough in the background; opens after
+        // that are served by the kernel from the local file.
+        drop_caches();
+        let through_fuse = timed(|| read_all(&m.target.join("big")))?;
         let start = Instant::now();
         while m.metric("lazysnap_passthrough_files_total")? < 1.0 {
             anyhow::ensure!(
@@ -303,12 +305,14 @@ fn main() -> Result<()> {
             local = local.min(timed(|| read_all(&local_big))?);
         }
         eprintln!(
-            "64 MiB sequential read: {:.0} MB/s through the mount, {:.0} MB/s from the local disk",
+            "64 MiB sequential read: {:.0} MB/s through FUSE, {:.0} MB/s with passthrough, {:.0} MB/s from the local disk",
+            64.0 * 1.048_576 / through_fuse,
             64.0 * 1.048_576 / lazy,
             64.0 * 1.048_576 / local
         );
         let fuse_reads = m.metric("lazysnap_fuse_operations_total{op=\"read\"}")? - reads_before;
         drop(m);
+        rows.push(json!({"metric": "sequential read of a cached 64 MiB file through FUSE (first open), speed vs local disk", "value": local / through_fuse, "unit": "x", "target": "(before passthrough)"}));
         rows.push(json!({"metric": "sequential read of a cached 64 MiB file, speed vs local disk", "value": local / lazy, "unit": "x", "target": ">= 0.9 x"}));
         rows.push(json!({"metric": "FUSE reads the daemon saw during those reads", "value": fuse_reads, "unit": "", "target": "0 (passthrough)"}));
 

@@ -54,8 +54,6 @@ pub struct MountOptions {
     pub read_timeout: Duration,
     /// FUSE event-loop threads.
     pub threads: usize,
-    /// Open files whose content is local with FUSE passthrough, when the kernel offers it.
-    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -63,7 +61,6 @@ impl Default for MountOptions {
         Self {
             read_timeout: Duration::from_secs(30),
             threads: 2,
-            passthrough: true,
         }
     }
 }
@@ -169,7 +166,7 @@ pub fn mount_layer(
         runtime,
         read_timeout: options.read_timeout,
         label,
-        passthrough: passthrough::Passthrough::new(options.passthrough),
+        passthrough: passthrough::Passthrough::new(),
     };
     let mut config = fuser::Config::default();
     config.mount_options = vec![

@@ -35,7 +35,6 @@ struct Opens {
 /// Passthrough state of one layer mount.
 #[derive(Debug)]
 pub(super) struct Passthrough {
-    wanted: bool,
     /// The kernel agreed at INIT, and has not refused a backing file since.
     enabled: AtomicBool,
     /// Tracking starts only once the kernel agreed.
@@ -44,20 +43,16 @@ pub(super) struct Passthrough {
 }
 
 impl Passthrough {
-    pub(super) fn new(wanted: bool) -> Self {
+    pub(super) fn new() -> Self {
         Self {
-            wanted,
             enabled: AtomicBool::new(false),
             negotiated: AtomicBool::new(false),
             opens: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Asks the kernel for passthrough at INIT.
+    /// Asks the kernel for passthrough at INIT (used whenever the kernel offers it).
     pub(super) fn negotiate(&self, config: &mut KernelConfig) {
-        if !self.wanted {
-            return;
-        }
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
             tracing::info!(
                 ?missing,
