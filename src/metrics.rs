@@ -282,6 +282,24 @@ mod tests {
         assert!(text.contains("lazysnap_verify_failures_total"), "{text}");
     }
 
+    #[test]
+    fn a_fuse_op_is_counted_and_timed() {
+        let count = || METRICS.fuse_ops.with_label_values(&["statfs"]).get();
+        let timed = || {
+            METRICS
+                .fuse_seconds
+                .with_label_values(&["statfs"])
+                .get_sample_count()
+        };
+        let (c, t) = (count(), timed());
+        let op = FuseOp::start("statfs");
+        assert_eq!((count(), timed()), (c + 1, t), "counted at the start");
+        drop(op);
+        assert_eq!(timed(), t + 1, "timed when done");
+        drop(FuseOp::start("no-such-op"));
+        assert!(METRICS.fuse_ops.with_label_values(&["other"]).get() >= 1);
+    }
+
     #[tokio::test]
     async fn the_endpoint_answers_get_metrics_and_404_otherwise() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -901,6 +901,20 @@ fn complete_files_are_read_through_passthrough_without_fuse_reads() -> Result<()
     );
     drop((first, second));
 
+    // Memory-mapped reads (how binaries and libraries are loaded) work on a passthrough file.
+    let opens = passthrough_opens()?;
+    let script = "import hashlib, mmap, sys\nf = open(sys.argv[1], 'rb')\nm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\nprint(hashlib.sha256(m).hexdigest())";
+    let out = image::run(Command::new("python3").args(["-c", script]).arg(&tool))?;
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        image::sha256_hex(&want_tool)
+    );
+    ensure!(
+        passthrough_opens()? > opens,
+        "the mapped file was opened with passthrough"
+    );
+    assert_eq!(reads()?, before, "mapped pages came from the backing file");
+
     // A one-chunk file is served straight from its verified chunk file.
     let hostname = target.join("etc/hostname");
     assert_eq!(std::fs::read(&hostname)?, b"host1\n");
