@@ -258,12 +258,22 @@ fn lazy_sample(
     work: &Path,
     name: &str,
 ) -> Result<(String, PathBuf, lazysnap::format::Toc)> {
+    lazy_sample_as(registry, work, name, "zstd-chunked")
+}
+
+/// [`lazy_sample`] in `format` (`zstd-chunked` or `estargz`).
+fn lazy_sample_as(
+    registry: &TestRegistry,
+    work: &Path,
+    name: &str,
+    format: &str,
+) -> Result<(String, PathBuf, lazysnap::format::Toc)> {
     let layout = sample_layout(&work.join(format!("src-{name}")))?;
     let reference = format!("{}/sample/{name}:v1", registry.addr);
     convert(
         &format!("oci:{}:src", layout.dir.display()),
         &reference,
-        "zstd-chunked",
+        format,
     )?;
     let (path, toc) = registry_toc(registry, &reference)?;
     Ok((reference, path, toc))
@@ -823,10 +833,19 @@ fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> Result<bool
 
 #[test]
 fn complete_files_are_read_through_passthrough_without_fuse_reads() -> Result<()> {
+    passthrough_serves_complete_files("zstd-chunked")
+}
+
+#[test]
+fn complete_estargz_files_are_read_through_passthrough_too() -> Result<()> {
+    passthrough_serves_complete_files("estargz")
+}
+
+fn passthrough_serves_complete_files(format: &str) -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
     let _cleanup = Cleanup(work.path().to_owned());
-    let (reference, _, toc) = lazy_sample(&registry, work.path(), "passthrough")?;
+    let (reference, _, toc) = lazy_sample_as(&registry, work.path(), "passthrough", format)?;
     let tool_entry = toc
         .entries
         .iter()
