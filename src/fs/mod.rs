@@ -1,8 +1,9 @@
 //! The read-only FUSE file system of one layer, built from its TOC, and overlayfs composition.
 //!
 //! Owns: inodes, directory listings and attributes from the TOC, OCI whiteouts translated into
-//! overlayfs whiteouts (char 0:0) and opaque directories (`trusted.overlay.opaque`), mounting and
-//! unmounting. Does not own: where file content comes from; it asks a [`ChunkSource`].
+//! overlayfs whiteouts (char 0:0) and opaque directories (`trusted.overlay.opaque`), which opens
+//! use FUSE passthrough, mounting and unmounting. Does not own: where file content comes from; it
+//! asks a [`ChunkSource`] (for chunks, and for a local copy of a file to pass through).
 
 mod inode;
 mod layer;
