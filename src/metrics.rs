@@ -5,6 +5,7 @@
 //! figures are labelled by the short layer digest, one series per mounted layer.
 
 use std::sync::LazyLock;
+use std::time::Instant;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
@@ -29,9 +30,15 @@ pub struct Metrics {
     /// Per mounted layer: bytes of its blob fetched so far, and the blob's size.
     pub layer_fetched_bytes: IntGaugeVec,
     pub layer_size_bytes: IntGaugeVec,
+    /// Per layer: 1 once its background fetch finished and the blob matched its digest.
+    pub layer_complete: IntGaugeVec,
     /// FUSE operations served, by operation, and their latency.
     pub fuse_ops: IntCounterVec,
     pub fuse_seconds: HistogramVec,
+    /// Opens answered with FUSE passthrough (the kernel then reads the file without us).
+    pub passthrough_opens: IntCounter,
+    /// Files made ready for passthrough: checked, or assembled from their verified chunks.
+    pub passthrough_files: IntCounter,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -96,6 +103,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["layer"],
         )
         .expect("valid metric definition"),
+        layer_complete: IntGaugeVec::new(
+            Opts::new(
+                "layer_complete",
+                "1 once a layer is fetched whole and verified against its digest.",
+            )
+            .namespace("lazysnap"),
+            &["layer"],
+        )
+        .expect("valid metric definition"),
         fuse_ops: counter_vec(
             "fuse_operations_total",
             "FUSE operations served, by operation.",
@@ -108,6 +124,22 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["op"],
         )
         .expect("valid metric definition"),
+        passthrough_opens: IntCounter::with_opts(
+            Opts::new(
+                "fuse_passthrough_opens_total",
+                "Opens answered with FUSE passthrough.",
+            )
+            .namespace("lazysnap"),
+        )
+        .expect("valid metric definition"),
+        passthrough_files: IntCounter::with_opts(
+            Opts::new(
+                "passthrough_files_total",
+                "Files made ready for passthrough from verified chunks.",
+            )
+            .namespace("lazysnap"),
+        )
+        .expect("valid metric definition"),
     };
     let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
         Box::new(m.fetch_bytes.clone()),
@@ -118,14 +150,86 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.verify_failures.clone()),
         Box::new(m.layer_fetched_bytes.clone()),
         Box::new(m.layer_size_bytes.clone()),
+        Box::new(m.layer_complete.clone()),
         Box::new(m.fuse_ops.clone()),
         Box::new(m.fuse_seconds.clone()),
+        Box::new(m.passthrough_opens.clone()),
+        Box::new(m.passthrough_files.clone()),
     ];
     for c in collectors {
         m.registry.register(c).expect("metric names are unique");
     }
     m
 });
+
+/// The FUSE operations the layer file system serves, as labelled in the metrics.
+pub const FUSE_OPS: [&str; 12] = [
+    "lookup",
+    "getattr",
+    "readlink",
+    "open",
+    "read",
+    "release",
+    "opendir",
+    "readdir",
+    "statfs",
+    "getxattr",
+    "listxattr",
+    "access",
+];
+
+/// Each FUSE operation's counter and histogram, looked up once: operations are the hottest
+/// thing counted (a `find` makes hundreds of thousands).
+static FUSE_OP_METRICS: LazyLock<Vec<(IntCounter, Histogram)>> = LazyLock::new(|| {
+    FUSE_OPS
+        .iter()
+        .map(|op| {
+            (
+                METRICS.fuse_ops.with_label_values(&[op]),
+                METRICS.fuse_seconds.with_label_values(&[op]),
+            )
+        })
+        .collect()
+});
+
+/// One FUSE operation being served: counted when it starts, its latency recorded when dropped
+/// (for a reply sent from a task, move it into the task).
+#[derive(Debug)]
+pub struct FuseOp {
+    histogram: &'static Histogram,
+    started: Instant,
+}
+
+impl FuseOp {
+    /// Starts `op`, one of [`FUSE_OPS`] (others are counted as `other`).
+    pub fn start(op: &str) -> Self {
+        let metrics = &*FUSE_OP_METRICS;
+        let index = FUSE_OPS.iter().position(|o| *o == op);
+        let (counter, histogram) = match index {
+            Some(i) => (&metrics[i].0, &metrics[i].1),
+            None => {
+                static OTHER: LazyLock<(IntCounter, Histogram)> = LazyLock::new(|| {
+                    (
+                        METRICS.fuse_ops.with_label_values(&["other"]),
+                        METRICS.fuse_seconds.with_label_values(&["other"]),
+                    )
+                });
+                (&OTHER.0, &OTHER.1)
+            }
+        };
+        counter.inc();
+        Self {
+            histogram,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for FuseOp {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}
 
 /// The metrics in Prometheus text format.
 pub fn render() -> String {
@@ -176,6 +280,24 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("lazysnap_verify_failures_total"), "{text}");
+    }
+
+    #[test]
+    fn a_fuse_op_is_counted_and_timed() {
+        let count = || METRICS.fuse_ops.with_label_values(&["statfs"]).get();
+        let timed = || {
+            METRICS
+                .fuse_seconds
+                .with_label_values(&["statfs"])
+                .get_sample_count()
+        };
+        let (c, t) = (count(), timed());
+        let op = FuseOp::start("statfs");
+        assert_eq!((count(), timed()), (c + 1, t), "counted at the start");
+        drop(op);
+        assert_eq!(timed(), t + 1, "timed when done");
+        drop(FuseOp::start("no-such-op"));
+        assert!(METRICS.fuse_ops.with_label_values(&["other"]).get() >= 1);
     }
 
     #[tokio::test]

@@ -129,7 +129,9 @@ impl Drop for MountProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+        if mounted(&self.target) {
+            let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+        }
     }
 }
 
@@ -226,6 +228,29 @@ fn mounted_images_equal_umoci_unpack_in_both_formats_and_plain_gzip() -> Result<
     Ok(())
 }
 
+/// The registry's stored blob of `reference`'s first layer, and its TOC read from that file (not
+/// through the code under test's fetch path).
+fn registry_toc(
+    registry: &TestRegistry,
+    reference: &str,
+) -> Result<(PathBuf, lazysnap::format::Toc)> {
+    let out = image::run(Command::new(BIN).args(["inspect", "--json", reference]))?;
+    let info: serde_json::Value = serde_json::from_slice(&out)?;
+    let layer = &info["layers"][0];
+    let digest: lazysnap::oci::Digest = layer["digest"].as_str().context("digest")?.parse()?;
+    let path = registry.blob_data_path(&digest);
+    let annotations = layer["annotations"]
+        .as_object()
+        .context("annotations")?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let media_type = layer["media_type"].as_str().context("media type")?;
+    let (_, toc) =
+        lazysnap::format::read_toc(std::fs::File::open(&path)?, media_type, &annotations)?;
+    Ok((path, toc))
+}
+
 /// Converts the sample image into the registry and returns its reference and the blob path of
 /// its first layer in the registry's storage.
 fn lazy_sample(
@@ -233,34 +258,24 @@ fn lazy_sample(
     work: &Path,
     name: &str,
 ) -> Result<(String, PathBuf, lazysnap::format::Toc)> {
+    lazy_sample_as(registry, work, name, "zstd-chunked")
+}
+
+/// [`lazy_sample`] in `format` (`zstd-chunked` or `estargz`).
+fn lazy_sample_as(
+    registry: &TestRegistry,
+    work: &Path,
+    name: &str,
+    format: &str,
+) -> Result<(String, PathBuf, lazysnap::format::Toc)> {
     let layout = sample_layout(&work.join(format!("src-{name}")))?;
     let reference = format!("{}/sample/{name}:v1", registry.addr);
     convert(
         &format!("oci:{}:src", layout.dir.display()),
         &reference,
-        "zstd-chunked",
+        format,
     )?;
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(work.join(format!("src-{name}/index.json")))?)?;
-    let _ = index;
-    let out = image::run(Command::new(BIN).args(["inspect", "--json", &reference]))?;
-    let info: serde_json::Value = serde_json::from_slice(&out)?;
-    let digest: lazysnap::oci::Digest = info["layers"][0]["digest"]
-        .as_str()
-        .context("digest")?
-        .parse()?;
-    let path = registry.blob_data_path(&digest);
-    let annotations = info["layers"][0]["annotations"]
-        .as_object()
-        .context("annotations")?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-        .collect();
-    let (_, toc) = lazysnap::format::read_toc(
-        std::fs::File::open(&path)?,
-        lazysnap::format::MEDIA_TYPE_ZSTD,
-        &annotations,
-    )?;
+    let (path, toc) = registry_toc(registry, &reference)?;
     Ok((reference, path, toc))
 }
 
@@ -548,5 +563,386 @@ async fn a_tiny_disk_budget_evicts_but_keeps_a_complete_layer_while_mounted() ->
         "a complete, mounted layer is kept whole: {usage:?}"
     );
     m2.unmount()?;
+    Ok(())
+}
+
+/// Bytes no compressor shrinks, from a seed (so two files never share a chunk).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_estargz_prefetch_set_is_fetched_at_mount_in_one_request() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    // The start-up files, the landmark, then a large file and a late file: tar order is blob
+    // order, so the late file lies far beyond anything a prefetch request could take along.
+    let files = [
+        ("startup/a", noise(40_000, 1)),
+        ("startup/b", noise(90_000, 2)),
+        ("filler", noise(1 << 20, 3)),
+        ("late/c", noise(30_000, 4)),
+    ];
+    let data_dir = work.path().join("data");
+    std::fs::create_dir_all(&data_dir)?;
+    let mut body = String::new();
+    for (i, (name, data)) in files.iter().enumerate() {
+        let path = data_dir.join(i.to_string());
+        std::fs::write(&path, data)?;
+        body.push_str(&format!(
+            "add({name:?}, data=open({:?}, 'rb').read())\n",
+            path.display().to_string()
+        ));
+        if i == 1 {
+            body.push_str("add('.prefetch.landmark', data=bytes([0xf]))\n");
+        }
+    }
+    let tar = image::python_tar(&body)?;
+    let layout = LayoutBuilder::new(&work.path().join("src"))?;
+    let desc = layout.image(&[tar], "amd64")?;
+    layout.tags(&[("src", desc)])?;
+    let reference = format!("{}/sample/prefetch:v1", registry.addr);
+    convert(
+        &format!("oci:{}:src", layout.dir.display()),
+        &reference,
+        "estargz",
+    )?;
+    // The converter must keep the landmark where the source tar had it.
+    let (_, toc) = registry_toc(&registry, &reference)?;
+    ensure!(
+        toc.prefetch == ["startup/a", "startup/b"],
+        "prefetch set from the converted TOC: {:?}",
+        toc.prefetch
+    );
+
+    let target = work.path().join("mnt");
+    let mut mounted = mount_in_process(&reference, &work.path().join("root"), &target).await?;
+    ensure!(
+        mount::wait_background(&mut mounted, Duration::from_secs(30)).await,
+        "prefetch finished"
+    );
+    let fetcher = mounted.fetchers().next().context("a lazy layer")?;
+    let stats = fetcher.stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let prefetched = load(&stats.prefetch_bytes);
+    ensure!(
+        prefetched >= 130_000,
+        "the start-up files were fetched at mount: {prefetched} bytes"
+    );
+    ensure!(
+        prefetched < 1 << 20,
+        "and not the file after the landmark: {prefetched} bytes"
+    );
+    assert_eq!(load(&stats.prefetch_requests), 1, "in one request");
+    assert_eq!(load(&stats.on_demand_bytes), 0, "nothing read yet");
+
+    for (name, data) in &files[..2] {
+        assert_eq!(&read_in_thread(target.join(name)).await?, data, "{name}");
+    }
+    assert_eq!(
+        load(&stats.on_demand_requests),
+        0,
+        "prefetched files are read from the cache"
+    );
+    assert_eq!(read_in_thread(target.join("late/c")).await?, files[3].1);
+    ensure!(
+        load(&stats.on_demand_bytes) > 0 && load(&stats.on_demand_requests) >= 1,
+        "a file after the landmark is fetched when read"
+    );
+    mounted.unmount()?;
+    assert!(mounts_below(work.path()).is_empty());
+    Ok(())
+}
+
+/// The file system type mounted at `path`, if any (the last mount there, the visible one).
+fn fstype_at(path: &Path) -> Option<String> {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .filter(|l| l.split(' ').nth(4) == Some(&*wanted))
+        .filter_map(|l| {
+            let (_, after) = l.split_once(" - ")?;
+            after.split(' ').next().map(str::to_owned)
+        })
+        .next()
+}
+
+/// Every process descending from `pid` (children found through `/proc/*/stat`).
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`: comm may hold spaces, so parse after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for &(child, parent) in &parents {
+            if parent == p && !out.contains(&child) {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Mounts the sample image with the real binary, waits for the overlay, sends `signal`, and
+/// checks the promise: exit status 0, no mount left under the root or at the mount point, no
+/// process left behind. With `hold_open`, a reader keeps a file open across the signal.
+fn signal_stops_the_mount_cleanly(signal: nix::sys::signal::Signal, hold_open: bool) -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, _, _) = lazy_sample(&registry, work.path(), "signal")?;
+    let root = work.path().join("root");
+    let target = work.path().join("mnt");
+    let mut process = MountProcess::start(&root, &reference, &target, &[])?;
+    let start = Instant::now();
+    while fstype_at(&target).as_deref() != Some("overlay") {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} is {:?}, not an overlay",
+            target.display(),
+            fstype_at(&target)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        mounts_below(&root).iter().any(|m| m.contains("layer-")),
+        "layer file systems are mounted under the root: {:?}",
+        mounts_below(&root)
+    );
+    let held = if hold_open {
+        let mut f = std::fs::File::open(target.join("usr/bin/tool"))?;
+        let mut head = [0u8; 16];
+        std::io::Read::read_exact(&mut f, &mut head)?;
+        Some(f)
+    } else {
+        None
+    };
+    let pid = process.child.id();
+    let children = descendants(pid);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = process.child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "still running 20 s after {signal}: {}",
+            process.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    ensure!(
+        status.code() == Some(0),
+        "{signal}: exit status {status}: {}",
+        process.log()
+    );
+    let left: Vec<String> = mounts_below(&root)
+        .into_iter()
+        .chain(mounts_below(&target))
+        .collect();
+    ensure!(left.is_empty(), "{signal}: still mounted: {left:?}");
+    let alive: Vec<u32> = children
+        .into_iter()
+        .filter(|c| Path::new(&format!("/proc/{c}")).exists())
+        .collect();
+    ensure!(alive.is_empty(), "{signal}: processes left: {alive:?}");
+    ensure!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the mount process is gone"
+    );
+    drop(held);
+    ensure!(
+        process.log().contains("unmounted"),
+        "{signal}: {}",
+        process.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_unmounts_everything_and_exits_0() -> Result<()> {
+    signal_stops_the_mount_cleanly(nix::sys::signal::Signal::SIGTERM, false)
+}
+
+#[test]
+fn sigint_unmounts_everything_and_exits_0() -> Result<()> {
+    signal_stops_the_mount_cleanly(nix::sys::signal::Signal::SIGINT, false)
+}
+
+#[test]
+fn sigterm_with_a_file_held_open_still_exits_0_and_leaves_no_mount() -> Result<()> {
+    signal_stops_the_mount_cleanly(nix::sys::signal::Signal::SIGTERM, true)
+}
+
+/// The sum of the series of metric `name` (a family, or one series with its labels) scraped from
+/// a mount process's `/metrics` endpoint.
+fn scrape(addr: &str, name: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Polls `done` every 50 ms for up to `limit`.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while !done()? {
+        ensure!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn complete_files_are_read_through_passthrough_without_fuse_reads() -> Result<()> {
+    passthrough_serves_complete_files("zstd-chunked")
+}
+
+#[test]
+fn complete_estargz_files_are_read_through_passthrough_too() -> Result<()> {
+    passthrough_serves_complete_files("estargz")
+}
+
+fn passthrough_serves_complete_files(format: &str) -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = Cleanup(work.path().to_owned());
+    let (reference, _, toc) = lazy_sample_as(&registry, work.path(), "passthrough", format)?;
+    let tool_entry = toc
+        .entries
+        .iter()
+        .find(|e| e.name == "usr/bin/tool")
+        .context("tool")?;
+    ensure!(tool_entry.chunks.len() > 1, "the tool spans several chunks");
+    let oracle = tempfile::tempdir()?;
+    image::sample_tree(oracle.path(), 1)?;
+    let want_tool = std::fs::read(oracle.path().join("usr/bin/tool"))?;
+
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.to_string()
+    };
+    let target = work.path().join("mnt");
+    let process = MountProcess::start(
+        &work.path().join("root"),
+        &reference,
+        &target,
+        &["--metrics-addr", &addr],
+    )?;
+    let reads = || scrape(&addr, "lazysnap_fuse_operations_total{op=\"read\"}");
+    let passthrough_opens = || scrape(&addr, "lazysnap_fuse_passthrough_opens_total");
+    let tool = target.join("usr/bin/tool");
+
+    // A first open is a plain FUSE open: its reads reach the daemon (the counter works).
+    let mut held = std::fs::File::open(&tool)?;
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(&mut held, &mut head)?;
+    assert_eq!(head[..], want_tool[..16]);
+    ensure!(reads()? >= 1.0, "a plain read is counted");
+
+    // While that handle is open the file must stay a plain FUSE file (the kernel refuses to mix
+    // the two kinds on one inode): further opens through the other name of this hard-linked
+    // inode succeed and read right, and the file is prepared for later meanwhile.
+    wait_until(
+        Duration::from_secs(60),
+        "tool prepared for passthrough",
+        || {
+            let mut other = std::fs::File::open(target.join("usr/bin/tool.hard"))?;
+            std::io::Read::read_exact(&mut other, &mut head)?;
+            assert_eq!(head[..], want_tool[..16]);
+            Ok(scrape(&addr, "lazysnap_passthrough_files_total")? >= 1.0)
+        },
+    )?;
+    assert_eq!(
+        passthrough_opens()?,
+        0.0,
+        "no passthrough while a plain handle is open"
+    );
+    drop(held);
+
+    // Now every handle is closed: a new open is a passthrough open, and two of them share the
+    // backing file. Reading the whole file (most of it never cached) costs the daemon no READ.
+    let before = reads()?;
+    let mut first = std::fs::File::open(&tool)?;
+    let mut second = std::fs::File::open(target.join("usr/bin/tool.hard"))?;
+    ensure!(
+        passthrough_opens()? >= 2.0,
+        "opens of a complete file use passthrough: {}",
+        process.log()
+    );
+    for f in [&mut first, &mut second] {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(f, &mut data)?;
+        ensure!(data == want_tool, "passthrough content equals the source");
+    }
+    assert_eq!(
+        reads()?,
+        before,
+        "the daemon saw no READ for passthrough reads"
+    );
+    drop((first, second));
+
+    // Memory-mapped reads (how binaries and libraries are loaded) work on a passthrough file.
+    let opens = passthrough_opens()?;
+    let script = "import hashlib, mmap, sys\nf = open(sys.argv[1], 'rb')\nm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\nprint(hashlib.sha256(m).hexdigest())";
+    let out = image::run(Command::new("python3").args(["-c", script]).arg(&tool))?;
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        image::sha256_hex(&want_tool)
+    );
+    ensure!(
+        passthrough_opens()? > opens,
+        "the mapped file was opened with passthrough"
+    );
+    assert_eq!(reads()?, before, "mapped pages came from the backing file");
+
+    // A one-chunk file is served straight from its verified chunk file.
+    let hostname = target.join("etc/hostname");
+    assert_eq!(std::fs::read(&hostname)?, b"host1\n");
+    let opens = passthrough_opens()?;
+    wait_until(Duration::from_secs(30), "hostname by passthrough", || {
+        drop(std::fs::File::open(&hostname)?);
+        Ok(passthrough_opens()? > opens)
+    })?;
+    assert_eq!(std::fs::read(&hostname)?, b"host1\n");
+    process.stop()?;
     Ok(())
 }

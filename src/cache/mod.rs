@@ -5,13 +5,17 @@
 //!
 //! Owns: what is stored locally and when it may be evicted. Does not own: fetching (`fetch`) or
 //! verification of new bytes (callers put only verified chunks; disk reads are re-checked, so a
-//! chunk damaged on disk is dropped, never served).
+//! chunk damaged on disk is dropped, never served). Whole files offered to the kernel for FUSE
+//! passthrough live in the same store and are checked whole once per process (`files`).
 //!
-//! Lock order: `state` before `memory`; neither is held across file I/O.
+//! Lock order: `state` before `memory`; `checked` is taken alone; none is held across file I/O.
 
+mod files;
 mod meta;
 
-use std::collections::HashMap;
+pub use files::FilePart;
+
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -94,6 +98,8 @@ struct Inner {
     meta: Meta,
     state: Mutex<State>,
     memory: Mutex<Memory>,
+    /// Stored blobs this process has hashed whole and may offer for passthrough (`files`).
+    checked: Mutex<HashSet<Digest>>,
 }
 
 /// The chunk cache. Cheap to clone; safe to share between threads and tasks.
@@ -183,6 +189,7 @@ impl ChunkCache {
                 meta,
                 state: Mutex::new(state),
                 memory: Mutex::new(memory),
+                checked: Mutex::new(HashSet::new()),
             }),
         };
         cache.evict()?;
@@ -401,6 +408,7 @@ impl ChunkCache {
                 memory.bytes -= data.len() as u64;
             }
         }
+        lock(&self.inner.checked).remove(digest);
         self.inner.meta.delete_chunk(digest)
     }
 

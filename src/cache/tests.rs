@@ -211,3 +211,83 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_file_is_assembled_from_verified_chunks_counted_and_evictable() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache(dir.path(), 0, 0);
+    let (d1, a) = chunk(10, 3000);
+    let (d2, b) = chunk(11, 2000);
+    c.put(&d1, a.clone()).unwrap();
+    c.put(&d2, b.clone()).unwrap();
+    let mut whole = a.to_vec();
+    whole.extend_from_slice(&[0u8; 500]);
+    whole.extend_from_slice(&b);
+    let file = Digest::of(&whole);
+    let parts = [
+        FilePart::Chunk {
+            digest: d1,
+            size: 3000,
+        },
+        FilePart::Zeros(500),
+        FilePart::Chunk {
+            digest: d2,
+            size: 2000,
+        },
+    ];
+    assert!(c.open_checked(&file).is_none(), "nothing before assembly");
+    assert!(c.assemble(&file, &parts).unwrap());
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut c.open_checked(&file).unwrap(), &mut got).unwrap();
+    assert_eq!(got, whole);
+    assert_eq!(
+        c.usage().disk_bytes,
+        5000 + 5500,
+        "counted in the disk budget"
+    );
+
+    // Bytes that do not hash to the digest asked for are never stored or offered.
+    let wrong = Digest::of(b"another file");
+    assert!(!c.assemble(&wrong, &parts).unwrap());
+    assert!(c.open_checked(&wrong).is_none());
+    assert_eq!(c.usage().disk_bytes, 10_500);
+
+    // A later process re-hashes before offering; a file damaged on disk is dropped.
+    drop(c);
+    let c = cache(dir.path(), 0, 0);
+    assert!(
+        c.open_checked(&file).is_none(),
+        "not offered before a check"
+    );
+    let path = chunk_path(&dir.path().join("chunks"), &file);
+    let mut damaged = whole.clone();
+    damaged[10] ^= 1;
+    std::fs::write(&path, &damaged).unwrap();
+    assert!(!c.check_file(&file).unwrap());
+    assert!(c.open_checked(&file).is_none());
+    assert!(!path.exists());
+    assert!(c.assemble(&file, &parts).unwrap(), "reassembled");
+
+    // Evicted like a chunk under a budget.
+    drop(c);
+    let c = cache(dir.path(), 4000, 0);
+    assert!(c.usage().disk_bytes <= 4000);
+}
+
+#[test]
+fn a_missing_chunk_means_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache(dir.path(), 0, 0);
+    let (d, data) = chunk(12, 100);
+    let parts = [FilePart::Chunk {
+        digest: d,
+        size: 100,
+    }];
+    assert!(!c.assemble(&d, &parts).unwrap());
+    c.put(&d, data).unwrap();
+    assert!(
+        c.assemble(&d, &parts).unwrap(),
+        "a one-chunk file is its chunk"
+    );
+    assert_eq!(c.usage().disk_chunks, 1);
+}

@@ -8,9 +8,10 @@
 //! one whole-blob read that is checked against the manifest digest at its end.
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
+mod local;
 mod plan;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::io::AsyncReadExt;
 
 use crate::cache::ChunkCache;
-use crate::format::{self, Chunk, LayerFormat, LazyLayer, Toc};
+use crate::format::{self, Chunk, LayerFormat, LazyLayer, Toc, TocEntry};
 use crate::fs::{ChunkError, ChunkSource};
 use crate::metrics::METRICS;
 use crate::oci::{Digest, Reference};
@@ -73,6 +74,12 @@ where
     format::parse_toc(lazy, position, &raw).map_err(|e| fail(e.to_string()))
 }
 
+/// Layers streamed in the background at once, process-wide. Each holds a read block and up to
+/// one compressed chunk in memory, so a limit keeps memory independent of how many layers are
+/// mounted; more streams at once would not fetch the whole any sooner over one link.
+static BACKGROUND_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(2));
+
 /// Fetch tuning.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
@@ -109,7 +116,10 @@ pub struct FetchStats {
     pub on_demand_bytes: AtomicU64,
     pub prefetch_bytes: AtomicU64,
     pub background_bytes: AtomicU64,
+    /// Registry requests of every kind, and of the two kinds that are range reads.
     pub requests: AtomicU64,
+    pub on_demand_requests: AtomicU64,
+    pub prefetch_requests: AtomicU64,
     pub cache_hits: AtomicU64,
     pub verify_failures: AtomicU64,
 }
@@ -162,6 +172,13 @@ struct Inner {
     /// On-demand requests under way; background completion pauses while there are any.
     busy: AtomicU64,
     stats: FetchStats,
+    /// Where passthrough files are prepared; none outside a runtime (no passthrough then).
+    runtime: Option<tokio::runtime::Handle>,
+    /// Whole files being prepared for passthrough, by content digest.
+    preparing: Mutex<HashSet<Digest>>,
+    /// Whole files that could not be made from their chunks; not tried again.
+    refused: Mutex<HashSet<Digest>>,
+    prepare_slots: tokio::sync::Semaphore,
     /// Frames (by blob offset) that reads asked for: what an ideal fetcher must transfer.
     needed: Mutex<NeededFrames>,
 }
@@ -169,7 +186,7 @@ struct Inner {
 /// The distinct compressed frames reads needed, and their total size.
 #[derive(Debug, Default)]
 struct NeededFrames {
-    starts: std::collections::HashSet<u64>,
+    starts: HashSet<u64>,
     bytes: u64,
 }
 
@@ -218,6 +235,10 @@ impl LayerFetcher {
                 inflight: Mutex::new(HashMap::new()),
                 busy: AtomicU64::new(0),
                 stats: FetchStats::default(),
+                runtime: tokio::runtime::Handle::try_current().ok(),
+                preparing: Mutex::new(HashSet::new()),
+                refused: Mutex::new(HashSet::new()),
+                prepare_slots: tokio::sync::Semaphore::new(1),
                 needed: Mutex::default(),
             }),
         }
@@ -288,12 +309,20 @@ impl LayerFetcher {
             layer: inner.blob.short(),
             message,
         };
+        let _slot = BACKGROUND_SLOTS
+            .acquire()
+            .await
+            .map_err(|e| fail(format!("background slot: {e}")))?;
         let mut reader = inner
             .client
             .blob_reader(&inner.reference, &inner.blob)
             .await
             .map_err(|e| fail(e.to_string()))?;
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+        METRICS
+            .fetch_requests
+            .with_label_values(&["background"])
+            .inc();
         let mut pos = 0u64;
         let mut buf: Vec<u8> = Vec::new(); // bytes from `buf_start`
         let mut buf_start = 0u64;
@@ -314,6 +343,7 @@ impl LayerFetcher {
                 .stats
                 .background_bytes
                 .fetch_add(n as u64, Ordering::Relaxed);
+            inner.record("background", n as u64);
             buf.extend_from_slice(&block[..n]);
             pos += n as u64;
             // Decode every chunk whose compressed range is now complete.
@@ -353,6 +383,10 @@ impl LayerFetcher {
                 inner.blob_size
             )));
         }
+        METRICS
+            .layer_complete
+            .with_label_values(&[&inner.blob.short()])
+            .set(1);
         tracing::info!(layer = %inner.blob.short(), "layer complete and verified against its manifest digest");
         Ok(())
     }
@@ -432,11 +466,15 @@ async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
             ))
         })?;
     inner.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let counter = match kind {
-        Kind::OnDemand => &inner.stats.on_demand_bytes,
-        Kind::Prefetch => &inner.stats.prefetch_bytes,
+    let (counter, requests) = match kind {
+        Kind::OnDemand => (
+            &inner.stats.on_demand_bytes,
+            &inner.stats.on_demand_requests,
+        ),
+        Kind::Prefetch => (&inner.stats.prefetch_bytes, &inner.stats.prefetch_requests),
     };
     counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    requests.fetch_add(1, Ordering::Relaxed);
     inner.record(kind.label(), bytes.len() as u64);
     let format = inner.format;
     let chunks = span.chunks.clone();
@@ -489,6 +527,10 @@ async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
 }
 
 impl ChunkSource for LayerFetcher {
+    fn local_file(&self, entry: &TocEntry) -> Option<std::fs::File> {
+        self.local_file_of(entry)
+    }
+
     fn read_chunk(&self, chunk: &Chunk) -> BoxFuture<'static, Result<Bytes, ChunkError>> {
         let this = self.clone();
         let chunk = chunk.clone();

@@ -4,19 +4,20 @@
 
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use super::inode::{InodeTable, Node, NodeKind};
+use super::passthrough::{Passthrough, FH_FUSE};
 use super::ChunkSource;
 use crate::format::{Chunk, Toc, TocEntry};
-use crate::metrics::METRICS;
+use crate::metrics::FuseOp;
 
 /// Entries and attributes never change while mounted.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -30,10 +31,7 @@ pub(super) struct LayerFs {
     pub(super) read_timeout: Duration,
     /// Names the layer in logs.
     pub(super) label: String,
-}
-
-fn count(op: &'static str) {
-    METRICS.fuse_ops.with_label_values(&[op]).inc();
+    pub(super) passthrough: Passthrough,
 }
 
 impl LayerFs {
@@ -127,7 +125,7 @@ fn covering(chunks: &[Chunk], start: u64, end: u64) -> &[Chunk] {
 
 impl Filesystem for LayerFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        count("lookup");
+        let _op = FuseOp::start("lookup");
         let found = name.to_str().and_then(|n| self.table.lookup(parent.0, n));
         match found.and_then(|ino| Some((ino, self.table.get(ino)?))) {
             Some((ino, node)) => reply.entry(&TTL, &self.attr(ino, node), Generation(0)),
@@ -136,7 +134,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        count("getattr");
+        let _op = FuseOp::start("getattr");
         match self.table.get(ino.0) {
             Some(node) => reply.attr(&TTL, &self.attr(ino.0, node)),
             None => reply.error(Errno::ENOENT),
@@ -144,7 +142,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        count("readlink");
+        let _op = FuseOp::start("readlink");
         match self
             .table
             .get(ino.0)
@@ -156,13 +154,37 @@ impl Filesystem for LayerFs {
         }
     }
 
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.passthrough.negotiate(config);
+        Ok(())
+    }
+
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        count("open");
+        let _op = FuseOp::start("open");
         match self.table.get(ino.0) {
             Some(n) if n.kind == NodeKind::Dir => reply.error(Errno::EISDIR),
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some(n) if n.kind == NodeKind::Reg => match self.entry_of(n) {
+                Some(entry) => self.passthrough.open(ino.0, entry, &*self.source, reply),
+                None => reply.opened(FH_FUSE, FopenFlags::FOPEN_KEEP_CACHE),
+            },
+            Some(_) => reply.opened(FH_FUSE, FopenFlags::FOPEN_KEEP_CACHE),
             None => reply.error(Errno::ENOENT),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _op = FuseOp::start("release");
+        self.passthrough.release(ino.0, fh);
+        reply.ok();
     }
 
     fn read(
@@ -176,7 +198,7 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        count("read");
+        let op = FuseOp::start("read");
         let Some(entry) = self
             .table
             .get(ino.0)
@@ -196,9 +218,9 @@ impl Filesystem for LayerFs {
         let timeout = self.read_timeout;
         let name = entry.name.clone();
         let label = self.label.clone();
-        let started = Instant::now();
         // Answered from a task: the FUSE thread goes straight back to the next request.
         self.runtime.spawn(async move {
+            let _op = op;
             let fetches = chunks.iter().map(|c| {
                 let source = source.clone();
                 let c = c.clone();
@@ -225,7 +247,6 @@ impl Filesystem for LayerFs {
                             }
                         }
                     }
-                    METRICS.fuse_seconds.with_label_values(&["read"]).observe(started.elapsed().as_secs_f64());
                     reply.data(&out);
                 }
                 Ok(Err(e)) => {
@@ -241,7 +262,7 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        count("opendir");
+        let _op = FuseOp::start("opendir");
         match self.table.get(ino.0) {
             Some(n) if n.kind == NodeKind::Dir => reply.opened(
                 FileHandle(0),
@@ -260,7 +281,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        count("readdir");
+        let _op = FuseOp::start("readdir");
         let Some(node) = self.table.get(ino.0).filter(|n| n.kind == NodeKind::Dir) else {
             reply.error(Errno::ENOTDIR);
             return;
@@ -287,7 +308,7 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        count("statfs");
+        let _op = FuseOp::start("statfs");
         let bytes: u64 = self.toc.entries.iter().map(|e| e.size).sum();
         reply.statfs(
             bytes.div_ceil(4096),
@@ -302,7 +323,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        count("getxattr");
+        let _op = FuseOp::start("getxattr");
         let Some(node) = self.table.get(ino.0) else {
             reply.error(Errno::ENOENT);
             return;
@@ -321,7 +342,7 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        count("listxattr");
+        let _op = FuseOp::start("listxattr");
         let Some(node) = self.table.get(ino.0) else {
             reply.error(Errno::ENOENT);
             return;
@@ -341,6 +362,7 @@ impl Filesystem for LayerFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _op = FuseOp::start("access");
         // `default_permissions` makes the kernel check modes itself.
         reply.ok();
     }

@@ -1,11 +1,13 @@
 //! The read-only FUSE file system of one layer, built from its TOC, and overlayfs composition.
 //!
 //! Owns: inodes, directory listings and attributes from the TOC, OCI whiteouts translated into
-//! overlayfs whiteouts (char 0:0) and opaque directories (`trusted.overlay.opaque`), mounting and
-//! unmounting. Does not own: where file content comes from; it asks a [`ChunkSource`].
+//! overlayfs whiteouts (char 0:0) and opaque directories (`trusted.overlay.opaque`), which opens
+//! use FUSE passthrough, mounting and unmounting. Does not own: where file content comes from; it
+//! asks a [`ChunkSource`] (for chunks, and for a local copy of a file to pass through).
 
 mod inode;
 mod layer;
+mod passthrough;
 pub mod unpack;
 
 pub use inode::{InodeTable, NodeKind};
@@ -17,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
-use crate::format::{Chunk, Toc};
+use crate::format::{Chunk, Toc, TocEntry};
 
 /// Errors name the mount point concerned.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,13 @@ pub struct ChunkError(pub String);
 pub trait ChunkSource: Send + Sync + 'static {
     /// The uncompressed, verified bytes of `chunk` (one of the TOC's chunks).
     fn read_chunk(&self, chunk: &Chunk) -> BoxFuture<'static, Result<Bytes, ChunkError>>;
+
+    /// A local file holding exactly the verified content of `entry`, ready now, for the kernel
+    /// to read directly (FUSE passthrough). Called on open, so it must be cheap and must never
+    /// fetch: an implementation may start preparing the file and offer it to a later open.
+    fn local_file(&self, _entry: &TocEntry) -> Option<std::fs::File> {
+        None
+    }
 }
 
 /// How to mount a layer.
@@ -117,6 +126,27 @@ fn detach(path: &Path) {
     let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
 }
 
+/// Allocations at least this large are given back to the system when freed.
+const MMAP_THRESHOLD: i32 = 256 << 10;
+
+/// Stops glibc from keeping freed chunk-sized buffers. A process serving layers allocates and
+/// frees megabyte buffers (chunks, range responses) from many threads; glibc's default raises its
+/// mmap threshold to the largest size freed so far, after which such buffers come from per-thread
+/// arenas and stay resident once freed (measured: 45 of 83 MiB RSS serving 10 layers). A fixed
+/// threshold maps them instead, and returns them when freed. Process-wide, set once, harmless
+/// elsewhere; the cost is a page fault per page of each large buffer.
+fn limit_allocator_retention() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: mallopt only changes glibc's allocator parameters, under its own lock; any
+        // thread may call it at any time, and it takes no pointers.
+        let ok = unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+        if ok != 1 {
+            tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; freed buffers may stay resident");
+        }
+    });
+}
+
 /// Mounts the layer `toc` describes at `mountpoint`. Reads of file content are answered from
 /// `source` on `runtime` without blocking the FUSE loop.
 pub fn mount_layer(
@@ -126,6 +156,7 @@ pub fn mount_layer(
     mountpoint: &Path,
     options: &MountOptions,
 ) -> Result<LayerMount, FsError> {
+    limit_allocator_retention();
     let label = mountpoint
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -136,6 +167,7 @@ pub fn mount_layer(
         runtime,
         read_timeout: options.read_timeout,
         label,
+        passthrough: passthrough::Passthrough::new(),
     };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
