@@ -53,7 +53,10 @@ impl Root {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.arg("--root").arg(self.path()).arg("run").args(args);
+        c.arg("--root")
+            .arg(self.path())
+            .args(["run", "--no-lazysnapd"])
+            .args(args);
         c.stdin(Stdio::null());
         c
     }
@@ -445,4 +448,140 @@ fn python_starts_before_the_image_is_downloaded() -> Result<()> {
         .as_str()
         .is_some_and(|d| d.starts_with("sha256:")));
     root.assert_clean()
+}
+
+/// A lazysnapd of the test's own (`--root`, `--address` in a temp dir); stopped by SIGTERM and
+/// `lazysnapd --cleanup` (which also stops its layer host and unmounts every layer) on drop.
+struct Lazysnapd {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Lazysnapd {
+    fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("lazysnapd.sock");
+        let log = std::fs::File::create(dir.path().join("lazysnapd.log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_lazysnapd"))
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--address")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let mut me = Self { child, dir, socket };
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&me.socket).is_err() {
+            if me.child.try_wait()?.is_some() || start.elapsed() > Duration::from_secs(30) {
+                bail!("lazysnapd did not start: {}", me.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(me)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("lazysnapd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Lazysnapd {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+        let _ = Command::new(env!("CARGO_BIN_EXE_lazysnapd"))
+            .arg("--root")
+            .arg(self.dir.path().join("root"))
+            .arg("--cleanup")
+            .output();
+    }
+}
+
+#[test]
+fn with_lazysnapd_listening_the_root_comes_from_its_snapshots() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let lazy = busybox(&registry, work.path())?;
+    let layout = fixture(
+        "busybox-image.sh",
+        &[work.path().join("bb").to_str().context("path")?, "v1"],
+    )?;
+    let plain = format!("{}/bb/plain:v1", registry.addr);
+    fixture("push-layout.sh", &[&layout, &plain])?;
+    let daemon = Lazysnapd::start()?;
+    let root = Root::new()?;
+    let socket = daemon.socket.to_str().context("path")?;
+    let report = work.path().join("report.json");
+    let run = |args: &[&str]| -> Result<Output> {
+        let out = Command::new(BIN)
+            .arg("--root")
+            .arg(root.path())
+            .args(["run", "--lazysnapd", socket, "--report"])
+            .arg(&report)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        eprintln!("lazysnap run {args:?}: {}\n{}", out.status, stderr(&out));
+        Ok(out)
+    };
+    let modes = || -> Result<Vec<String>> {
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+        ensure!(
+            r["served_by"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("lazysnapd at")),
+            "{r}"
+        );
+        Ok(r["layers"]
+            .as_array()
+            .context("layers")?
+            .iter()
+            .map(|l| l["mode"].as_str().unwrap_or_default().to_owned())
+            .collect())
+    };
+
+    // A lazy image: lazysnapd mounts its layer lazily (the remote handshake); a write lands in
+    // the container's own snapshot only.
+    let out = run(&[
+        &lazy,
+        "sh",
+        "-c",
+        "echo scratch > /etc/new; cat /etc/group | head -n1",
+    ])?;
+    ensure!(
+        stdout(&out) == "root:x:0:\n",
+        "{}\n{}",
+        stderr(&out),
+        daemon.log()
+    );
+    ensure!(modes()? == ["lazy"], "{:?}", modes()?);
+    // The next container reuses the committed layer snapshot, and sees none of the write.
+    let out = run(&[&lazy, "sh", "-c", "test ! -e /etc/new && echo clean"])?;
+    ensure!(stdout(&out) == "clean\n", "{}", stderr(&out));
+    ensure!(modes()? == ["snapshot"], "{:?}", modes()?);
+
+    // A plain image: lazysnapd hands back an empty snapshot, run unpacks the verified layer.
+    let out = run(&[&plain])?;
+    ensure!(
+        stdout(&out) == "hello\n",
+        "{}\n{}",
+        stderr(&out),
+        daemon.log()
+    );
+    ensure!(modes()? == ["unpacked"], "{:?}", modes()?);
+
+    // Failures still exit 125 and leave nothing.
+    let out = run(&["-u", "ghost", &lazy])?;
+    ensure!(out.status.code() == Some(125), "{}", stderr(&out));
+    root.assert_clean()?;
+    // The container snapshots are gone from lazysnapd: only layers stay, under its root.
+    let active: Vec<_> = mounts_below(daemon.dir.path())
+        .into_iter()
+        .filter(|m| m.contains("lazysnap-run"))
+        .collect();
+    ensure!(active.is_empty(), "{active:?}");
+    Ok(())
 }

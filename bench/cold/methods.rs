@@ -96,7 +96,14 @@ pub fn lazysnap_run(lazysnap: &Path, root: &Path, reference: &str, w: &Workload)
     let mut cmd = Command::new(lazysnap);
     cmd.arg("--root")
         .arg(root)
-        .args(["run", "--net", "none", "--no-background-fetch", "--report"])
+        .args([
+            "run",
+            "--no-lazysnapd",
+            "--net",
+            "none",
+            "--no-background-fetch",
+            "--report",
+        ])
         .arg(&report)
         .arg(reference)
         .args(&w.command);

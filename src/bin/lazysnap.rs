@@ -128,6 +128,13 @@ struct RunArgs {
     /// The runc binary.
     #[arg(long, default_value = "runc")]
     runc: std::path::PathBuf,
+    /// lazysnapd's socket: when it listens, the container's root comes from its snapshots (the
+    /// node's shared cache); otherwise the image is mounted in this process under --root.
+    #[arg(long, value_name = "SOCK", default_value = launcher::daemon::DEFAULT_SOCKET)]
+    lazysnapd: std::path::PathBuf,
+    /// Never ask lazysnapd; always mount in this process.
+    #[arg(long, conflicts_with = "lazysnapd")]
+    no_lazysnapd: bool,
     reference: Reference,
     /// Command and arguments, replacing the image's Cmd.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -330,6 +337,7 @@ async fn run_container(
             NetArg::None => Network::None,
         },
         keep: args.keep,
+        lazysnapd: (!args.no_lazysnapd).then_some(args.lazysnapd),
         runc: launcher::runc::Runc {
             binary: args.runc,
             ..Default::default()
@@ -337,45 +345,49 @@ async fn run_container(
     };
     let reference = args.reference;
     let mut on_stage = |stage: Stage<'_>| match stage {
-        Stage::Mounted { mount } => {
-            eprintln!("lazysnap: {reference}@{}", mount.manifest_digest);
-            let total: u64 = mount.layer_info.iter().map(|l| l.size).sum();
+        Stage::Mounted {
+            digest,
+            layers,
+            seconds,
+            served_by,
+        } => {
+            eprintln!("lazysnap: {reference}@{digest}");
+            let total: u64 = layers.iter().map(|l| l.size).sum();
             eprintln!(
-                "lazysnap: mounted {} layers ({}) in {:.0} ms",
-                mount.layer_info.len(),
+                "lazysnap: {} layers ({}) ready in {:.0} ms, {served_by}",
+                layers.len(),
                 human(total),
-                mount.seconds * 1000.0
+                seconds * 1000.0
             );
-            for l in &mount.layer_info {
-                let how = if l.mode == "unpacked" {
-                    "unpacked"
-                } else {
-                    "lazy"
-                };
+            for l in layers {
                 eprintln!(
-                    "lazysnap:   {} {:>10} {:<8} {:<13} {:>6.0} ms",
+                    "lazysnap:   {} {:>10} {:<13} {:>6.0} ms",
                     l.digest.short(),
                     human(l.size),
-                    how,
                     l.mode,
                     l.seconds * 1000.0
                 );
             }
         }
         Stage::Started { seconds, fetched } => eprintln!(
-            "lazysnap: first exec after {:.0} ms, {} fetched",
+            "lazysnap: first exec after {:.0} ms{}",
             seconds * 1000.0,
-            human(fetched)
+            fetched.map_or_else(String::new, |f| format!(", {} fetched", human(f)))
         ),
     };
     match launcher::run(&reference, &options, &mut on_stage).await {
         Ok(report) => {
             eprintln!(
-                "lazysnap: exit {} after {:.2} s, {} of {} fetched",
+                "lazysnap: exit {} after {:.2} s, {}",
                 report.exit_code,
                 report.total_seconds,
-                human(report.fetched_at_exit),
-                human(report.image_bytes)
+                match report.fetched_at_exit {
+                    Some(f) => format!("{} of {} fetched", human(f), human(report.image_bytes)),
+                    None => format!(
+                        "{} image (lazysnapd counts what it fetched)",
+                        human(report.image_bytes)
+                    ),
+                }
             );
             if let Some(path) = &args.report {
                 let written = serde_json::to_vec_pretty(&report)

@@ -362,7 +362,7 @@ fn release_stale_pins(cache: &ChunkCache, run: &Path) {
 }
 
 /// The manifest (chosen for `platform` from an index) and config of `reference`.
-async fn resolve(
+pub(crate) async fn resolve(
     client: &Client,
     reference: &Reference,
     platform: &Platform,
@@ -528,12 +528,32 @@ async fn unpacked_layer(
             context: format!("creating a directory in {}", base.display()),
             error: e,
         })?;
+    fetch_and_unpack(client, reference, digest, diff_id, partial.path()).await?;
+    let kept = partial.keep();
+    std::fs::rename(&kept, &dir).map_err(|e| MountError::Io {
+        context: format!("moving the unpacked layer to {}", dir.display()),
+        error: e,
+    })?;
+    Ok(dir)
+}
+
+/// Fetches the plain layer `digest` whole, unpacks it into the empty directory `target`
+/// (without following any symlink in it), and checks the blob against `digest` and the
+/// uncompressed tar against `diff_id`. A mismatch is an error; `target` is then the caller's to
+/// remove.
+pub async fn fetch_and_unpack(
+    client: &Client,
+    reference: &Reference,
+    digest: &Digest,
+    diff_id: &Digest,
+    target: &Path,
+) -> Result<(), MountError> {
     let stored = client
         .blob_reader(reference, digest)
         .await
         .map_err(|e| layer_error(digest, e))?;
     let stored: Box<dyn std::io::Read + Send> = Box::new(tokio_util::io::SyncIoBridge::new(stored));
-    let target = partial.path().to_owned();
+    let target = target.to_owned();
     let expected = *diff_id;
     let label = *digest;
     tokio::task::spawn_blocking(move || -> Result<(), MountError> {
@@ -549,12 +569,7 @@ async fn unpacked_layer(
     })
     .await
     .map_err(|e| layer_error(digest, format!("unpack task failed: {e}")))??;
-    let kept = partial.keep();
-    std::fs::rename(&kept, &dir).map_err(|e| MountError::Io {
-        context: format!("moving the unpacked layer to {}", dir.display()),
-        error: e,
-    })?;
-    Ok(dir)
+    Ok(())
 }
 
 /// Waits up to `timeout` for every background fetch to finish (used by tests and benchmarks).

@@ -6,9 +6,11 @@
 //! signals to it, then delete the container, unmount, and remove its writable layer. Every exit
 //! path, failure included, goes through the same teardown.
 //!
-//! The image is mounted in-process (`mount`); the node service will offer the same snapshot
-//! over its socket so that the cache is shared with containerd's containers.
+//! Where the root comes from: when `lazysnapd` listens on its socket, from its snapshots (see
+//! `daemon`), so the node's cache and layer mounts are shared with containerd's containers;
+//! otherwise the image is mounted in this process (`mount`) under `--root`.
 
+pub mod daemon;
 pub mod runc;
 pub mod spec;
 pub mod user;
@@ -21,6 +23,7 @@ use serde::Serialize;
 use crate::fs::UpperDir;
 use crate::mount::{self, ImageMount, LayerInfo, MountConfig, MountError};
 use crate::oci::{Digest, Reference};
+use daemon::{Daemon, DaemonError, DaemonRoot};
 use runc::{Runc, RuncError};
 use spec::{ImageProcess, Network, Overrides, SpecError, SpecInput};
 use user::UserError;
@@ -39,6 +42,8 @@ pub enum RunError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Runtime(#[from] RuncError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
     #[error("container name {0:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit")]
     BadName(String),
     #[error("a container named {name:?} exists already ({dir})")]
@@ -67,12 +72,17 @@ pub struct RunOptions {
     /// Keep the writable layer and bundle after exit (mounts go regardless).
     pub keep: bool,
     pub runc: Runc,
+    /// lazysnapd's socket: used when something listens there, else the image is mounted
+    /// in-process. `None`: always in-process.
+    pub lazysnapd: Option<PathBuf>,
 }
 
 /// What happened, for the person debugging a slow start (and for benchmarks, as JSON).
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub reference: String,
+    /// `in-process`, or `lazysnapd at SOCKET`.
+    pub served_by: String,
     /// The resolved manifest digest: the only honest name of what ran.
     pub digest: Digest,
     pub container: String,
@@ -82,21 +92,30 @@ pub struct RunReport {
     pub mount_seconds: f64,
     /// From the start of `run` until the container's process was released to exec.
     pub first_exec_seconds: f64,
-    /// Bytes the lazy layers had fetched from the registry at first exec.
-    pub fetched_at_exec: u64,
+    /// Bytes the lazy layers had fetched from the registry at first exec (in-process only: with
+    /// lazysnapd, its metrics count them).
+    pub fetched_at_exec: Option<u64>,
     pub total_seconds: f64,
-    pub fetched_at_exit: u64,
+    pub fetched_at_exit: Option<u64>,
     /// Compressed bytes of the chunks the container's reads needed, cached or not: what an
     /// ideal lazy fetcher must transfer (the cold-start benchmark's oracle).
-    pub needed_bytes: u64,
+    pub needed_bytes: Option<u64>,
     pub exit_code: i32,
 }
 
 /// Stages reported while the container runs, so the launcher can print them as they happen.
 #[derive(Debug)]
 pub enum Stage<'a> {
-    Mounted { mount: &'a ImageMount },
-    Started { seconds: f64, fetched: u64 },
+    Mounted {
+        digest: Digest,
+        layers: &'a [LayerInfo],
+        seconds: f64,
+        served_by: &'a str,
+    },
+    Started {
+        seconds: f64,
+        fetched: Option<u64>,
+    },
 }
 
 /// Runs `reference` as a container and returns when its process has exited and everything is
@@ -123,8 +142,15 @@ pub async fn run(
     }
     runc::become_subreaper()
         .map_err(|e| io("becoming a child subreaper")(std::io::Error::from(e)))?;
+    let daemon = match &options.lazysnapd {
+        Some(socket) => Daemon::connect(socket).await,
+        None => None,
+    };
     let mut container = Container::create(id, dir, options)?;
-    let result = container.run(reference, options, start, on_stage).await;
+    let result = container
+        .run(reference, options, daemon, start, on_stage)
+        .await;
+    container.remove_snapshot().await;
     let teardown = container.teardown();
     let report = result?;
     teardown?;
@@ -139,6 +165,8 @@ struct Container {
     keep: bool,
     created: bool,
     mount: Option<ImageMount>,
+    /// With lazysnapd: the daemon and the container's snapshot, mounted at `rootfs`.
+    snapshot: Option<(Daemon, DaemonRoot)>,
 }
 
 impl Container {
@@ -156,6 +184,7 @@ impl Container {
             keep: options.keep,
             created: false,
             mount: None,
+            snapshot: None,
         })
     }
 
@@ -163,22 +192,50 @@ impl Container {
         &mut self,
         reference: &Reference,
         options: &RunOptions,
+        daemon: Option<Daemon>,
         start: Instant,
         on_stage: &mut (dyn FnMut(Stage<'_>) + Send),
     ) -> Result<RunReport, RunError> {
         let rootfs = self.dir.join("rootfs");
-        let upper = UpperDir {
-            upper: self.dir.join("upper"),
-            work: self.dir.join("work"),
+        let (digest, layers, config, served_by) = match daemon {
+            Some(d) => {
+                let root =
+                    daemon::prepare_root(&d, reference, &options.mount, &self.id, &rootfs).await?;
+                let facts = (
+                    root.manifest_digest,
+                    root.layer_info.clone(),
+                    root.config.clone(),
+                    format!("lazysnapd at {}", d.socket.display()),
+                );
+                self.snapshot = Some((d, root));
+                facts
+            }
+            None => {
+                let upper = UpperDir {
+                    upper: self.dir.join("upper"),
+                    work: self.dir.join("work"),
+                };
+                let mounted =
+                    mount::mount_image_with_upper(reference, &rootfs, &options.mount, Some(&upper))
+                        .await?;
+                let facts = (
+                    mounted.manifest_digest,
+                    mounted.layer_info.clone(),
+                    mounted.config.clone(),
+                    "in-process".to_owned(),
+                );
+                self.mount = Some(mounted);
+                facts
+            }
         };
-        let mounted =
-            mount::mount_image_with_upper(reference, &rootfs, &options.mount, Some(&upper)).await?;
         let mount_seconds = start.elapsed().as_secs_f64();
-        on_stage(Stage::Mounted { mount: &mounted });
-        let digest = mounted.manifest_digest;
-        let layers = mounted.layer_info.clone();
-        let image = ImageProcess::from_config(&mounted.config);
-        self.mount = Some(mounted);
+        on_stage(Stage::Mounted {
+            digest,
+            layers: &layers,
+            seconds: mount_seconds,
+            served_by: &served_by,
+        });
+        let image = ImageProcess::from_config(&config);
 
         let bundle = self.dir.join("bundle");
         let pid_file = bundle.join("pid");
@@ -204,6 +261,7 @@ impl Container {
         let exit_code = wait_forwarding_signals(pid).await?;
         Ok(RunReport {
             reference: reference.to_string(),
+            served_by,
             digest,
             container: self.id.clone(),
             image_bytes: layers.iter().map(|l| l.size).sum(),
@@ -213,13 +271,28 @@ impl Container {
             fetched_at_exec,
             total_seconds: start.elapsed().as_secs_f64(),
             fetched_at_exit: self.fetched(),
-            needed_bytes: self.mount.as_ref().map_or(0, ImageMount::needed_bytes),
+            needed_bytes: self.mount.as_ref().map(ImageMount::needed_bytes),
             exit_code,
         })
     }
 
-    fn fetched(&self) -> u64 {
-        self.mount.as_ref().map_or(0, ImageMount::fetched_bytes)
+    fn fetched(&self) -> Option<u64> {
+        self.mount.as_ref().map(ImageMount::fetched_bytes)
+    }
+
+    /// Unmounts the container's root and removes its snapshot from lazysnapd (async: over gRPC).
+    async fn remove_snapshot(&mut self) {
+        if let Some((daemon, root)) = self.snapshot.take() {
+            if std::mem::take(&mut self.created) {
+                if let Err(e) = self.runc.delete(&self.id) {
+                    tracing::warn!("deleting container {}: {e}", self.id);
+                }
+            }
+            daemon::unmount(&root.rootfs);
+            if let Err(e) = daemon.remove(&root.key).await {
+                tracing::warn!("{e}");
+            }
+        }
     }
 
     /// Resolves the user (reading the image's passwd lazily, off the async threads) and writes
@@ -269,6 +342,22 @@ impl Container {
         if let Some(mount) = self.mount.take() {
             if let Err(e) = mount.unmount() {
                 first.get_or_insert(e.into());
+            }
+        }
+        if let Some((daemon, root)) = self.snapshot.take() {
+            // Only reached when the async path did not run (a panic or a cancelled run).
+            daemon::unmount(&root.rootfs);
+            if tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            {
+                let removed = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(daemon.remove(&root.key))
+                });
+                if let Err(e) = removed {
+                    first.get_or_insert(e.into());
+                }
+            } else {
+                tracing::warn!("snapshot {} left in lazysnapd", root.key);
             }
         }
         if !self.keep && self.dir.exists() {
