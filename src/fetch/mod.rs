@@ -80,6 +80,52 @@ where
 static BACKGROUND_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> =
     std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(2));
 
+/// On-demand reads, process-wide: background streams yield to the reads of *every* layer, since
+/// they all share one link. A stream starts, and resumes after a pause, only once no read has
+/// been waiting for [`DEMAND_QUIET`]: a container's start-up reads come in bursts, and a stream
+/// that fills the link between them would delay each next burst by the data queued ahead of it.
+static DEMAND: Demand = Demand {
+    busy: AtomicU64::new(0),
+    last_ms: AtomicU64::new(0),
+};
+const DEMAND_QUIET: Duration = Duration::from_millis(1000);
+
+struct Demand {
+    busy: AtomicU64,
+    /// When the last on-demand read began, in ms since `epoch()`.
+    last_ms: AtomicU64,
+}
+
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    *EPOCH
+}
+
+impl Demand {
+    fn begin(&self) {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .fetch_max(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Waits until no on-demand read is waiting and none began for `DEMAND_QUIET`.
+    async fn wait_quiet(&self) {
+        loop {
+            let since = epoch().elapsed().as_millis() as u64 - self.last_ms.load(Ordering::Relaxed);
+            let quiet = DEMAND_QUIET.as_millis() as u64;
+            if self.busy.load(Ordering::Relaxed) == 0 && since >= quiet {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis((quiet - since.min(quiet)).max(5))).await;
+        }
+    }
+}
+
 /// Fetch tuning.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
@@ -169,8 +215,6 @@ struct Inner {
     chunks: Vec<Chunk>,
     /// Chunks being fetched, by digest: a second reader joins the first one's request.
     inflight: Mutex<HashMap<Digest, SharedRange>>,
-    /// On-demand requests under way; background completion pauses while there are any.
-    busy: AtomicU64,
     stats: FetchStats,
     /// Where passthrough files are prepared; none outside a runtime (no passthrough then).
     runtime: Option<tokio::runtime::Handle>,
@@ -233,7 +277,6 @@ impl LayerFetcher {
                 config,
                 chunks,
                 inflight: Mutex::new(HashMap::new()),
-                busy: AtomicU64::new(0),
                 stats: FetchStats::default(),
                 runtime: tokio::runtime::Handle::try_current().ok(),
                 preparing: Mutex::new(HashSet::new()),
@@ -313,6 +356,9 @@ impl LayerFetcher {
             .acquire()
             .await
             .map_err(|e| fail(format!("background slot: {e}")))?;
+        // A freshly mounted layer is about to be read by its container: let start-up go first.
+        DEMAND.touch();
+        DEMAND.wait_quiet().await;
         let mut reader = inner
             .client
             .blob_reader(&inner.reference, &inner.blob)
@@ -329,8 +375,8 @@ impl LayerFetcher {
         let mut next = 0usize; // index into chunks
         let mut block = vec![0u8; 256 << 10];
         loop {
-            while inner.busy.load(Ordering::Relaxed) > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            if DEMAND.busy.load(Ordering::Relaxed) > 0 {
+                DEMAND.wait_quiet().await;
             }
             let n = reader
                 .read(&mut block)
@@ -554,8 +600,8 @@ impl ChunkSource for LayerFetcher {
                 Ok(None) => METRICS.cache_misses.inc(),
                 Err(e) => tracing::warn!(chunk = %chunk.digest.short(), "cache read failed, fetching: {e}"),
             }
-            inner.busy.fetch_add(1, Ordering::Relaxed);
-            let _busy = BusyGuard(&inner.busy);
+            DEMAND.begin();
+            let _demand = BusyGuard(&DEMAND.busy);
             let range = {
                 let mut inflight = lock(&inner.inflight);
                 match inflight.get(&chunk.digest).cloned() {
