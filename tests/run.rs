@@ -126,6 +126,28 @@ fn busybox(registry: &TestRegistry, work: &Path) -> Result<String> {
     Ok(reference)
 }
 
+/// The same busybox-static image pushed as it is (plain gzip); returns its reference.
+fn busybox_plain(registry: &TestRegistry, work: &Path) -> Result<String> {
+    let layout = fixture(
+        "busybox-image.sh",
+        &[work.join("bb").to_str().context("path")?, "v1"],
+    )?;
+    let plain = format!("{}/bb/plain:v1", registry.addr);
+    fixture("push-layout.sh", &[&layout, &plain])?;
+    Ok(plain)
+}
+
+/// The run printed exactly `want` on stdout.
+fn expect_stdout(out: &Output, want: &str) -> Result<()> {
+    ensure!(
+        stdout(out) == want,
+        "stdout {:?}, want {want:?}; stderr:\n{}",
+        stdout(out),
+        stderr(out)
+    );
+    Ok(())
+}
+
 #[test]
 fn busybox_runs_with_the_image_defaults_and_the_command_line_overrides() -> Result<()> {
     let registry = TestRegistry::start()?;
@@ -136,7 +158,7 @@ fn busybox_runs_with_the_image_defaults_and_the_command_line_overrides() -> Resu
     // The image's Cmd: sh -c 'echo hello'.
     let out = root.run(&[&reference])?;
     ensure!(out.status.code() == Some(0), "{}", stderr(&out));
-    ensure!(stdout(&out) == "hello\n", "stdout {:?}", stdout(&out));
+    expect_stdout(&out, "hello\n")?;
     let err = stderr(&out);
     ensure!(
         err.contains("@sha256:") && err.contains("first exec after"),
@@ -159,13 +181,9 @@ fn busybox_runs_with_the_image_defaults_and_the_command_line_overrides() -> Resu
         "echo \"$GREETING\"; pwd; id -u; id -g; echo $PATH",
     ])?;
     ensure!(out.status.success(), "{}", stderr(&out));
-    ensure!(
-        stdout(&out) == "hi there\n/tmp\n65534\n65534\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
-        "stdout {:?}",
-        stdout(&out)
-    );
+    expect_stdout(&out, "hi there\n/tmp\n65534\n65534\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")?;
     let out = root.run(&["-u", "0:65534", &reference, "id", "-G"])?;
-    ensure!(stdout(&out) == "65534\n", "stdout {:?}", stdout(&out));
+    expect_stdout(&out, "65534\n")?;
 
     // An image whose config sets Entrypoint, Cmd, Env, WorkingDir and User (written by umoci,
     // an independent tool): the defaults apply, a command replaces Cmd only.
@@ -196,30 +214,16 @@ fn busybox_runs_with_the_image_defaults_and_the_command_line_overrides() -> Resu
     let configured = format!("{}/bb/configured:v1", registry.addr);
     image::run(Command::new(BIN).args(["convert", &format!("oci:{dir}:cfg"), &configured]))?;
     let out = root.run(&[&configured])?;
-    ensure!(
-        stdout(&out) == "yes\n/var/tmp\n65534\n",
-        "image defaults: {:?} {}",
-        stdout(&out),
-        stderr(&out)
-    );
+    expect_stdout(&out, "yes\n/var/tmp\n65534\n")?;
     let out = root.run(&[&configured, "echo replaced Cmd; id -un"])?;
-    ensure!(
-        stdout(&out) == "replaced Cmd\nnobody\n",
-        "the entrypoint stays: {:?}",
-        stdout(&out)
-    );
+    expect_stdout(&out, "replaced Cmd\nnobody\n")?;
     let out = root.run(&["--entrypoint", "/bin/echo", &configured, "no", "shell"])?;
-    ensure!(stdout(&out) == "no shell\n", "{:?}", stdout(&out));
+    expect_stdout(&out, "no shell\n")?;
 
     // A plain gzip image runs too: its layer is fetched whole, verified and unpacked first.
-    let layout = fixture(
-        "busybox-image.sh",
-        &[work.path().join("bb").to_str().context("path")?, "v1"],
-    )?;
-    let plain = format!("{}/bb/plain:v1", registry.addr);
-    fixture("push-layout.sh", &[&layout, &plain])?;
+    let plain = busybox_plain(&registry, work.path())?;
     let out = root.run(&[&plain])?;
-    ensure!(stdout(&out) == "hello\n", "{}", stderr(&out));
+    expect_stdout(&out, "hello\n")?;
     ensure!(stderr(&out).contains("unpacked"), "{}", stderr(&out));
 
     // The container's exit status is ours.
@@ -265,7 +269,7 @@ fn writes_land_in_the_upper_layer_only() -> Result<()> {
         "-c",
         "test ! -e /newfile && test -s /etc/group && ! grep -q changed /etc/passwd && echo pristine",
     ])?;
-    ensure!(stdout(&out) == "pristine\n", "{}", stderr(&out));
+    expect_stdout(&out, "pristine\n")?;
     std::fs::remove_dir_all(root.path().join("containers/writer"))?;
     root.assert_clean()
 }
@@ -417,11 +421,7 @@ fn python_starts_before_the_image_is_downloaded() -> Result<()> {
         "import os, json; print('hello from', os.environ['WHO'], json.dumps([1]))",
     ])?;
     ensure!(out.status.success(), "{}", stderr(&out));
-    ensure!(
-        stdout(&out) == "hello from lazysnap [1]\n",
-        "{:?}",
-        stdout(&out)
-    );
+    expect_stdout(&out, "hello from lazysnap [1]\n")?;
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
     let size = report["image_bytes"].as_u64().context("image_bytes")?;
     let at_exec = report["fetched_at_exec"].as_u64().context("fetched")?;
@@ -505,12 +505,7 @@ fn with_lazysnapd_listening_the_root_comes_from_its_snapshots() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
     let lazy = busybox(&registry, work.path())?;
-    let layout = fixture(
-        "busybox-image.sh",
-        &[work.path().join("bb").to_str().context("path")?, "v1"],
-    )?;
-    let plain = format!("{}/bb/plain:v1", registry.addr);
-    fixture("push-layout.sh", &[&layout, &plain])?;
+    let plain = busybox_plain(&registry, work.path())?;
     let daemon = Lazysnapd::start()?;
     let root = Root::new()?;
     let socket = daemon.socket.to_str().context("path")?;
@@ -551,26 +546,16 @@ fn with_lazysnapd_listening_the_root_comes_from_its_snapshots() -> Result<()> {
         "-c",
         "echo scratch > /etc/new; cat /etc/group | head -n1",
     ])?;
-    ensure!(
-        stdout(&out) == "root:x:0:\n",
-        "{}\n{}",
-        stderr(&out),
-        daemon.log()
-    );
+    expect_stdout(&out, "root:x:0:\n")?;
     ensure!(modes()? == ["lazy"], "{:?}", modes()?);
     // The next container reuses the committed layer snapshot, and sees none of the write.
     let out = run(&[&lazy, "sh", "-c", "test ! -e /etc/new && echo clean"])?;
-    ensure!(stdout(&out) == "clean\n", "{}", stderr(&out));
+    expect_stdout(&out, "clean\n")?;
     ensure!(modes()? == ["snapshot"], "{:?}", modes()?);
 
     // A plain image: lazysnapd hands back an empty snapshot, run unpacks the verified layer.
     let out = run(&[&plain])?;
-    ensure!(
-        stdout(&out) == "hello\n",
-        "{}\n{}",
-        stderr(&out),
-        daemon.log()
-    );
+    expect_stdout(&out, "hello\n")?;
     ensure!(modes()? == ["unpacked"], "{:?}", modes()?);
 
     // Failures still exit 125 and leave nothing.
