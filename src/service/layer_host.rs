@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{io, Config, ServiceError};
-use crate::cache::{CacheConfig, ChunkCache};
 use crate::snapshot::{Fallback, LayerHost, LocalHost, RemoteLayer, Usage};
 
 /// The environment variable carrying the config (JSON) to a spawned layer host.
@@ -71,16 +70,7 @@ pub async fn serve(
 ) -> Result<(), ServiceError> {
     let root = &config.root;
     std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
-    let cache_dir = root.join("cache");
-    let cache = ChunkCache::open(CacheConfig {
-        dir: cache_dir.clone(),
-        disk_budget: config.cache.disk_budget_bytes,
-        memory_budget: config.cache.memory_budget_bytes,
-    })
-    .map_err(|e| ServiceError::Cache {
-        path: cache_dir,
-        message: e.to_string(),
-    })?;
+    let cache = super::open_cache(config)?;
     let host = Arc::new(LocalHost::new(config.remote(), cache)?);
     let socket = socket_path(root);
     let listener = super::bind(&socket)?;

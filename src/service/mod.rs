@@ -52,6 +52,20 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServiceError
     move |error| ServiceError::Io { context, error }
 }
 
+/// The chunk cache under `config.root`, as configured (one process at a time: RocksDB locks it).
+pub(crate) fn open_cache(config: &Config) -> Result<ChunkCache, ServiceError> {
+    let cache_dir = config.root.join("cache");
+    ChunkCache::open(CacheConfig {
+        dir: cache_dir.clone(),
+        disk_budget: config.cache.disk_budget_bytes,
+        memory_budget: config.cache.memory_budget_bytes,
+    })
+    .map_err(|e| ServiceError::Cache {
+        path: cache_dir,
+        message: e.to_string(),
+    })
+}
+
 /// Opens the state under `config.root`, mounts the lazy layers again, and serves until
 /// `shutdown` resolves; then stops serving and unmounts every lazy layer.
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
@@ -62,16 +76,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
             let client = Arc::new(LayerHostClient::connect_or_spawn(config).await?);
             (client.clone(), Some(client))
         } else {
-            let cache_dir = root.join("cache");
-            let cache = ChunkCache::open(CacheConfig {
-                dir: cache_dir.clone(),
-                disk_budget: config.cache.disk_budget_bytes,
-                memory_budget: config.cache.memory_budget_bytes,
-            })
-            .map_err(|e| ServiceError::Cache {
-                path: cache_dir,
-                message: e.to_string(),
-            })?;
+            let cache = open_cache(config)?;
             (Arc::new(LocalHost::new(config.remote(), cache)?), None)
         };
     let snapshotter = Arc::new(Snapshotter::open(root, host)?);
