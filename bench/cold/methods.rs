@@ -315,6 +315,6 @@ impl Drop for Lazysnapd {
             .arg("--root")
             .arg(self.dir.join("root"))
             .arg("--cleanup")
-            .status();
+            .output();
     }
 }
