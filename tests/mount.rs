@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::image::{self, LayoutBuilder};
+use common::mounts_below;
 use common::registry::TestRegistry;
 use common::tree;
 use lazysnap::mount::{self, MountConfig};
@@ -24,17 +25,6 @@ fn mounted(path: &Path) -> bool {
         .unwrap_or_default()
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(&*wanted))
-}
-
-/// Mount points below `dir` (our FUSE layers and overlays).
-fn mounts_below(dir: &Path) -> Vec<String> {
-    let prefix = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|m| m.starts_with(&prefix))
-        .collect()
 }
 
 /// Unmounts whatever is left below a directory when dropped.

@@ -14,22 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::image::{self, fixture, LayoutBuilder};
+use common::mounts_below;
 use common::registry::TestRegistry;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
-
-/// Mount points at or below `dir`.
-fn mounts_below(dir: &Path) -> Vec<String> {
-    let prefix = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|m| m.starts_with(&prefix))
-        .collect()
-}
 
 /// A state root for `lazysnap run`; whatever a failed test left mounted or running under it is
 /// removed on drop.

@@ -219,7 +219,7 @@ pub async fn mount_image_with_upper(
     })?;
     release_stale_pins(&cache, &run);
     let run_dir = tempfile::Builder::new()
-        .prefix("mount-")
+        .prefix(MOUNT_DIR_PREFIX)
         .tempdir_in(&run)
         .map_err(|e| MountError::Io {
             context: format!("creating a mount directory in {}", run.display()),
@@ -322,6 +322,9 @@ pub async fn mount_image_with_upper(
     })
 }
 
+/// Mount directories under `ROOT/run`, and so the first part of this module's pin owners.
+const MOUNT_DIR_PREFIX: &str = "mount-";
+
 /// Pins are owned by `<mount directory name>/<layer hex>`, so a mount releases its own and a
 /// crashed process's pins can be recognised by their missing mount directory.
 fn pin_owner(run_dir: &Path, layer: &Digest) -> String {
@@ -351,10 +354,12 @@ fn release_pins(cache: &ChunkCache, run_dir: &Path) {
 }
 
 /// Releases pins whose mount directory under `run` is gone (left by a process that died).
+/// Only owners of this module's shape (`mount-…/<hex>`) are considered: other owners (lazysnapd's
+/// `snapshot/<id>` on a shared cache) have their own lifetimes.
 fn release_stale_pins(cache: &ChunkCache, run: &Path) {
     for owner in cache.pin_owners().unwrap_or_default() {
         let dir = owner.split('/').next().unwrap_or_default();
-        if !run.join(dir).exists() {
+        if dir.starts_with(MOUNT_DIR_PREFIX) && !run.join(dir).exists() {
             tracing::info!("releasing stale pins of {owner}");
             let _ = cache.unpin(&owner);
         }
@@ -578,4 +583,30 @@ pub async fn wait_background(mount: &mut ImageMount, timeout: Duration) -> bool 
     tokio::time::timeout(timeout, futures_util::future::join_all(tasks))
         .await
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_modules_dead_pins_are_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(CacheConfig {
+            dir: dir.path().join("cache"),
+            disk_budget: 0,
+            memory_budget: 1 << 20,
+        })
+        .unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(run.join("mount-alive")).unwrap();
+        let chunk = [Digest::of(b"chunk")];
+        for owner in ["mount-dead/aa", "mount-alive/bb", "snapshot/7"] {
+            cache.pin(owner, &chunk).unwrap();
+        }
+        release_stale_pins(&cache, &run);
+        let mut left = cache.pin_owners().unwrap();
+        left.sort();
+        assert_eq!(left, ["mount-alive/bb", "snapshot/7"]);
+    }
 }

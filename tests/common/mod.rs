@@ -5,3 +5,14 @@
 pub mod image;
 pub mod registry;
 pub mod tree;
+
+/// Mount points at or below `dir` (from this process's mountinfo).
+pub fn mounts_below(dir: &std::path::Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.starts_with(&prefix))
+        .collect()
+}
