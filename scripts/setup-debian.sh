@@ -11,7 +11,9 @@ PACKAGES=(
   # image tools: realistic images and third-party lazy formats to read
   skopeo umoci debootstrap stargz-snapshotter busybox-static
   # independent oracles and test helpers
-  zstd gzip tar attr apache2-utils curl jq ca-certificates
+  zstd gzip tar attr apache2-utils curl jq ca-certificates python3
+  # ss (free ports in the registry fixture), ip and tc (the cold-start benchmark's namespace)
+  iproute2
 )
 
 missing=()
