@@ -245,18 +245,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reference,
             mountpoint,
         } => {
-            let mut config = MountConfig::new(cli.root);
-            config.background_fetch = !no_background_fetch;
-            config.fs.read_timeout = std::time::Duration::from_secs(read_timeout);
+            let config = mount_config(
+                cli.root,
+                !no_background_fetch,
+                read_timeout,
+                registry,
+                platform,
+            );
             if let Some(addr) = metrics_addr {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listening for metrics on {addr}"))?;
                 tokio::spawn(lazysnap::metrics::serve(listener));
-            }
-            config.registry = registry;
-            if let Some(p) = platform {
-                config.platform = p;
             }
             let mounted = mount::mount_image(&reference, &mountpoint, &config)
                 .await
@@ -309,19 +309,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `mount` and `run` share: state under `root`, and how the image is fetched.
+fn mount_config(
+    root: std::path::PathBuf,
+    background_fetch: bool,
+    read_timeout_secs: u64,
+    registry: ClientConfig,
+    platform: Option<Platform>,
+) -> MountConfig {
+    let mut config = MountConfig::new(root);
+    config.background_fetch = background_fetch;
+    config.fs.read_timeout = std::time::Duration::from_secs(read_timeout_secs);
+    config.registry = registry;
+    if let Some(p) = platform {
+        config.platform = p;
+    }
+    config
+}
+
 /// `lazysnap run`: the container's exit status, or 125 when lazysnap itself failed.
 async fn run_container(
     args: RunArgs,
     root: std::path::PathBuf,
     registry: ClientConfig,
 ) -> ExitCode {
-    let mut mount = MountConfig::new(root.clone());
-    mount.background_fetch = !args.no_background_fetch;
-    mount.fs.read_timeout = std::time::Duration::from_secs(args.read_timeout);
-    mount.registry = registry;
-    if let Some(p) = args.platform {
-        mount.platform = p;
-    }
+    let mount = mount_config(
+        root,
+        !args.no_background_fetch,
+        args.read_timeout,
+        registry,
+        args.platform,
+    );
     let options = RunOptions {
         mount,
         name: args.name,

@@ -103,9 +103,11 @@ fn epoch() -> std::time::Instant {
 }
 
 impl Demand {
-    fn begin(&self) {
+    /// An on-demand read begins; it counts as waiting until the guard is dropped.
+    fn begin(&self) -> BusyGuard<'_> {
         self.busy.fetch_add(1, Ordering::Relaxed);
         self.touch();
+        BusyGuard(&self.busy)
     }
 
     fn touch(&self) {
@@ -116,7 +118,8 @@ impl Demand {
     /// Waits until no on-demand read is waiting and none began for `DEMAND_QUIET`.
     async fn wait_quiet(&self) {
         loop {
-            let since = epoch().elapsed().as_millis() as u64 - self.last_ms.load(Ordering::Relaxed);
+            let since = (epoch().elapsed().as_millis() as u64)
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed));
             let quiet = DEMAND_QUIET.as_millis() as u64;
             if self.busy.load(Ordering::Relaxed) == 0 && since >= quiet {
                 return;
@@ -600,8 +603,7 @@ impl ChunkSource for LayerFetcher {
                 Ok(None) => METRICS.cache_misses.inc(),
                 Err(e) => tracing::warn!(chunk = %chunk.digest.short(), "cache read failed, fetching: {e}"),
             }
-            DEMAND.begin();
-            let _demand = BusyGuard(&DEMAND.busy);
+            let _demand = DEMAND.begin();
             let range = {
                 let mut inflight = lock(&inner.inflight);
                 match inflight.get(&chunk.digest).cloned() {
