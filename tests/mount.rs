@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::image::{self, LayoutBuilder};
-use common::mounts_below;
 use common::registry::TestRegistry;
 use common::tree;
+use common::{mounts_below, UnmountOnDrop};
 use lazysnap::mount::{self, MountConfig};
 use lazysnap::oci::Reference;
 
@@ -25,19 +25,6 @@ fn mounted(path: &Path) -> bool {
         .unwrap_or_default()
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(&*wanted))
-}
-
-/// Unmounts whatever is left below a directory when dropped.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let mut left = mounts_below(&self.0);
-        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in left {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-    }
 }
 
 /// A `lazysnap mount` child process; killed and cleaned up when dropped.
@@ -158,7 +145,7 @@ fn convert(src: &str, dst: &str, format: &str) -> Result<()> {
 fn mounted_images_equal_umoci_unpack_in_both_formats_and_plain_gzip() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let layout = sample_layout(&work.path().join("src"))?;
     let src = format!("oci:{}:src", layout.dir.display());
 
@@ -273,7 +260,7 @@ fn lazy_sample_as(
 fn a_corrupt_chunk_is_never_served_and_other_files_still_read() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let (reference, blob, toc) = lazy_sample(&registry, work.path(), "corrupt")?;
     let tool = toc
         .entries
@@ -319,7 +306,7 @@ fn a_corrupt_chunk_is_never_served_and_other_files_still_read() -> Result<()> {
 fn a_registry_that_goes_away_gives_eio_then_reads_recover() -> Result<()> {
     let mut registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let (reference, _, _) = lazy_sample(&registry, work.path(), "away")?;
     let target = work.path().join("mnt");
     let process = MountProcess::start(
@@ -348,7 +335,7 @@ fn a_registry_that_goes_away_gives_eio_then_reads_recover() -> Result<()> {
 fn a_truncated_blob_fails_reads_beyond_its_end() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let (reference, blob, toc) = lazy_sample(&registry, work.path(), "truncated")?;
     // Keep the footer and TOC where the mount reads them, but cut a file's chunk out: rewrite
     // the blob with the bytes of `usr/bin/tool`'s last chunk removed from the storage file.
@@ -408,7 +395,7 @@ async fn read_in_thread(path: PathBuf) -> std::io::Result<Vec<u8>> {
 async fn concurrent_readers_of_one_chunk_share_one_request() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let (reference, _, _) = lazy_sample(&registry, work.path(), "shared")?;
     let target = work.path().join("mnt");
     let mounted = mount_in_process(&reference, &work.path().join("root"), &target).await?;
@@ -436,7 +423,7 @@ async fn concurrent_readers_of_one_chunk_share_one_request() -> Result<()> {
 async fn a_second_image_sharing_chunks_fetches_none_of_them() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let (first, _, _) = lazy_sample(&registry, work.path(), "first")?;
     // A different image whose layer holds the same `usr/bin/tool` among other files.
     let trees = tempfile::tempdir()?;
@@ -485,7 +472,7 @@ async fn a_second_image_sharing_chunks_fetches_none_of_them() -> Result<()> {
 async fn a_completed_layer_no_longer_needs_the_registry() -> Result<()> {
     let mut registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let (reference, _, _) = lazy_sample(&registry, work.path(), "complete")?;
     let target = work.path().join("mnt");
     std::fs::create_dir_all(&target)?;
@@ -510,7 +497,7 @@ async fn a_completed_layer_no_longer_needs_the_registry() -> Result<()> {
 async fn a_tiny_disk_budget_evicts_but_keeps_a_complete_layer_while_mounted() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let (reference, _, _) = lazy_sample(&registry, work.path(), "budget")?;
     let budget = 128 << 10;
     let root = work.path().join("root");
@@ -573,7 +560,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 async fn the_estargz_prefetch_set_is_fetched_at_mount_in_one_request() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     // The start-up files, the landmark, then a large file and a late file: tar order is blob
     // order, so the late file lies far beyond anything a prefetch request could take along.
     let files = [
@@ -707,7 +694,7 @@ fn descendants(pid: u32) -> Vec<u32> {
 fn signal_stops_the_mount_cleanly(signal: nix::sys::signal::Signal, hold_open: bool) -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let (reference, _, _) = lazy_sample(&registry, work.path(), "signal")?;
     let root = work.path().join("root");
     let target = work.path().join("mnt");
@@ -834,7 +821,7 @@ fn complete_estargz_files_are_read_through_passthrough_too() -> Result<()> {
 fn passthrough_serves_complete_files(format: &str) -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let _cleanup = Cleanup(work.path().to_owned());
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
     let (reference, _, toc) = lazy_sample_as(&registry, work.path(), "passthrough", format)?;
     let tool_entry = toc
         .entries

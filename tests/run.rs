@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::image::{self, fixture, LayoutBuilder};
-use common::mounts_below;
 use common::registry::TestRegistry;
+use common::{mounts_below, unmount_below};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -89,11 +89,7 @@ impl Drop for Root {
                     .output();
             }
         }
-        let mut left = mounts_below(self.path());
-        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in left {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
+        unmount_below(self.path());
     }
 }
 

@@ -255,35 +255,7 @@ pub fn stop_child(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
-/// Mount points at or below `dir`, deepest first.
-pub fn mounts_below(dir: &Path) -> Vec<String> {
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|m| m == &prefix || m.starts_with(&format!("{prefix}/")))
-        .collect();
-    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    points
-}
-
-/// Detaches every mount at or below its directory when dropped.
-#[derive(Debug)]
-pub struct UnmountOnDrop(pub PathBuf);
-
-impl Drop for UnmountOnDrop {
-    fn drop(&mut self) {
-        unmount_below(&self.0);
-    }
-}
-
-/// Detaches every mount at or below `dir`.
-pub fn unmount_below(dir: &Path) {
-    for m in mounts_below(dir) {
-        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-    }
-}
+pub use crate::common::{mounts_below, unmount_below, UnmountOnDrop};
 
 /// Runs `cmd` with piped output, killing it after `timeout`. Returns (success, stdout, stderr).
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(bool, String, String)> {
