@@ -298,6 +298,26 @@ fn signals_reach_the_containers_process() -> Result<()> {
         ensure!(status.code() == Some(code), "status {status}");
     }
 
+    // A signal that arrives while the container is still being set up neither kills lazysnap
+    // (which would leave mounts and a runc container behind) nor is lost: it reaches the
+    // container's PID 1 once it runs (which, without a handler, ignores it as PID 1 does).
+    let child = root
+        .command(&[&reference, "sh", "-c", "sleep 1; echo survived"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(30));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.code() == Some(0),
+        "lazysnap must not die of an early signal: {} {}",
+        out.status,
+        stderr(&out)
+    );
+    expect_stdout(&out, "survived\n")?;
+    root.assert_clean()?;
+
     // A process killed from outside (its PID 1 cannot be killed from inside) gives 128 + n.
     let mut child = root
         .command(&[

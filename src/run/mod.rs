@@ -142,13 +142,14 @@ pub async fn run(
     }
     runc::become_subreaper()
         .map_err(|e| io("becoming a child subreaper")(std::io::Error::from(e)))?;
+    let mut signals = Signals::catch()?;
     let daemon = match &options.lazysnapd {
         Some(socket) => Daemon::connect(socket).await,
         None => None,
     };
     let mut container = Container::create(id, dir, options)?;
     let result = container
-        .run(reference, options, daemon, start, on_stage)
+        .run(reference, options, daemon, &mut signals, start, on_stage)
         .await;
     container.remove_snapshot().await;
     let teardown = container.teardown();
@@ -193,6 +194,7 @@ impl Container {
         reference: &Reference,
         options: &RunOptions,
         daemon: Option<Daemon>,
+        signals: &mut Signals,
         start: Instant,
         on_stage: &mut (dyn FnMut(Stage<'_>) + Send),
     ) -> Result<RunReport, RunError> {
@@ -250,7 +252,11 @@ impl Container {
             .parse()
             .map_err(|e| io("reading runc's pid file")(std::io::Error::other(e)))?;
         let (runc, id) = (self.runc.clone(), self.id.clone());
+        let init = runc::executable(pid);
         blocking(move || runc.start(&id)).await?;
+        // `runc start` returns once the init is released, a moment before it execs: a signal
+        // forwarded in between would reach runc's init, not the container's command.
+        runc::wait_exec(pid, init).await;
         let first_exec_seconds = start.elapsed().as_secs_f64();
         let fetched_at_exec = self.fetched();
         on_stage(Stage::Started {
@@ -258,7 +264,7 @@ impl Container {
             fetched: fetched_at_exec,
         });
 
-        let exit_code = wait_forwarding_signals(pid).await?;
+        let exit_code = signals.forward_until_exit(pid).await?;
         Ok(RunReport {
             reference: reference.to_string(),
             served_by,
@@ -378,42 +384,64 @@ impl Drop for Container {
     }
 }
 
-/// Waits for `pid` to exit, forwarding SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2.
-async fn wait_forwarding_signals(pid: i32) -> Result<i32, RunError> {
-    use nix::sys::signal::Signal;
-    use tokio::signal::unix::{signal, SignalKind};
-    let kinds = [
-        (SignalKind::interrupt(), Signal::SIGINT),
-        (SignalKind::terminate(), Signal::SIGTERM),
-        (SignalKind::hangup(), Signal::SIGHUP),
-        (SignalKind::quit(), Signal::SIGQUIT),
-        (SignalKind::user_defined1(), Signal::SIGUSR1),
-        (SignalKind::user_defined2(), Signal::SIGUSR2),
-    ];
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut listeners = Vec::new();
-    for (kind, sig) in kinds {
-        let mut stream = signal(kind).map_err(io("installing signal handlers"))?;
-        let tx = tx.clone();
-        listeners.push(tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                if tx.send(sig).is_err() {
-                    break;
+/// The signals forwarded to the container: SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2.
+/// Caught from the start of `run`, before the container exists: one that arrives while it is
+/// being created must neither kill lazysnap (leaving mounts and a runc container behind) nor be
+/// lost; it is delivered as soon as the container's process is there.
+struct Signals {
+    rx: tokio::sync::mpsc::UnboundedReceiver<nix::sys::signal::Signal>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Signals {
+    fn catch() -> Result<Self, RunError> {
+        use nix::sys::signal::Signal;
+        use tokio::signal::unix::{signal, SignalKind};
+        let kinds = [
+            (SignalKind::interrupt(), Signal::SIGINT),
+            (SignalKind::terminate(), Signal::SIGTERM),
+            (SignalKind::hangup(), Signal::SIGHUP),
+            (SignalKind::quit(), Signal::SIGQUIT),
+            (SignalKind::user_defined1(), Signal::SIGUSR1),
+            (SignalKind::user_defined2(), Signal::SIGUSR2),
+        ];
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut listeners = Vec::new();
+        for (kind, sig) in kinds {
+            let mut stream = signal(kind).map_err(io("installing signal handlers"))?;
+            let tx = tx.clone();
+            listeners.push(tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if tx.send(sig).is_err() {
+                        break;
+                    }
                 }
-            }
-        }));
-    }
-    let mut exit = tokio::task::spawn_blocking(move || runc::wait_exit(pid));
-    let code = loop {
-        tokio::select! {
-            done = &mut exit => break done.map_err(|e| io("waiting for the container")(std::io::Error::other(e)))??,
-            Some(sig) = rx.recv() => runc::forward(pid, sig),
+            }));
         }
-    };
-    for l in listeners {
-        l.abort();
+        Ok(Self { rx, listeners })
     }
-    Ok(code)
+
+    /// Waits for `pid` to exit, forwarding every signal caught so far and from now on.
+    async fn forward_until_exit(&mut self, pid: i32) -> Result<i32, RunError> {
+        let mut exit = tokio::task::spawn_blocking(move || runc::wait_exit(pid));
+        loop {
+            tokio::select! {
+                done = &mut exit => {
+                    let waited = done.map_err(|e| io("waiting for the container")(std::io::Error::other(e)))?;
+                    return Ok(waited?);
+                }
+                Some(sig) = self.rx.recv() => runc::forward(pid, sig),
+            }
+        }
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        for l in &self.listeners {
+            l.abort();
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static, E: Into<RunError> + Send + 'static>(

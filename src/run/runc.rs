@@ -163,6 +163,21 @@ pub fn wait_exit(pid: i32) -> Result<i32, RuncError> {
     }
 }
 
+/// What process `pid` runs (`/proc/PID/exe`), if it can be read.
+pub fn executable(pid: i32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// Waits (up to 5 s) until process `pid` no longer runs `before`: it has exec'd its command,
+/// or exited.
+pub async fn wait_exec(pid: i32, before: Option<PathBuf>) {
+    let Some(before) = before else { return };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while executable(pid).as_ref() == Some(&before) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
 /// Sends `signal` to process `pid`; a process that is already gone is not an error.
 pub fn forward(pid: i32, signal: Signal) {
     if let Err(e) = nix::sys::signal::kill(Pid::from_raw(pid), signal) {
