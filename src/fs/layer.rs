@@ -9,11 +9,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use super::inode::{InodeTable, Node, NodeKind};
+use super::inode::{InodeTable, Node, NodeKind, ROOT};
 use super::passthrough::{Passthrough, FH_FUSE};
 use super::ChunkSource;
 use crate::format::{Chunk, Toc, TocEntry};
@@ -32,6 +32,8 @@ pub(super) struct LayerFs {
     /// Names the layer in logs.
     pub(super) label: String,
     pub(super) passthrough: Passthrough,
+    /// Added to the table's inode numbers in every reply: the layer's range in its session.
+    pub(super) base: u64,
 }
 
 impl LayerFs {
@@ -75,7 +77,7 @@ impl LayerFs {
             0o644
         };
         FileAttr {
-            ino: INodeNo(ino),
+            ino: INodeNo(self.base | ino),
             size,
             blocks: size.div_ceil(512),
             atime: mtime,
@@ -90,6 +92,14 @@ impl LayerFs {
             rdev,
             blksize: 4096,
             flags: 0,
+        }
+    }
+
+    /// Answers the session's lookup of this layer's directory: the layer's root.
+    pub(super) fn lookup_root(&self, reply: ReplyEntry) {
+        match self.table.get(ROOT) {
+            Some(node) => reply.entry(&TTL, &self.attr(ROOT, node), Generation(0)),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
@@ -152,11 +162,6 @@ impl Filesystem for LayerFs {
             Some(e) => reply.data(e.link_name.as_bytes()),
             None => reply.error(Errno::EINVAL),
         }
-    }
-
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        self.passthrough.negotiate(config);
-        Ok(())
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -300,7 +305,7 @@ impl Filesystem for LayerFs {
                 Some(NodeKind::Block) => FileType::BlockDevice,
                 Some(NodeKind::Fifo) => FileType::NamedPipe,
             };
-            if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+            if reply.add(INodeNo(self.base | child), (i + 1) as u64, kind, name) {
                 break;
             }
         }

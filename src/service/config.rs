@@ -41,6 +41,9 @@ use crate::snapshot::RemoteConfig;
 pub const DEFAULT_ROOT: &str = "/var/lib/lazysnap";
 /// Default gRPC socket (what containerd's `[proxy_plugins.lazysnap] address` names).
 pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnapd.sock";
+/// The FUSE session serving every lazy layer, under `ROOT/snapshots` (numeric names there are
+/// snapshots; this one is not, and `--cleanup` detaches it with the rest).
+const SESSION_DIR: &str = "fuse-session";
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +204,7 @@ impl Config {
             },
             background_fetch: self.fetch.background,
             hosts_dir: self.registry.config_path.clone(),
+            session_dir: Some(self.root.join("snapshots").join(SESSION_DIR)),
         }
     }
 }

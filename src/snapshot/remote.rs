@@ -18,7 +18,7 @@ use super::hosts::Hosts;
 use super::{Usage, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
 use crate::cache::ChunkCache;
 use crate::fetch::{FetchConfig, LayerFetcher};
-use crate::fs::{self, LayerMount, MountOptions};
+use crate::fs::{self, LayerMount, LayerSession, MountOptions};
 use crate::oci::{self, Digest, Reference};
 use crate::registry::{Client, ClientConfig};
 use crate::{format, inspect};
@@ -39,6 +39,9 @@ pub struct RemoteConfig {
     pub background_fetch: bool,
     /// containerd's registry `config_path`: `<registry>/hosts.toml` files naming mirrors.
     pub hosts_dir: Option<std::path::PathBuf>,
+    /// Where the FUSE session serving every lazy layer is mounted (root-only); `None`: a private
+    /// temporary directory.
+    pub session_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RemoteConfig {
@@ -50,6 +53,7 @@ impl Default for RemoteConfig {
             fs: MountOptions::default(),
             background_fetch: true,
             hosts_dir: None,
+            session_dir: None,
         }
     }
 }
@@ -152,6 +156,11 @@ pub(super) struct Remote {
     plain_client: Client,
     hosts: Hosts,
     cache: ChunkCache,
+    /// The FUSE session serving this process's lazy layers, mounted at the first layer.
+    session: std::sync::Mutex<Option<Arc<LayerSession>>>,
+    session_dir: std::path::PathBuf,
+    /// Holds the session's directory when the config names none.
+    _session_temp: Option<tempfile::TempDir>,
 }
 
 /// A lazy layer found at one host: its blob size, layout and verified TOC.
@@ -173,13 +182,42 @@ impl Remote {
             })
             .map_err(|e| super::SnapshotError::InvalidArgument(format!("registry client: {e}")))
         };
+        let (session_dir, session_temp) = match &config.session_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("lazysnap-session-")
+                    .tempdir()
+                    .map_err(|e| {
+                        super::SnapshotError::io("creating a FUSE session directory", e)
+                    })?;
+                (temp.path().join("fuse"), Some(temp))
+            }
+        };
         Ok(Self {
             client: client_for(false)?,
             plain_client: client_for(true)?,
             hosts: Hosts::new(config.hosts_dir.clone()),
             config,
             cache,
+            session: std::sync::Mutex::new(None),
+            session_dir,
+            _session_temp: session_temp,
         })
+    }
+
+    /// The FUSE session lazy layers are served in, mounted on first use.
+    fn session(&self) -> Result<Arc<LayerSession>, fs::FsError> {
+        let mut session = self
+            .session
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = &*session {
+            return Ok(s.clone());
+        }
+        let mounted = LayerSession::mount(&self.session_dir, &self.config.fs)?;
+        *session = Some(mounted.clone());
+        Ok(mounted)
     }
 
     pub(super) fn enabled(&self) -> bool {
@@ -262,12 +300,13 @@ impl Remote {
             self.cache.clone(),
             self.config.fetch.clone(),
         );
+        let session = self.session().map_err(|e| Fallback::new("mount", e))?;
         let mount = fs::mount_layer(
+            &session,
             toc.clone(),
             Arc::new(fetcher.clone()),
             tokio::runtime::Handle::current(),
             dir,
-            &self.config.fs,
         )
         .map_err(|e| Fallback::new("mount", e))?;
         tracing::info!(
