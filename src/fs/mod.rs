@@ -13,7 +13,7 @@ mod session;
 pub mod unpack;
 
 pub use inode::{InodeTable, NodeKind};
-pub use session::LayerSession;
+pub use session::{remove_dead_sessions, LayerSession};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

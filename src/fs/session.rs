@@ -101,9 +101,9 @@ impl LayerSession {
             path: dir.to_owned(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| error(format!("creating it: {e}")))?;
         // A session left by a process that died is a dead mount (ENOTCONN): detach it first.
         let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+        std::fs::create_dir_all(dir).map_err(|e| error(format!("creating it: {e}")))?;
         let layers = Arc::new(Layers::default());
         let caps = Arc::new(SessionCaps::default());
         let filesystem = SessionFs {
@@ -185,13 +185,44 @@ impl Drop for LayerSession {
             let _ = done.send(session.umount_and_join());
         });
         match finished.recv_timeout(UNMOUNT_WAIT) {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                let _ = std::fs::remove_dir(&self.dir);
+            }
             Ok(Err(e)) => {
                 let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
                 tracing::warn!(dir = %self.dir.display(), "unmounting the FUSE session: {e} (detached instead)");
             }
             Err(_) => {
                 tracing::warn!(dir = %self.dir.display(), "FUSE session still in use after unmount; its users will see errors");
+            }
+        }
+    }
+}
+
+/// Detaches and removes the sessions below `dir` (named `<pid>-<n>`) whose process is gone: a
+/// process that died leaves its session as a dead mount (ENOTCONN).
+pub fn remove_dead_sessions(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+        match std::fs::remove_dir(&path) {
+            Ok(()) => tracing::info!(dir = %path.display(), "removed a dead FUSE session"),
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), "cannot remove a dead FUSE session: {e}")
             }
         }
     }

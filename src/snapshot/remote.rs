@@ -156,9 +156,13 @@ pub(super) struct Remote {
     plain_client: Client,
     hosts: Hosts,
     cache: ChunkCache,
-    /// The FUSE session serving this process's lazy layers, mounted at the first layer.
-    session: std::sync::Mutex<Option<Arc<LayerSession>>>,
+    /// The FUSE session serving this process's lazy layers while any is mounted (its layer
+    /// mounts hold it; with the last one gone it is unmounted, and the next layer mounts anew).
+    session: std::sync::Mutex<std::sync::Weak<LayerSession>>,
+    /// Sessions are mounted at `<session_dir>/<pid>-<n>`: a new one never shares the path of
+    /// one still winding down.
     session_dir: std::path::PathBuf,
+    sessions: std::sync::atomic::AtomicU64,
     /// Holds the session's directory when the config names none.
     _session_temp: Option<tempfile::TempDir>,
 }
@@ -183,7 +187,10 @@ impl Remote {
             .map_err(|e| super::SnapshotError::InvalidArgument(format!("registry client: {e}")))
         };
         let (session_dir, session_temp) = match &config.session_dir {
-            Some(dir) => (dir.clone(), None),
+            Some(dir) => {
+                fs::remove_dead_sessions(dir);
+                (dir.clone(), None)
+            }
             None => {
                 let temp = tempfile::Builder::new()
                     .prefix("lazysnap-session-")
@@ -191,7 +198,7 @@ impl Remote {
                     .map_err(|e| {
                         super::SnapshotError::io("creating a FUSE session directory", e)
                     })?;
-                (temp.path().join("fuse"), Some(temp))
+                (temp.path().to_owned(), Some(temp))
             }
         };
         Ok(Self {
@@ -200,7 +207,8 @@ impl Remote {
             hosts: Hosts::new(config.hosts_dir.clone()),
             config,
             cache,
-            session: std::sync::Mutex::new(None),
+            session: std::sync::Mutex::new(std::sync::Weak::new()),
+            sessions: std::sync::atomic::AtomicU64::new(0),
             session_dir,
             _session_temp: session_temp,
         })
@@ -212,11 +220,15 @@ impl Remote {
             .session
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(s) = &*session {
-            return Ok(s.clone());
+        if let Some(s) = session.upgrade() {
+            return Ok(s);
         }
-        let mounted = LayerSession::mount(&self.session_dir, &self.config.fs)?;
-        *session = Some(mounted.clone());
+        let n = self
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.session_dir.join(format!("{}-{n}", std::process::id()));
+        let mounted = LayerSession::mount(&dir, &self.config.fs)?;
+        *session = Arc::downgrade(&mounted);
         Ok(mounted)
     }
 
