@@ -325,4 +325,6 @@ pub fn decode_chunk(
 }
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
