@@ -53,6 +53,8 @@ pub struct MountConfig {
     pub memory_budget: u64,
     pub fetch: FetchConfig,
     pub fs: MountOptions,
+    /// Bounds on what a layer's TOC may state.
+    pub limits: format::Limits,
 }
 
 impl MountConfig {
@@ -67,6 +69,7 @@ impl MountConfig {
             memory_budget: 16 << 20,
             fetch: FetchConfig::default(),
             fs: MountOptions::default(),
+            limits: format::Limits::default(),
         }
     }
 }
@@ -467,7 +470,7 @@ async fn prepare_layer(
                 .map(|b| b.to_vec())
         };
         let toc = Arc::new(
-            crate::fetch::read_toc(&digest, &lazy, size, read)
+            crate::fetch::read_toc(&digest, &lazy, size, &config.limits, read)
                 .await
                 .map_err(|e| MountError::Image(e.to_string()))?,
         );

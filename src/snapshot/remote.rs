@@ -37,6 +37,8 @@ pub struct RemoteConfig {
     pub fs: MountOptions,
     /// After the prefetch set, fetch the rest of each lazy layer at low priority (and pin it).
     pub background_fetch: bool,
+    /// Bounds on what a layer's TOC may state (`[limits]` in lazysnapd's config).
+    pub limits: format::Limits,
     /// containerd's registry `config_path`: `<registry>/hosts.toml` files naming mirrors.
     pub hosts_dir: Option<std::path::PathBuf>,
     /// Where the FUSE session serving every lazy layer is mounted (root-only); `None`: a private
@@ -52,6 +54,7 @@ impl Default for RemoteConfig {
             fetch: FetchConfig::default(),
             fs: MountOptions::default(),
             background_fetch: true,
+            limits: format::Limits::default(),
             hosts_dir: None,
             session_dir: None,
         }
@@ -393,7 +396,7 @@ impl Remote {
                 .await
                 .map(|b| b.to_vec())
         };
-        let toc = crate::fetch::read_toc(&digest, &lazy, size, read)
+        let toc = crate::fetch::read_toc(&digest, &lazy, size, &self.config.limits, read)
             .await
             .map_err(|e| Fallback::new("toc", e))?;
         Ok(Located {
