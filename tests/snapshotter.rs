@@ -1305,3 +1305,42 @@ fn a_lazy_layer_whose_diff_id_does_not_match_is_counted_and_never_used_again() -
     drop(ctd);
     daemon.stop()
 }
+
+/// Fails on main: `lazysnap run` took the attacker's lazy snapshot because its chain ID existed
+/// (a Stat), and the victim printed "attacker".
+#[test]
+fn lazysnap_run_never_takes_another_images_lazy_layer_for_its_chain_id() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = poison_images(&registry)?;
+    let daemon = Lazysnapd::start_with("background = false\n")?;
+    let root = tempfile::tempdir()?;
+    let _unmount = common::UnmountOnDrop(root.path().to_owned());
+    let socket = daemon.socket.to_str().context("socket path")?;
+    let run = |reference: &str| -> Result<String> {
+        let out = Command::new(LAZYSNAP)
+            .arg("--root")
+            .arg(root.path())
+            .args(["run", "--lazysnapd", socket, reference])
+            .args(CAT_MSG)
+            .stdin(Stdio::null())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "lazysnap run {reference}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.log()
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    ensure!(run(&images.attacker)? == "attacker\n");
+    let out = run(&images.victim)?;
+    ensure!(
+        out == "victim\n",
+        "the victim ran {out:?}\n{}",
+        daemon.log()
+    );
+    // The next run finds the layer it filled.
+    ensure!(run(&images.victim)? == "victim\n");
+    ensure!(run(&images.attacker)? == "attacker\n");
+    daemon.stop()
+}
