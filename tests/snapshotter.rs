@@ -1344,3 +1344,80 @@ fn lazysnap_run_never_takes_another_images_lazy_layer_for_its_chain_id() -> Resu
     ensure!(run(&images.attacker)? == "attacker\n");
     daemon.stop()
 }
+
+/// The diff_id check judges third-party layers as containerd's overlayfs snapshotter does when it
+/// unpacks them: ctr-remote's eStargz (TOC as a tar entry, footer as an empty gzip member)
+/// decompresses to the diff_id its config claims; the zstd:chunked layer of Debian's skopeo 1.9
+/// does not (its config keeps the source tar's diff_id, but the chunked writer rewrote the tar), and
+/// containerd refuses to unpack it ("wrong diff id calculated on extraction").
+#[test]
+fn third_party_lazy_layers_are_judged_as_containerd_judges_them_when_unpacking() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let layout = image::fixture(
+        "busybox-image.sh",
+        &[work.path().join("bb").to_str().context("path")?, "v1"],
+    )?;
+    let plain = format!("{}/bb/plain:v1", registry.addr);
+    image::fixture("push-layout.sh", &[&layout, &plain])?;
+    let estargz = image::fixture(
+        "estargz-image.sh",
+        &[&registry.addr, "bb/plain:v1", "bb/estargz:v1"],
+    )?;
+    let zstd = image::fixture(
+        "zstdchunked-image.sh",
+        &[&registry.addr, "bb/plain:v1", "bb/zstd:v1"],
+    )?;
+    let daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+
+    // The oracle: containerd's own overlayfs snapshotter, in a namespace of its own.
+    let oracle_ns = format!("{}-overlayfs", ctd.namespace);
+    ctd.ctr_in(&oracle_ns, &["images", "pull", "--plain-http", &estargz])?;
+    let refused = ctd.ctr_in(&oracle_ns, &["images", "pull", "--plain-http", &zstd]);
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("wrong diff id")),
+        "containerd unpacked skopeo's zstd:chunked layer: {refused:?}"
+    );
+
+    for (i, reference) in [&estargz, &zstd].into_iter().enumerate() {
+        let ns = format!("{}-{i}", ctd.namespace);
+        rpull_in(&ctd, &ns, reference).with_context(|| daemon.log())?;
+    }
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(lazy == 2.0, "lazy layers: {lazy}\n{}", daemon.log());
+    let start = Instant::now();
+    loop {
+        let verified = daemon.metric("lazysnap_snapshot_verified_layers_total")?;
+        let failed = daemon.metric("lazysnap_snapshot_verify_failures_total")?;
+        if verified + failed >= 2.0 {
+            ensure!(
+                verified == 1.0 && failed == 1.0,
+                "verified {verified}, failed {failed}:\n{}",
+                daemon.log()
+            );
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "no verdicts after 60 s:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let zstd_layer = layer_digests(zstd.split_once('@').map_or(zstd.as_str(), |(r, _)| r))?;
+    let log = daemon.log();
+    let failure = log
+        .lines()
+        .find(|l| l.contains("FAILED verification and is refused"))
+        .context("no failure logged")?;
+    ensure!(
+        failure.contains(&zstd_layer[0]),
+        "the failure is not the zstd:chunked layer {}: {failure}",
+        zstd_layer[0]
+    );
+    drop(ctd);
+    daemon.stop()
+}
