@@ -43,7 +43,7 @@ impl Snapshotter {
         let store = Arc::new(Store::open(root)?);
         let watcher = tokio::runtime::Handle::try_current()
             .ok()
-            .map(|rt| rt.spawn(verify::watch(store.clone())));
+            .map(|rt| rt.spawn(verify::watch(Arc::downgrade(&store))));
         Ok(Self {
             store,
             host,

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::Weak;
 
 use serde::{Deserialize, Serialize};
 
@@ -140,11 +140,15 @@ pub fn compressed_chain(parent: &str, layer: &str) -> String {
 /// and counted soon after the layer host finds it, not at the next use).
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Records the verdicts layer hosts write, until dropped.
-pub(super) async fn watch(store: Arc<Store>) {
+/// Records the verdicts layer hosts write, until the store is gone (it holds no reference, so
+/// the store and its database close with the snapshotter).
+pub(super) async fn watch(store: Weak<Store>) {
     let mut tick = tokio::time::interval(WATCH_EVERY);
     loop {
         tick.tick().await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
         for name in store.pending_lazy() {
             let _ = current(&store, &name);
         }
