@@ -119,9 +119,14 @@ pub fn read_verdict(fs_dir: &Path) -> Option<Verification> {
 
 /// The chain ID a snapshot named `name` stands for: a lazy snapshot is committed under the chain
 /// ID itself; containerd's metadata store names the snapshots it commits `<namespace>/<n>/<chain
-/// ID>`; `lazysnap run` commits under the chain ID.
+/// ID>`; `lazysnap run` commits under the chain ID, or `<chain ID>@<layer digest>` for a layer it
+/// unpacked (and verified) because another image's lazy layer held the chain ID.
 pub fn chain_id_of(name: &str) -> Option<Digest> {
-    if let Ok(d) = name.parse() {
+    if let Ok(d) = name
+        .split_once('@')
+        .map_or(name, |(chain, _)| chain)
+        .parse()
+    {
         return Some(d);
     }
     let mut parts = name.splitn(3, '/');
@@ -385,6 +390,7 @@ mod tests {
         let c = d("c");
         assert_eq!(chain_id_of(&c.to_string()), Some(c));
         assert_eq!(chain_id_of(&format!("default/12/{c}")), Some(c));
+        assert_eq!(chain_id_of(&format!("{c}@{}", d("layer"))), Some(c));
         assert_eq!(chain_id_of("default/12/extract-1 x"), None);
         assert_eq!(chain_id_of("default/x/sha256:zz"), None);
     }
