@@ -5,7 +5,8 @@
 //! [`FetchConfig::max_request`]); concurrent readers of a chunk share one request; every chunk is
 //! verified against its TOC digest by [`format::decode_chunk`] before it is cached or served. The
 //! prefetch list is fetched in one batch, then the rest of the layer streams in the background as
-//! one whole-blob read that is checked against the manifest digest at its end.
+//! one whole-blob read that is checked against the manifest digest at its end (and, if asked,
+//! decompressed and hashed on the side: the layer's `diff_id`, see `uncompressed`).
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
 mod local;
