@@ -7,6 +7,10 @@
 //! downloads the layer. Anything that stops the handshake is logged and counted, and Prepare goes
 //! on as overlayfs's would. The layers themselves are served by a [`LayerHost`].
 //!
+//! A chain ID is only what an image config claims, so an existing lazy snapshot is handed to a
+//! Prepare of its name only as `verify` allows (verified, or made from the same compressed chain),
+//! and one that failed verification is refused to every later use.
+//!
 //! No lock is held across an await.
 
 use std::collections::HashMap;
