@@ -5,14 +5,16 @@
 //! [`FetchConfig::max_request`]); concurrent readers of a chunk share one request; every chunk is
 //! verified against its TOC digest by [`format::decode_chunk`] before it is cached or served. The
 //! prefetch list is fetched in one batch, then the rest of the layer streams in the background as
-//! one whole-blob read that is checked against the manifest digest at its end.
+//! one whole-blob read that is checked against the manifest digest at its end (and, if asked,
+//! decompressed and hashed on the side: the layer's `diff_id`, see `uncompressed`).
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
 mod local;
 mod plan;
+mod uncompressed;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -234,6 +236,13 @@ struct Inner {
     prepare_slots: tokio::sync::Semaphore,
     /// Frames (by blob offset) that reads asked for: what an ideal fetcher must transfer.
     needed: Mutex<NeededFrames>,
+    /// Set by [`LayerFetcher::hash_uncompressed`]: [`LayerFetcher::complete`] also hashes the
+    /// decompressed stream (the layer's `diff_id`).
+    hash_uncompressed: AtomicBool,
+    /// The most the layer may decompress to, from its TOC (a bomb stops there).
+    uncompressed_bound: u64,
+    /// What the last successful `complete` found: the uncompressed digest, or why there is none.
+    uncompressed: Mutex<Option<Result<Digest, String>>>,
 }
 
 /// The distinct compressed frames reads needed, and their total size.
@@ -292,6 +301,9 @@ impl LayerFetcher {
                 refused: Mutex::new(HashSet::new()),
                 prepare_slots: tokio::sync::Semaphore::new(1),
                 needed: Mutex::default(),
+                hash_uncompressed: AtomicBool::new(false),
+                uncompressed_bound: uncompressed::bound(toc.entries.iter().map(|e| e.size)),
+                uncompressed: Mutex::new(None),
             }),
         }
     }
@@ -315,6 +327,20 @@ impl LayerFetcher {
     /// The digests of every chunk of the layer (what pinning a complete layer protects).
     pub fn chunk_digests(&self) -> Vec<Digest> {
         self.inner.chunks.iter().map(|c| c.digest).collect()
+    }
+
+    /// From now on [`Self::complete`] also decompresses the blob as it streams and hashes the
+    /// result (off the async workers); [`Self::uncompressed_digest`] gives it afterwards.
+    pub fn hash_uncompressed(&self) {
+        self.inner.hash_uncompressed.store(true, Ordering::Relaxed);
+    }
+
+    /// The layer's uncompressed digest (its `diff_id`) from the last `complete` that verified
+    /// the whole blob, or why the verified blob has none (it does not decompress, or
+    /// decompresses past what its TOC declares); `None` before that or without
+    /// [`Self::hash_uncompressed`].
+    pub fn uncompressed_digest(&self) -> Option<Result<Digest, String>> {
+        lock(&self.inner.uncompressed).clone()
     }
 
     /// Whether every chunk of the layer is in the cache.
@@ -383,6 +409,9 @@ impl LayerFetcher {
         let mut buf_start = 0u64;
         let mut next = 0usize; // index into chunks
         let mut block = vec![0u8; 256 << 10];
+        let mut uncompressed = inner.hash_uncompressed.load(Ordering::Relaxed).then(|| {
+            uncompressed::UncompressedDigest::start(inner.format, inner.uncompressed_bound)
+        });
         loop {
             if DEMAND.busy.load(Ordering::Relaxed) > 0 {
                 DEMAND.wait_quiet().await;
@@ -399,6 +428,9 @@ impl LayerFetcher {
                 .background_bytes
                 .fetch_add(n as u64, Ordering::Relaxed);
             inner.record("background", n as u64);
+            if let Some(hasher) = &mut uncompressed {
+                hasher.feed(Bytes::copy_from_slice(&block[..n])).await;
+            }
             buf.extend_from_slice(&block[..n]);
             pos += n as u64;
             // Decode every chunk whose compressed range is now complete.
@@ -437,6 +469,11 @@ impl LayerFetcher {
                 "background read ended at {pos} of {} bytes",
                 inner.blob_size
             )));
+        }
+        // The reader ended only after the blob matched its manifest digest: what it decompresses
+        // to is the layer's own, whatever it is.
+        if let Some(hasher) = uncompressed {
+            *lock(&inner.uncompressed) = Some(hasher.finish().await);
         }
         METRICS
             .layer_complete

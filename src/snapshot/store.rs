@@ -16,6 +16,7 @@ use std::time::SystemTime;
 
 use super::db::{Change, Db};
 use super::filter::{self, Filter};
+use super::verify::Verification;
 use super::{mounts, usage, Info, Kind, Mount, Record, RemoteLayer, SnapshotError, Usage};
 
 /// The snapshot store (see the module docs).
@@ -112,6 +113,7 @@ impl Store {
             updated: now,
             usage: None,
             remote: None,
+            verification: Verification::Pending,
         };
         let mut state = self.lock();
         let result = check_new(&state, key, parent).and_then(|()| {
@@ -169,6 +171,7 @@ impl Store {
             updated: now,
             usage: Some(usage),
             remote,
+            verification: Verification::Pending,
         };
         let mut state = self.lock();
         check_new(&state, name, parent)?;
@@ -229,6 +232,7 @@ impl Store {
             updated: now,
             usage: Some(usage),
             remote: None,
+            verification: Verification::Pending,
         };
         state.apply(&[Change::Delete(key), Change::Put(name, &committed)])?;
         state.records.remove(key);
@@ -276,6 +280,37 @@ impl Store {
     /// The record of `key` (for the snapshotter's own bookkeeping).
     pub fn record(&self, key: &str) -> Result<Record, SnapshotError> {
         self.lock().get(key).cloned()
+    }
+
+    /// Records the verdict on the lazy layer of `name` (which must still be snapshot `id`).
+    /// Returns the record and whether this call changed it from pending (so a verdict is logged
+    /// and counted once).
+    pub(super) fn set_verification(
+        &self,
+        name: &str,
+        id: u64,
+        verification: Verification,
+    ) -> Result<(Record, bool), SnapshotError> {
+        let mut state = self.lock();
+        let mut record = state.get(name)?.clone();
+        if record.id != id || !record.verification.is_pending() {
+            return Ok((record, false));
+        }
+        record.verification = verification;
+        state.apply(&[Change::Put(name, &record)])?;
+        state.records.insert(name.to_owned(), record.clone());
+        Ok((record, true))
+    }
+
+    /// The names of lazy snapshots whose verdict is still pending.
+    pub(super) fn pending_lazy(&self) -> Vec<String> {
+        let state = self.lock();
+        state
+            .records
+            .iter()
+            .filter(|(_, r)| r.remote.is_some() && r.verification.is_pending())
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Updates the labels of `info.name`: all of them without `fieldpaths` or with `labels`,
