@@ -776,3 +776,80 @@ proptest! {
         }
     }
 }
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Measures a zstd:chunked TOC right at the default limits, through the path a mount takes
+/// (compressed bytes → JSON → model). Run alone, as it reports the process's peak RSS:
+/// `cargo test --release --lib format::prop_tests::measure_toc_at_the_limits -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement: run alone, see its doc"]
+fn measure_toc_at_the_limits() {
+    let limits = Limits::default();
+    let real = zstd_real();
+    let d = crate::oci::Digest::of(b"x");
+    for shape in ["entries", "names"] {
+        let mut json = Vec::with_capacity(limits.max_toc_json as usize);
+        json.extend_from_slice(br#"{"version":1,"entries":["#);
+        let mut n = 0u64;
+        loop {
+            let e = match shape {
+                // As many regular files (each one chunk) as the entry limit allows.
+                "entries" => format!(
+                    r#"{{"name":"d{}/f{n}","type":"reg","size":1,"offset":{},"chunkDigest":"{d}"}}"#,
+                    n % 1000,
+                    n * 16 + 1
+                ),
+                // Fewer entries with names (and links) as long as the name limit allows.
+                _ => format!(
+                    r#"{{"name":"{n}/{}","type":"symlink","linkName":"{}"}}"#,
+                    "n".repeat(2000),
+                    "l".repeat(2000)
+                ),
+            };
+            if json.len() + e.len() + 3 > limits.max_toc_json as usize || n == limits.max_entries {
+                break;
+            }
+            if n > 0 {
+                json.push(b',');
+            }
+            json.extend_from_slice(e.as_bytes());
+            n += 1;
+        }
+        json.extend_from_slice(b"]}");
+        let raw = zstd::bulk::compress(&json, 3).unwrap();
+        let layer = LazyLayer {
+            format: LayerFormat::ZstdChunked,
+            toc_digest: crate::oci::Digest::of(&raw),
+            toc_position: None,
+        };
+        let position = TocPosition {
+            offset: 1 << 40,
+            compressed_len: raw.len() as u64,
+            uncompressed_len: json.len() as u64,
+        };
+        let (json_len, raw_len) = (json.len(), raw.len());
+        drop(json);
+        let before = vm_hwm_kib();
+        let start = std::time::Instant::now();
+        let (toc, peak) = peak_of(|| parse_toc_limited(&layer, position, &raw, &limits));
+        let toc = toc.unwrap();
+        eprintln!(
+            "{shape}: {} entries, JSON {json_len} bytes ({raw_len} compressed): {:.2} s, \
+             heap peak {} MiB, VmHWM {} MiB (was {} MiB before the parse)",
+            toc.entries.len(),
+            start.elapsed().as_secs_f64(),
+            peak >> 20,
+            vm_hwm_kib() >> 10,
+            before >> 10
+        );
+        let _ = &real;
+    }
+}

@@ -4,7 +4,7 @@
 //! Decoding is lenient on unknown fields and missing optional ones, strict on names (no absolute
 //! or escaping paths) and on digests (every chunk must be verifiable).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -228,7 +228,7 @@ pub(crate) fn decode_limited(
         seen: 0,
         entries: Vec::new(),
         raw_chunks: Vec::new(),
-        last_reg: HashMap::new(),
+        last_reg: None,
         failure: None,
     };
     let mut de = serde_json::Deserializer::from_slice(json);
@@ -247,24 +247,32 @@ pub(crate) fn decode_limited(
         None | Some(1) => {}
         Some(v) => return Err(FormatError::Toc(format!("unsupported version {v}"))),
     }
-    let Decoder {
-        mut entries,
-        raw_chunks,
-        ..
-    } = state;
+    let mut entries = std::mem::take(&mut state.entries);
+    let raw_chunks = std::mem::take(&mut state.raw_chunks);
+    // The name index served only the streaming pass.
+    drop(state);
 
     // Distinct compressed start offsets, to bound chunks whose end the TOC does not record.
-    let starts: BTreeSet<u64> = raw_chunks
+    let mut starts: Vec<u64> = raw_chunks
         .iter()
-        .flatten()
-        .filter(|c| !c.zeros)
-        .map(|c| c.start)
+        .filter(|(_, c)| !c.zeros)
+        .map(|(_, c)| c.start)
         .collect();
-    for (entry, mut raw) in entries.iter_mut().zip(raw_chunks) {
+    starts.sort_unstable();
+    starts.dedup();
+    // One flat list for all files (no vector per entry), grouped by entry, in file order.
+    let mut raw_chunks = raw_chunks;
+    raw_chunks.sort_by_key(|(i, c)| (*i, c.file_offset));
+    let mut groups = raw_chunks.chunk_by(|a, b| a.0 == b.0).peekable();
+    for (index, entry) in entries.iter_mut().enumerate() {
+        let raw: &[(usize, RawChunk)] = match groups.peek() {
+            Some(g) if g[0].0 == index => groups.next().unwrap_or_default(),
+            _ => &[],
+        };
         if entry.kind != EntryKind::Reg || entry.size == 0 {
             continue;
         }
-        raw.sort_by_key(|c| c.file_offset);
+        let raw: Vec<&RawChunk> = raw.iter().map(|(_, c)| c).collect();
         let n = raw.len();
         let mut chunks = Vec::with_capacity(n);
         let mut expect = 0u64;
@@ -315,8 +323,7 @@ pub(crate) fn decode_limited(
             // Any later chunk start is a frame/member boundary. skopeo 1.9 records on a file's
             // first chunk the end of its *last* frame, so take the nearer of the two.
             let next = starts
-                .range(c.start.saturating_add(1)..)
-                .next()
+                .get(starts.partition_point(|&s| s <= c.start))
                 .copied()
                 .unwrap_or(toc_offset);
             let end = c.end.map_or(next, |e| e.min(next));
@@ -350,37 +357,45 @@ pub(crate) fn decode_limited(
         entry.chunks = chunks;
     }
 
-    // Hard links share their target's content. Their copies of its chunk list count against the
-    // entry limit too: a file of many chunks and many links to it would otherwise multiply.
-    let mut total_chunks: u64 = entries.iter().map(|e| e.chunks.len() as u64).sum();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
-    for i in 0..entries.len() {
-        if entries[i].kind == EntryKind::Hardlink {
-            if let Some(&t) = by_name.get(&entries[i].link_name) {
-                if matches!(entries[t].kind, EntryKind::Reg | EntryKind::Hardlink) {
-                    total_chunks += entries[t].chunks.len() as u64;
-                    if total_chunks > limits.max_entries {
-                        return Err(FormatError::entry(
-                            &entries[i].name,
-                            Limits::exceeded(
-                                "chunks counting those hard links share",
-                                total_chunks,
-                                limits.max_entries,
-                                "max_toc_entries",
-                            ),
-                        ));
+    // Hard links share their target's content (a target named before the link). Their copies
+    // of its chunk list count against the entry limit too: a file of many chunks and many links
+    // to it would otherwise multiply. The name index borrows the names, it copies none.
+    let links: Vec<(usize, usize)> = {
+        let mut by_name: HashMap<&str, usize> = HashMap::new();
+        let mut links = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.kind == EntryKind::Hardlink {
+                if let Some(&t) = by_name.get(e.link_name.as_str()) {
+                    if matches!(entries[t].kind, EntryKind::Reg | EntryKind::Hardlink) {
+                        links.push((i, t));
                     }
-                    let (size, digest, chunks) = (
-                        entries[t].size,
-                        entries[t].digest,
-                        entries[t].chunks.clone(),
-                    );
-                    let e = &mut entries[i];
-                    (e.size, e.digest, e.chunks) = (size, digest, chunks);
                 }
             }
+            by_name.insert(&e.name, i);
         }
-        by_name.insert(entries[i].name.clone(), i);
+        links
+    };
+    let mut total_chunks: u64 = entries.iter().map(|e| e.chunks.len() as u64).sum();
+    for (i, t) in links {
+        total_chunks += entries[t].chunks.len() as u64;
+        if total_chunks > limits.max_entries {
+            return Err(FormatError::entry(
+                &entries[i].name,
+                Limits::exceeded(
+                    "chunks counting those hard links share",
+                    total_chunks,
+                    limits.max_entries,
+                    "max_toc_entries",
+                ),
+            ));
+        }
+        let (size, digest, chunks) = (
+            entries[t].size,
+            entries[t].digest,
+            entries[t].chunks.clone(),
+        );
+        let e = &mut entries[i];
+        (e.size, e.digest, e.chunks) = (size, digest, chunks);
     }
 
     let mut prefetch = Vec::new();
@@ -410,9 +425,10 @@ struct Decoder<'l> {
     /// JSON entries seen, chunk entries included.
     seen: u64,
     entries: Vec<TocEntry>,
-    raw_chunks: Vec<Vec<RawChunk>>,
-    /// Index of the last regular file of each name (chunk entries follow their file).
-    last_reg: HashMap<String, usize>,
+    /// Chunks of all files, with the index of their entry.
+    raw_chunks: Vec<(usize, RawChunk)>,
+    /// Name and index of the last regular file (the file chunk entries continue).
+    last_reg: Option<(String, usize)>,
     failure: Option<FormatError>,
 }
 
@@ -458,11 +474,17 @@ impl Decoder<'_> {
         };
         let kind = match kind_s.as_str() {
             "chunk" => {
-                let idx = *self
-                    .last_reg
-                    .get(&name)
-                    .ok_or_else(|| err("chunk entry without a preceding regular file".into()))?;
-                self.raw_chunks[idx].push(chunk()?);
+                // Both formats write a file's chunk entries after it, before the next file.
+                let idx = match &self.last_reg {
+                    Some((last, idx)) if *last == name => *idx,
+                    _ => {
+                        return Err(err(
+                            "chunk entry that does not follow its regular file".into()
+                        ))
+                    }
+                };
+                let c = chunk()?;
+                self.raw_chunks.push((idx, c));
                 return Ok(());
             }
             "dir" => EntryKind::Dir,
@@ -587,15 +609,14 @@ impl Decoder<'_> {
             },
             chunks: Vec::new(),
         };
-        let mut own = Vec::new();
         if kind == EntryKind::Reg {
             if size > 0 {
-                own.push(chunk()?);
+                let c = chunk()?;
+                self.raw_chunks.push((self.entries.len(), c));
             }
-            self.last_reg.insert(name, self.entries.len());
+            self.last_reg = Some((name, self.entries.len()));
         }
         self.entries.push(entry);
-        self.raw_chunks.push(own);
         Ok(())
     }
 }
