@@ -853,3 +853,36 @@ fn measure_toc_at_the_limits() {
         let _ = &real;
     }
 }
+
+#[tokio::test]
+async fn a_toc_position_over_the_limits_is_refused_before_it_is_read() {
+    let digest = crate::oci::Digest::of(b"layer");
+    let limits = Limits::default();
+    for (compressed, json, key) in [
+        (2u64 << 30, 1000, "limits.max_toc_compressed_bytes"),
+        (1000, 4u64 << 30, "limits.max_toc_json_bytes"),
+    ] {
+        // The annotation states the position; no footer is read.
+        let lazy = LazyLayer {
+            format: LayerFormat::ZstdChunked,
+            toc_digest: digest,
+            toc_position: Some(TocPosition {
+                offset: 0,
+                compressed_len: compressed,
+                uncompressed_len: json,
+            }),
+        };
+        let reads = std::sync::atomic::AtomicU64::new(0);
+        let err = crate::fetch::read_toc(&digest, &lazy, 8 << 30, &limits, |start, end| {
+            reads.fetch_add(end - start, std::sync::atomic::Ordering::Relaxed);
+            async move { Ok::<_, String>(Vec::new()) }
+        })
+        .await
+        .map(|t| t.entries.len())
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(key), "{err}");
+        assert!(err.contains(&digest.short()), "names the layer: {err}");
+        assert_eq!(reads.into_inner(), 0, "nothing may be read");
+    }
+}
