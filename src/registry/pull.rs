@@ -611,6 +611,28 @@ mod tests {
         assert!(written < 64 << 20, "wrote {written}");
     }
 
+    #[tokio::test]
+    async fn a_manifest_over_4_mib_is_refused_as_it_arrives() {
+        let (addr, server) = serve(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+             Connection: close\r\n\r\n"
+                .to_owned(),
+            HUGE,
+        )
+        .await;
+        let client = Client::new(ClientConfig::default()).unwrap();
+        let reference: Reference = format!("{addr}/hostile/app:v1").parse().unwrap();
+        let err = client
+            .get_manifest(&reference)
+            .await
+            .unwrap_err()
+            .to_string();
+        drop(client);
+        assert!(err.contains("manifest larger than 4194304 bytes"), "{err}");
+        let written = server.await.unwrap();
+        assert!(written < 64 << 20, "wrote {written}");
+    }
+
     #[test]
     fn content_ranges_parse_strictly() {
         assert_eq!(parse_content_range("bytes 0-9/10"), Some((0, 9)));
