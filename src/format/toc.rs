@@ -249,7 +249,7 @@ pub(crate) fn decode_limited(
     }
     let mut entries = std::mem::take(&mut state.entries);
     let raw_chunks = std::mem::take(&mut state.raw_chunks);
-    // The name index served only the streaming pass.
+    // The streaming state (the last regular file) is not needed past the parse.
     drop(state);
 
     // Distinct compressed start offsets, to bound chunks whose end the TOC does not record.
