@@ -10,7 +10,8 @@
 //!
 //! Files: `tar` (streaming parser that keeps raw header bytes), `names` (name and link rules),
 //! `toc` (the shared TOC JSON and the normalised model), `footer` (the footer layouts), `writer`
-//! (the parallel, reproducible pipeline), `reader` (TOC and chunk verification), `error`.
+//! (the parallel, reproducible pipeline), `reader` (TOC and chunk verification), `limits` (the
+//! bounds on every size a footer or TOC states), `error`.
 //!
 //! Layout written:
 //! - zstd:chunked: frames `[headers…][chunk][headers/padding…][chunk]…[padding + end-of-archive]`,
@@ -325,6 +326,12 @@ pub fn decode_chunk(
 }
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod prop_tests;
+#[cfg(test)]
+mod testalloc;
+#[cfg(test)]
+mod testlayer;
 #[cfg(test)]
 mod tests;
