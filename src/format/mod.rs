@@ -9,7 +9,8 @@
 //! and TOC bytes into a [`Toc`], and one chunk's compressed bytes into verified file content.
 //!
 //! Files: `tar` (streaming parser that keeps raw header bytes), `names` (name and link rules),
-//! `toc` (the shared TOC JSON and the normalised model), `footer` (the footer layouts), `writer`
+//! `toc` (the shared TOC JSON and the normalised model), `toc_stream` (entries decoded one at a time
+//! against the limits), `footer` (the footer layouts), `writer`
 //! (the parallel, reproducible pipeline), `reader` (TOC and chunk verification), `limits` (the
 //! bounds on every size a footer or TOC states), `error`.
 //!
@@ -37,6 +38,7 @@ pub(crate) mod tar;
 #[cfg(test)]
 mod testtar;
 mod toc;
+mod toc_stream;
 mod writer;
 
 use std::collections::BTreeMap;
