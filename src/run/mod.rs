@@ -173,7 +173,12 @@ struct Container {
 impl Container {
     fn create(id: String, dir: PathBuf, options: &RunOptions) -> Result<Self, RunError> {
         // The root, the container's directory and runc's state are root-only (0700): the
-        // container's root is mounted with suid and dev, which is safe only behind them.
+        // container's root is mounted with suid and dev, which is safe only behind them. runc's
+        // state is created alone: its parent (/run/lazysnap) also holds lazysnapd's socket.
+        if let Some(parent) = options.runc.state.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(io(format!("creating {}", parent.display())))?;
+        }
         for private in [&options.mount.root, &dir, &options.runc.state] {
             mount::private_dir(private)
                 .map_err(io(format!("creating {} (mode 0700)", private.display())))?;
