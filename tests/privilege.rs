@@ -194,10 +194,10 @@ fn nobody_runs(path: &Path) -> Result<String> {
 fn mount_options(path: &Path) -> Result<Vec<String>> {
     let wanted = path.to_string_lossy();
     let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // The last mount at the path is the one in effect.
     let line = table
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(&*wanted))
-        .last()
+        .rfind(|l| l.split(' ').nth(4) == Some(&*wanted))
         .with_context(|| format!("{wanted} is not a mount point"))?;
     Ok(line
         .split(' ')
