@@ -238,6 +238,42 @@ fn unescape_mount_path(field: &str) -> PathBuf {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn sockets_are_0600_or_0660_for_the_group_and_replace_stale_ones() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("run/private.sock");
+        let _listener = bind(&private, None).unwrap();
+        let meta = std::fs::metadata(&private).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("run"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o711
+        );
+        // A stale socket file (nobody listens) is replaced; a live one is an error.
+        let shared = dir.path().join("run/shared.sock");
+        drop(std::os::unix::net::UnixListener::bind(&shared).unwrap());
+        let _shared = bind(&shared, Some(nix::unistd::Gid::from_raw(4242))).unwrap();
+        let meta = std::fs::metadata(&shared).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(meta.gid(), 4242);
+        }
+        assert!(std::os::unix::net::UnixStream::connect(&shared).is_ok());
+        assert!(bind(&shared, None).is_err());
+        // Nothing is left of the staging directories.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path().join("run"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["private.sock", "shared.sock"]);
+    }
+
     #[test]
     fn mountinfo_paths_are_unescaped() {
         assert_eq!(
