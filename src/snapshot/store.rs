@@ -50,8 +50,10 @@ impl Store {
     /// Opens (or creates) the store under `root/snapshots`.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
         let dir = root.join("snapshots");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| SnapshotError::io(format!("creating {}", dir.display()), e))?;
+        // Root-only, as containerd's snapshot roots: snapshots hold image content (setuid files,
+        // device nodes) and mount lazy layers with suid and dev.
+        private_dir(&dir)
+            .map_err(|e| SnapshotError::io(format!("creating {} (mode 0700)", dir.display()), e))?;
         let db = Db::open(&dir.join("meta"))?;
         let records: HashMap<String, Record> = db.load()?.into_iter().collect();
         let next_id = db
@@ -137,9 +139,16 @@ impl Store {
             state.apply(&[])?;
             id
         };
+        // `snapshots/<id>` is 0700; `fs` keeps the umask's mode, as containerd's overlayfs
+        // snapshotter makes it 0755: as an upper directory it is the container's `/`.
         let mut dirs = vec![self.fs_dir(id)];
         if writable {
             dirs.push(self.work_dir(id));
+        }
+        if let Err(e) = private_dir(&self.snapshot_dir(id)) {
+            self.remove_dir(id);
+            let dir = self.snapshot_dir(id);
+            return Err(SnapshotError::io(format!("creating {}", dir.display()), e));
         }
         for dir in dirs {
             if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -438,6 +447,16 @@ fn check_new(state: &State, key: &str, parent: &str) -> Result<(), SnapshotError
         }
     }
     Ok(())
+}
+
+/// Creates `path` (and missing parents) mode 0700, and sets `path` to 0700 if it existed.
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
 #[cfg(test)]
