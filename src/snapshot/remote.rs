@@ -260,7 +260,11 @@ impl Remote {
             size,
             &toc,
             self.cache.clone(),
-            self.config.fetch.clone(),
+            // A range request lives as long as a read may wait for it (see `FetchConfig`).
+            FetchConfig {
+                deadline: self.config.fs.read_timeout,
+                ..self.config.fetch.clone()
+            },
         );
         let mount = fs::mount_layer(
             toc.clone(),
@@ -420,10 +424,8 @@ async fn background(
         tracing::warn!(%layer, "cannot pin the layer's chunks: {e}");
     }
     if !fetcher.is_complete() {
-        match fetcher.complete().await {
-            Ok(()) => tracing::info!(%layer, "layer complete in the cache"),
-            Err(e) => tracing::warn!(%layer, "background fetch stopped: {e}"),
-        }
+        fetcher.complete_retrying().await;
+        tracing::info!(%layer, "layer complete in the cache");
     }
 }
 
