@@ -405,3 +405,55 @@ fn background_completion_survives_server_errors() -> Result<()> {
 fn background_completion_survives_resets() -> Result<()> {
     background_completes_after("bg-reset", Fault::Reset)
 }
+
+/// Not a check, a measurement (run with `--ignored --nocapture`): how long background completion
+/// of many small lazy layers takes on plain loopback, from the mount to the last complete layer.
+/// `LAZYSNAP_SMALL_LAYERS` sets the layer count (default 80: the overlay's options, one path per
+/// layer, must fit in a page, hence also the short state root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_background_completion_of_many_small_layers() -> Result<()> {
+    let count: usize = std::env::var("LAZYSNAP_SMALL_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(80);
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
+    let mut tars = Vec::new();
+    for i in 0..count {
+        let tree = work.path().join(format!("tree-{i}"));
+        std::fs::create_dir_all(tree.join("layer"))?;
+        std::fs::write(
+            tree.join(format!("layer/file-{i}")),
+            noise(20_000, i as u64 + 7),
+        )?;
+        tars.push(image::tar_dir(&tree)?);
+    }
+    let layout = LayoutBuilder::new(&work.path().join("layout"))?;
+    let desc = layout.image(&tars, "amd64")?;
+    layout.tags(&[("src", desc)])?;
+    let reference = format!("{}/faults/many:v1", registry.addr);
+    convert(&format!("oci:{}:src", layout.dir.display()), &reference)?;
+
+    let target = work.path().join("mnt");
+    std::fs::create_dir_all(&target)?;
+    let root = tempfile::Builder::new().prefix("m").tempdir_in("/tmp")?;
+    let _cleanup_root = UnmountOnDrop(root.path().to_owned());
+    let config = lazysnap::mount::MountConfig::new(root.path().to_owned());
+    let start = Instant::now();
+    let mut mounted = lazysnap::mount::mount_image(&reference.parse()?, &target, &config).await?;
+    let mount_time = start.elapsed();
+    ensure!(
+        lazysnap::mount::wait_background(&mut mounted, Duration::from_secs(600)).await,
+        "background completion within 10 minutes"
+    );
+    let total = start.elapsed();
+    ensure!(mounted.fetchers().all(|f| f.is_complete()));
+    eprintln!(
+        "{count} lazy layers of 20 kB: mounted in {mount_time:?}, all complete {total:?} after the mount began ({:.1} layers/s)",
+        count as f64 / total.as_secs_f64()
+    );
+    mounted.unmount()?;
+    Ok(())
+}
