@@ -82,9 +82,13 @@ const RETRY_BASE: Duration = Duration::from_millis(500);
 /// again within this, and a blob the registry keeps serving wrong is streamed at most this often.
 const RETRY_CAP: Duration = Duration::from_secs(120);
 /// How long the chunks of a failed range request keep answering with its error. The kernel
-/// retries a failed read at once (readahead, then a synchronous read of the page); that retry
-/// must get the first request's error, not start a second request and wait a second timeout.
-const FAILED_GRACE: Duration = Duration::from_millis(250);
+/// retries a failed read at once (readahead, then a synchronous read of the page, within a
+/// millisecond or so); that retry must get the first request's error, not ask the registry again
+/// and double the reader's wait. Short, so that a registry back a moment later is used at once.
+const FAILED_GRACE: Duration = Duration::from_millis(50);
+/// [`FAILED_GRACE`] for a request abandoned at its deadline, wider because a retry that misses it
+/// waits a whole second timeout.
+const ABANDONED_GRACE: Duration = Duration::from_millis(250);
 
 /// Fetch tuning.
 #[derive(Debug, Clone)]
@@ -473,27 +477,31 @@ impl LayerFetcher {
         let task = async move {
             // Dropping the request at the deadline closes its connection: a stalled registry
             // holds no reader, and no socket, past it.
-            let result = tokio::time::timeout_at(deadline, fetch_span(&inner, &span, kind))
-                .await
-                .unwrap_or_else(|_| {
+            let result = tokio::time::timeout_at(deadline, fetch_span(&inner, &span, kind)).await;
+            let (result, grace) = match result {
+                Ok(Ok(map)) => {
+                    forget(&inner, &span.chunks, id);
+                    return Ok(map);
+                }
+                Ok(Err(e)) => (Err(e), FAILED_GRACE),
+                Err(_) => {
                     let layer = inner.blob.short();
                     tracing::warn!(%layer, start = span.start, end = span.end, "range request abandoned: no complete answer within {limit:?}");
-                    Err(ChunkError(format!(
+                    let e = ChunkError(format!(
                         "layer {layer}: range {}-{}: no complete answer from the registry within {limit:?}",
                         span.start, span.end
-                    )))
-                });
-            if result.is_ok() {
-                forget(&inner, &span.chunks, id);
-            } else {
-                // Readers arriving just after the failure (the kernel's retry) get this error.
-                let inner = inner.clone();
-                let chunks = span.chunks.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(FAILED_GRACE).await;
-                    forget(&inner, &chunks, id);
-                });
-            }
+                    ));
+                    (Err(e), ABANDONED_GRACE)
+                }
+            };
+            // Readers arriving just after the failure (the kernel's retry of the read that
+            // failed) get this error rather than ask again and wait a second time.
+            let forget_later = inner.clone();
+            let chunks = span.chunks.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                forget(&forget_later, &chunks, id);
+            });
             result
         };
         let handle = tokio::spawn(task);
