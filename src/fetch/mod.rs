@@ -11,6 +11,7 @@
 mod local;
 mod plan;
 mod schedule;
+mod stall;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +31,7 @@ use crate::registry::Client;
 
 pub use plan::{plan_ranges, Span};
 pub use schedule::{DemandGuard, ScheduleConfig, Scheduler, StreamSlot};
+use stall::StallGuard;
 
 /// Finds and verifies a lazy layer's TOC with at most two range reads of its `size`-byte blob:
 /// the footer (skipped when the annotation gives the position), then the TOC, which is checked
@@ -542,57 +544,6 @@ fn retry_delay(failures: u32) -> Duration {
         .min(RETRY_CAP)
 }
 
-/// An `AsyncRead` that fails with `TimedOut` when a read waits longer than `limit` for a byte.
-struct StallGuard<R> {
-    inner: R,
-    limit: Duration,
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<R> StallGuard<R> {
-    fn new(inner: R, limit: Duration) -> Self {
-        Self {
-            inner,
-            limit,
-            timer: None,
-        }
-    }
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::future::Future;
-        use std::task::Poll;
-        let this = &mut *self;
-        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                this.timer = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                let limit = this.limit;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        this.timer = None;
-                        Poll::Ready(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no data from the registry for {limit:?}"),
-                        )))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
-    }
-}
-
 impl Inner {
     /// Adds `n` fetched bytes of `kind` to the counters and the layer's gauge.
     fn record(&self, kind: &str, n: u64) {
@@ -741,5 +692,19 @@ impl ChunkSource for LayerFetcher {
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_retries_back_off_doubling_up_to_the_cap() {
+        assert_eq!(retry_delay(0), RETRY_BASE);
+        assert_eq!(retry_delay(1), RETRY_BASE * 2);
+        assert_eq!(retry_delay(3), RETRY_BASE * 8);
+        assert_eq!(retry_delay(20), RETRY_CAP);
+        assert_eq!(retry_delay(u32::MAX), RETRY_CAP);
     }
 }
