@@ -332,9 +332,7 @@ pub async fn mount_image_with_upper(
                         tracing::warn!("cannot pin the layer's chunks: {e}");
                     }
                     if !task_fetcher.is_complete() {
-                        if let Err(e) = task_fetcher.complete().await {
-                            tracing::warn!("background fetch stopped: {e}");
-                        }
+                        task_fetcher.complete_retrying().await;
                     }
                 }));
                 layers.push(Layer::Lazy {
@@ -519,7 +517,11 @@ async fn prepare_layer(
             size,
             &toc,
             cache.clone(),
-            config.fetch.clone(),
+            // A range request lives as long as a read may wait for it (see `FetchConfig`).
+            FetchConfig {
+                deadline: config.fs.read_timeout,
+                ..config.fetch.clone()
+            },
         );
         std::fs::create_dir_all(mount_dir).map_err(|e| MountError::Io {
             context: format!("creating {}", mount_dir.display()),

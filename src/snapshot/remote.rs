@@ -326,7 +326,11 @@ impl Remote {
             size,
             &toc,
             self.cache.clone(),
-            self.config.fetch.clone(),
+            // A range request lives as long as a read may wait for it (see `FetchConfig`).
+            FetchConfig {
+                deadline: self.config.fs.read_timeout,
+                ..self.config.fetch.clone()
+            },
         );
         let session = self.session().map_err(|e| Fallback::new("mount", e))?;
         let mount = fs::mount_layer(
@@ -495,10 +499,8 @@ async fn background(
         tracing::warn!(%layer, "cannot pin the layer's chunks: {e}");
     }
     if !fetcher.is_complete() || verify.is_some() {
-        match fetcher.complete().await {
-            Ok(()) => tracing::info!(%layer, "layer complete in the cache"),
-            Err(e) => tracing::warn!(%layer, "background fetch stopped: {e}"),
-        }
+        fetcher.complete_retrying().await;
+        tracing::info!(%layer, "layer complete in the cache");
     }
     let (Some((expected, dir)), Some(found)) = (verify, fetcher.uncompressed_digest()) else {
         return;
