@@ -84,9 +84,14 @@ pub async fn inspect(
                 }
                 ImageLocation::DockerArchive { .. } => BlobAccess::None,
             };
-            match crate::fetch::read_toc(&digest, lazy, size, &Default::default(), |start, end| {
-                access.range(&digest, start, end)
-            })
+            match crate::fetch::read_toc(
+                &digest,
+                lazy,
+                size,
+                &Default::default(),
+                &Default::default(),
+                |start, end| access.range(&digest, start, end),
+            )
             .await
             {
                 Ok(toc) => {

@@ -39,12 +39,14 @@ use stall::StallGuard;
 /// the footer (skipped when the annotation gives the position), then the TOC, which is checked
 /// against the digest the manifest pins before it is parsed. `read(start, end)` reads
 /// `[start, end)` of the blob, from a registry or a local file. The TOC's stated sizes are checked
-/// against `limits` before it is read, and its content while it is decoded.
+/// against `limits` before it is read, and its content while it is decoded, which waits for a
+/// turn from `scheduler`.
 pub async fn read_toc<F, Fut, E>(
     blob: &Digest,
     lazy: &LazyLayer,
     size: u64,
     limits: &format::Limits,
+    scheduler: &Scheduler,
     read: F,
 ) -> Result<Toc, FetchError>
 where
@@ -83,7 +85,14 @@ where
     let raw = read(position.offset, end)
         .await
         .map_err(|e| fail(format!("reading the TOC: {e}")))?;
-    format::parse_toc_limited(lazy, position, &raw, limits).map_err(|e| fail(e.to_string()))
+    // Decoding is CPU work that a TOC at the limits stretches to seconds: off the async workers
+    // (they serve every layer's reads), and in turns, so hostile TOCs hold bounded memory.
+    let _turn = scheduler.toc_decode().await;
+    let (lazy, limits) = (lazy.clone(), *limits);
+    tokio::task::spawn_blocking(move || format::parse_toc_limited(&lazy, position, &raw, &limits))
+        .await
+        .map_err(|e| fail(format!("decoding the TOC: {e}")))?
+        .map_err(|e| fail(e.to_string()))
 }
 
 /// The first delay before a failed background completion is tried again; doubled per failure.

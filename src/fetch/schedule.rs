@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// TOCs decoded at once on a node.
+pub const TOC_DECODES: usize = 2;
+
 /// How the background shares the link.
 #[derive(Debug, Clone, Copy)]
 pub struct ScheduleConfig {
@@ -62,6 +65,8 @@ struct Inner {
     /// The byte budget, in KiB (a semaphore counts in u32 units).
     budget: Arc<Semaphore>,
     streams: Arc<Semaphore>,
+    /// TOCs being decoded at once (see [`Scheduler::toc_decode`]).
+    toc_decodes: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -113,8 +118,16 @@ impl Scheduler {
                 epoch: Instant::now(),
                 budget: Arc::new(Semaphore::new(kib as usize)),
                 streams: Arc::new(Semaphore::new(config.max_streams.max(1))),
+                toc_decodes: Arc::new(Semaphore::new(TOC_DECODES)),
             }),
         }
+    }
+
+    /// A turn to decode a TOC. Decoding a TOC at the limits holds several hundred MiB and seconds
+    /// of CPU (docs/configuration.md), and every image on the node may bring one: taking turns
+    /// bounds what hostile TOCs can hold at once to [`TOC_DECODES`] of them, whatever arrives.
+    pub async fn toc_decode(&self) -> Option<OwnedSemaphorePermit> {
+        self.inner.toc_decodes.clone().acquire_owned().await.ok()
     }
 
     pub fn config(&self) -> &ScheduleConfig {
@@ -194,6 +207,20 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn tocs_are_decoded_a_bounded_few_at_a_time() {
+        let s = Scheduler::default();
+        let mut turns = Vec::new();
+        for _ in 0..TOC_DECODES {
+            turns.push(s.toc_decode().await.expect("a turn"));
+        }
+        let waiting = tokio::time::timeout(Duration::from_millis(50), s.toc_decode()).await;
+        assert!(waiting.is_err(), "a decode past the bound must wait");
+        drop(turns.pop());
+        let next = tokio::time::timeout(Duration::from_secs(5), s.toc_decode()).await;
+        assert!(matches!(next, Ok(Some(_))), "a finished decode gives its turn");
+    }
 
     #[tokio::test]
     async fn the_quiet_period_follows_activity_not_each_stream() {

@@ -336,10 +336,17 @@ async fn a_toc_position_over_the_limits_is_refused_before_it_is_read() {
             }),
         };
         let reads = std::sync::atomic::AtomicU64::new(0);
-        let err = crate::fetch::read_toc(&digest, &lazy, 8 << 30, &limits, |start, end| {
-            reads.fetch_add(end - start, std::sync::atomic::Ordering::Relaxed);
-            async move { Ok::<_, String>(Vec::new()) }
-        })
+        let err = crate::fetch::read_toc(
+            &digest,
+            &lazy,
+            8 << 30,
+            &limits,
+            &Default::default(),
+            |start, end| {
+                reads.fetch_add(end - start, std::sync::atomic::Ordering::Relaxed);
+                async move { Ok::<_, String>(Vec::new()) }
+            },
+        )
         .await
         .map(|t| t.entries.len())
         .unwrap_err()

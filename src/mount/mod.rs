@@ -506,9 +506,16 @@ async fn prepare_layer(
                 .map(|b| b.to_vec())
         };
         let toc = Arc::new(
-            crate::fetch::read_toc(&digest, &lazy, size, &config.limits, read)
-                .await
-                .map_err(|e| MountError::Image(e.to_string()))?,
+            crate::fetch::read_toc(
+                &digest,
+                &lazy,
+                size,
+                &config.limits,
+                &config.fetch.scheduler,
+                read,
+            )
+            .await
+            .map_err(|e| MountError::Image(e.to_string()))?,
         );
         let fetcher = LayerFetcher::new(
             client.clone(),

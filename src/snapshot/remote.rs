@@ -418,9 +418,16 @@ impl Remote {
                 .await
                 .map(|b| b.to_vec())
         };
-        let toc = crate::fetch::read_toc(&digest, &lazy, size, &self.config.limits, read)
-            .await
-            .map_err(|e| Fallback::new("toc", e))?;
+        let toc = crate::fetch::read_toc(
+            &digest,
+            &lazy,
+            size,
+            &self.config.limits,
+            &self.config.fetch.scheduler,
+            read,
+        )
+        .await
+        .map_err(|e| Fallback::new("toc", e))?;
         Ok(Located {
             size,
             lazy,
