@@ -10,7 +10,7 @@ mod layer;
 mod passthrough;
 pub mod unpack;
 
-pub use inode::{InodeTable, NodeKind};
+pub use inode::{InodeTable, NodeKind, TableError};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -160,8 +160,12 @@ pub fn mount_layer(
     let label = mountpoint
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let table = inode::InodeTable::build(&toc).map_err(|e| FsError::Mount {
+        path: mountpoint.to_owned(),
+        message: format!("the layer cannot be served: {e}"),
+    })?;
     let filesystem = layer::LayerFs {
-        table: inode::InodeTable::build(&toc),
+        table,
         toc,
         source,
         runtime,
