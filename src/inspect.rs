@@ -84,7 +84,7 @@ pub async fn inspect(
                 }
                 ImageLocation::DockerArchive { .. } => BlobAccess::None,
             };
-            match crate::fetch::read_toc(&digest, lazy, size, |start, end| {
+            match crate::fetch::read_toc(&digest, lazy, size, &Default::default(), |start, end| {
                 access.range(&digest, start, end)
             })
             .await

@@ -2,8 +2,8 @@
 //! overlayfs mounts. Each case is built here by hand (TOC JSON, frames, manifest annotations that
 //! pin the TOC) and checks the promise of issue 10: the hostile layer fails with a clear error or
 //! EIO (or the mount of that image is refused with a clear error), the good layer served by the
-//! same process stays readable, the process never aborts, and its peak RSS stays under a bound
-//! stated per case.
+//! same process stays readable, the process never aborts, and its peak RSS stays under 128 MiB
+//! (the layer host's whole budget in issue 10; measured ~26 MiB in every case).
 
 mod common;
 
@@ -121,6 +121,15 @@ fn check_refused(
         "{what}: the error names the cause (one of {cause:?}):\n{}",
         tail(&ended.log)
     );
+    eprintln!(
+        "{what}: refused: {}",
+        ended
+            .log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default()
+    );
     check_peak(what, ended.peak_kib, bound_mib, &ended.log)
 }
 
@@ -166,7 +175,7 @@ fn a_terabyte_zero_chunk_serves_zeros_without_allocating_it() -> Result<()> {
         Started::Mounted(m) => m,
         Started::Refused(ended) => {
             // A limit on zero runs may refuse the TOC instead: then clearly, and cheaply.
-            return check_refused("zero run of 2^40", &ended, &["zero", "chunk", "size"], 256);
+            return check_refused("zero run of 2^40", &ended, &["zero", "chunk", "size"], 128);
         }
     };
     let huge = m.target.join("huge");
@@ -185,7 +194,7 @@ fn a_terabyte_zero_chunk_serves_zeros_without_allocating_it() -> Result<()> {
     ensure!(read_at(&huge, size / 2, 4096)? == vec![0u8; 4096]);
     ensure!(m.alive(), "the process survived: {}", m.log());
     good_layer_reads(&m)?;
-    check_peak("zero run of 2^40", m.peak_kib(), 256, &m.log())?;
+    check_peak("zero run of 2^40", m.peak_kib(), 128, &m.log())?;
     m.stop()?;
     Ok(())
 }
@@ -211,7 +220,7 @@ fn a_zero_filled_file_never_becomes_a_cache_file_of_its_size() -> Result<()> {
     let m = match case.mount("zero-file", vec![blob])? {
         Started::Mounted(m) => m,
         Started::Refused(ended) => {
-            return check_refused("3 GiB of zeros", &ended, &["zero", "chunk", "size"], 256);
+            return check_refused("3 GiB of zeros", &ended, &["zero", "chunk", "size"], 128);
         }
     };
     let file = m.target.join("zeros");
@@ -234,7 +243,7 @@ fn a_zero_filled_file_never_becomes_a_cache_file_of_its_size() -> Result<()> {
         used / MIB
     );
     good_layer_reads(&m)?;
-    check_peak("3 GiB of zeros", m.peak_kib(), 256, &m.log())?;
+    check_peak("3 GiB of zeros", m.peak_kib(), 128, &m.log())?;
     m.stop()?;
     Ok(())
 }
@@ -252,13 +261,13 @@ fn a_name_200000_directories_deep_is_refused_without_an_abort() -> Result<()> {
             "a name 200,000 deep",
             &ended,
             &["PATH_MAX", "name", "depth"],
-            256,
+            128,
         ),
         Started::Mounted(m) => {
             // Serving it is acceptable only if nothing breaks.
             ensure!(m.alive());
             good_layer_reads(&m)?;
-            check_peak("a name 200,000 deep", m.peak_kib(), 256, &m.log())?;
+            check_peak("a name 200,000 deep", m.peak_kib(), 128, &m.log())?;
             m.stop()?;
             Ok(())
         }
@@ -270,33 +279,21 @@ fn a_name_200000_directories_deep_is_refused_without_an_abort() -> Result<()> {
 #[test]
 fn a_128_mib_toc_is_refused_or_mounted_within_bounded_memory() -> Result<()> {
     let case = Case::new()?;
-    let target_len = 128 << 20;
-    let mut json = Vec::with_capacity(target_len + 4096);
-    json.extend_from_slice(br#"{"version":1,"entries":["#);
-    let mut i = 0u64;
-    while json.len() < target_len {
-        if i > 0 {
-            json.push(b',');
-        }
-        json.extend_from_slice(format!(r#"{{"type":"reg","name":"f{i:09}"}}"#).as_bytes());
-        i += 1;
-    }
-    json.extend_from_slice(b"]}");
-    let blob = LazyLayer::new().finish_with_toc(&json)?;
+    let (compressed, json_len, entries) = hostile::huge_toc(128 << 20)?;
+    let blob = LazyLayer::new().finish_with_compressed_toc(&compressed, json_len)?;
     eprintln!(
-        "TOC: {} MiB of JSON, {i} entries, blob {} KiB",
-        json.len() >> 20,
+        "TOC: {} MiB of JSON, {entries} entries, blob {} KiB",
+        json_len >> 20,
         blob.bytes.len() >> 10
     );
-    drop(json);
     match case.mount("huge-toc", vec![blob])? {
         Started::Refused(ended) => {
-            check_refused("128 MiB TOC", &ended, &["TOC", "entries", "limit"], 512)
+            check_refused("128 MiB TOC", &ended, &["TOC", "entries", "limit"], 128)
         }
         Started::Mounted(m) => {
             ensure!(m.alive());
             good_layer_reads(&m)?;
-            check_peak("128 MiB TOC", m.peak_kib(), 512, &m.log())?;
+            check_peak("128 MiB TOC", m.peak_kib(), 128, &m.log())?;
             m.stop()?;
             Ok(())
         }
@@ -321,7 +318,7 @@ fn a_4_gib_zstd_frame_costs_a_read_not_the_process() -> Result<()> {
     let m = match case.mount("bomb", vec![l.finish()?])? {
         Started::Mounted(m) => m,
         Started::Refused(ended) => {
-            return check_refused("4 GiB frame", &ended, &["chunk", "limit", "large"], 256);
+            return check_refused("4 GiB frame", &ended, &["chunk", "limit", "large"], 128);
         }
     };
     let err = read_at(&m.target.join("bomb"), 0, 1).expect_err("the bomb's bytes never verify");
@@ -334,7 +331,7 @@ fn a_4_gib_zstd_frame_costs_a_read_not_the_process() -> Result<()> {
     ensure!(err.raw_os_error() == Some(libc::EIO), "EIO, got {err}");
     ensure!(m.alive(), "the process survived: {}", m.log());
     good_layer_reads(&m)?;
-    check_peak("4 GiB frame", m.peak_kib(), 256, &m.log())?;
+    check_peak("4 GiB frame", m.peak_kib(), 128, &m.log())?;
     m.stop()?;
     Ok(())
 }
@@ -425,7 +422,7 @@ fn overlay_xattrs_from_an_image_never_steer_the_overlay_and_capabilities_are_ser
     );
     ensure!(std::fs::metadata(t.join("ping"))?.mode() & 0o777 == 0o644);
     good_layer_reads(&m)?;
-    check_peak("overlay xattrs", m.peak_kib(), 256, &m.log())?;
+    check_peak("overlay xattrs", m.peak_kib(), 128, &m.log())?;
     m.stop()?;
     Ok(())
 }

@@ -923,3 +923,94 @@ fn passthrough_serves_complete_files(format: &str) -> Result<()> {
     process.stop()?;
     Ok(())
 }
+
+/// `(threads, distinct lazysnap FUSE superblocks, lazysnap FUSE mounts)` of a mount process:
+/// threads from `/proc/PID/status`, superblocks and mounts from the mount table below `root`.
+fn fuse_footprint(pid: u32, root: &Path) -> Result<(u64, usize, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .context("no Threads line")?
+        .trim()
+        .parse()?;
+    let root = root.to_string_lossy();
+    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let fuse: Vec<&str> = table
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&*root)))
+        .filter(|l| {
+            l.split_once(" - ")
+                .is_some_and(|(_, t)| t.starts_with("fuse lazysnap "))
+        })
+        .filter_map(|l| l.split(' ').nth(2))
+        .collect();
+    let devices: std::collections::HashSet<&str> = fuse.iter().copied().collect();
+    Ok((threads, devices.len(), fuse.len()))
+}
+
+/// Threads, buffers and kernel connections must not grow per layer (a node serves thousands):
+/// 40 lazy layers are served by the same single FUSE session, and so the same threads, as one.
+#[test]
+fn many_layers_share_one_fuse_session_and_its_threads() -> Result<()> {
+    const LAYERS: usize = 40;
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
+    let mut references = Vec::new();
+    for count in [1, LAYERS] {
+        let mut tars = Vec::new();
+        for i in 0..count {
+            let tree = work.path().join(format!("tree-{count}-{i}"));
+            std::fs::create_dir_all(&tree)?;
+            std::fs::write(
+                tree.join(format!("f{i}")),
+                format!("layer {i} of {count}\n"),
+            )?;
+            tars.push(image::tar_dir(&tree)?);
+        }
+        let layout = LayoutBuilder::new(&work.path().join(format!("src-{count}")))?;
+        let desc = layout.image(&tars, "amd64")?;
+        layout.tags(&[("src", desc)])?;
+        let reference = format!("{}/layers/n{count}:v1", registry.addr);
+        convert(
+            &format!("oci:{}:src", layout.dir.display()),
+            &reference,
+            "zstd-chunked",
+        )?;
+        references.push((count, reference));
+    }
+    let mut footprints = Vec::new();
+    for (count, reference) in &references {
+        let root = work.path().join(format!("root-{count}"));
+        let target = work.path().join(format!("mnt-{count}"));
+        let process = MountProcess::start(&root, reference, &target, &["--no-background-fetch"])?;
+        for i in 0..*count {
+            let got = std::fs::read_to_string(target.join(format!("f{i}")))?;
+            ensure!(got == format!("layer {i} of {count}\n"), "f{i}: {got:?}");
+        }
+        let footprint = fuse_footprint(process.child.id(), &root)?;
+        process.stop()?;
+        footprints.push((*count, footprint));
+    }
+    let [(_, (threads_one, sessions_one, mounts_one)), (_, (threads_many, sessions_many, mounts_many))] =
+        footprints[..]
+    else {
+        bail!("expected two footprints: {footprints:?}");
+    };
+    ensure!(
+        sessions_one == 1 && sessions_many == 1,
+        "one FUSE session per process, whatever the layer count: {footprints:?}"
+    );
+    ensure!(
+        mounts_one == 2 && mounts_many == LAYERS + 1,
+        "the session and a bind mount per layer: {footprints:?}"
+    );
+    // Slack for the async runtime's blocking pool, which grows with concurrent work; a thread
+    // per layer would add 39 here, three per layer 117.
+    ensure!(
+        threads_many <= threads_one + 8,
+        "threads grew with the layer count: {footprints:?}"
+    );
+    Ok(())
+}

@@ -32,11 +32,13 @@ pub use plan::{plan_ranges, Span};
 /// Finds and verifies a lazy layer's TOC with at most two range reads of its `size`-byte blob:
 /// the footer (skipped when the annotation gives the position), then the TOC, which is checked
 /// against the digest the manifest pins before it is parsed. `read(start, end)` reads
-/// `[start, end)` of the blob, from a registry or a local file.
+/// `[start, end)` of the blob, from a registry or a local file. The TOC's stated sizes are checked
+/// against `limits` before it is read, and its content while it is decoded.
 pub async fn read_toc<F, Fut, E>(
     blob: &Digest,
     lazy: &LazyLayer,
     size: u64,
+    limits: &format::Limits,
     read: F,
 ) -> Result<Toc, FetchError>
 where
@@ -58,6 +60,10 @@ where
             format::parse_tail(lazy.format, &tail, size).map_err(|e| fail(e.to_string()))?
         }
     };
+    // The annotation's position is as untrusted as the footer's: bound it before the read.
+    limits
+        .check_toc_size(position.compressed_len, position.uncompressed_len)
+        .map_err(|e| fail(e.to_string()))?;
     let end = position
         .offset
         .checked_add(position.compressed_len)
@@ -71,7 +77,7 @@ where
     let raw = read(position.offset, end)
         .await
         .map_err(|e| fail(format!("reading the TOC: {e}")))?;
-    format::parse_toc(lazy, position, &raw).map_err(|e| fail(e.to_string()))
+    format::parse_toc_limited(lazy, position, &raw, limits).map_err(|e| fail(e.to_string()))
 }
 
 /// Layers streamed in the background at once, process-wide. Each holds a read block and up to

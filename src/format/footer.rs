@@ -8,6 +8,7 @@
 //!   offset then `STARGZ`; the legacy 47-byte footer holds the same 22 bytes without a subfield.
 
 use super::error::FormatError;
+use super::limits::MAX_TOC_CEILING;
 use super::TocPosition;
 
 pub(crate) const ZSTD_FOOTER_LEN: usize = 64;
@@ -17,8 +18,6 @@ pub(crate) const ESTARGZ_LEGACY_FOOTER_LEN: usize = 47;
 const ZSTD_MAGIC: &[u8; 8] = b"GNUlInUx";
 const ZSTD_OLD_MAGIC: &[u8; 8] = b"GnUlInUx";
 const SKIPPABLE_MAGIC: [u8; 4] = [0x50, 0x2A, 0x4D, 0x18];
-/// Largest TOC (compressed or not) this reader accepts.
-pub(crate) const MAX_TOC_LEN: u64 = 512 << 20;
 
 /// The 8-byte header of a zstd skippable frame of `len` bytes.
 pub(crate) fn skippable_header(len: usize) -> Result<[u8; 8], FormatError> {
@@ -73,9 +72,10 @@ fn check_range(offset: u64, len: u64, ulen: u64, limit: u64) -> Result<(), Forma
             )))
         }
     }
-    if len > MAX_TOC_LEN || ulen > MAX_TOC_LEN {
+    // The configured limits are checked where the TOC is read; this is only the hard ceiling.
+    if len > MAX_TOC_CEILING || ulen > MAX_TOC_CEILING {
         return Err(FormatError::Footer(format!(
-            "TOC of {len} ({ulen} uncompressed) bytes is too large"
+            "TOC of {len} ({ulen} uncompressed) bytes is larger than the ceiling of {MAX_TOC_CEILING} bytes"
         )));
     }
     Ok(())

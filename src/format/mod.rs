@@ -29,6 +29,7 @@
 pub mod compression;
 mod error;
 mod footer;
+mod limits;
 mod names;
 mod reader;
 pub(crate) mod tar;
@@ -42,7 +43,8 @@ use std::io::{Read, Write};
 
 pub use compression::{decoder, Compression};
 pub use error::FormatError;
-pub use reader::{read_file, read_toc};
+pub use limits::{Limits, MAX_CHUNK_CEILING, MAX_TOC_CEILING};
+pub use reader::{read_file, read_toc, read_toc_limited};
 pub use toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
 
 use crate::oci::Digest;
@@ -291,13 +293,29 @@ pub fn parse_tail(
     reader::parse_tail(format, tail, blob_size)
 }
 
-/// Parses the TOC from the blob bytes at `position`, after checking them against the pinned digest.
+/// Parses the TOC from the blob bytes at `position`, after checking them against the pinned digest,
+/// with the default [`Limits`].
 pub fn parse_toc(layer: &LazyLayer, position: TocPosition, raw: &[u8]) -> Result<Toc, FormatError> {
-    reader::parse_toc(layer, position, raw)
+    reader::parse_toc(layer, position, raw, &Limits::default())
+}
+
+/// Parses the TOC from the blob bytes at `position`, after checking them against the pinned digest;
+/// every size, count and name in it is checked against `limits` before memory is spent on it.
+pub fn parse_toc_limited(
+    layer: &LazyLayer,
+    position: TocPosition,
+    raw: &[u8],
+    limits: &Limits,
+) -> Result<Toc, FormatError> {
+    reader::parse_toc(layer, position, raw, limits)
 }
 
 /// Decompresses one chunk from the bytes `[compressed_start, compressed_end)` of the blob and
 /// checks it against its digest. Unverified bytes never leave this function.
+///
+/// Never decompresses (or, for a zero run, allocates) more than [`MAX_CHUNK_CEILING`] bytes; TOCs
+/// decoded with [`Limits`] hold no larger non-zero chunk. A zero run larger than that is refused
+/// here: serve it as zeros without materialising it.
 pub fn decode_chunk(
     format: LayerFormat,
     chunk: &Chunk,
@@ -306,5 +324,7 @@ pub fn decode_chunk(
     reader::decode_chunk(format, chunk, compressed)
 }
 
+#[cfg(test)]
+mod prop_tests;
 #[cfg(test)]
 mod tests;

@@ -7,16 +7,14 @@ use std::io::{Read, Seek, SeekFrom};
 use flate2::read::MultiGzDecoder;
 
 use super::error::FormatError;
-use super::footer::{self, MAX_TOC_LEN};
+use super::footer;
+use super::limits::{Limits, MAX_CHUNK_CEILING};
 use super::tar::{padding, TarItem, TarParser};
 use super::{
     detect, tail_len, toc, Chunk, LayerFormat, LazyLayer, Toc, TocEntry, TocPosition,
     ESTARGZ_TOC_NAME,
 };
 use crate::oci::Digest;
-
-/// Largest chunk this reader decompresses (a whole file for TOCs without chunking).
-const MAX_CHUNK_LEN: u64 = 4 << 30;
 
 pub(crate) fn parse_tail(
     format: LayerFormat,
@@ -29,15 +27,20 @@ pub(crate) fn parse_tail(
     }
 }
 
-fn read_limited<R: Read>(r: R, limit: u64, what: &str) -> Result<Vec<u8>, FormatError> {
-    let mut out = Vec::new();
-    r.take(limit + 1)
+/// Decompresses at most `limit` bytes (one more is read to notice a longer stream, then it stops).
+/// `expected` preallocates when the footer states the size, so the buffer never doubles past it.
+fn read_limited<R: Read>(
+    r: R,
+    limit: u64,
+    expected: u64,
+    too_large: impl FnOnce() -> String,
+) -> Result<Vec<u8>, FormatError> {
+    let mut out = Vec::with_capacity(expected.min(limit).saturating_add(1) as usize);
+    r.take(limit.saturating_add(1))
         .read_to_end(&mut out)
-        .map_err(|e| FormatError::Toc(format!("cannot decompress {what}: {e}")))?;
+        .map_err(|e| FormatError::Toc(format!("cannot decompress: {e}")))?;
     if out.len() as u64 > limit {
-        return Err(FormatError::Toc(format!(
-            "{what} is larger than {limit} bytes"
-        )));
+        return Err(FormatError::Toc(too_large()));
     }
     Ok(out)
 }
@@ -54,26 +57,41 @@ pub(crate) fn parse_toc(
     layer: &LazyLayer,
     position: TocPosition,
     raw: &[u8],
+    limits: &Limits,
 ) -> Result<Toc, FormatError> {
+    limits.check_toc_size(raw.len() as u64, position.uncompressed_len)?;
     match layer.format {
         LayerFormat::ZstdChunked => {
             // The pinned digest covers the compressed bytes: check before decompressing.
             check_digest(layer.toc_digest, raw)?;
             let decoder = zstd::stream::read::Decoder::new(raw)
                 .map_err(|e| FormatError::Toc(format!("cannot decompress: {e}")))?;
-            let json = read_limited(decoder, MAX_TOC_LEN, "TOC")?;
-            if position.uncompressed_len != 0 && json.len() as u64 != position.uncompressed_len {
+            // Stop at the size the footer declares (or the limit when it declares none).
+            let declared = position.uncompressed_len;
+            let limit = if declared != 0 {
+                declared
+            } else {
+                limits.max_toc_json
+            };
+            let json = read_limited(decoder, limit, declared, || {
+                if declared != 0 {
+                    format!("decompresses to more than the {declared} bytes the footer says")
+                } else {
+                    Limits::exceeded("uncompressed size", limit + 1, limit, "max_toc_json_bytes")
+                }
+            })?;
+            if declared != 0 && json.len() as u64 != declared {
                 return Err(FormatError::Toc(format!(
-                    "decompressed to {} bytes, the footer says {}",
+                    "decompressed to {} bytes, the footer says {declared}",
                     json.len(),
-                    position.uncompressed_len
                 )));
             }
-            toc::decode(LayerFormat::ZstdChunked, &json, position.offset)
+            toc::decode_limited(LayerFormat::ZstdChunked, &json, position.offset, limits)
         }
         LayerFormat::Estargz => {
             let plain = MultiGzDecoder::new(raw);
-            let mut tar = TarParser::new(plain.take(MAX_TOC_LEN + 4096));
+            // The TOC member holds the TOC's tar header(s) and the JSON: stop inflating past them.
+            let mut tar = TarParser::new(plain.take(limits.max_toc_json + (64 << 10)));
             loop {
                 let item = tar
                     .next_item()
@@ -91,16 +109,18 @@ pub(crate) fn parse_toc(
                     tar.skip_payload(entry.size + padding(entry.size) as u64)?;
                     continue;
                 }
-                if entry.size > MAX_TOC_LEN {
-                    return Err(FormatError::Toc(format!(
-                        "{} bytes is too large",
-                        entry.size
+                if entry.size > limits.max_toc_json {
+                    return Err(FormatError::Toc(Limits::exceeded(
+                        "uncompressed size",
+                        entry.size,
+                        limits.max_toc_json,
+                        "max_toc_json_bytes",
                     )));
                 }
                 let mut json = vec![0u8; entry.size as usize];
                 tar.read_payload(&mut json)?;
                 check_digest(layer.toc_digest, &json)?;
-                return toc::decode(LayerFormat::Estargz, &json, position.offset);
+                return toc::decode_limited(LayerFormat::Estargz, &json, position.offset, limits);
             }
         }
     }
@@ -125,8 +145,18 @@ pub(crate) fn decode_chunk(
         chunk: label(chunk),
         reason,
     };
-    if chunk.size > MAX_CHUNK_LEN {
-        return Err(fail(format!("{} bytes is too large", chunk.size)));
+    // Checked before any allocation or decompression: the TOC states these sizes.
+    if chunk.size > MAX_CHUNK_CEILING {
+        return Err(fail(format!(
+            "{} bytes is larger than the ceiling of {MAX_CHUNK_CEILING} bytes a chunk may be \
+             decoded to{}",
+            chunk.size,
+            if chunk.zeros {
+                " (a zero run that large must be served without being materialised)"
+            } else {
+                ""
+            }
+        )));
     }
     let data = if chunk.zeros {
         vec![0u8; chunk.size as usize]
@@ -134,9 +164,16 @@ pub(crate) fn decode_chunk(
         let want = chunk
             .inner_offset
             .checked_add(chunk.size)
-            .filter(|&w| w <= MAX_CHUNK_LEN)
-            .ok_or_else(|| fail("inner offset out of range".into()))?;
-        let mut out = Vec::new();
+            .filter(|&w| w <= MAX_CHUNK_CEILING)
+            .ok_or_else(|| {
+                fail(format!(
+                    "inner offset {} plus size {} is larger than the ceiling of \
+                     {MAX_CHUNK_CEILING} bytes",
+                    chunk.inner_offset, chunk.size
+                ))
+            })?;
+        // Both decoders stop at `want`: a stream that inflates further is never read past it.
+        let mut out = Vec::with_capacity(want as usize);
         let res = match format {
             LayerFormat::ZstdChunked => zstd::stream::read::Decoder::new(compressed)
                 .and_then(|d| d.take(want).read_to_end(&mut out)),
@@ -165,11 +202,23 @@ pub(crate) fn decode_chunk(
     Ok(data)
 }
 
-/// Reads a blob's footer and TOC, checking the TOC against the descriptor's annotations.
+/// Reads a blob's footer and TOC, checking the TOC against the descriptor's annotations, with
+/// the default [`Limits`].
 pub fn read_toc<R: Read + Seek>(
+    blob: R,
+    media_type: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Result<(LazyLayer, Toc), FormatError> {
+    read_toc_limited(blob, media_type, annotations, &Limits::default())
+}
+
+/// Reads a blob's footer and TOC, checking the TOC against the descriptor's annotations and every
+/// size it states against `limits` before reading or decoding it.
+pub fn read_toc_limited<R: Read + Seek>(
     mut blob: R,
     media_type: &str,
     annotations: &BTreeMap<String, String>,
+    limits: &Limits,
 ) -> Result<(LazyLayer, Toc), FormatError> {
     let layer = detect(media_type, annotations).ok_or_else(|| FormatError::NotLazy {
         media_type: media_type.to_owned(),
@@ -180,10 +229,11 @@ pub fn read_toc<R: Read + Seek>(
     let mut tail = vec![0u8; n as usize];
     blob.read_exact(&mut tail)?;
     let position = parse_tail(layer.format, &tail, size)?;
+    limits.check_toc_size(position.compressed_len, position.uncompressed_len)?;
     blob.seek(SeekFrom::Start(position.offset))?;
     let mut raw = vec![0u8; position.compressed_len as usize];
     blob.read_exact(&mut raw)?;
-    let toc = parse_toc(&layer, position, &raw)?;
+    let toc = parse_toc(&layer, position, &raw, limits)?;
     Ok((layer, toc))
 }
 

@@ -13,6 +13,7 @@ use std::io::{self, Read};
 use base64::Engine as _;
 
 use super::error::FormatError;
+use super::limits::{Limits, MAX_XATTR_NAME};
 use super::names::{check_hardlink, check_symlink, normalise_name};
 use super::EntryKind;
 
@@ -270,6 +271,12 @@ impl<R: Read> TarParser<R> {
         if raw_name.contains('\0') {
             return Err(err("name contains a NUL byte".into()));
         }
+        // The same bounds the TOC reader applies: a layer converted here must load lazily.
+        let limits = Limits::default();
+        limits.check_name("name", &raw_name).map_err(|r| {
+            let shown: String = display.chars().take(200).collect();
+            FormatError::entry(shown, r)
+        })?;
         if pax.keys().any(|k| k.starts_with("GNU.sparse.")) || typeflag == b'S' {
             return Err(err(
                 "GNU sparse files are not supported; re-create the tar without --sparse".into(),
@@ -285,6 +292,14 @@ impl<R: Read> TarParser<R> {
         let link_raw = String::from_utf8(link_bytes).map_err(|_| {
             err("link target is not valid UTF-8 (not representable in a TOC)".into())
         })?;
+        if link_raw.len() > limits.max_name_len {
+            return Err(err(Limits::exceeded(
+                "link target length",
+                link_raw.len() as u64,
+                limits.max_name_len as u64,
+                "max_name_bytes",
+            )));
+        }
 
         let kind = match typeflag {
             b'0' | b'7' => EntryKind::Reg,
@@ -394,6 +409,27 @@ impl<R: Read> TarParser<R> {
                     slot.insert(val);
                 }
             }
+        }
+        if xattrs.len() > limits.max_xattrs {
+            return Err(err(Limits::exceeded(
+                "xattr count",
+                xattrs.len() as u64,
+                limits.max_xattrs as u64,
+                "max_xattrs_per_entry",
+            )));
+        }
+        if let Some((k, v)) = xattrs
+            .iter()
+            .find(|(k, v)| v.len() > limits.max_xattr_value || k.len() > MAX_XATTR_NAME)
+        {
+            return Err(err(format!(
+                "xattr {:?}: name of {} bytes (at most {MAX_XATTR_NAME}) or value of {} bytes \
+                 (at most {}, limits.max_xattr_value_bytes)",
+                k.chars().take(64).collect::<String>(),
+                k.len(),
+                v.len(),
+                limits.max_xattr_value
+            )));
         }
         Ok(TarEntry {
             raw,

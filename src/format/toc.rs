@@ -10,6 +10,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::error::FormatError;
+use super::limits::{Limits, MAX_OWNER_NAME, MAX_XATTR_NAME};
 use super::names::{check_hardlink, check_symlink, normalise_name};
 use super::{Chunk, EntryKind, LayerFormat, Toc, TocEntry};
 use crate::oci::Digest;
@@ -192,117 +193,65 @@ fn parse_digest(name: &str, what: &str, s: &Option<String>) -> Result<Option<Dig
     }
 }
 
-/// Decodes TOC JSON into the normalised model. `toc_offset` bounds the last chunk's range when the
-/// TOC does not record chunk end offsets.
+/// Decodes TOC JSON into the normalised model with the default [`Limits`].
+#[cfg(test)]
 pub(crate) fn decode(
     format: LayerFormat,
     json: &[u8],
     toc_offset: u64,
 ) -> Result<Toc, FormatError> {
-    let toc: JsonToc =
-        serde_json::from_slice(json).map_err(|e| FormatError::Toc(format!("invalid JSON: {e}")))?;
-    match toc.version {
+    decode_limited(format, json, toc_offset, &Limits::default())
+}
+
+/// Decodes TOC JSON into the normalised model. `toc_offset` bounds the last chunk's range when the
+/// TOC does not record chunk end offsets.
+///
+/// Memory stays proportional to what the limits allow: the JSON's size is checked before parsing,
+/// entries are normalised one by one as the parser yields them (no array of raw JSON entries is
+/// ever built), and the entry count, names, xattrs and chunk sizes are checked per entry.
+pub(crate) fn decode_limited(
+    format: LayerFormat,
+    json: &[u8],
+    toc_offset: u64,
+    limits: &Limits,
+) -> Result<Toc, FormatError> {
+    if json.len() as u64 > limits.max_toc_json {
+        return Err(FormatError::Toc(Limits::exceeded(
+            "JSON size",
+            json.len() as u64,
+            limits.max_toc_json,
+            "max_toc_json_bytes",
+        )));
+    }
+    let mut state = Decoder {
+        limits,
+        seen: 0,
+        entries: Vec::new(),
+        raw_chunks: Vec::new(),
+        last_reg: HashMap::new(),
+        failure: None,
+    };
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let parsed = serde::de::DeserializeSeed::deserialize(TocSeed(&mut state), &mut de)
+        .and_then(|version| de.end().map(|()| version));
+    let version = match parsed {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(state
+                .failure
+                .take()
+                .unwrap_or_else(|| FormatError::Toc(format!("invalid JSON: {e}"))))
+        }
+    };
+    match version {
         None | Some(1) => {}
         Some(v) => return Err(FormatError::Toc(format!("unsupported version {v}"))),
     }
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let mut entries: Vec<TocEntry> = Vec::new();
-    let mut raw_chunks: Vec<Vec<RawChunk>> = Vec::new();
-    let mut last_reg: HashMap<String, usize> = HashMap::new();
-    for j in toc.entries.unwrap_or_default() {
-        let raw_name = j.name.clone().unwrap_or_default();
-        let kind_s = j.kind.clone().unwrap_or_default();
-        let name = normalise_name(raw_name.trim_start_matches('/'))
-            .map_err(|r| FormatError::entry(&raw_name, r))?;
-        let err = |r: String| FormatError::entry(&raw_name, r);
-        let chunk = || -> Result<RawChunk, FormatError> {
-            Ok(RawChunk {
-                file_offset: j.chunk_offset.unwrap_or(0),
-                size: j.chunk_size.filter(|&s| s > 0),
-                start: j.offset.unwrap_or(0),
-                end: j.end_offset.filter(|&e| e > 0),
-                inner: j.inner_offset.unwrap_or(0),
-                digest: parse_digest(&raw_name, "chunkDigest", &j.chunk_digest)?,
-                zeros: j.chunk_type.as_deref() == Some("zeros"),
-            })
-        };
-        let kind = match kind_s.as_str() {
-            "chunk" => {
-                let idx = *last_reg
-                    .get(&name)
-                    .ok_or_else(|| err("chunk entry without a preceding regular file".into()))?;
-                raw_chunks[idx].push(chunk()?);
-                continue;
-            }
-            "dir" => EntryKind::Dir,
-            "reg" => EntryKind::Reg,
-            "symlink" => EntryKind::Symlink,
-            "hardlink" => EntryKind::Hardlink,
-            "char" => EntryKind::Char,
-            "block" => EntryKind::Block,
-            "fifo" => EntryKind::Fifo,
-            other => return Err(err(format!("unknown entry type {other:?}"))),
-        };
-        let link_raw = j.link_name.clone().unwrap_or_default();
-        let link_name = match kind {
-            EntryKind::Hardlink => check_hardlink(link_raw.trim_start_matches('/')).map_err(err)?,
-            EntryKind::Symlink => {
-                check_symlink(&name, &link_raw).map_err(err)?;
-                link_raw
-            }
-            _ => String::new(),
-        };
-        let u32f = |v: Option<u64>, what: &str| -> Result<u32, FormatError> {
-            u32::try_from(v.unwrap_or(0)).map_err(|_| err(format!("{what} out of range")))
-        };
-        let (mtime, mtime_nsec) = match j.modtime.as_deref() {
-            None | Some("") => (0, 0),
-            Some(t) => parse_time(t).ok_or_else(|| err(format!("invalid modtime {t:?}")))?,
-        };
-        let mut xattrs = BTreeMap::new();
-        for (k, v) in j.xattrs.clone().unwrap_or_default() {
-            let val = b64
-                .decode(v.as_bytes())
-                .map_err(|_| err(format!("xattr {k:?}: invalid base64")))?;
-            xattrs.insert(k, val);
-        }
-        let size = if kind == EntryKind::Reg {
-            j.size.unwrap_or(0)
-        } else {
-            0
-        };
-        let entry = TocEntry {
-            name: name.clone(),
-            kind,
-            size,
-            mode: (j.mode.unwrap_or(0) & 0o7777) as u32,
-            uid: u32f(j.uid, "uid")?,
-            gid: u32f(j.gid, "gid")?,
-            uname: j.user_name.clone().unwrap_or_default(),
-            gname: j.group_name.clone().unwrap_or_default(),
-            mtime,
-            mtime_nsec,
-            link_name,
-            dev_major: u32f(j.dev_major, "devMajor")?,
-            dev_minor: u32f(j.dev_minor, "devMinor")?,
-            xattrs,
-            digest: if kind == EntryKind::Reg {
-                parse_digest(&raw_name, "digest", &j.digest)?
-            } else {
-                None
-            },
-            chunks: Vec::new(),
-        };
-        let mut own = Vec::new();
-        if kind == EntryKind::Reg && size > 0 {
-            own.push(chunk()?);
-            last_reg.insert(name, entries.len());
-        } else if kind == EntryKind::Reg {
-            last_reg.insert(name, entries.len());
-        }
-        entries.push(entry);
-        raw_chunks.push(own);
-    }
+    let Decoder {
+        mut entries,
+        raw_chunks,
+        ..
+    } = state;
 
     // Distinct compressed start offsets, to bound chunks whose end the TOC does not record.
     let starts: BTreeSet<u64> = raw_chunks
@@ -347,6 +296,17 @@ pub(crate) fn decode(
             if size == 0 {
                 return Err(bad("empty chunk".into()));
             }
+            // A zero run is served without being materialised, so only chunks whose bytes are
+            // decompressed into memory are bounded by the chunk limit.
+            let held = size.saturating_add(c.inner);
+            if !c.zeros && held > limits.max_chunk {
+                return Err(bad(Limits::exceeded(
+                    "chunk size plus inner offset",
+                    held,
+                    limits.max_chunk,
+                    "max_chunk_bytes",
+                )));
+            }
             let digest = match (c.digest, n == 1, entry.digest) {
                 (Some(d), _, _) => d,
                 (None, true, Some(d)) => d,
@@ -363,6 +323,13 @@ pub(crate) fn decode(
             if !c.zeros && end <= c.start {
                 return Err(bad(format!("empty compressed range {}..{end}", c.start)));
             }
+            // No frame or member holding `held` bytes is longer than its worst-case compressed
+            // size: a longer stated range would only make fetches read (and hold) bytes the
+            // decompressor never needs.
+            let end = end.min(
+                c.start
+                    .saturating_add(compressed_bound(held.min(limits.max_chunk))),
+            );
             chunks.push(Chunk {
                 file_offset: c.file_offset,
                 size,
@@ -383,12 +350,26 @@ pub(crate) fn decode(
         entry.chunks = chunks;
     }
 
-    // Hard links share their target's content.
+    // Hard links share their target's content. Their copies of its chunk list count against the
+    // entry limit too: a file of many chunks and many links to it would otherwise multiply.
+    let mut total_chunks: u64 = entries.iter().map(|e| e.chunks.len() as u64).sum();
     let mut by_name: HashMap<String, usize> = HashMap::new();
     for i in 0..entries.len() {
         if entries[i].kind == EntryKind::Hardlink {
             if let Some(&t) = by_name.get(&entries[i].link_name) {
                 if matches!(entries[t].kind, EntryKind::Reg | EntryKind::Hardlink) {
+                    total_chunks += entries[t].chunks.len() as u64;
+                    if total_chunks > limits.max_entries {
+                        return Err(FormatError::entry(
+                            &entries[i].name,
+                            Limits::exceeded(
+                                "chunks counting those hard links share",
+                                total_chunks,
+                                limits.max_entries,
+                                "max_toc_entries",
+                            ),
+                        ));
+                    }
                     let (size, digest, chunks) = (
                         entries[t].size,
                         entries[t].digest,
@@ -413,6 +394,285 @@ pub(crate) fn decode(
         entries,
         prefetch,
     })
+}
+
+/// The most compressed bytes a zstd frame or gzip member needs to yield `n` bytes: stored (raw)
+/// blocks add a few bytes per block, plus headers; the slack covers one more block (zstd's are at
+/// most 128 KiB) and a gzip header's optional fields.
+pub(crate) fn compressed_bound(n: u64) -> u64 {
+    n.saturating_add(n / 64).saturating_add(256 << 10)
+}
+
+/// The state of a streaming decode: entries normalised so far, and the first error (serde's own
+/// error type cannot carry a [`FormatError`]).
+struct Decoder<'l> {
+    limits: &'l Limits,
+    /// JSON entries seen, chunk entries included.
+    seen: u64,
+    entries: Vec<TocEntry>,
+    raw_chunks: Vec<Vec<RawChunk>>,
+    /// Index of the last regular file of each name (chunk entries follow their file).
+    last_reg: HashMap<String, usize>,
+    failure: Option<FormatError>,
+}
+
+impl Decoder<'_> {
+    /// Normalises one JSON entry and checks it against the limits.
+    fn push(&mut self, j: JsonEntry) -> Result<(), FormatError> {
+        let limits = self.limits;
+        self.seen += 1;
+        if self.seen > limits.max_entries {
+            return Err(FormatError::Toc(Limits::exceeded(
+                "entry count",
+                self.seen,
+                limits.max_entries,
+                "max_toc_entries",
+            )));
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let raw_name = j.name.clone().unwrap_or_default();
+        let kind_s = j.kind.clone().unwrap_or_default();
+        let shown = || -> String {
+            // Names are bounded only after this check: never copy a huge one into an error.
+            match raw_name.char_indices().nth(200) {
+                Some((i, _)) => format!("{}…", &raw_name[..i]),
+                None => raw_name.clone(),
+            }
+        };
+        limits
+            .check_name("name", &raw_name)
+            .map_err(|r| FormatError::entry(shown(), r))?;
+        let name = normalise_name(raw_name.trim_start_matches('/'))
+            .map_err(|r| FormatError::entry(&raw_name, r))?;
+        let err = |r: String| FormatError::entry(&raw_name, r);
+        let chunk = || -> Result<RawChunk, FormatError> {
+            Ok(RawChunk {
+                file_offset: j.chunk_offset.unwrap_or(0),
+                size: j.chunk_size.filter(|&s| s > 0),
+                start: j.offset.unwrap_or(0),
+                end: j.end_offset.filter(|&e| e > 0),
+                inner: j.inner_offset.unwrap_or(0),
+                digest: parse_digest(&raw_name, "chunkDigest", &j.chunk_digest)?,
+                zeros: j.chunk_type.as_deref() == Some("zeros"),
+            })
+        };
+        let kind = match kind_s.as_str() {
+            "chunk" => {
+                let idx = *self
+                    .last_reg
+                    .get(&name)
+                    .ok_or_else(|| err("chunk entry without a preceding regular file".into()))?;
+                self.raw_chunks[idx].push(chunk()?);
+                return Ok(());
+            }
+            "dir" => EntryKind::Dir,
+            "reg" => EntryKind::Reg,
+            "symlink" => EntryKind::Symlink,
+            "hardlink" => EntryKind::Hardlink,
+            "char" => EntryKind::Char,
+            "block" => EntryKind::Block,
+            "fifo" => EntryKind::Fifo,
+            other => {
+                let other: String = other.chars().take(64).collect();
+                return Err(err(format!("unknown entry type {other:?}")));
+            }
+        };
+        let link_raw = j.link_name.clone().unwrap_or_default();
+        let link_name = match kind {
+            EntryKind::Hardlink => {
+                limits
+                    .check_name("hard link target", &link_raw)
+                    .map_err(err)?;
+                check_hardlink(link_raw.trim_start_matches('/')).map_err(err)?
+            }
+            EntryKind::Symlink => {
+                // A symlink target is data: bounded in length only.
+                if link_raw.len() > limits.max_name_len {
+                    return Err(err(Limits::exceeded(
+                        "symlink target length",
+                        link_raw.len() as u64,
+                        limits.max_name_len as u64,
+                        "max_name_bytes",
+                    )));
+                }
+                check_symlink(&name, &link_raw).map_err(err)?;
+                link_raw
+            }
+            _ => String::new(),
+        };
+        for (what, owner) in [("userName", &j.user_name), ("groupName", &j.group_name)] {
+            let len = owner.as_ref().map_or(0, String::len);
+            if len > MAX_OWNER_NAME {
+                return Err(err(format!(
+                    "{what} of {len} bytes is longer than {MAX_OWNER_NAME}"
+                )));
+            }
+        }
+        let u32f = |v: Option<u64>, what: &str| -> Result<u32, FormatError> {
+            u32::try_from(v.unwrap_or(0)).map_err(|_| err(format!("{what} out of range")))
+        };
+        let (mtime, mtime_nsec) = match j.modtime.as_deref() {
+            None | Some("") => (0, 0),
+            Some(t) => parse_time(t).ok_or_else(|| {
+                let t: String = t.chars().take(64).collect();
+                err(format!("invalid modtime {t:?}"))
+            })?,
+        };
+        let mut xattrs = BTreeMap::new();
+        let json_xattrs = j.xattrs.as_ref();
+        let count = json_xattrs.map_or(0, BTreeMap::len);
+        if count > limits.max_xattrs {
+            return Err(err(Limits::exceeded(
+                "xattr count",
+                count as u64,
+                limits.max_xattrs as u64,
+                "max_xattrs_per_entry",
+            )));
+        }
+        for (k, v) in json_xattrs.into_iter().flatten() {
+            let shown_key: String = k.chars().take(64).collect();
+            if k.len() > MAX_XATTR_NAME || k.is_empty() {
+                return Err(err(format!(
+                    "xattr name {shown_key:?} of {} bytes is empty or longer than {MAX_XATTR_NAME}",
+                    k.len()
+                )));
+            }
+            // Base64 holds 3 bytes in 4 characters: check before decoding.
+            let decoded_len = v.len() / 4 * 3;
+            if decoded_len > limits.max_xattr_value + 3 {
+                return Err(err(Limits::exceeded(
+                    &format!("xattr {shown_key:?} value size"),
+                    decoded_len as u64,
+                    limits.max_xattr_value as u64,
+                    "max_xattr_value_bytes",
+                )));
+            }
+            let val = b64
+                .decode(v.as_bytes())
+                .map_err(|_| err(format!("xattr {shown_key:?}: invalid base64")))?;
+            if val.len() > limits.max_xattr_value {
+                return Err(err(Limits::exceeded(
+                    &format!("xattr {shown_key:?} value size"),
+                    val.len() as u64,
+                    limits.max_xattr_value as u64,
+                    "max_xattr_value_bytes",
+                )));
+            }
+            xattrs.insert(k.clone(), val);
+        }
+        let size = if kind == EntryKind::Reg {
+            j.size.unwrap_or(0)
+        } else {
+            0
+        };
+        let entry = TocEntry {
+            name: name.clone(),
+            kind,
+            size,
+            mode: (j.mode.unwrap_or(0) & 0o7777) as u32,
+            uid: u32f(j.uid, "uid")?,
+            gid: u32f(j.gid, "gid")?,
+            uname: j.user_name.clone().unwrap_or_default(),
+            gname: j.group_name.clone().unwrap_or_default(),
+            mtime,
+            mtime_nsec,
+            link_name,
+            dev_major: u32f(j.dev_major, "devMajor")?,
+            dev_minor: u32f(j.dev_minor, "devMinor")?,
+            xattrs,
+            digest: if kind == EntryKind::Reg {
+                parse_digest(&raw_name, "digest", &j.digest)?
+            } else {
+                None
+            },
+            chunks: Vec::new(),
+        };
+        let mut own = Vec::new();
+        if kind == EntryKind::Reg {
+            if size > 0 {
+                own.push(chunk()?);
+            }
+            self.last_reg.insert(name, self.entries.len());
+        }
+        self.entries.push(entry);
+        self.raw_chunks.push(own);
+        Ok(())
+    }
+}
+
+/// Deserializes the TOC object, feeding `entries` to the [`Decoder`]; yields `version`.
+struct TocSeed<'a, 'l>(&'a mut Decoder<'l>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TocSeed<'_, '_> {
+    type Value = Option<i64>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TocSeed<'_, '_> {
+    type Value = Option<i64>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a TOC object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut version = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "version" => version = map.next_value::<Option<i64>>()?,
+                "entries" => map.next_value_seed(EntriesSeed(&mut *self.0))?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(version)
+    }
+}
+
+/// Deserializes the `entries` array one element at a time into the [`Decoder`].
+struct EntriesSeed<'a, 'l>(&'a mut Decoder<'l>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of TOC entries")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(j) = seq.next_element::<JsonEntry>()? {
+            if let Err(e) = self.0.push(j) {
+                let text = e.to_string();
+                self.0.failure = Some(e);
+                return Err(serde::de::Error::custom(text));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.

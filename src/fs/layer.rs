@@ -17,12 +17,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use futures_util::FutureExt;
 
-use super::inode::{InodeTable, Node, NodeKind};
+use super::inode::{InodeTable, Node, NodeKind, ROOT};
 use super::passthrough::{Passthrough, FH_FUSE};
 use super::ChunkSource;
 use crate::format::{Chunk, Toc, TocEntry};
@@ -47,6 +47,8 @@ pub(super) struct LayerFs {
     /// Names the layer in logs.
     pub(super) label: String,
     pub(super) passthrough: Passthrough,
+    /// Added to the table's inode numbers in every reply: the layer's range in its session.
+    pub(super) base: u64,
 }
 
 impl LayerFs {
@@ -84,7 +86,7 @@ impl LayerFs {
             0o644
         };
         FileAttr {
-            ino: INodeNo(ino),
+            ino: INodeNo(self.base | ino),
             size,
             blocks: size.div_ceil(512),
             atime: mtime,
@@ -100,6 +102,14 @@ impl LayerFs {
             blksize: 4096,
             flags: 0,
         }
+    }
+
+    /// Answers the session's lookup of this layer's directory: the layer's root.
+    pub(super) fn lookup_root(&self, reply: ReplyEntry) {
+        self.guard("lookup", || match self.table.get(ROOT) {
+            Some(node) => reply.entry(&TTL, &self.attr(ROOT, node), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        });
     }
 
     fn xattrs(&self, node: &Node) -> Vec<(String, Vec<u8>)> {
@@ -286,11 +296,6 @@ impl Filesystem for LayerFs {
         });
     }
 
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        self.passthrough.negotiate(config);
-        Ok(())
-    }
-
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.guard("open", || {
             let _op = FuseOp::start("open");
@@ -425,7 +430,7 @@ impl Filesystem for LayerFs {
                     Some(NodeKind::Block) => FileType::BlockDevice,
                     Some(NodeKind::Fifo) => FileType::NamedPipe,
                 };
-                if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+                if reply.add(INodeNo(self.base | child), (i + 1) as u64, kind, name) {
                     break;
                 }
             }

@@ -1,4 +1,5 @@
-//! The read-only FUSE file system of one layer, built from its TOC, and overlayfs composition.
+//! The read-only FUSE file systems of layers, built from their TOCs, served by one FUSE session
+//! per process ([`LayerSession`]), and overlayfs composition.
 //!
 //! Owns: inodes, directory listings and attributes from the TOC, OCI whiteouts translated into
 //! overlayfs whiteouts (char 0:0) and opaque directories (`trusted.overlay.opaque`), which opens
@@ -8,9 +9,11 @@
 mod inode;
 mod layer;
 mod passthrough;
+mod session;
 pub mod unpack;
 
 pub use inode::{InodeTable, NodeKind, TableError};
+pub use session::{remove_dead_sessions, LayerSession};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,11 +69,14 @@ impl Default for MountOptions {
     }
 }
 
-/// A mounted layer; unmounted when dropped.
+/// A layer mounted at its mountpoint (a bind mount of its directory in a [`LayerSession`]);
+/// unmounted, and dropped from the session, when dropped.
 #[derive(Debug)]
 pub struct LayerMount {
-    session: Option<fuser::BackgroundSession>,
+    session: Arc<LayerSession>,
+    id: u64,
     mountpoint: PathBuf,
+    mounted: bool,
 }
 
 impl LayerMount {
@@ -84,30 +90,28 @@ impl LayerMount {
     }
 
     fn unmount_inner(&mut self) -> Result<(), FsError> {
-        let Some(session) = self.session.take() else {
+        if !std::mem::take(&mut self.mounted) {
             return Ok(());
-        };
-        // The session threads end when the kernel drops the connection, which a process still
-        // holding a file open (through a lazily detached overlay, say) can delay indefinitely:
-        // wait a little, then leave them to end with the process rather than hang shutdown.
-        let (done, finished) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = done.send(session.umount_and_join());
-        });
-        match finished.recv_timeout(UNMOUNT_WAIT) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
+        }
+        let result = match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+            Ok(()) => Ok(()),
+            // Still in use (an overlay over it, an open file): detach now; the kernel finishes
+            // when the last user lets go, and those users see errors from here on.
+            Err(nix::errno::Errno::EBUSY) => {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), "layer still in use after unmount; detached");
+                detach(&self.mountpoint);
+                Ok(())
+            }
+            Err(e) => {
                 detach(&self.mountpoint);
                 Err(FsError::Unmount {
                     path: self.mountpoint.clone(),
                     message: format!("{e} (detached instead)"),
                 })
             }
-            Err(_) => {
-                tracing::warn!(mountpoint = %self.mountpoint.display(), "layer still in use after unmount; its users will see errors");
-                Ok(())
-            }
-        }
+        };
+        self.session.remove(self.id);
+        result
     }
 }
 
@@ -118,9 +122,6 @@ impl Drop for LayerMount {
         }
     }
 }
-
-/// How long an unmount waits for the FUSE session to wind down.
-const UNMOUNT_WAIT: Duration = Duration::from_secs(2);
 
 fn detach(path: &Path) {
     let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
@@ -147,54 +148,60 @@ fn limit_allocator_retention() {
     });
 }
 
-/// Mounts the layer `toc` describes at `mountpoint`. Reads of file content are answered from
-/// `source` on `runtime` without blocking the FUSE loop.
+/// Serves the layer `toc` describes in `session` and bind-mounts it at `mountpoint`. Reads of
+/// file content are answered from `source` on `runtime` without blocking the FUSE loop.
 pub fn mount_layer(
+    session: &Arc<LayerSession>,
     toc: Arc<Toc>,
     source: Arc<dyn ChunkSource>,
     runtime: tokio::runtime::Handle,
     mountpoint: &Path,
-    options: &MountOptions,
 ) -> Result<LayerMount, FsError> {
-    limit_allocator_retention();
+    let error = |message: String| FsError::Mount {
+        path: mountpoint.to_owned(),
+        message,
+    };
     let label = mountpoint
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let table = inode::InodeTable::build(&toc).map_err(|e| FsError::Mount {
-        path: mountpoint.to_owned(),
-        message: format!("the layer cannot be served: {e}"),
-    })?;
-    let filesystem = layer::LayerFs {
-        table,
-        toc,
-        source,
-        runtime,
-        read_timeout: options.read_timeout,
-        label,
-        passthrough: passthrough::Passthrough::new(),
-    };
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::RO,
-        // A root file system needs device nodes and setuid binaries to work.
-        fuser::MountOption::Dev,
-        fuser::MountOption::Suid,
-        fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::FSName("lazysnap".into()),
-        fuser::MountOption::Subtype("lazysnap".into()),
-    ];
-    // Containers run as other users; overlayfs reads as the mounter.
-    config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(options.threads.max(1));
-    config.clone_fd = options.threads > 1;
-    let session =
-        fuser::spawn_mount(filesystem, mountpoint, &config).map_err(|e| FsError::Mount {
-            path: mountpoint.to_owned(),
-            message: e.to_string(),
-        })?;
+    let table = inode::InodeTable::build(&toc)
+        .map_err(|e| error(format!("the layer cannot be served: {e}")))?;
+    if table.len() > session::MAX_LAYER_INODES {
+        return Err(error(format!(
+            "the layer has {} inodes, more than the {} one layer may have",
+            table.len(),
+            session::MAX_LAYER_INODES
+        )));
+    }
+    let read_timeout = session.options().read_timeout;
+    let id = session
+        .add(|id, caps| layer::LayerFs {
+            table,
+            toc,
+            source,
+            runtime,
+            read_timeout,
+            label,
+            passthrough: passthrough::Passthrough::new(caps),
+            base: session::base_of(id),
+        })
+        .map_err(error)?;
+    let dir = session.dir().join(id.to_string());
+    if let Err(e) = nix::mount::mount(
+        Some(&dir),
+        mountpoint,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    ) {
+        session.remove(id);
+        return Err(error(format!("bind-mounting {}: {e}", dir.display())));
+    }
     Ok(LayerMount {
-        session: Some(session),
+        session: session.clone(),
+        id,
         mountpoint: mountpoint.to_owned(),
+        mounted: true,
     })
 }
 

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fuser::{BackingId, FileHandle, FopenFlags, InitFlags, KernelConfig, ReplyOpen};
 
@@ -32,25 +32,13 @@ struct Opens {
     backing: Option<BackingId>,
 }
 
-/// Passthrough state of one layer mount.
-#[derive(Debug)]
-pub(super) struct Passthrough {
-    /// The kernel agreed at INIT, and has not refused a backing file since.
-    enabled: AtomicBool,
-    /// Tracking starts only once the kernel agreed.
-    negotiated: AtomicBool,
-    opens: Mutex<HashMap<u64, Opens>>,
+/// What the kernel agreed to at the session's INIT, shared by every layer of the session.
+#[derive(Debug, Default)]
+pub(super) struct SessionCaps {
+    passthrough: AtomicBool,
 }
 
-impl Passthrough {
-    pub(super) fn new() -> Self {
-        Self {
-            enabled: AtomicBool::new(false),
-            negotiated: AtomicBool::new(false),
-            opens: Mutex::new(HashMap::new()),
-        }
-    }
-
+impl SessionCaps {
     /// Asks the kernel for passthrough at INIT (used whenever the kernel offers it).
     pub(super) fn negotiate(&self, config: &mut KernelConfig) {
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
@@ -66,8 +54,27 @@ impl Passthrough {
             tracing::info!(max, "cannot set the FUSE stack depth; no passthrough");
             return;
         }
-        self.negotiated.store(true, Ordering::Relaxed);
-        self.enabled.store(true, Ordering::Relaxed);
+        self.passthrough.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Passthrough state of one layer.
+#[derive(Debug)]
+pub(super) struct Passthrough {
+    /// What the session's kernel connection agreed to.
+    caps: Arc<SessionCaps>,
+    /// The kernel has not refused one of this layer's backing files.
+    enabled: AtomicBool,
+    opens: Mutex<HashMap<u64, Opens>>,
+}
+
+impl Passthrough {
+    pub(super) fn new(caps: Arc<SessionCaps>) -> Self {
+        Self {
+            caps,
+            enabled: AtomicBool::new(true),
+            opens: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Answers the open of regular file `ino` (TOC entry `entry`): with passthrough when the
@@ -79,7 +86,7 @@ impl Passthrough {
         source: &dyn ChunkSource,
         reply: ReplyOpen,
     ) {
-        if !self.negotiated.load(Ordering::Relaxed) {
+        if !self.caps.passthrough.load(Ordering::Relaxed) {
             reply.opened(FH_FUSE, FopenFlags::FOPEN_KEEP_CACHE);
             return;
         }

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::cache::{CacheConfig, ChunkCache};
 use crate::fetch::{FetchConfig, LayerFetcher};
 use crate::format::{self, Toc};
-use crate::fs::{self, LayerMount, MountOptions, OverlayMount};
+use crate::fs::{self, LayerMount, LayerSession, MountOptions, OverlayMount};
 use crate::oci::{self, Digest, ImageDocument, Platform, Reference};
 use crate::registry::{Client, ClientConfig};
 
@@ -53,6 +53,8 @@ pub struct MountConfig {
     pub memory_budget: u64,
     pub fetch: FetchConfig,
     pub fs: MountOptions,
+    /// Bounds on what a layer's TOC may state.
+    pub limits: format::Limits,
 }
 
 impl MountConfig {
@@ -67,6 +69,7 @@ impl MountConfig {
             memory_budget: 16 << 20,
             fetch: FetchConfig::default(),
             fs: MountOptions::default(),
+            limits: format::Limits::default(),
         }
     }
 }
@@ -226,6 +229,11 @@ pub async fn mount_image_with_upper(
             error: e,
         })?;
 
+    // One FUSE session serves every lazy layer of the image, each bind-mounted at its own
+    // directory; the session goes when the last layer mount is dropped.
+    let session = LayerSession::mount(&run_dir.path().join("fuse"), &config.fs)
+        .map_err(|e| MountError::Image(e.to_string()))?;
+
     let descriptors = manifest["layers"].as_array().cloned().unwrap_or_default();
     let diff_ids = image_config
         .pointer("/rootfs/diff_ids")
@@ -246,8 +254,13 @@ pub async fn mount_image_with_upper(
             let client = client.clone();
             let cache = cache.clone();
             let mount_dir = run_dir.path().join(format!("layer-{i}"));
+            let session = &session;
             async move {
-                prepare_layer(&client, reference, d, diff_id, &cache, &mount_dir, config).await
+                let place = LayerPlace {
+                    session,
+                    dir: &mount_dir,
+                };
+                prepare_layer(&client, reference, d, diff_id, &cache, place, config).await
             }
         },
     ))
@@ -419,15 +432,23 @@ struct Prepared {
     lazy: Option<(LayerMount, LayerFetcher, Arc<Toc>)>,
 }
 
+/// Where a lazy layer goes: served by `session`, bind-mounted at `dir`.
+#[derive(Clone, Copy)]
+struct LayerPlace<'a> {
+    session: &'a Arc<LayerSession>,
+    dir: &'a Path,
+}
+
 async fn prepare_layer(
     client: &Client,
     reference: &Reference,
     descriptor: &Value,
     diff_id: &Value,
     cache: &ChunkCache,
-    mount_dir: &Path,
+    place: LayerPlace<'_>,
     config: &MountConfig,
 ) -> Result<Prepared, MountError> {
+    let mount_dir = place.dir;
     let start = Instant::now();
     let digest: Digest = descriptor
         .get("digest")
@@ -449,7 +470,7 @@ async fn prepare_layer(
                 .map(|b| b.to_vec())
         };
         let toc = Arc::new(
-            crate::fetch::read_toc(&digest, &lazy, size, read)
+            crate::fetch::read_toc(&digest, &lazy, size, &config.limits, read)
                 .await
                 .map_err(|e| MountError::Image(e.to_string()))?,
         );
@@ -467,11 +488,11 @@ async fn prepare_layer(
             error: e,
         })?;
         let mount = fs::mount_layer(
+            place.session,
             toc.clone(),
             Arc::new(fetcher.clone()),
             tokio::runtime::Handle::current(),
             mount_dir,
-            &config.fs,
         )
         .map_err(|e| layer_error(&digest, e))?;
         let info = LayerInfo {

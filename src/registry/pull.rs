@@ -18,10 +18,42 @@ use crate::oci::{
     MEDIA_TYPE_OCI_MANIFEST,
 };
 
-/// Manifests larger than this are refused (the distribution spec allows registries 4 MiB).
-const MANIFEST_LIMIT: usize = 8 * 1024 * 1024;
+/// Manifests and indexes larger than this are refused (containerd's limit; the distribution spec
+/// lets registries refuse manifests over 4 MiB, so none larger is portable).
+const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
+/// Blobs read whole ([`Client::get_blob`]: image configs) larger than this are refused. Layers are
+/// streamed ([`Client::blob_reader`]) or read by range, never read whole.
+pub const WHOLE_BLOB_LIMIT: u64 = 16 * 1024 * 1024;
+
 /// The header registries name a manifest's or blob's digest in.
 pub(crate) const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+
+/// `bytes FIRST-LAST/TOTAL` (TOTAL may be `*`) → `(FIRST, LAST)`, when well formed.
+fn parse_content_range(value: &str) -> Option<(u64, u64)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (span, total) = rest.split_once('/')?;
+    let (first, last) = span.trim().split_once('-')?;
+    let (first, last): (u64, u64) = (first.parse().ok()?, last.parse().ok()?);
+    let total = total.trim();
+    if first > last || (total != "*" && total.parse::<u64>().ok()? <= last) {
+        return None;
+    }
+    Some((first, last))
+}
+
+/// Reads a body of up to `cap` bytes: `None` as soon as a read would take it past `cap` (the rest
+/// is never read, so at most one read of the connection's buffer arrives beyond `cap`), else the
+/// bytes, which may be fewer than `cap`.
+async fn read_capped(mut response: Response, cap: usize) -> Result<Option<Bytes>, reqwest::Error> {
+    let mut out = Vec::with_capacity(cap.min(16 << 20));
+    while let Some(chunk) = response.chunk().await? {
+        if out.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Some(Bytes::from(out)))
+}
 
 /// The `Docker-Content-Digest` of a response, if present and readable.
 pub(crate) fn content_digest(headers: &HeaderMap) -> Option<Result<Digest, String>> {
@@ -149,7 +181,8 @@ impl Client {
         self.execute(&req).await
     }
 
-    /// GET a whole blob of `reference`'s repository, checked against `digest`.
+    /// GET a whole blob of `reference`'s repository (an image config: at most
+    /// [`WHOLE_BLOB_LIMIT`] bytes), checked against `digest`.
     #[tracing::instrument(level = "debug", skip_all, fields(reference = %reference, digest = %digest))]
     pub async fn get_blob(
         &self,
@@ -164,14 +197,31 @@ impl Client {
                 .error_for(response, reference, Target::Blob, &format!("blob {digest}"))
                 .await);
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| RegistryError::Transport {
-                reference: reference.to_string(),
-                context: format!("reading blob {digest}"),
-                source,
-            })?;
+        let too_large = || RegistryError::Protocol {
+            reference: reference.to_string(),
+            detail: format!(
+                "blob {digest} is larger than {WHOLE_BLOB_LIMIT} bytes, the most read whole \
+                 (an image config that large is refused)"
+            ),
+        };
+        if response
+            .content_length()
+            .is_some_and(|len| len > WHOLE_BLOB_LIMIT)
+        {
+            return Err(too_large());
+        }
+        let limit = WHOLE_BLOB_LIMIT as usize;
+        let bytes =
+            read_limited(response, limit + 1)
+                .await
+                .map_err(|source| RegistryError::Transport {
+                    reference: reference.to_string(),
+                    context: format!("reading blob {digest}"),
+                    source,
+                })?;
+        if bytes.len() > limit {
+            return Err(too_large());
+        }
         let got = Digest::of(&bytes);
         if got != *digest {
             return Err(RegistryError::DigestMismatch {
@@ -184,12 +234,36 @@ impl Client {
         Ok(bytes)
     }
 
-    /// Streams a blob; the reader fails at EOF if the content did not hash to `digest`.
+    /// Streams a blob; the reader fails at EOF if the content did not hash to `digest`. Prefer
+    /// [`Client::blob_reader_sized`] when the descriptor's size is known: this one reads until the
+    /// registry stops sending.
     #[tracing::instrument(level = "debug", skip_all, fields(reference = %reference, digest = %digest))]
     pub async fn blob_reader(
         &self,
         reference: &Reference,
         digest: &Digest,
+    ) -> Result<BlobReader, RegistryError> {
+        self.blob_stream(reference, digest, None).await
+    }
+
+    /// Streams a blob of the descriptor's `size`: a response that announces another length fails
+    /// before its body is read, one that sends more fails as soon as it passes `size` bytes, and
+    /// the reader fails at EOF if the content did not hash to `digest`.
+    #[tracing::instrument(level = "debug", skip_all, fields(reference = %reference, digest = %digest, size))]
+    pub async fn blob_reader_sized(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<BlobReader, RegistryError> {
+        self.blob_stream(reference, digest, Some(size)).await
+    }
+
+    async fn blob_stream(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        size: Option<u64>,
     ) -> Result<BlobReader, RegistryError> {
         let response = self
             .blob_response(reference, digest, HeaderMap::new())
@@ -199,13 +273,21 @@ impl Client {
                 .error_for(response, reference, Target::Blob, &format!("blob {digest}"))
                 .await);
         }
+        if let (Some(size), Some(len)) = (size, response.content_length()) {
+            if len != size {
+                return Err(RegistryError::Protocol {
+                    reference: reference.to_string(),
+                    detail: format!(
+                        "blob {digest}: the registry announces {len} bytes, the descriptor says {size}"
+                    ),
+                });
+            }
+        }
         let stream = Box::pin(response.bytes_stream().map_err(std::io::Error::other));
         let reader = tokio_util::io::StreamReader::new(stream);
-        Ok(Box::pin(VerifyingReader::new(
-            reader,
-            *digest,
-            reference.to_string(),
-        )))
+        Ok(Box::pin(
+            VerifyingReader::new(reader, *digest, reference.to_string()).with_size(size),
+        ))
     }
 
     /// GET `range` of a blob with one `Range` request.
@@ -260,37 +342,64 @@ impl Client {
                     .await)
             }
         }
-        if let Some(content_range) = response
-            .headers()
-            .get(CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-        {
-            let expected_prefix = format!("bytes {}-", range.start);
-            if !content_range.starts_with(&expected_prefix) {
-                return Err(fail(format!(
-                    "registry answered with Content-Range {content_range:?}"
-                )));
+        let wanted = range.end - range.start;
+        if response.status() == StatusCode::PARTIAL_CONTENT {
+            let content_range = response
+                .headers()
+                .get(CONTENT_RANGE)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            match content_range.as_deref().map(parse_content_range) {
+                Some(Some((first, last))) if first == range.start && last == range.end - 1 => {}
+                Some(Some((first, last))) if first == range.start && last < range.end - 1 => {
+                    return Err(fail(format!(
+                        "the registry sent bytes {first}-{last} only (the range runs past the end \
+                         of the blob?)"
+                    )));
+                }
+                Some(_) => {
+                    let shown: String =
+                        content_range.unwrap_or_default().chars().take(80).collect();
+                    return Err(fail(format!(
+                        "the registry answered with Content-Range {shown:?}, not the range asked for"
+                    )));
+                }
+                None => {
+                    return Err(fail(
+                        "the registry answered 206 without a Content-Range header".to_owned(),
+                    ))
+                }
             }
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| RegistryError::Transport {
-                reference: reference.to_string(),
-                context: format!(
-                    "reading bytes {}..{} of blob {digest}",
-                    range.start, range.end
-                ),
-                source,
-            })?;
-        let wanted = range.end - range.start;
-        if bytes.len() as u64 != wanted {
+        if let Some(len) = response.content_length().filter(|&len| len != wanted) {
             return Err(fail(format!(
-                "got {} bytes instead of {wanted} (the range runs past the end of the blob?)",
-                bytes.len()
+                "the registry announces a body of {len} bytes for a range of {wanted}"
             )));
         }
-        Ok(bytes)
+        // Read at most what was asked for: a body that runs on is cut off and refused, never
+        // buffered.
+        let cap = usize::try_from(wanted)
+            .map_err(|_| fail(format!("{wanted} bytes is too large to hold in memory")))?;
+        let bytes =
+            read_capped(response, cap)
+                .await
+                .map_err(|source| RegistryError::Transport {
+                    reference: reference.to_string(),
+                    context: format!(
+                        "reading bytes {}..{} of blob {digest}",
+                        range.start, range.end
+                    ),
+                    source,
+                })?;
+        match bytes {
+            Some(bytes) if bytes.len() == cap => Ok(bytes),
+            Some(bytes) => Err(fail(format!(
+                "got {} bytes instead of {wanted} (the range runs past the end of the blob?)",
+                bytes.len()
+            ))),
+            None => Err(fail(format!(
+                "the registry sent more than the {wanted} bytes asked for; the read was stopped"
+            ))),
+        }
     }
 
     /// HEAD a blob: its size if the registry has it.
@@ -332,5 +441,183 @@ impl Client {
                 detail: format!("HEAD of blob {digest} answered without a Content-Length"),
             })?;
         Ok(Some(len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::registry::ClientConfig;
+
+    /// A one-connection HTTP server on loopback that answers any request with `head` and then up
+    /// to `body_len` bytes of body; yields how many body bytes it managed to write before the
+    /// client hung up.
+    async fn serve(head: String, body_len: u64) -> (String, tokio::task::JoinHandle<u64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => return 0,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            if sock.write_all(head.as_bytes()).await.is_err() {
+                return 0;
+            }
+            let block = vec![0x5au8; 64 << 10];
+            let mut written = 0u64;
+            while written < body_len {
+                let n = block.len().min((body_len - written) as usize);
+                let step = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    sock.write_all(&block[..n]),
+                );
+                match step.await {
+                    Ok(Ok(())) => written += n as u64,
+                    _ => break,
+                }
+            }
+            written
+        });
+        (addr, task)
+    }
+
+    async fn range_read(head: &str, body_len: u64, range: Range<u64>) -> (String, u64) {
+        let (addr, server) = serve(head.to_owned(), body_len).await;
+        let client = Client::new(ClientConfig {
+            max_retries: 0,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let reference: Reference = format!("{addr}/hostile/app:v1").parse().unwrap();
+        let err = client
+            .get_blob_range(&reference, &Digest::of(b"blob"), range)
+            .await
+            .unwrap_err()
+            .to_string();
+        drop(client);
+        (err, server.await.unwrap())
+    }
+
+    const HUGE: u64 = 512 << 20;
+
+    #[tokio::test]
+    async fn an_oversized_range_body_is_cut_off_at_the_length_asked_for() {
+        // 206 with the right Content-Range but a close-delimited body of 512 MiB for 112 KB.
+        let head = "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-114687/999999999\r\n\
+                    Connection: close\r\n\r\n";
+        let (err, written) = range_read(head, HUGE, 0..114_688).await;
+        assert!(err.contains("more than the 114688 bytes"), "{err}");
+        // What the kernel's socket buffers absorbed, not the body: far below the 512 MiB sent.
+        assert!(
+            written < 64 << 20,
+            "the client let the server write {written} bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunked_oversized_range_body_is_cut_off_too() {
+        // Transfer-Encoding: chunked, one endless chunk.
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-999/999999999\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{HUGE:x}\r\n"
+        );
+        let (err, written) = range_read(&head, HUGE, 0..1000).await;
+        assert!(err.contains("more than the 1000 bytes"), "{err}");
+        assert!(
+            written < 64 << 20,
+            "the client let the server write {written} bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_announced_oversized_range_body_is_refused_unread() {
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-999/999999999\r\n\
+             Content-Length: {HUGE}\r\n\r\n"
+        );
+        let (err, written) = range_read(&head, HUGE, 0..1000).await;
+        assert!(err.contains("announces a body of"), "{err}");
+        assert!(
+            written < 64 << 20,
+            "the client let the server write {written} bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_content_range_other_than_the_request_is_refused() {
+        for (content_range, want) in [
+            (Some("bytes 10-1009/5000"), "not the range asked for"),
+            (Some("bytes 0-99/5000"), "bytes 0-99 only"),
+            (Some("bytes 0-999/500"), "not the range asked for"),
+            (Some("garbage"), "not the range asked for"),
+            (None, "without a Content-Range"),
+        ] {
+            let header = content_range.map_or(String::new(), |v| format!("Content-Range: {v}\r\n"));
+            let head =
+                format!("HTTP/1.1 206 Partial Content\r\n{header}Content-Length: 1000\r\n\r\n");
+            let (err, _) = range_read(&head, 1000, 0..1000).await;
+            assert!(err.contains(want), "{content_range:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_whole_blob_read_is_bounded() {
+        let (addr, server) = serve(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_owned(),
+            HUGE,
+        )
+        .await;
+        let client = Client::new(ClientConfig::default()).unwrap();
+        let reference: Reference = format!("{addr}/hostile/app:v1").parse().unwrap();
+        let err = client
+            .get_blob(&reference, &Digest::of(b"config"))
+            .await
+            .unwrap_err()
+            .to_string();
+        drop(client);
+        assert!(err.contains("larger than"), "{err}");
+        let written = server.await.unwrap();
+        assert!(written < WHOLE_BLOB_LIMIT + (64 << 20), "wrote {written}");
+    }
+
+    #[tokio::test]
+    async fn a_blob_stream_stops_at_the_descriptor_size() {
+        let (addr, server) = serve(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_owned(),
+            HUGE,
+        )
+        .await;
+        let client = Client::new(ClientConfig::default()).unwrap();
+        let reference: Reference = format!("{addr}/hostile/app:v1").parse().unwrap();
+        let mut reader = client
+            .blob_reader_sized(&reference, &Digest::of(b"layer"), 1 << 20)
+            .await
+            .unwrap();
+        let err = tokio::io::copy(&mut reader, &mut tokio::io::sink())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("runs past"), "{err}");
+        drop(reader);
+        drop(client);
+        let written = server.await.unwrap();
+        assert!(written < 64 << 20, "wrote {written}");
+    }
+
+    #[test]
+    fn content_ranges_parse_strictly() {
+        assert_eq!(parse_content_range("bytes 0-9/10"), Some((0, 9)));
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9)));
+        assert_eq!(parse_content_range("bytes 5-9/9"), None);
+        assert_eq!(parse_content_range("bytes 9-5/100"), None);
+        assert_eq!(parse_content_range("bytes -5/100"), None);
+        assert_eq!(parse_content_range("items 0-9/10"), None);
     }
 }

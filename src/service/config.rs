@@ -23,6 +23,16 @@
 //! docker_config_dir = "/root/.docker"  # default: $DOCKER_CONFIG, else ~/.docker
 //! max_retries = 3
 //! config_path = "/etc/containerd/certs.d"  # hosts.toml mirrors; default: none
+//!
+//! [limits]                             # what a layer's TOC may state (hostile images)
+//! max_toc_compressed_bytes = 67108864
+//! max_toc_json_bytes = 134217728
+//! max_toc_entries = 1000000
+//! max_name_bytes = 4096
+//! max_path_depth = 1024
+//! max_chunk_bytes = 67108864
+//! max_xattrs_per_entry = 128
+//! max_xattr_value_bytes = 65536
 //! ```
 
 use std::net::SocketAddr;
@@ -33,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ServiceError;
 use crate::fetch::FetchConfig;
+use crate::format;
 use crate::fs::MountOptions;
 use crate::registry::ClientConfig;
 use crate::snapshot::RemoteConfig;
@@ -41,6 +52,9 @@ use crate::snapshot::RemoteConfig;
 pub const DEFAULT_ROOT: &str = "/var/lib/lazysnap";
 /// Default gRPC socket (what containerd's `[proxy_plugins.lazysnap] address` names).
 pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnapd.sock";
+/// The FUSE session serving every lazy layer, under `ROOT/snapshots` (numeric names there are
+/// snapshots; this one is not, and `--cleanup` detaches it with the rest).
+const SESSION_DIR: &str = "fuse-session";
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +70,54 @@ pub struct Config {
     pub cache: CacheSection,
     pub fetch: FetchSection,
     pub registry: RegistrySection,
+    pub limits: LimitsSection,
+}
+
+/// Bounds on what a layer's footer and TOC may state, checked before memory is spent on them
+/// (see [`format::Limits`] and docs/configuration.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_toc_compressed_bytes: u64,
+    pub max_toc_json_bytes: u64,
+    pub max_toc_entries: u64,
+    pub max_name_bytes: usize,
+    pub max_path_depth: usize,
+    pub max_chunk_bytes: u64,
+    pub max_xattrs_per_entry: usize,
+    pub max_xattr_value_bytes: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let l = format::Limits::default();
+        Self {
+            max_toc_compressed_bytes: l.max_toc_compressed,
+            max_toc_json_bytes: l.max_toc_json,
+            max_toc_entries: l.max_entries,
+            max_name_bytes: l.max_name_len,
+            max_path_depth: l.max_depth,
+            max_chunk_bytes: l.max_chunk,
+            max_xattrs_per_entry: l.max_xattrs,
+            max_xattr_value_bytes: l.max_xattr_value,
+        }
+    }
+}
+
+impl LimitsSection {
+    /// The limits the format reader applies.
+    pub fn to_format(&self) -> format::Limits {
+        format::Limits {
+            max_toc_compressed: self.max_toc_compressed_bytes,
+            max_toc_json: self.max_toc_json_bytes,
+            max_entries: self.max_toc_entries,
+            max_name_len: self.max_name_bytes,
+            max_depth: self.max_path_depth,
+            max_chunk: self.max_chunk_bytes,
+            max_xattrs: self.max_xattrs_per_entry,
+            max_xattr_value: self.max_xattr_value_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +166,7 @@ impl Default for Config {
             cache: CacheSection::default(),
             fetch: FetchSection::default(),
             registry: RegistrySection::default(),
+            limits: LimitsSection::default(),
         }
     }
 }
@@ -159,6 +222,7 @@ impl Config {
     /// Parses the TOML text of a config file.
     pub fn parse(text: &str) -> Result<Self, String> {
         let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.limits.to_format().validate()?;
         if config.fetch.read_timeout_secs == 0 {
             return Err("fetch.read_timeout_secs must be at least 1".into());
         }
@@ -200,7 +264,9 @@ impl Config {
                 threads: self.fetch.fuse_threads.max(1),
             },
             background_fetch: self.fetch.background,
+            limits: self.limits.to_format(),
             hosts_dir: self.registry.config_path.clone(),
+            session_dir: Some(self.root.join("snapshots").join(SESSION_DIR)),
         }
     }
 }
@@ -239,5 +305,19 @@ mod tests {
         assert!(Config::parse("[cache]\ndisk_budget = 1\n").is_err());
         assert!(Config::parse("metrics_address = \"nowhere\"\n").is_err());
         assert!(Config::parse("[fetch]\nread_timeout_secs = 0\n").is_err());
+    }
+
+    #[test]
+    fn limits_reach_the_reader_and_are_validated() {
+        let config =
+            Config::parse("[limits]\nmax_toc_entries = 5000\nmax_chunk_bytes = 1048576\n").unwrap();
+        let limits = config.remote().limits;
+        assert_eq!(limits.max_entries, 5000);
+        assert_eq!(limits.max_chunk, 1 << 20);
+        assert_eq!(limits.max_toc_json, format::Limits::default().max_toc_json);
+        let err = Config::parse("[limits]\nmax_chunk_bytes = 4294967296\n").unwrap_err();
+        assert!(err.contains("limits.max_chunk_bytes"), "{err}");
+        assert!(Config::parse("[limits]\nmax_toc_entries = 0\n").is_err());
+        assert!(Config::parse("[limits]\nmax_entries = 1\n").is_err());
     }
 }

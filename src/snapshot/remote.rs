@@ -18,7 +18,7 @@ use super::hosts::Hosts;
 use super::{Usage, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
 use crate::cache::ChunkCache;
 use crate::fetch::{FetchConfig, LayerFetcher};
-use crate::fs::{self, LayerMount, MountOptions};
+use crate::fs::{self, LayerMount, LayerSession, MountOptions};
 use crate::oci::{self, Digest, Reference};
 use crate::registry::{Client, ClientConfig};
 use crate::{format, inspect};
@@ -37,8 +37,13 @@ pub struct RemoteConfig {
     pub fs: MountOptions,
     /// After the prefetch set, fetch the rest of each lazy layer at low priority (and pin it).
     pub background_fetch: bool,
+    /// Bounds on what a layer's TOC may state (`[limits]` in lazysnapd's config).
+    pub limits: format::Limits,
     /// containerd's registry `config_path`: `<registry>/hosts.toml` files naming mirrors.
     pub hosts_dir: Option<std::path::PathBuf>,
+    /// Where the FUSE session serving every lazy layer is mounted (root-only); `None`: a private
+    /// temporary directory.
+    pub session_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RemoteConfig {
@@ -49,7 +54,9 @@ impl Default for RemoteConfig {
             fetch: FetchConfig::default(),
             fs: MountOptions::default(),
             background_fetch: true,
+            limits: format::Limits::default(),
             hosts_dir: None,
+            session_dir: None,
         }
     }
 }
@@ -152,6 +159,15 @@ pub(super) struct Remote {
     plain_client: Client,
     hosts: Hosts,
     cache: ChunkCache,
+    /// The FUSE session serving this process's lazy layers while any is mounted (its layer
+    /// mounts hold it; with the last one gone it is unmounted, and the next layer mounts anew).
+    session: std::sync::Mutex<std::sync::Weak<LayerSession>>,
+    /// Sessions are mounted at `<session_dir>/<pid>-<n>`: a new one never shares the path of
+    /// one still winding down.
+    session_dir: std::path::PathBuf,
+    sessions: std::sync::atomic::AtomicU64,
+    /// Holds the session's directory when the config names none.
+    _session_temp: Option<tempfile::TempDir>,
 }
 
 /// A lazy layer found at one host: its blob size, layout and verified TOC.
@@ -173,13 +189,50 @@ impl Remote {
             })
             .map_err(|e| super::SnapshotError::InvalidArgument(format!("registry client: {e}")))
         };
+        let (session_dir, session_temp) = match &config.session_dir {
+            Some(dir) => {
+                fs::remove_dead_sessions(dir);
+                (dir.clone(), None)
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("lazysnap-session-")
+                    .tempdir()
+                    .map_err(|e| {
+                        super::SnapshotError::io("creating a FUSE session directory", e)
+                    })?;
+                (temp.path().to_owned(), Some(temp))
+            }
+        };
         Ok(Self {
             client: client_for(false)?,
             plain_client: client_for(true)?,
             hosts: Hosts::new(config.hosts_dir.clone()),
             config,
             cache,
+            session: std::sync::Mutex::new(std::sync::Weak::new()),
+            sessions: std::sync::atomic::AtomicU64::new(0),
+            session_dir,
+            _session_temp: session_temp,
         })
+    }
+
+    /// The FUSE session lazy layers are served in, mounted on first use.
+    fn session(&self) -> Result<Arc<LayerSession>, fs::FsError> {
+        let mut session = self
+            .session
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = session.upgrade() {
+            return Ok(s);
+        }
+        let n = self
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.session_dir.join(format!("{}-{n}", std::process::id()));
+        let mounted = LayerSession::mount(&dir, &self.config.fs)?;
+        *session = Arc::downgrade(&mounted);
+        Ok(mounted)
     }
 
     pub(super) fn enabled(&self) -> bool {
@@ -262,12 +315,13 @@ impl Remote {
             self.cache.clone(),
             self.config.fetch.clone(),
         );
+        let session = self.session().map_err(|e| Fallback::new("mount", e))?;
         let mount = fs::mount_layer(
+            &session,
             toc.clone(),
             Arc::new(fetcher.clone()),
             tokio::runtime::Handle::current(),
             dir,
-            &self.config.fs,
         )
         .map_err(|e| Fallback::new("mount", e))?;
         tracing::info!(
@@ -342,7 +396,7 @@ impl Remote {
                 .await
                 .map(|b| b.to_vec())
         };
-        let toc = crate::fetch::read_toc(&digest, &lazy, size, read)
+        let toc = crate::fetch::read_toc(&digest, &lazy, size, &self.config.limits, read)
             .await
             .map_err(|e| Fallback::new("toc", e))?;
         Ok(Located {

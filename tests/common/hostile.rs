@@ -153,23 +153,20 @@ impl LazyLayer {
 
     /// The blob with `json` as its TOC (for TOCs built outside `entries`).
     pub fn finish_with_toc(self, json: &[u8]) -> Result<Blob> {
+        let compressed = zstd::bulk::compress(json, 3)?;
+        self.finish_with_compressed_toc(&compressed, json.len() as u64)
+    }
+
+    /// The blob with `compressed` (a zstd frame of `json_len` bytes of JSON) as its TOC.
+    pub fn finish_with_compressed_toc(self, compressed: &[u8], json_len: u64) -> Result<Blob> {
         let Self {
             mut blob, plain, ..
         } = self;
-        let compressed = zstd::bulk::compress(json, 3)?;
         blob.extend_from_slice(&skippable(compressed.len()));
         let offset = blob.len() as u64;
-        blob.extend_from_slice(&compressed);
+        blob.extend_from_slice(compressed);
         let mut footer = Vec::with_capacity(64);
-        for v in [
-            offset,
-            compressed.len() as u64,
-            json.len() as u64,
-            1,
-            0,
-            0,
-            0,
-        ] {
+        for v in [offset, compressed.len() as u64, json_len, 1, 0, 0, 0] {
             footer.extend_from_slice(&v.to_le_bytes());
         }
         footer.extend_from_slice(b"GNUlInUx");
@@ -179,9 +176,9 @@ impl LazyLayer {
             bytes: blob,
             media_type: MEDIA_TYPE_ZSTD,
             annotations: json!({
-                "io.github.containers.zstd-chunked.manifest-checksum": sha256(&compressed),
+                "io.github.containers.zstd-chunked.manifest-checksum": sha256(compressed),
                 "io.github.containers.zstd-chunked.manifest-position":
-                    format!("{offset}:{}:{}:1", compressed.len(), json.len()),
+                    format!("{offset}:{}:{json_len}:1", compressed.len()),
             }),
             diff_id: format!("sha256:{}", hex::encode(plain.0.finalize())),
         })
@@ -283,7 +280,9 @@ pub struct Ended {
     /// Exit code, or `None` when a signal ended it.
     pub code: Option<i32>,
     pub signal: Option<i32>,
-    /// Peak RSS over its whole life (getrusage of the reaped child), KiB.
+    /// Peak RSS over its whole life, KiB: `ru_maxrss` of the reaped child. Linux carries the
+    /// forking process's own peak into it (the pre-exec copy of its memory counts), so this is
+    /// an upper bound; the test process keeps itself small for that reason.
     pub peak_kib: u64,
     pub log: String,
 }
@@ -521,6 +520,26 @@ pub fn disk_usage(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+/// A TOC of at least `len` bytes of JSON, compressed as it is written (the test process never
+/// holds the JSON: a forked child's peak RSS would start from the test's own); returns the
+/// compressed frame, the JSON's length and its entry count.
+pub fn huge_toc(len: u64) -> Result<(Vec<u8>, u64, u64)> {
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
+    let head = br#"{"version":1,"entries":["#;
+    enc.write_all(head)?;
+    let mut written = head.len() as u64;
+    let mut i = 0u64;
+    while written < len {
+        let comma = if i > 0 { "," } else { "" };
+        let entry = format!(r#"{comma}{{"type":"reg","name":"f{i:09}"}}"#);
+        enc.write_all(entry.as_bytes())?;
+        written += entry.len() as u64;
+        i += 1;
+    }
+    enc.write_all(b"]}")?;
+    Ok((enc.finish()?, written + 2, i))
 }
 
 /// Writes a zstd frame of `len` zero bytes that declares its size, streaming (no `len` buffer).
