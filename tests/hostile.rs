@@ -426,3 +426,42 @@ fn overlay_xattrs_from_an_image_never_steer_the_overlay_and_capabilities_are_ser
     m.stop()?;
     Ok(())
 }
+
+/// A chunk the TOC declares as 1 MiB whose frame inflates to 4 GiB (and declares so in its
+/// header): a read must stop at the declared size and fail that read only.
+#[test]
+fn a_frame_inflating_past_its_declared_size_fails_that_read_only() -> Result<()> {
+    let case = Case::new()?;
+    let frame = hostile::zero_frame(4 << 30)?;
+    let mut l = LazyLayer::new();
+    let (start, end) = l.raw_frame(&frame);
+    l.entry(json!({
+        "type": "reg", "name": "liar", "mode": 0o644, "size": MIB,
+        "offset": start, "endOffset": end, "chunkSize": MIB,
+        "chunkDigest": hostile::sha256_of_zeros(MIB),
+    }));
+    let m = match case.mount("liar", vec![l.finish()?])? {
+        Started::Mounted(m) => m,
+        Started::Refused(ended) => {
+            return check_refused("inflating frame", &ended, &["chunk", "frame", "size"], 128);
+        }
+    };
+    let got = read_at(&m.target.join("liar"), 0, MIB as usize);
+    ensure!(
+        !m.killed_for_memory
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "the test's watchdog killed the process: its RSS passed {} MiB",
+        KILL_KIB / 1024
+    );
+    ensure!(m.alive(), "the process survived: {}", m.log());
+    match got {
+        // The first MiB of the frame is the declared chunk, and it verifies: serving it is
+        // right, as long as no more was inflated than asked for.
+        Ok(data) => ensure!(data == vec![0u8; MIB as usize], "only verified zeros"),
+        Err(e) => ensure!(e.raw_os_error() == Some(libc::EIO), "EIO, got {e}"),
+    }
+    good_layer_reads(&m)?;
+    check_peak("inflating frame", m.peak_kib(), 128, &m.log())?;
+    m.stop()?;
+    Ok(())
+}
