@@ -333,3 +333,6 @@ pub fn mount_overlay(
         _empty: empty,
     })
 }
+
+#[cfg(test)]
+mod guard_tests;
