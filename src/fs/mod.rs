@@ -40,7 +40,8 @@ pub struct ChunkError(pub String);
 
 /// Where a layer file system gets file content. Implementations return only verified bytes.
 pub trait ChunkSource: Send + Sync + 'static {
-    /// The uncompressed, verified bytes of `chunk` (one of the TOC's chunks).
+    /// The uncompressed, verified bytes of `chunk` (one of the TOC's chunks). Never asked for a
+    /// zero run: the file system writes those zeros itself, only as many as a read asks for.
     fn read_chunk(&self, chunk: &Chunk) -> BoxFuture<'static, Result<Bytes, ChunkError>>;
 
     /// A local file holding exactly the verified content of `entry`, ready now, for the kernel
