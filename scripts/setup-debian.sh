@@ -14,6 +14,8 @@ PACKAGES=(
   zstd gzip tar attr apache2-utils curl jq ca-certificates python3
   # ss (free ports in the registry fixture), ip and tc (the cold-start benchmark's namespace)
   iproute2
+  # tests/privilege.rs: setcap/getcap, and a static probe program built with cc -static
+  libcap2-bin gcc libc6-dev
 )
 
 missing=()

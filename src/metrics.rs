@@ -32,6 +32,8 @@ pub struct Metrics {
     pub layer_size_bytes: IntGaugeVec,
     /// Per layer: 1 once its background fetch finished and the blob matched its digest.
     pub layer_complete: IntGaugeVec,
+    /// Background completions that failed and were tried again after a backoff.
+    pub background_retries: IntCounter,
     /// FUSE operations served, by operation, and their latency.
     pub fuse_ops: IntCounterVec,
     pub fuse_seconds: HistogramVec,
@@ -112,6 +114,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["layer"],
         )
         .expect("valid metric definition"),
+        background_retries: IntCounter::with_opts(
+            Opts::new(
+                "background_retries_total",
+                "Background layer completions that failed and were tried again.",
+            )
+            .namespace("lazysnap"),
+        )
+        .expect("valid metric definition"),
         fuse_ops: counter_vec(
             "fuse_operations_total",
             "FUSE operations served, by operation.",
@@ -151,6 +161,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.layer_fetched_bytes.clone()),
         Box::new(m.layer_size_bytes.clone()),
         Box::new(m.layer_complete.clone()),
+        Box::new(m.background_retries.clone()),
         Box::new(m.fuse_ops.clone()),
         Box::new(m.fuse_seconds.clone()),
         Box::new(m.passthrough_opens.clone()),

@@ -478,6 +478,23 @@ fn lazy_images_pull_without_layer_blobs_and_run_like_overlayfs() -> Result<()> {
     }
     let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
     ensure!(lazy >= 2.0, "lazy layers counted: {lazy}\n{}", daemon.log());
+    // Background completion decompresses each layer as containerd's applier would, and the
+    // result matches the diff_id of its config, in both formats.
+    let start = Instant::now();
+    while daemon.metric("lazysnap_snapshot_verified_layers_total")? < 2.0 {
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "layers not verified after 60 s:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let failed = daemon.metric("lazysnap_snapshot_verify_failures_total")?;
+    ensure!(
+        failed == 0.0,
+        "honest layers failed verification:\n{}",
+        daemon.log()
+    );
     ensure!(
         !mounts_below(&daemon.root()).is_empty(),
         "the lazy layers are FUSE mounts under lazysnapd's root"
@@ -1049,4 +1066,358 @@ fn cleanup_detaches_every_mount_left_under_the_root() -> Result<()> {
         mounts_below(root.path())
     );
     Ok(())
+}
+
+/// The poisoning pair, both zstd:chunked with two layers: the busybox layer (the same blob in
+/// both) and a layer whose `/msg` says whose image it is. The attacker's config is forged to
+/// claim the victim's `diff_id`s, so both images have the same chain IDs.
+struct PoisonImages {
+    /// `REG/poison@sha256:…`: the victim, pinned by its manifest digest.
+    victim: String,
+    /// `REG/poison:forged`.
+    attacker: String,
+    _work: tempfile::TempDir,
+}
+
+/// A JSON blob of an OCI layout.
+fn layout_json(dir: &Path, digest: &str) -> Result<serde_json::Value> {
+    let path = dir
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    Ok(serde_json::from_slice(&std::fs::read(&path)?)?)
+}
+
+fn poison_images(registry: &TestRegistry) -> Result<PoisonImages> {
+    use lazysnap::oci::{Digest, Reference};
+    use lazysnap::registry::{Client, ClientConfig};
+
+    let work = tempfile::tempdir()?;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let busybox = String::from_utf8(image::run(
+        Command::new(fixtures.join("busybox-image.sh")).arg(work.path().join("busybox")),
+    )?)?;
+    let (busybox_dir, _) = busybox.trim().rsplit_once(':').context("layout:tag")?;
+    let busybox_dir = Path::new(busybox_dir);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(busybox_dir.join("index.json"))?)?;
+    let manifest = layout_json(
+        busybox_dir,
+        index["manifests"][0]["digest"].as_str().context("index")?,
+    )?;
+    let base_digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("busybox layer")?;
+    let base = image::decompress(&std::fs::read(
+        busybox_dir
+            .join("blobs/sha256")
+            .join(base_digest.trim_start_matches("sha256:")),
+    )?)?;
+    let layout = image::LayoutBuilder::new(&work.path().join("layout"))?;
+    let mut tagged = Vec::new();
+    for who in ["victim", "attacker"] {
+        let msg = image::python_tar(&format!("add('msg', data=b'{who}\\n')"))?;
+        tagged.push((who, layout.image(&[base.clone(), msg], "amd64")?));
+    }
+    layout.tags(&tagged)?;
+    let repo = format!("{}/poison", registry.addr);
+    for who in ["victim", "attacker"] {
+        let source = format!("oci:{}:{who}", layout.dir.display());
+        image::run(Command::new(LAZYSNAP).args([
+            "convert",
+            "--format",
+            "zstd-chunked",
+            &source,
+            &format!("{repo}:{who}"),
+        ]))?;
+    }
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let victim_digest = runtime.block_on(async {
+        let client = Client::new(ClientConfig::default())?;
+        let victim_ref: Reference = format!("{repo}:victim").parse()?;
+        let attacker_ref: Reference = format!("{repo}:attacker").parse()?;
+        let mut configs = Vec::new();
+        let mut manifests = Vec::new();
+        for reference in [&victim_ref, &attacker_ref] {
+            let fetched = client.get_manifest(reference).await?;
+            let manifest: serde_json::Value = serde_json::from_slice(&fetched.bytes)?;
+            let config_digest: Digest = manifest["config"]["digest"]
+                .as_str()
+                .context("config")?
+                .parse()?;
+            let config = client.get_blob(reference, &config_digest).await?;
+            configs.push(serde_json::from_slice::<serde_json::Value>(&config)?);
+            manifests.push((Digest::of(&fetched.bytes), manifest));
+        }
+        let diff_ids = configs[0]["rootfs"]["diff_ids"].clone();
+        ensure!(
+            configs[1]["rootfs"]["diff_ids"][1] != diff_ids[1],
+            "the two /msg layers must differ"
+        );
+        let mut forged = configs[1].clone();
+        forged["rootfs"]["diff_ids"] = diff_ids;
+        let config = serde_json::to_vec(&forged)?;
+        let config_digest = Digest::of(&config);
+        client
+            .push_blob_bytes(&attacker_ref, &config_digest, config.clone().into())
+            .await?;
+        let mut manifest = manifests[1].1.clone();
+        manifest["config"]["digest"] = config_digest.to_string().into();
+        manifest["config"]["size"] = config.len().into();
+        let media_type = manifest["mediaType"]
+            .as_str()
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+            .to_owned();
+        let forged_ref: Reference = format!("{repo}:forged").parse()?;
+        client
+            .push_manifest(
+                &forged_ref,
+                &media_type,
+                serde_json::to_vec(&manifest)?.into(),
+            )
+            .await?;
+        anyhow::Ok(manifests[0].0)
+    })?;
+    Ok(PoisonImages {
+        victim: format!("{repo}@{victim_digest}"),
+        attacker: format!("{repo}:forged"),
+        _work: work,
+    })
+}
+
+/// `rpull` of `reference` into `namespace` through lazysnapd.
+fn rpull_in(ctd: &TestContainerd, namespace: &str, reference: &str) -> Result<String> {
+    ctd.ctr_remote_in(
+        namespace,
+        &[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            SNAPSHOTTER,
+            reference,
+        ],
+    )
+}
+
+const CAT_MSG: &[&str] = &["/bin/cat", "/msg"];
+
+/// Fails on main: lazysnapd answered the victim's Prepare of the chain ID with the attacker's
+/// lazy snapshot (`ALREADY_EXISTS`), and the victim printed "attacker".
+#[test]
+fn a_forged_diff_id_does_not_lend_its_files_to_the_victim_in_another_namespace() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = poison_images(&registry)?;
+    // Nothing is verified without background completion: only the compressed chain keeps the
+    // victim's layer from being taken for the attacker's.
+    let daemon = Lazysnapd::start_with("background = false\n")?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    let attacker_ns = format!("{}-attacker", ctd.namespace);
+    rpull_in(&ctd, &attacker_ns, &images.attacker).with_context(|| daemon.log())?;
+    let out = ctd.run_in(&attacker_ns, SNAPSHOTTER, &images.attacker, "a", CAT_MSG)?;
+    ensure!(out == "attacker\n", "the attacker's own run: {out:?}");
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(
+        lazy == 2.0,
+        "both attacker layers lazy: {lazy}\n{}",
+        daemon.log()
+    );
+
+    rpull_in(&ctd, &ctd.namespace, &images.victim).with_context(|| daemon.log())?;
+    let out = ctd.run_in(&ctd.namespace, SNAPSHOTTER, &images.victim, "v", CAT_MSG)?;
+    ensure!(
+        out == "victim\n",
+        "the victim {}, pinned by digest, ran {out:?}\n{}",
+        images.victim,
+        daemon.log()
+    );
+    let refused = daemon.metric("lazysnap_snapshot_fallbacks_total{reason=\"verify\"}")?;
+    ensure!(refused >= 1.0, "refusals counted: {refused}");
+    ensure!(
+        daemon.log().contains("not the same bytes"),
+        "the refusal is logged with both chains:\n{}",
+        daemon.log()
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
+/// Fails on main: nothing computes a lazy layer's diff_id, the metric never appears.
+#[test]
+fn a_lazy_layer_whose_diff_id_does_not_match_is_counted_and_never_used_again() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = poison_images(&registry)?;
+    let daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    let ns = ctd.namespace.clone();
+    rpull_in(&ctd, &ns, &images.attacker).with_context(|| daemon.log())?;
+
+    // Background completion streams both layers: the shared busybox layer verifies, the forged
+    // one does not.
+    let start = Instant::now();
+    loop {
+        let failed = daemon.metric("lazysnap_snapshot_verify_failures_total")?;
+        let verified = daemon.metric("lazysnap_snapshot_verified_layers_total")?;
+        if failed >= 1.0 && verified >= 1.0 {
+            ensure!(
+                failed == 1.0 && verified == 1.0,
+                "failed {failed}, verified {verified}"
+            );
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "no verdicts after 60 s (failed {failed}, verified {verified}):\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        daemon.log().contains("FAILED verification"),
+        "the failure is logged:\n{}",
+        daemon.log()
+    );
+
+    // The refused snapshot is never handed out again, not even to the image that brought it.
+    let run = ctd.run_in(&ns, SNAPSHOTTER, &images.attacker, "a", CAT_MSG);
+    ensure!(
+        run.is_err(),
+        "the attacker's image ran on a refused snapshot: {run:?}"
+    );
+    // The victim, pinned by digest, in the same namespace: containerd's metadata still holds the
+    // refused snapshot under the chain ID, so containerd cannot unpack the layer there; whatever
+    // happens, the victim never runs the attacker's files.
+    if rpull_in(&ctd, &ns, &images.victim).is_ok() {
+        let out = ctd.run_in(&ns, SNAPSHOTTER, &images.victim, "v0", CAT_MSG)?;
+        ensure!(out == "victim\n", "the victim ran {out:?}");
+    }
+    // Once the attacker's image is gone, containerd's GC removes the refused snapshot, and the
+    // victim pulls and runs its own files.
+    ctd.ctr(&["images", "rm", "--sync", &images.attacker])?;
+    let _ = ctd.ctr(&["images", "rm", "--sync", &images.victim]);
+    rpull_in(&ctd, &ns, &images.victim).with_context(|| daemon.log())?;
+    let out = ctd.run_in(&ns, SNAPSHOTTER, &images.victim, "v", CAT_MSG)?;
+    ensure!(
+        out == "victim\n",
+        "the victim ran {out:?}\n{}",
+        daemon.log()
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
+/// Fails on main: `lazysnap run` took the attacker's lazy snapshot because its chain ID existed
+/// (a Stat), and the victim printed "attacker".
+#[test]
+fn lazysnap_run_never_takes_another_images_lazy_layer_for_its_chain_id() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = poison_images(&registry)?;
+    let daemon = Lazysnapd::start_with("background = false\n")?;
+    let root = tempfile::tempdir()?;
+    let _unmount = common::UnmountOnDrop(root.path().to_owned());
+    let socket = daemon.socket.to_str().context("socket path")?;
+    let run = |reference: &str| -> Result<String> {
+        let out = Command::new(LAZYSNAP)
+            .arg("--root")
+            .arg(root.path())
+            .args(["run", "--lazysnapd", socket, reference])
+            .args(CAT_MSG)
+            .stdin(Stdio::null())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "lazysnap run {reference}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.log()
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    ensure!(run(&images.attacker)? == "attacker\n");
+    let out = run(&images.victim)?;
+    ensure!(
+        out == "victim\n",
+        "the victim ran {out:?}\n{}",
+        daemon.log()
+    );
+    // The next run finds the layer it filled.
+    ensure!(run(&images.victim)? == "victim\n");
+    ensure!(run(&images.attacker)? == "attacker\n");
+    daemon.stop()
+}
+
+/// The diff_id check judges third-party layers as containerd's overlayfs snapshotter does when it
+/// unpacks them: ctr-remote's eStargz (TOC as a tar entry, footer as an empty gzip member)
+/// decompresses to the diff_id its config claims; the zstd:chunked layer of Debian's skopeo 1.9
+/// does not (its config keeps the source tar's diff_id, but the chunked writer rewrote the tar), and
+/// containerd refuses to unpack it ("wrong diff id calculated on extraction").
+#[test]
+fn third_party_lazy_layers_are_judged_as_containerd_judges_them_when_unpacking() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let layout = image::fixture(
+        "busybox-image.sh",
+        &[work.path().join("bb").to_str().context("path")?, "v1"],
+    )?;
+    let plain = format!("{}/bb/plain:v1", registry.addr);
+    image::fixture("push-layout.sh", &[&layout, &plain])?;
+    let estargz = image::fixture(
+        "estargz-image.sh",
+        &[&registry.addr, "bb/plain:v1", "bb/estargz:v1"],
+    )?;
+    let zstd = image::fixture(
+        "zstdchunked-image.sh",
+        &[&registry.addr, "bb/plain:v1", "bb/zstd:v1"],
+    )?;
+    let daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+
+    // The oracle: containerd's own overlayfs snapshotter, in a namespace of its own.
+    let oracle_ns = format!("{}-overlayfs", ctd.namespace);
+    ctd.ctr_in(&oracle_ns, &["images", "pull", "--plain-http", &estargz])?;
+    let refused = ctd.ctr_in(&oracle_ns, &["images", "pull", "--plain-http", &zstd]);
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("wrong diff id")),
+        "containerd unpacked skopeo's zstd:chunked layer: {refused:?}"
+    );
+
+    for (i, reference) in [&estargz, &zstd].into_iter().enumerate() {
+        let ns = format!("{}-{i}", ctd.namespace);
+        rpull_in(&ctd, &ns, reference).with_context(|| daemon.log())?;
+    }
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(lazy == 2.0, "lazy layers: {lazy}\n{}", daemon.log());
+    let start = Instant::now();
+    loop {
+        let verified = daemon.metric("lazysnap_snapshot_verified_layers_total")?;
+        let failed = daemon.metric("lazysnap_snapshot_verify_failures_total")?;
+        if verified + failed >= 2.0 {
+            ensure!(
+                verified == 1.0 && failed == 1.0,
+                "verified {verified}, failed {failed}:\n{}",
+                daemon.log()
+            );
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "no verdicts after 60 s:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let zstd_layer = layer_digests(zstd.split_once('@').map_or(zstd.as_str(), |(r, _)| r))?;
+    let log = daemon.log();
+    let failure = log
+        .lines()
+        .find(|l| l.contains("FAILED verification and is refused"))
+        .context("no failure logged")?;
+    ensure!(
+        failure.contains(&zstd_layer[0]),
+        "the failure is not the zstd:chunked layer {}: {failure}",
+        zstd_layer[0]
+    );
+    drop(ctd);
+    daemon.stop()
 }

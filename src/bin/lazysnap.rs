@@ -26,6 +26,7 @@ struct Cli {
     #[arg(long, global = true)]
     plain_http: bool,
     /// Directory holding all state: chunk cache, metadata, unpacked layers, mount points.
+    /// Created (or set) mode 0700: it holds image content only root may reach.
     #[arg(long, global = true, default_value = "/var/lib/lazysnap")]
     root: std::path::PathBuf,
     #[command(subcommand)]
@@ -68,6 +69,13 @@ enum Command {
         metrics_addr: Option<std::net::SocketAddr>,
         #[arg(long)]
         platform: Option<Platform>,
+        /// Honour setuid/setgid bits and file capabilities of the image's files at MOUNTPOINT
+        /// (default: mounted nosuid, so running them grants no privilege).
+        #[arg(long)]
+        allow_suid: bool,
+        /// Let the image's device nodes be opened through MOUNTPOINT (default: mounted nodev).
+        #[arg(long)]
+        allow_dev: bool,
         reference: Reference,
         mountpoint: std::path::PathBuf,
     },
@@ -242,16 +250,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             read_timeout,
             metrics_addr,
             platform,
+            allow_suid,
+            allow_dev,
             reference,
             mountpoint,
         } => {
-            let config = mount_config(
+            let mut config = mount_config(
                 cli.root,
                 !no_background_fetch,
                 read_timeout,
                 registry,
                 platform,
             );
+            config.nosuid = !allow_suid;
+            config.nodev = !allow_dev;
             if let Some(addr) = metrics_addr {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await

@@ -136,8 +136,18 @@ impl ChunkCache {
     /// metadata are adopted, metadata without a file is dropped, leftover temporary files removed.
     pub fn open(config: CacheConfig) -> Result<Self, CacheError> {
         let chunks_dir = config.dir.join("chunks");
-        std::fs::create_dir_all(&chunks_dir)
-            .map_err(|e| CacheError::io(format!("creating {}", chunks_dir.display()), e))?;
+        {
+            // Root-only (0700, whatever the umask): chunks and assembled files are image content.
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&chunks_dir)
+                .and_then(|()| {
+                    std::fs::set_permissions(&config.dir, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(|e| CacheError::io(format!("creating {}", chunks_dir.display()), e))?;
+        }
         let meta = Meta::open(&config.dir.join("meta"))?;
         let mut state = State::default();
         for (digest, size, last_use) in meta.chunks()? {

@@ -5,14 +5,18 @@
 //! [`FetchConfig::max_request`]); concurrent readers of a chunk share one request; every chunk is
 //! verified against its TOC digest by [`format::decode_chunk`] before it is cached or served. The
 //! prefetch list is fetched in one batch, then the rest of the layer streams in the background as
-//! one whole-blob read that is checked against the manifest digest at its end.
+//! one whole-blob read that is checked against the manifest digest at its end (and, if asked,
+//! decompressed and hashed on the side: the layer's `diff_id`, see `uncompressed`).
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
 mod local;
 mod plan;
+mod schedule;
+mod stall;
+mod uncompressed;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +32,8 @@ use crate::oci::{Digest, Reference};
 use crate::registry::Client;
 
 pub use plan::{plan_ranges, Span};
+pub use schedule::{DemandGuard, ScheduleConfig, Scheduler, StreamSlot};
+use stall::StallGuard;
 
 /// Finds and verifies a lazy layer's TOC with at most two range reads of its `size`-byte blob:
 /// the footer (skipped when the annotation gives the position), then the TOC, which is checked
@@ -80,60 +86,19 @@ where
     format::parse_toc_limited(lazy, position, &raw, limits).map_err(|e| fail(e.to_string()))
 }
 
-/// Layers streamed in the background at once, process-wide. Each holds a read block and up to
-/// one compressed chunk in memory, so a limit keeps memory independent of how many layers are
-/// mounted; more streams at once would not fetch the whole any sooner over one link.
-static BACKGROUND_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> =
-    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(2));
-
-/// On-demand reads, process-wide: background streams yield to the reads of *every* layer, since
-/// they all share one link. A stream starts, and resumes after a pause, only once no read has
-/// been waiting for [`DEMAND_QUIET`]: a container's start-up reads come in bursts, and a stream
-/// that fills the link between them would delay each next burst by the data queued ahead of it.
-static DEMAND: Demand = Demand {
-    busy: AtomicU64::new(0),
-    last_ms: AtomicU64::new(0),
-};
-const DEMAND_QUIET: Duration = Duration::from_millis(1000);
-
-struct Demand {
-    busy: AtomicU64,
-    /// When the last on-demand read began, in ms since `epoch()`.
-    last_ms: AtomicU64,
-}
-
-fn epoch() -> std::time::Instant {
-    static EPOCH: std::sync::LazyLock<std::time::Instant> =
-        std::sync::LazyLock::new(std::time::Instant::now);
-    *EPOCH
-}
-
-impl Demand {
-    /// An on-demand read begins; it counts as waiting until the guard is dropped.
-    fn begin(&self) -> BusyGuard<'_> {
-        self.busy.fetch_add(1, Ordering::Relaxed);
-        self.touch();
-        BusyGuard(&self.busy)
-    }
-
-    fn touch(&self) {
-        self.last_ms
-            .fetch_max(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Waits until no on-demand read is waiting and none began for `DEMAND_QUIET`.
-    async fn wait_quiet(&self) {
-        loop {
-            let since = (epoch().elapsed().as_millis() as u64)
-                .saturating_sub(self.last_ms.load(Ordering::Relaxed));
-            let quiet = DEMAND_QUIET.as_millis() as u64;
-            if self.busy.load(Ordering::Relaxed) == 0 && since >= quiet {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis((quiet - since.min(quiet)).max(5))).await;
-        }
-    }
-}
+/// The first delay before a failed background completion is tried again; doubled per failure.
+const RETRY_BASE: Duration = Duration::from_millis(500);
+/// The longest delay between two background attempts: a registry back from an outage is used
+/// again within this, and a blob the registry keeps serving wrong is streamed at most this often.
+const RETRY_CAP: Duration = Duration::from_secs(120);
+/// How long the chunks of a failed range request keep answering with its error. The kernel
+/// retries a failed read at once (readahead, then a synchronous read of the page, within a
+/// millisecond or so); that retry must get the first request's error, not ask the registry again
+/// and double the reader's wait. Short, so that a registry back a moment later is used at once.
+const FAILED_GRACE: Duration = Duration::from_millis(50);
+/// [`FAILED_GRACE`] for a request abandoned at its deadline, wider because a retry that misses it
+/// waits a whole second timeout.
+const ABANDONED_GRACE: Duration = Duration::from_millis(250);
 
 /// Fetch tuning.
 #[derive(Debug, Clone)]
@@ -145,6 +110,14 @@ pub struct FetchConfig {
     /// How far a miss reads ahead into *other* files (small neighbours, likely read next); the
     /// rest of the missed file itself may come along up to `max_request`.
     pub max_neighbours: u64,
+    /// How long one range request may take from its start before it is abandoned (the HTTP
+    /// request dropped) and every reader waiting for it gets an error; also how long a background
+    /// stream may go without a byte. Set to the read timeout, so that a read the kernel retries
+    /// after a timeout joins the first request and fails at its deadline, instead of waiting a
+    /// second timeout; a read after the deadline starts a new request.
+    pub deadline: Duration,
+    /// The node's link policy, shared by every fetcher made with (a clone of) this config.
+    pub scheduler: Scheduler,
 }
 
 impl Default for FetchConfig {
@@ -153,6 +126,8 @@ impl Default for FetchConfig {
             max_request: 4 << 20,
             max_gap: 64 << 10,
             max_neighbours: 256 << 10,
+            deadline: Duration::from_secs(30),
+            scheduler: Scheduler::default(),
         }
     }
 }
@@ -177,6 +152,8 @@ pub struct FetchStats {
     pub prefetch_requests: AtomicU64,
     pub cache_hits: AtomicU64,
     pub verify_failures: AtomicU64,
+    /// Background completions that failed and were tried again.
+    pub background_retries: AtomicU64,
 }
 
 impl FetchStats {
@@ -206,6 +183,14 @@ impl Kind {
 type RangeResult = Result<Arc<HashMap<Digest, Bytes>>, ChunkError>;
 type SharedRange = Shared<BoxFuture<'static, RangeResult>>;
 
+/// A range request in flight (or failed within [`FAILED_GRACE`]), as its chunks' readers see it.
+#[derive(Clone)]
+struct Inflight {
+    /// Which request this is: only its own task removes its entries.
+    id: u64,
+    range: SharedRange,
+}
+
 /// Serves one layer's chunks from the cache, or from its registry blob.
 #[derive(Clone)]
 pub struct LayerFetcher {
@@ -223,7 +208,8 @@ struct Inner {
     /// The layer's distinct chunks in blob order: what coalescing may add to a request.
     chunks: Vec<Chunk>,
     /// Chunks being fetched, by digest: a second reader joins the first one's request.
-    inflight: Mutex<HashMap<Digest, SharedRange>>,
+    inflight: Mutex<HashMap<Digest, Inflight>>,
+    next_request: AtomicU64,
     stats: FetchStats,
     /// Where passthrough files are prepared; none outside a runtime (no passthrough then).
     runtime: Option<tokio::runtime::Handle>,
@@ -234,6 +220,13 @@ struct Inner {
     prepare_slots: tokio::sync::Semaphore,
     /// Frames (by blob offset) that reads asked for: what an ideal fetcher must transfer.
     needed: Mutex<NeededFrames>,
+    /// Set by [`LayerFetcher::hash_uncompressed`]: [`LayerFetcher::complete`] also hashes the
+    /// decompressed stream (the layer's `diff_id`).
+    hash_uncompressed: AtomicBool,
+    /// The most the layer may decompress to, from its TOC (a bomb stops there).
+    uncompressed_bound: u64,
+    /// What the last successful `complete` found: the uncompressed digest, or why there is none.
+    uncompressed: Mutex<Option<Result<Digest, String>>>,
 }
 
 /// The distinct compressed frames reads needed, and their total size.
@@ -275,6 +268,8 @@ impl LayerFetcher {
             .layer_size_bytes
             .with_label_values(&[&blob.short()])
             .set(blob_size as i64);
+        // A layer is mounted to be read: its container's start-up goes before any stream.
+        config.scheduler.touch();
         Self {
             inner: Arc::new(Inner {
                 client,
@@ -286,12 +281,16 @@ impl LayerFetcher {
                 config,
                 chunks,
                 inflight: Mutex::new(HashMap::new()),
+                next_request: AtomicU64::new(0),
                 stats: FetchStats::default(),
                 runtime: tokio::runtime::Handle::try_current().ok(),
                 preparing: Mutex::new(HashSet::new()),
                 refused: Mutex::new(HashSet::new()),
                 prepare_slots: tokio::sync::Semaphore::new(1),
                 needed: Mutex::default(),
+                hash_uncompressed: AtomicBool::new(false),
+                uncompressed_bound: uncompressed::bound(toc.entries.iter().map(|e| e.size)),
+                uncompressed: Mutex::new(None),
             }),
         }
     }
@@ -315,6 +314,20 @@ impl LayerFetcher {
     /// The digests of every chunk of the layer (what pinning a complete layer protects).
     pub fn chunk_digests(&self) -> Vec<Digest> {
         self.inner.chunks.iter().map(|c| c.digest).collect()
+    }
+
+    /// From now on [`Self::complete`] also decompresses the blob as it streams and hashes the
+    /// result (off the async workers); [`Self::uncompressed_digest`] gives it afterwards.
+    pub fn hash_uncompressed(&self) {
+        self.inner.hash_uncompressed.store(true, Ordering::Relaxed);
+    }
+
+    /// The layer's uncompressed digest (its `diff_id`) from the last `complete` that verified
+    /// the whole blob, or why the verified blob has none (it does not decompress, or
+    /// decompresses past what its TOC declares); `None` before that or without
+    /// [`Self::hash_uncompressed`].
+    pub fn uncompressed_digest(&self) -> Option<Result<Digest, String>> {
+        lock(&self.inner.uncompressed).clone()
     }
 
     /// Whether every chunk of the layer is in the cache.
@@ -353,6 +366,33 @@ impl LayerFetcher {
         Ok(())
     }
 
+    /// Completes the layer in the background, trying again after every failure (network error,
+    /// stall, bad byte, truncated stream, whole-blob digest mismatch) with capped exponential
+    /// backoff, until the blob has streamed whole and verified: a registry that misbehaves for a
+    /// while delays completion, it does not end it. Each attempt streams from the blob's start,
+    /// because the whole-blob digest needs every byte; chunks already cached are skipped, not
+    /// decoded or stored again. Returns only once complete (abort the task to stop it).
+    pub async fn complete_retrying(&self) {
+        let layer = self.inner.blob.short();
+        let mut failures = 0u32;
+        loop {
+            match self.complete().await {
+                Ok(()) => return,
+                Err(e) => {
+                    let delay = retry_delay(failures);
+                    failures = failures.saturating_add(1);
+                    self.inner
+                        .stats
+                        .background_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    METRICS.background_retries.inc();
+                    tracing::warn!(%layer, failures, ?delay, "background fetch failed, trying again after the delay: {e}");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
     /// Streams the whole blob once, caching every chunk not yet held, and checks the blob against
     /// its manifest digest at the end. Pauses while on-demand reads are waiting.
     pub async fn complete(&self) -> Result<(), FetchError> {
@@ -361,18 +401,22 @@ impl LayerFetcher {
             layer: inner.blob.short(),
             message,
         };
-        let _slot = BACKGROUND_SLOTS
-            .acquire()
-            .await
-            .map_err(|e| fail(format!("background slot: {e}")))?;
-        // A freshly mounted layer is about to be read by its container: let start-up go first.
-        DEMAND.touch();
-        DEMAND.wait_quiet().await;
-        let mut reader = inner
-            .client
-            .blob_reader(&inner.reference, &inner.blob)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let scheduler = &inner.config.scheduler;
+        let _slot = scheduler.stream_slot(inner.blob_size).await;
+        scheduler.wait_quiet().await;
+        let deadline = inner.config.deadline;
+        let reader = tokio::time::timeout(
+            deadline,
+            // Sized: a stream that runs past the blob's size fails there, not at the digest.
+            inner
+                .client
+                .blob_reader_sized(&inner.reference, &inner.blob, inner.blob_size),
+        )
+        .await
+        .map_err(|_| fail(format!("the registry did not answer within {deadline:?}")))?
+        .map_err(|e| fail(e.to_string()))?;
+        // A stream that stalls fails (and is retried) instead of holding its slot for good.
+        let mut reader = StallGuard::new(reader, deadline);
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
         METRICS
             .fetch_requests
@@ -383,9 +427,12 @@ impl LayerFetcher {
         let mut buf_start = 0u64;
         let mut next = 0usize; // index into chunks
         let mut block = vec![0u8; 256 << 10];
+        let mut uncompressed = inner.hash_uncompressed.load(Ordering::Relaxed).then(|| {
+            uncompressed::UncompressedDigest::start(inner.format, inner.uncompressed_bound)
+        });
         loop {
-            if DEMAND.busy.load(Ordering::Relaxed) > 0 {
-                DEMAND.wait_quiet().await;
+            if scheduler.busy() {
+                scheduler.wait_quiet().await;
             }
             let n = reader
                 .read(&mut block)
@@ -399,6 +446,9 @@ impl LayerFetcher {
                 .background_bytes
                 .fetch_add(n as u64, Ordering::Relaxed);
             inner.record("background", n as u64);
+            if let Some(hasher) = &mut uncompressed {
+                hasher.feed(Bytes::copy_from_slice(&block[..n])).await;
+            }
             buf.extend_from_slice(&block[..n]);
             pos += n as u64;
             // Decode every chunk whose compressed range is now complete.
@@ -438,6 +488,11 @@ impl LayerFetcher {
                 inner.blob_size
             )));
         }
+        // The reader ended only after the blob matched its manifest digest: what it decompresses
+        // to is the layer's own, whatever it is.
+        if let Some(hasher) = uncompressed {
+            *lock(&inner.uncompressed) = Some(hasher.finish().await);
+        }
         METRICS
             .layer_complete
             .with_label_values(&[&inner.blob.short()])
@@ -456,20 +511,45 @@ impl LayerFetcher {
     /// registering are one step and two readers never plan the same chunk.
     fn start_range_locked(
         &self,
-        inflight: &mut HashMap<Digest, SharedRange>,
+        inflight: &mut HashMap<Digest, Inflight>,
         span: Span,
         kind: Kind,
     ) -> SharedRange {
         let inner = self.inner.clone();
         let digests: Vec<Digest> = span.chunks.iter().map(|c| c.digest).collect();
+        let id = inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let limit = inner.config.deadline;
+        let deadline = tokio::time::Instant::now() + limit;
         // The task removes its chunks from the map when done; it cannot do so before they are
         // inserted below, because the caller holds the map's lock until then.
         let task = async move {
-            let result = fetch_span(&inner, &span, kind).await;
-            let mut inflight = lock(&inner.inflight);
-            for c in &span.chunks {
-                inflight.remove(&c.digest);
-            }
+            // Dropping the request at the deadline closes its connection: a stalled registry
+            // holds no reader, and no socket, past it.
+            let result = tokio::time::timeout_at(deadline, fetch_span(&inner, &span, kind)).await;
+            let (result, grace) = match result {
+                Ok(Ok(map)) => {
+                    forget(&inner, &span.chunks, id);
+                    return Ok(map);
+                }
+                Ok(Err(e)) => (Err(e), FAILED_GRACE),
+                Err(_) => {
+                    let layer = inner.blob.short();
+                    tracing::warn!(%layer, start = span.start, end = span.end, "range request abandoned: no complete answer within {limit:?}");
+                    let e = ChunkError(format!(
+                        "layer {layer}: range {}-{}: no complete answer from the registry within {limit:?}",
+                        span.start, span.end
+                    ));
+                    (Err(e), ABANDONED_GRACE)
+                }
+            };
+            // Readers arriving just after the failure (the kernel's retry of the read that
+            // failed) get this error rather than ask again and wait a second time.
+            let forget_later = inner.clone();
+            let chunks = span.chunks.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                forget(&forget_later, &chunks, id);
+            });
             result
         };
         let handle = tokio::spawn(task);
@@ -481,10 +561,33 @@ impl LayerFetcher {
         .boxed()
         .shared();
         for d in digests {
-            inflight.insert(d, shared.clone());
+            inflight.insert(
+                d,
+                Inflight {
+                    id,
+                    range: shared.clone(),
+                },
+            );
         }
         shared
     }
+}
+
+/// Removes request `id`'s entries for `chunks` from the in-flight map (not a later request's).
+fn forget(inner: &Inner, chunks: &[Chunk], id: u64) {
+    let mut inflight = lock(&inner.inflight);
+    for c in chunks {
+        if inflight.get(&c.digest).is_some_and(|f| f.id == id) {
+            inflight.remove(&c.digest);
+        }
+    }
+}
+
+/// The delay after the `failures`-th failed background attempt (0-based): doubling, capped.
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_BASE
+        .saturating_mul(1u32.checked_shl(failures.min(16)).unwrap_or(u32::MAX))
+        .min(RETRY_CAP)
 }
 
 impl Inner {
@@ -609,10 +712,10 @@ impl ChunkSource for LayerFetcher {
                 Ok(None) => METRICS.cache_misses.inc(),
                 Err(e) => tracing::warn!(chunk = %chunk.digest.short(), "cache read failed, fetching: {e}"),
             }
-            let _demand = DEMAND.begin();
+            let _demand = inner.config.scheduler.begin_demand();
             let range = {
                 let mut inflight = lock(&inner.inflight);
-                match inflight.get(&chunk.digest).cloned() {
+                match inflight.get(&chunk.digest).map(|f| f.range.clone()) {
                     Some(shared) => shared,
                     None => {
                         let held = |d: &Digest| inflight.contains_key(d) || inner.cache.contains(d);
@@ -638,10 +741,16 @@ impl ChunkSource for LayerFetcher {
     }
 }
 
-struct BusyGuard<'a>(&'a AtomicU64);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+    #[test]
+    fn background_retries_back_off_doubling_up_to_the_cap() {
+        assert_eq!(retry_delay(0), RETRY_BASE);
+        assert_eq!(retry_delay(1), RETRY_BASE * 2);
+        assert_eq!(retry_delay(3), RETRY_BASE * 8);
+        assert_eq!(retry_delay(20), RETRY_CAP);
+        assert_eq!(retry_delay(u32::MAX), RETRY_CAP);
     }
 }

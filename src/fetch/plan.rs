@@ -137,7 +137,8 @@ mod tests {
             starts(&FetchConfig {
                 max_request: 350,
                 max_gap: 100,
-                max_neighbours: 350
+                max_neighbours: 350,
+                ..FetchConfig::default()
             }),
             vec![0, 200]
         );
@@ -145,7 +146,8 @@ mod tests {
             starts(&FetchConfig {
                 max_request: 500,
                 max_gap: 100,
-                max_neighbours: 500
+                max_neighbours: 500,
+                ..FetchConfig::default()
             }),
             vec![0, 200, 300, 400]
         );
@@ -154,7 +156,8 @@ mod tests {
             starts(&FetchConfig {
                 max_request: 500,
                 max_gap: 0,
-                max_neighbours: 500
+                max_neighbours: 500,
+                ..FetchConfig::default()
             }),
             vec![0]
         );
@@ -170,6 +173,7 @@ mod tests {
             max_request: 1000,
             max_gap: 0,
             max_neighbours: 300,
+            ..FetchConfig::default()
         };
         let span = span_around(&small, &small[0], &config, |_| false);
         assert_eq!(

@@ -9,8 +9,10 @@
 //! and TOC bytes into a [`Toc`], and one chunk's compressed bytes into verified file content.
 //!
 //! Files: `tar` (streaming parser that keeps raw header bytes), `names` (name and link rules),
-//! `toc` (the shared TOC JSON and the normalised model), `footer` (the footer layouts), `writer`
-//! (the parallel, reproducible pipeline), `reader` (TOC and chunk verification), `error`.
+//! `toc` (the shared TOC JSON and the normalised model), `toc_stream` (entries decoded one at a time
+//! against the limits), `footer` (the footer layouts), `writer`
+//! (the parallel, reproducible pipeline), `reader` (TOC and chunk verification), `limits` (the
+//! bounds on every size a footer or TOC states), `error`.
 //!
 //! Layout written:
 //! - zstd:chunked: frames `[headers…][chunk][headers/padding…][chunk]…[padding + end-of-archive]`,
@@ -36,6 +38,7 @@ pub(crate) mod tar;
 #[cfg(test)]
 mod testtar;
 mod toc;
+mod toc_stream;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -325,6 +328,12 @@ pub fn decode_chunk(
 }
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod prop_tests;
+#[cfg(test)]
+mod testalloc;
+#[cfg(test)]
+mod testlayer;
 #[cfg(test)]
 mod tests;

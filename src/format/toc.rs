@@ -4,14 +4,14 @@
 //! Decoding is lenient on unknown fields and missing optional ones, strict on names (no absolute
 //! or escaping paths) and on digests (every chunk must be verifiable).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::error::FormatError;
-use super::limits::{Limits, MAX_OWNER_NAME, MAX_XATTR_NAME};
-use super::names::{check_hardlink, check_symlink, normalise_name};
+use super::limits::Limits;
+use super::toc_stream::{Decoder, TocSeed};
 use super::{Chunk, EntryKind, LayerFormat, Toc, TocEntry};
 use crate::oci::Digest;
 
@@ -33,49 +33,49 @@ struct JsonToc {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct JsonEntry {
+pub(super) struct JsonEntry {
     #[serde(rename = "type", default)]
-    kind: Option<String>,
+    pub(super) kind: Option<String>,
     #[serde(default)]
-    name: Option<String>,
+    pub(super) name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    link_name: Option<String>,
+    pub(super) link_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    mode: Option<u64>,
+    pub(super) mode: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    size: Option<u64>,
+    pub(super) size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    uid: Option<u64>,
+    pub(super) uid: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    gid: Option<u64>,
+    pub(super) gid: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    user_name: Option<String>,
+    pub(super) user_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    group_name: Option<String>,
+    pub(super) group_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    modtime: Option<String>,
+    pub(super) modtime: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    dev_major: Option<u64>,
+    pub(super) dev_major: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    dev_minor: Option<u64>,
+    pub(super) dev_minor: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    xattrs: Option<BTreeMap<String, String>>,
+    pub(super) xattrs: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    digest: Option<String>,
+    pub(super) digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    offset: Option<u64>,
+    pub(super) offset: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    end_offset: Option<u64>,
+    pub(super) end_offset: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    inner_offset: Option<u64>,
+    pub(super) inner_offset: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    chunk_size: Option<u64>,
+    pub(super) chunk_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    chunk_offset: Option<u64>,
+    pub(super) chunk_offset: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    chunk_digest: Option<String>,
+    pub(super) chunk_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    chunk_type: Option<String>,
+    pub(super) chunk_type: Option<String>,
 }
 
 fn kind_str(k: EntryKind) -> &'static str {
@@ -173,17 +173,21 @@ fn fill_chunk(format: LayerFormat, j: &mut JsonEntry, c: &Chunk) {
     }
 }
 
-struct RawChunk {
-    file_offset: u64,
-    size: Option<u64>,
-    start: u64,
-    end: Option<u64>,
-    inner: u64,
-    digest: Option<Digest>,
-    zeros: bool,
+pub(super) struct RawChunk {
+    pub(super) file_offset: u64,
+    pub(super) size: Option<u64>,
+    pub(super) start: u64,
+    pub(super) end: Option<u64>,
+    pub(super) inner: u64,
+    pub(super) digest: Option<Digest>,
+    pub(super) zeros: bool,
 }
 
-fn parse_digest(name: &str, what: &str, s: &Option<String>) -> Result<Option<Digest>, FormatError> {
+pub(super) fn parse_digest(
+    name: &str,
+    what: &str,
+    s: &Option<String>,
+) -> Result<Option<Digest>, FormatError> {
     match s.as_deref() {
         None | Some("") => Ok(None),
         Some(s) => s
@@ -223,16 +227,9 @@ pub(crate) fn decode_limited(
             "max_toc_json_bytes",
         )));
     }
-    let mut state = Decoder {
-        limits,
-        seen: 0,
-        entries: Vec::new(),
-        raw_chunks: Vec::new(),
-        last_reg: HashMap::new(),
-        failure: None,
-    };
+    let mut state = Decoder::new(limits);
     let mut de = serde_json::Deserializer::from_slice(json);
-    let parsed = serde::de::DeserializeSeed::deserialize(TocSeed(&mut state), &mut de)
+    let parsed = serde::de::DeserializeSeed::deserialize(TocSeed::new(&mut state), &mut de)
         .and_then(|version| de.end().map(|()| version));
     let version = match parsed {
         Ok(v) => v,
@@ -247,24 +244,32 @@ pub(crate) fn decode_limited(
         None | Some(1) => {}
         Some(v) => return Err(FormatError::Toc(format!("unsupported version {v}"))),
     }
-    let Decoder {
-        mut entries,
-        raw_chunks,
-        ..
-    } = state;
+    let mut entries = std::mem::take(&mut state.entries);
+    let raw_chunks = std::mem::take(&mut state.raw_chunks);
+    // The streaming state (the last regular file) is not needed past the parse.
+    drop(state);
 
     // Distinct compressed start offsets, to bound chunks whose end the TOC does not record.
-    let starts: BTreeSet<u64> = raw_chunks
+    let mut starts: Vec<u64> = raw_chunks
         .iter()
-        .flatten()
-        .filter(|c| !c.zeros)
-        .map(|c| c.start)
+        .filter(|(_, c)| !c.zeros)
+        .map(|(_, c)| c.start)
         .collect();
-    for (entry, mut raw) in entries.iter_mut().zip(raw_chunks) {
+    starts.sort_unstable();
+    starts.dedup();
+    // One flat list for all files (no vector per entry), grouped by entry, in file order.
+    let mut raw_chunks = raw_chunks;
+    raw_chunks.sort_by_key(|(i, c)| (*i, c.file_offset));
+    let mut groups = raw_chunks.chunk_by(|a, b| a.0 == b.0).peekable();
+    for (index, entry) in entries.iter_mut().enumerate() {
+        let raw: &[(usize, RawChunk)] = match groups.peek() {
+            Some(g) if g[0].0 == index => groups.next().unwrap_or_default(),
+            _ => &[],
+        };
         if entry.kind != EntryKind::Reg || entry.size == 0 {
             continue;
         }
-        raw.sort_by_key(|c| c.file_offset);
+        let raw: Vec<&RawChunk> = raw.iter().map(|(_, c)| c).collect();
         let n = raw.len();
         let mut chunks = Vec::with_capacity(n);
         let mut expect = 0u64;
@@ -315,8 +320,7 @@ pub(crate) fn decode_limited(
             // Any later chunk start is a frame/member boundary. skopeo 1.9 records on a file's
             // first chunk the end of its *last* frame, so take the nearer of the two.
             let next = starts
-                .range(c.start.saturating_add(1)..)
-                .next()
+                .get(starts.partition_point(|&s| s <= c.start))
                 .copied()
                 .unwrap_or(toc_offset);
             let end = c.end.map_or(next, |e| e.min(next));
@@ -350,37 +354,45 @@ pub(crate) fn decode_limited(
         entry.chunks = chunks;
     }
 
-    // Hard links share their target's content. Their copies of its chunk list count against the
-    // entry limit too: a file of many chunks and many links to it would otherwise multiply.
-    let mut total_chunks: u64 = entries.iter().map(|e| e.chunks.len() as u64).sum();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
-    for i in 0..entries.len() {
-        if entries[i].kind == EntryKind::Hardlink {
-            if let Some(&t) = by_name.get(&entries[i].link_name) {
-                if matches!(entries[t].kind, EntryKind::Reg | EntryKind::Hardlink) {
-                    total_chunks += entries[t].chunks.len() as u64;
-                    if total_chunks > limits.max_entries {
-                        return Err(FormatError::entry(
-                            &entries[i].name,
-                            Limits::exceeded(
-                                "chunks counting those hard links share",
-                                total_chunks,
-                                limits.max_entries,
-                                "max_toc_entries",
-                            ),
-                        ));
+    // Hard links share their target's content (a target named before the link). Their copies
+    // of its chunk list count against the entry limit too: a file of many chunks and many links
+    // to it would otherwise multiply. The name index borrows the names, it copies none.
+    let links: Vec<(usize, usize)> = {
+        let mut by_name: HashMap<&str, usize> = HashMap::new();
+        let mut links = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.kind == EntryKind::Hardlink {
+                if let Some(&t) = by_name.get(e.link_name.as_str()) {
+                    if matches!(entries[t].kind, EntryKind::Reg | EntryKind::Hardlink) {
+                        links.push((i, t));
                     }
-                    let (size, digest, chunks) = (
-                        entries[t].size,
-                        entries[t].digest,
-                        entries[t].chunks.clone(),
-                    );
-                    let e = &mut entries[i];
-                    (e.size, e.digest, e.chunks) = (size, digest, chunks);
                 }
             }
+            by_name.insert(&e.name, i);
         }
-        by_name.insert(entries[i].name.clone(), i);
+        links
+    };
+    let mut total_chunks: u64 = entries.iter().map(|e| e.chunks.len() as u64).sum();
+    for (i, t) in links {
+        total_chunks += entries[t].chunks.len() as u64;
+        if total_chunks > limits.max_entries {
+            return Err(FormatError::entry(
+                &entries[i].name,
+                Limits::exceeded(
+                    "chunks counting those hard links share",
+                    total_chunks,
+                    limits.max_entries,
+                    "max_toc_entries",
+                ),
+            ));
+        }
+        let (size, digest, chunks) = (
+            entries[t].size,
+            entries[t].digest,
+            entries[t].chunks.clone(),
+        );
+        let e = &mut entries[i];
+        (e.size, e.digest, e.chunks) = (size, digest, chunks);
     }
 
     let mut prefetch = Vec::new();
@@ -401,278 +413,6 @@ pub(crate) fn decode_limited(
 /// most 128 KiB) and a gzip header's optional fields.
 pub(crate) fn compressed_bound(n: u64) -> u64 {
     n.saturating_add(n / 64).saturating_add(256 << 10)
-}
-
-/// The state of a streaming decode: entries normalised so far, and the first error (serde's own
-/// error type cannot carry a [`FormatError`]).
-struct Decoder<'l> {
-    limits: &'l Limits,
-    /// JSON entries seen, chunk entries included.
-    seen: u64,
-    entries: Vec<TocEntry>,
-    raw_chunks: Vec<Vec<RawChunk>>,
-    /// Index of the last regular file of each name (chunk entries follow their file).
-    last_reg: HashMap<String, usize>,
-    failure: Option<FormatError>,
-}
-
-impl Decoder<'_> {
-    /// Normalises one JSON entry and checks it against the limits.
-    fn push(&mut self, j: JsonEntry) -> Result<(), FormatError> {
-        let limits = self.limits;
-        self.seen += 1;
-        if self.seen > limits.max_entries {
-            return Err(FormatError::Toc(Limits::exceeded(
-                "entry count",
-                self.seen,
-                limits.max_entries,
-                "max_toc_entries",
-            )));
-        }
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let raw_name = j.name.clone().unwrap_or_default();
-        let kind_s = j.kind.clone().unwrap_or_default();
-        let shown = || -> String {
-            // Names are bounded only after this check: never copy a huge one into an error.
-            match raw_name.char_indices().nth(200) {
-                Some((i, _)) => format!("{}…", &raw_name[..i]),
-                None => raw_name.clone(),
-            }
-        };
-        limits
-            .check_name("name", &raw_name)
-            .map_err(|r| FormatError::entry(shown(), r))?;
-        let name = normalise_name(raw_name.trim_start_matches('/'))
-            .map_err(|r| FormatError::entry(&raw_name, r))?;
-        let err = |r: String| FormatError::entry(&raw_name, r);
-        let chunk = || -> Result<RawChunk, FormatError> {
-            Ok(RawChunk {
-                file_offset: j.chunk_offset.unwrap_or(0),
-                size: j.chunk_size.filter(|&s| s > 0),
-                start: j.offset.unwrap_or(0),
-                end: j.end_offset.filter(|&e| e > 0),
-                inner: j.inner_offset.unwrap_or(0),
-                digest: parse_digest(&raw_name, "chunkDigest", &j.chunk_digest)?,
-                zeros: j.chunk_type.as_deref() == Some("zeros"),
-            })
-        };
-        let kind = match kind_s.as_str() {
-            "chunk" => {
-                let idx = *self
-                    .last_reg
-                    .get(&name)
-                    .ok_or_else(|| err("chunk entry without a preceding regular file".into()))?;
-                self.raw_chunks[idx].push(chunk()?);
-                return Ok(());
-            }
-            "dir" => EntryKind::Dir,
-            "reg" => EntryKind::Reg,
-            "symlink" => EntryKind::Symlink,
-            "hardlink" => EntryKind::Hardlink,
-            "char" => EntryKind::Char,
-            "block" => EntryKind::Block,
-            "fifo" => EntryKind::Fifo,
-            other => {
-                let other: String = other.chars().take(64).collect();
-                return Err(err(format!("unknown entry type {other:?}")));
-            }
-        };
-        let link_raw = j.link_name.clone().unwrap_or_default();
-        let link_name = match kind {
-            EntryKind::Hardlink => {
-                limits
-                    .check_name("hard link target", &link_raw)
-                    .map_err(err)?;
-                check_hardlink(link_raw.trim_start_matches('/')).map_err(err)?
-            }
-            EntryKind::Symlink => {
-                // A symlink target is data: bounded in length only.
-                if link_raw.len() > limits.max_name_len {
-                    return Err(err(Limits::exceeded(
-                        "symlink target length",
-                        link_raw.len() as u64,
-                        limits.max_name_len as u64,
-                        "max_name_bytes",
-                    )));
-                }
-                check_symlink(&name, &link_raw).map_err(err)?;
-                link_raw
-            }
-            _ => String::new(),
-        };
-        for (what, owner) in [("userName", &j.user_name), ("groupName", &j.group_name)] {
-            let len = owner.as_ref().map_or(0, String::len);
-            if len > MAX_OWNER_NAME {
-                return Err(err(format!(
-                    "{what} of {len} bytes is longer than {MAX_OWNER_NAME}"
-                )));
-            }
-        }
-        let u32f = |v: Option<u64>, what: &str| -> Result<u32, FormatError> {
-            u32::try_from(v.unwrap_or(0)).map_err(|_| err(format!("{what} out of range")))
-        };
-        let (mtime, mtime_nsec) = match j.modtime.as_deref() {
-            None | Some("") => (0, 0),
-            Some(t) => parse_time(t).ok_or_else(|| {
-                let t: String = t.chars().take(64).collect();
-                err(format!("invalid modtime {t:?}"))
-            })?,
-        };
-        let mut xattrs = BTreeMap::new();
-        let json_xattrs = j.xattrs.as_ref();
-        let count = json_xattrs.map_or(0, BTreeMap::len);
-        if count > limits.max_xattrs {
-            return Err(err(Limits::exceeded(
-                "xattr count",
-                count as u64,
-                limits.max_xattrs as u64,
-                "max_xattrs_per_entry",
-            )));
-        }
-        for (k, v) in json_xattrs.into_iter().flatten() {
-            let shown_key: String = k.chars().take(64).collect();
-            if k.len() > MAX_XATTR_NAME || k.is_empty() {
-                return Err(err(format!(
-                    "xattr name {shown_key:?} of {} bytes is empty or longer than {MAX_XATTR_NAME}",
-                    k.len()
-                )));
-            }
-            // Base64 holds 3 bytes in 4 characters: check before decoding.
-            let decoded_len = v.len() / 4 * 3;
-            if decoded_len > limits.max_xattr_value + 3 {
-                return Err(err(Limits::exceeded(
-                    &format!("xattr {shown_key:?} value size"),
-                    decoded_len as u64,
-                    limits.max_xattr_value as u64,
-                    "max_xattr_value_bytes",
-                )));
-            }
-            let val = b64
-                .decode(v.as_bytes())
-                .map_err(|_| err(format!("xattr {shown_key:?}: invalid base64")))?;
-            if val.len() > limits.max_xattr_value {
-                return Err(err(Limits::exceeded(
-                    &format!("xattr {shown_key:?} value size"),
-                    val.len() as u64,
-                    limits.max_xattr_value as u64,
-                    "max_xattr_value_bytes",
-                )));
-            }
-            xattrs.insert(k.clone(), val);
-        }
-        let size = if kind == EntryKind::Reg {
-            j.size.unwrap_or(0)
-        } else {
-            0
-        };
-        let entry = TocEntry {
-            name: name.clone(),
-            kind,
-            size,
-            mode: (j.mode.unwrap_or(0) & 0o7777) as u32,
-            uid: u32f(j.uid, "uid")?,
-            gid: u32f(j.gid, "gid")?,
-            uname: j.user_name.clone().unwrap_or_default(),
-            gname: j.group_name.clone().unwrap_or_default(),
-            mtime,
-            mtime_nsec,
-            link_name,
-            dev_major: u32f(j.dev_major, "devMajor")?,
-            dev_minor: u32f(j.dev_minor, "devMinor")?,
-            xattrs,
-            digest: if kind == EntryKind::Reg {
-                parse_digest(&raw_name, "digest", &j.digest)?
-            } else {
-                None
-            },
-            chunks: Vec::new(),
-        };
-        let mut own = Vec::new();
-        if kind == EntryKind::Reg {
-            if size > 0 {
-                own.push(chunk()?);
-            }
-            self.last_reg.insert(name, self.entries.len());
-        }
-        self.entries.push(entry);
-        self.raw_chunks.push(own);
-        Ok(())
-    }
-}
-
-/// Deserializes the TOC object, feeding `entries` to the [`Decoder`]; yields `version`.
-struct TocSeed<'a, 'l>(&'a mut Decoder<'l>);
-
-impl<'de> serde::de::DeserializeSeed<'de> for TocSeed<'_, '_> {
-    type Value = Option<i64>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for TocSeed<'_, '_> {
-    type Value = Option<i64>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a TOC object")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut version = None;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match key.as_ref() {
-                "version" => version = map.next_value::<Option<i64>>()?,
-                "entries" => map.next_value_seed(EntriesSeed(&mut *self.0))?,
-                _ => {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(version)
-    }
-}
-
-/// Deserializes the `entries` array one element at a time into the [`Decoder`].
-struct EntriesSeed<'a, 'l>(&'a mut Decoder<'l>);
-
-impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_, '_> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_option(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_, '_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an array of TOC entries")
-    }
-
-    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(j) = seq.next_element::<JsonEntry>()? {
-            if let Err(e) = self.0.push(j) {
-                let text = e.to_string();
-                self.0.failure = Some(e);
-                return Err(serde::de::Error::custom(text));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.

@@ -264,11 +264,13 @@ pub struct UpperDir {
     pub work: PathBuf,
 }
 
-/// Mounts overlayfs at `target` over `lowers` (topmost layer first), read-only without `upper`.
+/// Mounts overlayfs at `target` over `lowers` (topmost layer first), read-only without `upper`,
+/// with `flags` (e.g. `MS_NOSUID | MS_NODEV` for a mount point outside a root-only directory).
 pub fn mount_overlay(
     lowers: &[PathBuf],
     upper: Option<&UpperDir>,
     target: &Path,
+    flags: nix::mount::MsFlags,
 ) -> Result<OverlayMount, FsError> {
     let error = |message: String| FsError::Mount {
         path: target.to_owned(),
@@ -307,7 +309,7 @@ pub fn mount_overlay(
         .collect::<Vec<_>>()
         .join(":");
     let mut data = format!("lowerdir={lowerdir},xino=on");
-    let mut flags = nix::mount::MsFlags::empty();
+    let mut flags = flags;
     match upper {
         Some(u) => data.push_str(&format!(
             ",upperdir={},workdir={}",

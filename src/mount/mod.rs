@@ -55,6 +55,12 @@ pub struct MountConfig {
     pub fs: MountOptions,
     /// Bounds on what a layer's TOC may state.
     pub limits: format::Limits,
+    /// Mount the overlay `nosuid`: a setuid file or file capability in the image grants nothing
+    /// to whoever runs it through the mount point. On for a user-chosen mount point (`lazysnap
+    /// mount` unless `--allow-suid`); off for a container's root, which runc needs as it is.
+    pub nosuid: bool,
+    /// Mount the overlay `nodev`: a device node in the image cannot be opened through it.
+    pub nodev: bool,
 }
 
 impl MountConfig {
@@ -70,8 +76,34 @@ impl MountConfig {
             fetch: FetchConfig::default(),
             fs: MountOptions::default(),
             limits: format::Limits::default(),
+            nosuid: true,
+            nodev: true,
         }
     }
+
+    /// The overlay's mount flags from [`Self::nosuid`] and [`Self::nodev`].
+    fn overlay_flags(&self) -> nix::mount::MsFlags {
+        let mut flags = nix::mount::MsFlags::empty();
+        flags.set(nix::mount::MsFlags::MS_NOSUID, self.nosuid);
+        flags.set(nix::mount::MsFlags::MS_NODEV, self.nodev);
+        flags
+    }
+}
+
+/// Creates `path` (and missing parents) with mode 0700 and sets `path` itself to 0700 whatever
+/// it was and whatever the umask, as containerd does for its snapshotter roots.
+///
+/// Everything under a state root (unpacked layers with their setuid files and device nodes,
+/// FUSE layer mounts, which carry `dev,suid` because a root file system needs them, container
+/// roots, the chunk cache) is image content: only root may reach it, and this is the one
+/// boundary that keeps a host user from executing or opening it.
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
 /// How one layer was mounted.
@@ -200,6 +232,10 @@ pub async fn mount_image_with_upper(
     upper: Option<&fs::UpperDir>,
 ) -> Result<ImageMount, MountError> {
     let start = Instant::now();
+    private_dir(&config.root).map_err(|e| MountError::Io {
+        context: format!("creating {} (mode 0700)", config.root.display()),
+        error: e,
+    })?;
     let client =
         Client::new(config.registry.clone()).map_err(|e| MountError::Image(e.to_string()))?;
     let (manifest_digest, manifest, image_config) =
@@ -216,7 +252,8 @@ pub async fn mount_image_with_upper(
         ))
     })?;
     let run = config.root.join("run");
-    std::fs::create_dir_all(&run).map_err(|e| MountError::Io {
+    // Mount directories are made by `tempfile`, 0700 too.
+    private_dir(&run).map_err(|e| MountError::Io {
         context: format!("creating {}", run.display()),
         error: e,
     })?;
@@ -295,9 +332,7 @@ pub async fn mount_image_with_upper(
                         tracing::warn!("cannot pin the layer's chunks: {e}");
                     }
                     if !task_fetcher.is_complete() {
-                        if let Err(e) = task_fetcher.complete().await {
-                            tracing::warn!("background fetch stopped: {e}");
-                        }
+                        task_fetcher.complete_retrying().await;
                     }
                 }));
                 layers.push(Layer::Lazy {
@@ -319,9 +354,10 @@ pub async fn mount_image_with_upper(
     } else {
         lowers
     };
-    let overlay = fs::mount_overlay(&lowers, upper, target).map_err(|e| {
-        MountError::Image(format!("mounting the overlay at {}: {e}", target.display()))
-    })?;
+    let overlay =
+        fs::mount_overlay(&lowers, upper, target, config.overlay_flags()).map_err(|e| {
+            MountError::Image(format!("mounting the overlay at {}: {e}", target.display()))
+        })?;
     Ok(ImageMount {
         overlay: Some(overlay),
         layers,
@@ -481,7 +517,11 @@ async fn prepare_layer(
             size,
             &toc,
             cache.clone(),
-            config.fetch.clone(),
+            // A range request lives as long as a read may wait for it (see `FetchConfig`).
+            FetchConfig {
+                deadline: config.fs.read_timeout,
+                ..config.fetch.clone()
+            },
         );
         std::fs::create_dir_all(mount_dir).map_err(|e| MountError::Io {
             context: format!("creating {}", mount_dir.display()),
@@ -543,7 +583,7 @@ async fn unpacked_layer(
     if dir.is_dir() {
         return Ok(dir);
     }
-    std::fs::create_dir_all(&base).map_err(|e| MountError::Io {
+    private_dir(&base).map_err(|e| MountError::Io {
         context: format!("creating {}", base.display()),
         error: e,
     })?;

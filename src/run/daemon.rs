@@ -1,11 +1,13 @@
 //! The container's root from a running `lazysnapd`, over its snapshots API, so that `run` shares
 //! the node's chunk cache and layer mounts with containerd's containers.
 //!
-//! `run` does what containerd's unpacker does: for each layer, bottom up, it asks for the
-//! committed snapshot of the layer's chain ID; failing that it Prepares one with the layer labels
-//! of the remote-snapshot handshake, and lazysnapd either mounts the layer lazily and answers
-//! `ALREADY_EXISTS`, or hands back an empty snapshot that `run` fills (fetch, verify, unpack) and
-//! commits. The container then gets an active snapshot on top, removed when it exits. The
+//! `run` does what containerd's unpacker does, except that it never takes a snapshot for a layer
+//! because its chain ID matches (a chain ID is only what an image config claims): for each layer,
+//! bottom up, it Prepares the layer's chain ID with the layer labels of the remote-snapshot
+//! handshake, and lazysnapd either answers `ALREADY_EXISTS` (a snapshot it may hand out for this
+//! layer exists, or it just mounted the layer lazily), or hands back an empty snapshot that `run`
+//! fills (fetch, verify the diff_id, unpack) and commits: under the chain ID, or, if another
+//! image's lazy layer holds that name, under `<chain ID>@<layer digest>`. The container then gets an active snapshot on top, removed when it exits. The
 //! committed layer snapshots stay, for the next container, as containerd's would.
 
 use std::collections::HashMap;
@@ -87,6 +89,24 @@ impl Daemon {
             })
             .await
             .is_ok()
+    }
+
+    /// Commits the active snapshot `key` as `name`.
+    async fn commit(
+        &self,
+        name: &str,
+        key: &str,
+    ) -> Result<(), containerd_snapshots::tonic::Status> {
+        self.client
+            .clone()
+            .commit(CommitSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                name: name.into(),
+                key: key.into(),
+                labels: HashMap::new(),
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Removes snapshot `key`.
@@ -179,9 +199,16 @@ pub async fn prepare_root(
             (LABEL_LAYER_DIGEST.to_owned(), digest.to_string()),
             (LABEL_IMAGE_LAYERS.to_owned(), above.join(",")),
         ]);
-        let mode = if daemon.exists(&name).await {
-            "snapshot"
+        // A layer this run had to fill because lazysnapd would not hand out the snapshot named
+        // by its chain ID (another image's lazy layer, unverified or refused) is committed under
+        // this name instead, and found there by the next run.
+        let own = format!("{name}@{digest}");
+        let (mode, committed) = if daemon.exists(&own).await {
+            ("snapshot", own)
         } else {
+            // Only for the report: lazysnapd decides what the Prepare gets, by what was
+            // verified, never this Stat.
+            let existed = daemon.exists(&name).await;
             let key = format!("lazysnap-run/{container}/extract-{i}-{}", id.hex());
             let prepared = daemon
                 .client
@@ -194,7 +221,9 @@ pub async fn prepare_root(
                 })
                 .await;
             match prepared {
-                Err(s) if s.code() == Code::AlreadyExists => "lazy",
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    (if existed { "snapshot" } else { "lazy" }, name)
+                }
                 Err(s) => return Err(daemon.error(&format!("preparing layer {i}"), s)),
                 Ok(response) => {
                     let filled = fill_layer(
@@ -206,24 +235,22 @@ pub async fn prepare_root(
                     )
                     .await;
                     let committed = match filled {
-                        Ok(()) => daemon
-                            .client
-                            .clone()
-                            .commit(CommitSnapshotRequest {
-                                snapshotter: SNAPSHOTTER.into(),
-                                name: name.clone(),
-                                key: key.clone(),
-                                labels: HashMap::new(),
-                            })
-                            .await
-                            .map_err(|e| daemon.error(&format!("committing layer {i}"), e)),
+                        Ok(()) => match daemon.commit(&name, &key).await {
+                            Err(s) if s.code() == Code::AlreadyExists => {
+                                daemon.commit(&own, &key).await.map(|()| own)
+                            }
+                            other => other.map(|()| name),
+                        }
+                        .map_err(|e| daemon.error(&format!("committing layer {i}"), e)),
                         Err(e) => Err(e),
                     };
-                    if let Err(e) = committed {
-                        let _ = daemon.remove(&key).await;
-                        return Err(e);
+                    match committed {
+                        Ok(committed) => ("unpacked", committed),
+                        Err(e) => {
+                            let _ = daemon.remove(&key).await;
+                            return Err(e);
+                        }
                     }
-                    "unpacked"
                 }
             }
         };
@@ -234,7 +261,7 @@ pub async fn prepare_root(
             entries: None,
             seconds: layer_start.elapsed().as_secs_f64(),
         });
-        parent = name;
+        parent = committed;
     }
 
     let key = format!("lazysnap-run/{container}");

@@ -172,12 +172,22 @@ struct Container {
 
 impl Container {
     fn create(id: String, dir: PathBuf, options: &RunOptions) -> Result<Self, RunError> {
+        // The root, the container's directory and runc's state are root-only (0700): the
+        // container's root is mounted with suid and dev, which is safe only behind them. runc's
+        // state is created alone: its parent (/run/lazysnap) also holds lazysnapd's socket.
+        if let Some(parent) = options.runc.state.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(io(format!("creating {}", parent.display())))?;
+        }
+        for private in [&options.mount.root, &dir, &options.runc.state] {
+            mount::private_dir(private)
+                .map_err(io(format!("creating {} (mode 0700)", private.display())))?;
+        }
+        // `upper` keeps the umask's mode: overlayfs shows it as the container's `/`.
         for sub in ["upper", "work", "rootfs", "bundle"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(io(format!("creating {}", path.display())))?;
         }
-        std::fs::create_dir_all(&options.runc.state)
-            .map_err(io(format!("creating {}", options.runc.state.display())))?;
         Ok(Self {
             id,
             dir,
@@ -217,8 +227,15 @@ impl Container {
                     upper: self.dir.join("upper"),
                     work: self.dir.join("work"),
                 };
+                // A root file system needs its setuid files and device nodes; the mount point
+                // is behind the root-only container directory.
+                let config = MountConfig {
+                    nosuid: false,
+                    nodev: false,
+                    ..options.mount.clone()
+                };
                 let mounted =
-                    mount::mount_image_with_upper(reference, &rootfs, &options.mount, Some(&upper))
+                    mount::mount_image_with_upper(reference, &rootfs, &config, Some(&upper))
                         .await?;
                 let facts = (
                     mounted.manifest_digest,

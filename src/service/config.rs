@@ -6,6 +6,7 @@
 //! address = "/run/lazysnap/lazysnapd.sock"
 //! metrics_address = "127.0.0.1:9464"   # "" turns the endpoint off
 //! separate_layer_host = true           # FUSE layers outlive restarts of the gRPC service
+//! socket_group = ""                    # a group name or gid: socket 0660 for it (default 0600)
 //!
 //! [cache]
 //! disk_budget_bytes = 0                # 0: unlimited
@@ -67,6 +68,9 @@ pub struct Config {
     /// Serve lazy layers from a separate, long-lived `lazysnapd --layer-host` process, so the
     /// gRPC snapshotter can restart without unmounting the layers running containers read.
     pub separate_layer_host: bool,
+    /// The group (name or number) that may also connect to the gRPC socket (mode 0660);
+    /// empty: root only (0600).
+    pub socket_group: String,
     pub cache: CacheSection,
     pub fetch: FetchSection,
     pub registry: RegistrySection,
@@ -163,6 +167,7 @@ impl Default for Config {
             address: PathBuf::from(DEFAULT_ADDRESS),
             metrics_address: "127.0.0.1:9464".into(),
             separate_layer_host: true,
+            socket_group: String::new(),
             cache: CacheSection::default(),
             fetch: FetchSection::default(),
             registry: RegistrySection::default(),
@@ -246,6 +251,22 @@ impl Config {
         })
     }
 
+    /// The gRPC socket's group, if one is configured: a number, or a name in the group database.
+    pub fn socket_gid(&self) -> Result<Option<nix::unistd::Gid>, String> {
+        let name = self.socket_group.trim();
+        if name.is_empty() {
+            return Ok(None);
+        }
+        if let Ok(gid) = name.parse::<u32>() {
+            return Ok(Some(nix::unistd::Gid::from_raw(gid)));
+        }
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Ok(Some(group.gid)),
+            Ok(None) => Err(format!("socket_group {name:?}: no such group")),
+            Err(e) => Err(format!("socket_group {name:?}: looking it up: {e}")),
+        }
+    }
+
     /// How the snapshotter fetches and serves lazy layers.
     pub fn remote(&self) -> RemoteConfig {
         RemoteConfig {
@@ -319,5 +340,19 @@ mod tests {
         assert!(err.contains("limits.max_chunk_bytes"), "{err}");
         assert!(Config::parse("[limits]\nmax_toc_entries = 0\n").is_err());
         assert!(Config::parse("[limits]\nmax_entries = 1\n").is_err());
+    }
+
+    #[test]
+    fn the_socket_group_is_a_number_or_a_known_name() {
+        assert_eq!(Config::default().socket_gid(), Ok(None));
+        let numeric = Config::parse("socket_group = \"4242\"\n").unwrap();
+        assert_eq!(
+            numeric.socket_gid(),
+            Ok(Some(nix::unistd::Gid::from_raw(4242)))
+        );
+        let root = Config::parse("socket_group = \"root\"\n").unwrap();
+        assert_eq!(root.socket_gid(), Ok(Some(nix::unistd::Gid::from_raw(0))));
+        let unknown = Config::parse("socket_group = \"no-such-group-here\"\n").unwrap();
+        assert!(unknown.socket_gid().unwrap_err().contains("no such group"));
     }
 }

@@ -7,6 +7,10 @@
 //! systemd from killing it too) and talks to it with one JSON request and one JSON response per
 //! connection. It stops on `lazysnapd --cleanup` (a `shutdown` request) or SIGTERM, unmounting
 //! its layers. Its pid is in `ROOT/layer-host.pid` and its log in `ROOT/layer-host.log`.
+//!
+//! It mounts as root wherever it is asked, so it answers only root and its own user: the socket
+//! is 0600 inside the 0700 root, every connection's peer credentials are checked, and a `mount`
+//! request is served only for a directory below `ROOT/snapshots`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,11 +73,18 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServiceError> {
     let root = &config.root;
-    std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
+    crate::mount::private_dir(root)
+        .map_err(io(format!("creating {} (mode 0700)", root.display())))?;
     let cache = super::open_cache(config)?;
     let host = Arc::new(LocalHost::new(config.remote(), cache)?);
+    let snapshots = root.join("snapshots");
+    std::fs::create_dir_all(&snapshots).map_err(io(format!("creating {}", snapshots.display())))?;
+    let snapshots: Arc<Path> = std::fs::canonicalize(&snapshots)
+        .map_err(io(format!("resolving {}", snapshots.display())))?
+        .into();
     let socket = socket_path(root);
-    let listener = super::bind(&socket)?;
+    let listener = super::bind(&socket, None)?;
+    let own_uid = nix::unistd::geteuid().as_raw();
     std::fs::write(pid_path(root), std::process::id().to_string())
         .map_err(io("writing the layer host's pid file"))?;
     tracing::info!(socket = %socket.display(), "layer host serving");
@@ -85,10 +96,15 @@ pub async fn serve(
             _ = quitting.recv() => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                if let Err(refused) = admit(&stream, own_uid) {
+                    tracing::warn!("layer host: refused a connection: {refused}");
+                    continue;
+                }
                 let host = host.clone();
                 let quit = quit.clone();
+                let snapshots = snapshots.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &host, quit).await {
+                    if let Err(e) = handle(stream, &host, &snapshots, quit).await {
                         tracing::warn!("layer host request: {e}");
                     }
                 });
@@ -102,9 +118,68 @@ pub async fn serve(
     Ok(())
 }
 
+/// Whether the peer of `stream` may talk to the layer host: root, or the user it runs as.
+fn admit(stream: &tokio::net::UnixStream, own_uid: u32) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read its peer credentials: {e}"))?;
+    if cred.uid() == 0 || cred.uid() == own_uid {
+        return Ok(());
+    }
+    Err(format!(
+        "uid {} (pid {}) is neither root nor uid {own_uid}",
+        cred.uid(),
+        cred.pid()
+            .map_or_else(|| "unknown".into(), |p| p.to_string())
+    ))
+}
+
+/// `dir` resolved, if it is strictly below `snapshots` (canonical): the layer host mounts as
+/// root and must not be made to mount over anything else. The existing part of `dir` is
+/// resolved (so a symlink cannot lead out), and the rest may only name plain components.
+fn mount_dir_below(snapshots: &Path, dir: &Path) -> Result<PathBuf, String> {
+    use std::path::Component;
+    let refuse = |why: &str| {
+        format!(
+            "{} is not a directory below {}: {why}",
+            dir.display(),
+            snapshots.display()
+        )
+    };
+    if !dir.is_absolute() {
+        return Err(refuse("not an absolute path"));
+    }
+    let mut existing = dir;
+    let mut rest = Vec::new();
+    let resolved = loop {
+        match std::fs::canonicalize(existing) {
+            Ok(p) => break p,
+            Err(_) => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(refuse("no part of it exists"));
+                };
+                rest.push(name);
+                existing = parent;
+            }
+        }
+    };
+    if dir
+        .components()
+        .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+    {
+        return Err(refuse("it contains '.' or '..'"));
+    }
+    let full = rest.iter().rev().fold(resolved, |p, name| p.join(name));
+    if full == snapshots || !full.starts_with(snapshots) {
+        return Err(refuse(&format!("it resolves to {}", full.display())));
+    }
+    Ok(full)
+}
+
 async fn handle(
     stream: tokio::net::UnixStream,
     host: &LocalHost,
+    snapshots: &Path,
     quit: tokio::sync::mpsc::Sender<()>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -113,11 +188,20 @@ async fn handle(
     let request: Request = serde_json::from_str(&line)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let response = match request {
-        Request::Mount { id, layer, dir } => match host.mount(id, layer, dir).await {
-            Ok(usage) => Response::Mounted { usage },
-            Err(f) => Response::Fallback {
-                reason: f.reason.to_owned(),
-                message: f.message,
+        Request::Mount { id, layer, dir } => match mount_dir_below(snapshots, &dir) {
+            Err(message) => {
+                tracing::warn!(id, "layer host: refused a mount: {message}");
+                Response::Fallback {
+                    reason: "internal".into(),
+                    message,
+                }
+            }
+            Ok(dir) => match host.mount(id, layer, dir).await {
+                Ok(usage) => Response::Mounted { usage },
+                Err(f) => Response::Fallback {
+                    reason: f.reason.to_owned(),
+                    message: f.message,
+                },
             },
         },
         Request::Unmount { id } => {
@@ -382,5 +466,42 @@ impl LayerHost for LayerHostClient {
 
     fn enabled(&self) -> bool {
         self.enabled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_directories_below_the_snapshots_are_mounted() {
+        let root = tempfile::tempdir().unwrap();
+        let snapshots = root.path().join("snapshots");
+        std::fs::create_dir_all(snapshots.join("7")).unwrap();
+        let snapshots = std::fs::canonicalize(&snapshots).unwrap();
+        assert_eq!(
+            mount_dir_below(&snapshots, &snapshots.join("7/fs")).unwrap(),
+            snapshots.join("7/fs")
+        );
+        assert_eq!(
+            mount_dir_below(&snapshots, &snapshots.join("8/fs")).unwrap(),
+            snapshots.join("8/fs")
+        );
+        // A symlink below the snapshots that leads out of them.
+        std::os::unix::fs::symlink(root.path(), snapshots.join("out")).unwrap();
+        for bad in [
+            snapshots.join("out/x"),
+            snapshots.join("7/../../x"),
+            snapshots.clone(),
+            root.path().join("elsewhere"),
+            PathBuf::from("/etc"),
+            PathBuf::from("relative/fs"),
+        ] {
+            assert!(
+                mount_dir_below(&snapshots, &bad).is_err(),
+                "{} was accepted",
+                bad.display()
+            );
+        }
     }
 }

@@ -70,7 +70,14 @@ pub(crate) fn open_cache(config: &Config) -> Result<ChunkCache, ServiceError> {
 /// `shutdown` resolves; then stops serving and unmounts every lazy layer.
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
     let root = &config.root;
-    std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
+    crate::mount::private_dir(root)
+        .map_err(io(format!("creating {} (mode 0700)", root.display())))?;
+    let socket_group = config
+        .socket_gid()
+        .map_err(|message| ServiceError::Config {
+            path: PathBuf::from("(socket_group)"),
+            message,
+        })?;
     let (host, client): (Arc<dyn LayerHost>, Option<Arc<LayerHostClient>>) =
         if config.separate_layer_host {
             let client = Arc::new(LayerHostClient::connect_or_spawn(config).await?);
@@ -96,7 +103,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
         None => None,
     };
 
-    let listener = bind(&config.address)?;
+    let listener = bind(&config.address, socket_group)?;
     tracing::info!(address = %config.address.display(), root = %root.display(), "lazysnapd serving");
     let served = Server::builder()
         .add_service(containerd_snapshots::server(Arc::new(Grpc::new(
@@ -116,11 +123,27 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
     })
 }
 
-/// Binds the socket, replacing a stale one left by a process that died.
-pub(crate) fn bind(address: &Path) -> Result<tokio::net::UnixListener, ServiceError> {
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    }
+/// Binds the socket at `address` with mode 0600, or 0660 and group `group`, replacing a stale
+/// one left by a process that died.
+///
+/// The socket never exists at `address` with a mode the umask chose: it is bound in a fresh
+/// 0700 directory beside `address`, given its owner and mode there, and renamed into place.
+/// (Setting the umask around `bind` would race with the other threads of this process.)
+pub(crate) fn bind(
+    address: &Path,
+    group: Option<nix::unistd::Gid>,
+) -> Result<tokio::net::UnixListener, ServiceError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = match address.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // Like /run/containerd: others may pass through to the socket, not list the directory.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .map_err(io(format!("creating {}", dir.display())))?;
     if std::os::unix::net::UnixStream::connect(address).is_ok() {
         return Err(ServiceError::Serve {
             path: address.to_owned(),
@@ -128,9 +151,34 @@ pub(crate) fn bind(address: &Path) -> Result<tokio::net::UnixListener, ServiceEr
                 .into(),
         });
     }
-    let _ = std::fs::remove_file(address);
-    tokio::net::UnixListener::bind(address)
-        .map_err(io(format!("binding the socket {}", address.display())))
+    let staging = tempfile::Builder::new()
+        .prefix(".bind-")
+        .tempdir_in(dir)
+        .map_err(io(format!("creating a directory in {}", dir.display())))?;
+    let bound = staging.path().join("s");
+    let listener = std::os::unix::net::UnixListener::bind(&bound)
+        .map_err(io(format!("binding the socket {}", bound.display())))?;
+    let mode = match group {
+        Some(gid) => {
+            nix::unistd::chown(&bound, None, Some(gid)).map_err(|e| ServiceError::Io {
+                context: format!("giving the socket {} to group {gid}", address.display()),
+                error: e.into(),
+            })?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("setting the mode of {}", bound.display())))?;
+    // Atomically replaces a stale socket file.
+    std::fs::rename(&bound, address)
+        .map_err(io(format!("moving the socket to {}", address.display())))?;
+    drop(staging);
+    listener
+        .set_nonblocking(true)
+        .map_err(io(format!("the socket {}", address.display())))?;
+    tokio::net::UnixListener::from_std(listener)
+        .map_err(io(format!("the socket {}", address.display())))
 }
 
 /// What `lazysnapd --cleanup` does: stops the layer host (which unmounts its layers), then
@@ -189,6 +237,42 @@ fn unescape_mount_path(field: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn sockets_are_0600_or_0660_for_the_group_and_replace_stale_ones() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("run/private.sock");
+        let _listener = bind(&private, None).unwrap();
+        let meta = std::fs::metadata(&private).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("run"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o711
+        );
+        // A stale socket file (nobody listens) is replaced; a live one is an error.
+        let shared = dir.path().join("run/shared.sock");
+        drop(std::os::unix::net::UnixListener::bind(&shared).unwrap());
+        let _shared = bind(&shared, Some(nix::unistd::Gid::from_raw(4242))).unwrap();
+        let meta = std::fs::metadata(&shared).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(meta.gid(), 4242);
+        }
+        assert!(std::os::unix::net::UnixStream::connect(&shared).is_ok());
+        assert!(bind(&shared, None).is_err());
+        // Nothing is left of the staging directories.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path().join("run"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["private.sock", "shared.sock"]);
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped() {

@@ -16,6 +16,10 @@ pub(super) struct SnapshotMetrics {
     pub restore_failures: IntCounter,
     /// Lazy layers mounted now.
     pub mounted: IntGauge,
+    /// Lazy layers whose uncompressed digest matched the chain ID they were committed under, and
+    /// those whose did not (their snapshots are refused from then on).
+    pub verified: IntCounter,
+    pub verify_failures: IntCounter,
 }
 
 pub(super) static METRICS: LazyLock<SnapshotMetrics> = LazyLock::new(|| {
@@ -47,6 +51,17 @@ pub(super) static METRICS: LazyLock<SnapshotMetrics> = LazyLock::new(|| {
         .expect("valid metric"),
         mounted: IntGauge::with_opts(opts("snapshot_mounted_layers", "Lazy layers mounted now."))
             .expect("valid metric"),
+        verified: IntCounter::with_opts(opts(
+            "snapshot_verified_layers_total",
+            "Lazy layers whose uncompressed digest matched the diff_id their image config claims.",
+        ))
+        .expect("valid metric"),
+        verify_failures: IntCounter::with_opts(opts(
+            "snapshot_verify_failures_total",
+            "Lazy layers whose uncompressed digest did not match the diff_id their image config \
+             claims; their snapshots are refused.",
+        ))
+        .expect("valid metric"),
     };
     let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
         Box::new(m.lazy_layers.clone()),
@@ -54,6 +69,8 @@ pub(super) static METRICS: LazyLock<SnapshotMetrics> = LazyLock::new(|| {
         Box::new(m.restored.clone()),
         Box::new(m.restore_failures.clone()),
         Box::new(m.mounted.clone()),
+        Box::new(m.verified.clone()),
+        Box::new(m.verify_failures.clone()),
     ];
     for c in collectors {
         if let Err(e) = crate::metrics::METRICS.registry.register(c) {

@@ -11,6 +11,7 @@
 //! - [`Store`]: the synchronous semantics and persistence (unit-tested without containerd);
 //! - [`Snapshotter`]: the store plus lazy layers (the remote handshake, restore on start);
 //! - [`LayerHost`]: the process serving lazy layers ([`LocalHost`]: this one);
+//! - `verify`: what a lazy snapshot was made from, and the check of its `diff_id`;
 //! - `filter`: containerd's filter language for Walk/List;
 //! - `hosts`: registry mirrors from containerd's `hosts.toml` files.
 
@@ -24,6 +25,7 @@ mod remote;
 mod snapshotter;
 mod store;
 mod usage;
+mod verify;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,6 +37,7 @@ pub use host::{LayerHost, LocalHost, PIN_PREFIX};
 pub use remote::{Fallback, RemoteConfig, RemoteLayer, FALLBACK_REASONS};
 pub use snapshotter::Snapshotter;
 pub use store::Store;
+pub use verify::{Expected, Verification};
 
 /// Label holding the name a remote snapshotter commits a layer under (a chain ID).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -138,6 +141,10 @@ pub struct Record {
     pub usage: Option<Usage>,
     /// Set when `fs` is a lazily mounted layer rather than a directory on disk.
     pub remote: Option<RemoteLayer>,
+    /// For a lazy layer: whether its content was checked against its chain ID (`verify`).
+    /// Snapshots containerd filled were checked by containerd before it committed them.
+    #[serde(default)]
+    pub verification: Verification,
 }
 
 impl Record {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::hosts::Hosts;
+use super::verify::{self, Expected, Verification};
 use super::{Usage, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
 use crate::cache::ChunkCache;
 use crate::fetch::{FetchConfig, LayerFetcher};
@@ -70,6 +71,15 @@ pub struct RemoteLayer {
     /// own labels), and the manifest is then resolved from `image` for this host's platform.
     pub manifest: String,
     pub layer: String,
+    /// The chain of compressed blobs the snapshot was made from (see `verify`): a Prepare for
+    /// the same chain ID with another compressed chain does not get this snapshot while it is
+    /// unverified. Empty in records written before it existed.
+    #[serde(default)]
+    pub compressed_chain: String,
+    /// What the layer must decompress to; set while it still has to be verified (the layer host
+    /// then hashes it during background completion and writes the verdict).
+    #[serde(default)]
+    pub expected: Option<Expected>,
 }
 
 /// Why a layer is not mounted lazily. `reason` is a bounded metric label.
@@ -90,6 +100,7 @@ pub const FALLBACK_REASONS: &[&str] = &[
     "timeout",
     "mount",
     "disabled",
+    "verify",
     "internal",
 ];
 
@@ -122,6 +133,8 @@ impl RemoteLayer {
                 image,
                 manifest: get(&[LABEL_MANIFEST_DIGEST]).unwrap_or_default(),
                 layer,
+                compressed_chain: String::new(),
+                expected: None,
             }),
             _ => Err(Fallback::new(
                 "no_labels",
@@ -313,7 +326,11 @@ impl Remote {
             size,
             &toc,
             self.cache.clone(),
-            self.config.fetch.clone(),
+            // A range request lives as long as a read may wait for it (see `FetchConfig`).
+            FetchConfig {
+                deadline: self.config.fs.read_timeout,
+                ..self.config.fetch.clone()
+            },
         );
         let session = self.session().map_err(|e| Fallback::new("mount", e))?;
         let mount = fs::mount_layer(
@@ -337,12 +354,17 @@ impl Remote {
             size: 0,
             inodes: toc.entries.len() as i64,
         };
+        let verify = layer.expected.clone().map(|e| (e, dir.to_owned()));
+        if verify.is_some() {
+            fetcher.hash_uncompressed();
+        }
         let background = tokio::spawn(background(
             fetcher,
             toc,
             self.cache.clone(),
             pin_owner.clone(),
             self.config.background_fetch,
+            verify,
         ));
         Ok((
             Mounted {
@@ -453,13 +475,16 @@ impl Remote {
 }
 
 /// Prefetch set first; then, if asked, the whole layer, pinned so eviction cannot undo it while
-/// it is mounted (once complete it no longer needs the registry).
+/// it is mounted (once complete it no longer needs the registry). With `verify`, the whole blob is
+/// streamed even if every chunk is cached, and the verdict on its uncompressed digest is written
+/// for the snapshot mounted at the given `fs` dir.
 async fn background(
     fetcher: LayerFetcher,
     toc: Arc<format::Toc>,
     cache: ChunkCache,
     owner: String,
     complete: bool,
+    verify: Option<(Expected, std::path::PathBuf)>,
 ) {
     let layer = fetcher.blob().short();
     if !toc.prefetch.is_empty() {
@@ -473,11 +498,26 @@ async fn background(
     if let Err(e) = cache.pin(&owner, &fetcher.chunk_digests()) {
         tracing::warn!(%layer, "cannot pin the layer's chunks: {e}");
     }
-    if !fetcher.is_complete() {
-        match fetcher.complete().await {
-            Ok(()) => tracing::info!(%layer, "layer complete in the cache"),
-            Err(e) => tracing::warn!(%layer, "background fetch stopped: {e}"),
+    if !fetcher.is_complete() || verify.is_some() {
+        fetcher.complete_retrying().await;
+        tracing::info!(%layer, "layer complete in the cache");
+    }
+    let (Some((expected, dir)), Some(found)) = (verify, fetcher.uncompressed_digest()) else {
+        return;
+    };
+    let verdict = expected.judge(found);
+    match &verdict {
+        Verification::Mismatch { message } => tracing::error!(
+            %layer,
+            chain_id = %expected.chain_id,
+            "lazy layer FAILED verification, its snapshot will not be used again: {message}"
+        ),
+        _ => {
+            tracing::info!(%layer, chain_id = %expected.chain_id, "lazy layer verified against its chain ID")
         }
+    }
+    if let Err(e) = verify::write_verdict(&dir, &verdict) {
+        tracing::error!(%layer, dir = %dir.display(), "cannot record the layer's verdict: {e}");
     }
 }
 

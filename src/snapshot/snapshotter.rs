@@ -7,6 +7,10 @@
 //! downloads the layer. Anything that stops the handshake is logged and counted, and Prepare goes
 //! on as overlayfs's would. The layers themselves are served by a [`LayerHost`].
 //!
+//! A chain ID is only what an image config claims, so an existing lazy snapshot is handed to a
+//! Prepare of its name only as `verify` allows (verified, or made from the same compressed chain),
+//! and one that failed verification is refused to every later use.
+//!
 //! No lock is held across an await.
 
 use std::collections::HashMap;
@@ -16,22 +20,38 @@ use std::sync::Arc;
 use super::host::LayerHost;
 use super::metrics::METRICS;
 use super::remote::Fallback;
+use super::verify;
 use super::{Info, Kind, Mount, RemoteLayer, SnapshotError, Store, Usage, LABEL_TARGET};
 
 /// The snapshotter (see the module docs).
 #[derive(Debug)]
 pub struct Snapshotter {
-    store: Store,
+    store: Arc<Store>,
     host: Arc<dyn LayerHost>,
+    /// Records the verdicts the layer host writes (`verify::watch`); stopped on drop.
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        if let Some(w) = &self.watcher {
+            w.abort();
+        }
+    }
 }
 
 impl Snapshotter {
     /// Opens the store under `root`; lazy layers are served by `host`. Call [`Self::restore`]
-    /// next.
+    /// next. Inside a tokio runtime, a task records the verdicts on lazy layers as they come.
     pub fn open(root: &Path, host: Arc<dyn LayerHost>) -> Result<Self, SnapshotError> {
+        let store = Arc::new(Store::open(root)?);
+        let watcher = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|rt| rt.spawn(verify::watch(Arc::downgrade(&store))));
         Ok(Self {
-            store: Store::open(root)?,
+            store,
             host,
+            watcher,
         })
     }
 
@@ -52,7 +72,8 @@ impl Snapshotter {
         let mounted = self.host.mounted().await;
         // All at once: each costs a round trip or two to the registry.
         let restores = records.into_iter().filter_map(|(name, record)| {
-            let layer = record.remote.clone()?;
+            let record = verify::current(&self.store, &name).unwrap_or(record);
+            let layer = verify::to_mount(&self.store, &name, &record)?;
             (!mounted.contains(&record.id)).then(|| self.restore_one(name, record.id, layer))
         });
         futures_util::future::join_all(restores).await;
@@ -88,7 +109,7 @@ impl Snapshotter {
             let Ok(record) = self.store.record(&next) else {
                 break;
             };
-            if let Some(layer) = record.remote.clone() {
+            if let Some(layer) = verify::to_mount(&self.store, &next, &record) {
                 missing.push((next.clone(), record.id, layer));
             }
             next = record.parent;
@@ -104,30 +125,46 @@ impl Snapshotter {
         }
     }
 
-    /// Prepare, with the remote handshake when the labels ask for it.
+    /// Prepare, with the remote handshake when the labels ask for it. An existing lazy snapshot
+    /// of the target is handed out only if `verify` allows it; otherwise containerd unpacks (and
+    /// verifies) the layer as usual.
     pub async fn prepare(
         &self,
         key: &str,
         parent: &str,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
+        self.check_usable(parent)?;
         if let Some(target) = labels.get(LABEL_TARGET).cloned() {
-            if let Ok(existing) = self.store.record(&target) {
-                if existing.kind == Kind::Committed && existing.parent == parent {
-                    // A lazy layer whose mount could not be restored at start gets another try
-                    // now that it is wanted again.
-                    if let Some(layer) = existing.remote.clone() {
-                        if !self.host.mounted().await.contains(&existing.id) {
-                            self.restore_one(target.clone(), existing.id, layer).await;
+            let existing = verify::current(&self.store, &target)
+                .ok()
+                .filter(|e| e.kind == Kind::Committed && e.parent == parent);
+            let outcome = match existing {
+                Some(existing) => {
+                    match verify::reusable(&self.store, &target, &existing, &labels) {
+                        Ok(()) => {
+                            // A lazy layer whose mount could not be restored at start gets another
+                            // try now that it is wanted again.
+                            if let Some(layer) = verify::to_mount(&self.store, &target, &existing) {
+                                if !self.host.mounted().await.contains(&existing.id) {
+                                    self.restore_one(target.clone(), existing.id, layer).await;
+                                }
+                            }
+                            return Err(SnapshotError::AlreadyExists(target));
                         }
+                        Err(f) => Err(f),
                     }
-                    return Err(SnapshotError::AlreadyExists(target));
                 }
-            }
-            match self.try_lazy(&target, parent, &labels).await {
+                None => self.try_lazy(&target, parent, &labels).await,
+            };
+            match outcome {
                 Ok(()) => {
                     tracing::info!(key, target = %target, "committed a lazy layer; containerd skips it");
                     return Err(SnapshotError::AlreadyExists(target));
+                }
+                Err(f) if f.reason == "verify" => {
+                    tracing::warn!(key, target = %target, "not reusing a lazy snapshot, containerd unpacks the layer: {}", f.message);
+                    METRICS.fallbacks.with_label_values(&[f.reason]).inc();
                 }
                 Err(f) => {
                     tracing::info!(key, target = %target, reason = f.reason, "layer not lazy, containerd unpacks it: {}", f.message);
@@ -137,6 +174,19 @@ impl Snapshotter {
         }
         self.ensure_chain_mounted(parent).await;
         self.store.prepare(key, parent, labels, Kind::Active)
+    }
+
+    /// Refuses `key` if it is (or lies on) a lazy layer that failed verification.
+    fn check_usable(&self, key: &str) -> Result<(), SnapshotError> {
+        match verify::refused(&self.store, key) {
+            None => Ok(()),
+            Some(why) => {
+                tracing::warn!(snapshot = key, "refused: {why}");
+                Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key}: {why}"
+                )))
+            }
+        }
     }
 
     async fn try_lazy(
@@ -159,6 +209,7 @@ impl Snapshotter {
                 format!("{target} exists with another parent"),
             ));
         }
+        let layer = verify::with_facts(&self.store, target, parent, layer)?;
         let id = self
             .store
             .reserve(false)
@@ -187,19 +238,20 @@ impl Snapshotter {
                 self.host.unmount(id).await;
                 self.store.remove_dir(id);
                 match e {
-                    // Another Prepare of the same layer won the race: containerd uses that one.
-                    SnapshotError::AlreadyExists(_)
-                        if self.store.stat(target).is_ok_and(|i| i.parent == parent) =>
-                    {
-                        Ok(())
-                    }
-                    // The name is taken by the same chain over a differently named parent (its
-                    // lower layer was unpacked in another containerd namespace): containerd
-                    // would not find ours, so let it unpack this one as usual.
-                    SnapshotError::AlreadyExists(_) => Err(Fallback::new(
-                        "internal",
-                        format!("{target} exists with another parent"),
-                    )),
+                    // Another Prepare of the same chain won the race: containerd uses that one,
+                    // if it may.
+                    SnapshotError::AlreadyExists(_) => match verify::current(&self.store, target) {
+                        Ok(winner) if winner.parent == parent => {
+                            verify::reusable(&self.store, target, &winner, labels)
+                        }
+                        // The name is taken by the same chain over a differently named parent
+                        // (its lower layer was unpacked in another containerd namespace):
+                        // containerd would not find ours, so let it unpack this one as usual.
+                        _ => Err(Fallback::new(
+                            "internal",
+                            format!("{target} exists with another parent"),
+                        )),
+                    },
                     e => Err(Fallback::new("internal", e)),
                 }
             }
@@ -213,12 +265,14 @@ impl Snapshotter {
         parent: &str,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
+        self.check_usable(parent)?;
         self.ensure_chain_mounted(parent).await;
         self.store.prepare(key, parent, labels, Kind::View)
     }
 
     pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
         let parent = self.store.record(key)?.parent;
+        self.check_usable(&parent)?;
         self.ensure_chain_mounted(&parent).await;
         self.store.mounts(key)
     }
@@ -243,7 +297,14 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// A snapshot that is (or lies on) a lazy layer that failed verification is not found: so
+    /// containerd's unpacker does not take it for the layer it wants, and containerd's Walk (which
+    /// Stats every snapshot and stops at any other error) skips it rather than failing.
     pub fn stat(&self, key: &str) -> Result<Info, SnapshotError> {
+        if let Some(why) = verify::refused(&self.store, key) {
+            tracing::warn!(snapshot = key, "refused to Stat: {why}");
+            return Err(SnapshotError::NotFound(format!("{key} (refused: {why})")));
+        }
         self.store.stat(key)
     }
 
@@ -276,7 +337,7 @@ impl Snapshotter {
 mod tests {
     use super::*;
     use crate::cache::{CacheConfig, ChunkCache};
-    use crate::snapshot::{LocalHost, RemoteConfig};
+    use crate::snapshot::{LocalHost, RemoteConfig, Verification};
 
     fn open(root: &Path) -> Snapshotter {
         let cache = ChunkCache::open(CacheConfig {
@@ -377,5 +438,121 @@ mod tests {
             snapshotter.stat("ns/3/extract"),
             Err(SnapshotError::NotFound(_))
         ));
+    }
+
+    /// A lazy snapshot committed as `target` (no mount: its layer names an unreachable registry).
+    fn lazy_record(snapshotter: &Snapshotter, target: &str, layer: &str) -> u64 {
+        let store = &snapshotter.store;
+        let id = store.reserve(false).unwrap();
+        let remote = RemoteLayer {
+            image: "127.0.0.1:1/attacker:v1".into(),
+            manifest: String::new(),
+            layer: layer.into(),
+            compressed_chain: String::new(),
+            expected: None,
+        };
+        let remote = verify::with_facts(store, target, "", remote).unwrap();
+        store
+            .insert_committed(
+                target,
+                "",
+                HashMap::new(),
+                id,
+                Usage::default(),
+                Some(remote),
+            )
+            .unwrap();
+        id
+    }
+
+    fn layer_labels(target: &str, layer: &str) -> HashMap<String, String> {
+        labels(&[
+            (LABEL_TARGET, target),
+            (crate::snapshot::LABEL_IMAGE_REF, "127.0.0.1:1/victim:v1"),
+            (crate::snapshot::LABEL_LAYER_DIGEST, layer),
+        ])
+    }
+
+    #[tokio::test]
+    async fn an_unverified_lazy_snapshot_is_reused_only_for_the_same_compressed_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotter = open(dir.path());
+        let chain = crate::oci::Digest::of(b"claimed diff_id").to_string();
+        let (ours, theirs) = (
+            crate::oci::Digest::of(b"attacker blob").to_string(),
+            crate::oci::Digest::of(b"victim blob").to_string(),
+        );
+        lazy_record(&snapshotter, &chain, &ours);
+        let err = snapshotter
+            .prepare("ns/1/extract", "", layer_labels(&chain, &ours))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::AlreadyExists(_)), "{err}");
+        let before = METRICS.fallbacks.with_label_values(&["verify"]).get();
+        let mounts = snapshotter
+            .prepare("ns2/1/extract", "", layer_labels(&chain, &theirs))
+            .await
+            .unwrap();
+        assert_eq!(mounts[0].kind, "bind", "containerd unpacks its own layer");
+        assert!(METRICS.fallbacks.with_label_values(&["verify"]).get() > before);
+    }
+
+    #[tokio::test]
+    async fn a_verified_lazy_snapshot_is_reused_and_a_mismatching_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotter = open(dir.path());
+        let (good, bad) = (
+            crate::oci::Digest::of(b"good").to_string(),
+            crate::oci::Digest::of(b"bad").to_string(),
+        );
+        let blob = crate::oci::Digest::of(b"blob").to_string();
+        let other_blob = crate::oci::Digest::of(b"other blob").to_string();
+        let good_id = lazy_record(&snapshotter, &good, &blob);
+        let bad_id = lazy_record(&snapshotter, &bad, &blob);
+        let store = &snapshotter.store;
+        let verified = Verification::Verified {
+            diff_id: good.clone(),
+        };
+        verify::write_verdict(&store.fs_dir(good_id), &verified).unwrap();
+        let mismatch = Verification::Mismatch {
+            message: "decompresses to something else".into(),
+        };
+        verify::write_verdict(&store.fs_dir(bad_id), &mismatch).unwrap();
+        let failures = METRICS.verify_failures.get();
+
+        // Verified: the chain ID is proven, whichever blob the next image has.
+        let err = snapshotter
+            .prepare("ns/1/extract", "", layer_labels(&good, &other_blob))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::AlreadyExists(_)), "{err}");
+
+        // Failed: not found for Stat (containerd's Walk goes on), refused as a parent, never
+        // handed to a Prepare of its chain, and counted once.
+        let err = snapshotter.stat(&bad).unwrap_err();
+        assert!(
+            matches!(&err, SnapshotError::NotFound(m) if m.contains("failed verification")),
+            "{err}"
+        );
+        let err = snapshotter
+            .prepare("ns/2/container", &bad, HashMap::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, SnapshotError::FailedPrecondition(m) if m.contains("decompresses to something else")),
+            "{err}"
+        );
+        let mounts = snapshotter
+            .prepare("ns/3/extract", "", layer_labels(&bad, &blob))
+            .await
+            .unwrap();
+        assert_eq!(mounts[0].kind, "bind");
+        assert_eq!(METRICS.verify_failures.get(), failures + 1);
+        assert!(matches!(
+            store.record(&bad).unwrap().verification,
+            Verification::Mismatch { .. }
+        ));
+        // containerd's GC can still remove it.
+        snapshotter.remove(&bad).await.unwrap();
     }
 }

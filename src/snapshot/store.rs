@@ -16,6 +16,7 @@ use std::time::SystemTime;
 
 use super::db::{Change, Db};
 use super::filter::{self, Filter};
+use super::verify::Verification;
 use super::{mounts, usage, Info, Kind, Mount, Record, RemoteLayer, SnapshotError, Usage};
 
 /// The snapshot store (see the module docs).
@@ -49,8 +50,10 @@ impl Store {
     /// Opens (or creates) the store under `root/snapshots`.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
         let dir = root.join("snapshots");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| SnapshotError::io(format!("creating {}", dir.display()), e))?;
+        // Root-only, as containerd's snapshot roots: snapshots hold image content (setuid files,
+        // device nodes) and mount lazy layers with suid and dev.
+        private_dir(&dir)
+            .map_err(|e| SnapshotError::io(format!("creating {} (mode 0700)", dir.display()), e))?;
         let db = Db::open(&dir.join("meta"))?;
         let records: HashMap<String, Record> = db.load()?.into_iter().collect();
         let next_id = db
@@ -112,6 +115,7 @@ impl Store {
             updated: now,
             usage: None,
             remote: None,
+            verification: Verification::Pending,
         };
         let mut state = self.lock();
         let result = check_new(&state, key, parent).and_then(|()| {
@@ -135,9 +139,16 @@ impl Store {
             state.apply(&[])?;
             id
         };
+        // `snapshots/<id>` is 0700; `fs` keeps the umask's mode, as containerd's overlayfs
+        // snapshotter makes it 0755: as an upper directory it is the container's `/`.
         let mut dirs = vec![self.fs_dir(id)];
         if writable {
             dirs.push(self.work_dir(id));
+        }
+        if let Err(e) = private_dir(&self.snapshot_dir(id)) {
+            self.remove_dir(id);
+            let dir = self.snapshot_dir(id);
+            return Err(SnapshotError::io(format!("creating {}", dir.display()), e));
         }
         for dir in dirs {
             if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -169,6 +180,7 @@ impl Store {
             updated: now,
             usage: Some(usage),
             remote,
+            verification: Verification::Pending,
         };
         let mut state = self.lock();
         check_new(&state, name, parent)?;
@@ -229,6 +241,7 @@ impl Store {
             updated: now,
             usage: Some(usage),
             remote: None,
+            verification: Verification::Pending,
         };
         state.apply(&[Change::Delete(key), Change::Put(name, &committed)])?;
         state.records.remove(key);
@@ -276,6 +289,37 @@ impl Store {
     /// The record of `key` (for the snapshotter's own bookkeeping).
     pub fn record(&self, key: &str) -> Result<Record, SnapshotError> {
         self.lock().get(key).cloned()
+    }
+
+    /// Records the verdict on the lazy layer of `name` (which must still be snapshot `id`).
+    /// Returns the record and whether this call changed it from pending (so a verdict is logged
+    /// and counted once).
+    pub(super) fn set_verification(
+        &self,
+        name: &str,
+        id: u64,
+        verification: Verification,
+    ) -> Result<(Record, bool), SnapshotError> {
+        let mut state = self.lock();
+        let mut record = state.get(name)?.clone();
+        if record.id != id || !record.verification.is_pending() {
+            return Ok((record, false));
+        }
+        record.verification = verification;
+        state.apply(&[Change::Put(name, &record)])?;
+        state.records.insert(name.to_owned(), record.clone());
+        Ok((record, true))
+    }
+
+    /// The names of lazy snapshots whose verdict is still pending.
+    pub(super) fn pending_lazy(&self) -> Vec<String> {
+        let state = self.lock();
+        state
+            .records
+            .iter()
+            .filter(|(_, r)| r.remote.is_some() && r.verification.is_pending())
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Updates the labels of `info.name`: all of them without `fieldpaths` or with `labels`,
@@ -403,6 +447,16 @@ fn check_new(state: &State, key: &str, parent: &str) -> Result<(), SnapshotError
         }
     }
     Ok(())
+}
+
+/// Creates `path` (and missing parents) mode 0700, and sets `path` to 0700 if it existed.
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
 #[cfg(test)]

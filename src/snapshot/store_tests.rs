@@ -268,3 +268,60 @@ fn cleanup_removes_only_directories_no_snapshot_owns() {
         .join("a")
         .is_file());
 }
+
+#[test]
+fn a_verdict_is_recorded_once_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let id = store.reserve(false).unwrap();
+    let remote = RemoteLayer {
+        image: "127.0.0.1:1/app:v1".into(),
+        manifest: String::new(),
+        layer: "sha256:00".into(),
+        compressed_chain: "sha256:11".into(),
+        expected: None,
+    };
+    store
+        .insert_committed(
+            "sha256:chain",
+            "",
+            HashMap::new(),
+            id,
+            Usage::default(),
+            Some(remote),
+        )
+        .unwrap();
+    assert_eq!(store.pending_lazy(), ["sha256:chain"]);
+    let bad = Verification::Mismatch {
+        message: "no".into(),
+    };
+    let (_, changed) = store
+        .set_verification("sha256:chain", id, bad.clone())
+        .unwrap();
+    assert!(changed);
+    // A second verdict (another reader of the same file) changes nothing.
+    let (record, changed) = store
+        .set_verification(
+            "sha256:chain",
+            id,
+            Verification::Verified {
+                diff_id: "x".into(),
+            },
+        )
+        .unwrap();
+    assert!(!changed);
+    assert_eq!(record.verification, bad);
+    assert!(store.pending_lazy().is_empty());
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.record("sha256:chain").unwrap().verification, bad);
+    assert_eq!(
+        store
+            .record("sha256:chain")
+            .unwrap()
+            .remote
+            .unwrap()
+            .compressed_chain,
+        "sha256:11"
+    );
+}

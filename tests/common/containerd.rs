@@ -172,6 +172,34 @@ impl TestContainerd {
         self.run_client(CTR_REMOTE_BIN, args, &[])
     }
 
+    /// `ctr-remote` in another namespace.
+    pub fn ctr_remote_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
+        self.run_client_in(namespace, CTR_REMOTE_BIN, args, &[])
+    }
+
+    /// `ctr run --rm --snapshotter SNAPSHOTTER REFERENCE ID ARGS...` in `namespace`: the
+    /// command's output. An empty output (ctr 1.6 under load sometimes loses a short-lived
+    /// container's output) is retried twice; a wrong one never.
+    pub fn run_in(
+        &self,
+        namespace: &str,
+        snapshotter: &str,
+        reference: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Result<String> {
+        for attempt in 0..3 {
+            let id = format!("{id}-{}-{attempt}", std::process::id());
+            let mut all = vec!["run", "--rm", "--snapshotter", snapshotter, reference, &id];
+            all.extend_from_slice(args);
+            let output = self.ctr_in(namespace, &all)?;
+            if !output.is_empty() {
+                return Ok(output);
+            }
+        }
+        bail!("{reference} on {snapshotter}: three runs printed nothing")
+    }
+
     fn run_client(&self, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
         self.run_client_in(&self.namespace, bin, args, env)
     }

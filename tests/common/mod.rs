@@ -2,6 +2,7 @@
 //! dirs, torn down in `Drop`.
 #![allow(dead_code)]
 
+pub mod faultproxy;
 pub mod hostile;
 pub mod image;
 pub mod registry;

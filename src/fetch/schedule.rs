@@ -1,0 +1,263 @@
+//! Who gets the link: on-demand reads first, background completion with what is left.
+//!
+//! One [`Scheduler`] per node (per `lazysnap mount`/`run` process, per layer host), handed to every
+//! [`super::LayerFetcher`] through [`super::FetchConfig`], so a reader of `fetch` sees the policy
+//! it obeys and two mounts in one test process do not steer each other.
+//!
+//! The policy: a background stream starts, and resumes after a pause, only once no on-demand read
+//! is waiting and none began (and no layer was mounted) for the quiet period: a container's
+//! start-up reads come in bursts, and a stream that fills the link between them delays each next
+//! burst by the data queued ahead of it. The quiet period is a property of the node's recent
+//! activity, not a toll per stream: once the node is quiet, stream after stream starts at once.
+//! Streams share a budget of bytes in flight rather than a fixed count, so many small layers
+//! stream side by side (their cost is round trips, not bandwidth) while a few large ones share the
+//! link as before; each stream holds a read block and up to one compressed chunk in memory, and
+//! the stream count cap keeps that independent of how many layers are mounted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How the background shares the link.
+#[derive(Debug, Clone, Copy)]
+pub struct ScheduleConfig {
+    /// How long no on-demand read (and no mount) must have begun before a stream starts or resumes.
+    pub quiet: Duration,
+    /// Blob bytes that background streams may have outstanding at once; a stream counts its blob
+    /// size, up to `stream_weight_cap`.
+    pub budget_bytes: u64,
+    /// The most one stream counts against the budget, so that a large layer does not wait for
+    /// the whole budget and two large layers still stream side by side.
+    pub stream_weight_cap: u64,
+    /// The most streams at once, however small their layers.
+    pub max_streams: usize,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            quiet: Duration::from_millis(1000),
+            budget_bytes: 32 << 20,
+            stream_weight_cap: 16 << 20,
+            max_streams: 16,
+        }
+    }
+}
+
+/// The node's link policy; clones share it.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ScheduleConfig,
+    /// On-demand reads waiting now.
+    busy: AtomicU64,
+    /// When the last on-demand read (or mount) began, in ms since `epoch`.
+    last_ms: AtomicU64,
+    epoch: Instant,
+    /// The byte budget, in KiB (a semaphore counts in u32 units).
+    budget: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("config", &self.inner.config)
+            .field("busy", &self.inner.busy.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Self::new(ScheduleConfig::default())
+    }
+}
+
+/// An on-demand read in progress; background streams pause until it is dropped.
+#[derive(Debug)]
+pub struct DemandGuard(Arc<Inner>);
+
+impl Drop for DemandGuard {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").finish_non_exhaustive()
+    }
+}
+
+/// A background stream's share of the link, given back when dropped.
+#[derive(Debug)]
+pub struct StreamSlot {
+    _stream: OwnedSemaphorePermit,
+    _budget: OwnedSemaphorePermit,
+}
+
+impl Scheduler {
+    pub fn new(config: ScheduleConfig) -> Self {
+        let kib = u32::try_from(config.budget_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                busy: AtomicU64::new(0),
+                last_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+                budget: Arc::new(Semaphore::new(kib as usize)),
+                streams: Arc::new(Semaphore::new(config.max_streams.max(1))),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &ScheduleConfig {
+        &self.inner.config
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.epoch.elapsed().as_millis() as u64
+    }
+
+    /// An on-demand read begins; it counts as waiting until the guard is dropped.
+    pub fn begin_demand(&self) -> DemandGuard {
+        self.inner.busy.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        DemandGuard(self.inner.clone())
+    }
+
+    /// Demand is about to come (a layer was just mounted: its container reads next), so the quiet
+    /// period starts again from now.
+    pub fn touch(&self) {
+        self.inner
+            .last_ms
+            .fetch_max(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether an on-demand read is waiting now.
+    pub fn busy(&self) -> bool {
+        self.inner.busy.load(Ordering::Relaxed) > 0
+    }
+
+    /// Waits until no on-demand read is waiting and none began for the quiet period. Returns at
+    /// once on a node that has been quiet that long.
+    pub async fn wait_quiet(&self) {
+        let quiet = self.inner.config.quiet.as_millis() as u64;
+        loop {
+            let since = self
+                .now_ms()
+                .saturating_sub(self.inner.last_ms.load(Ordering::Relaxed));
+            if !self.busy() && since >= quiet {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis((quiet - since.min(quiet)).max(5))).await;
+        }
+    }
+
+    /// What a stream of a `blob_size`-byte blob counts against the budget, in KiB.
+    fn weight_kib(&self, blob_size: u64) -> u32 {
+        let config = &self.inner.config;
+        let bytes = blob_size
+            .min(config.stream_weight_cap)
+            .min(config.budget_bytes);
+        u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// Waits for room to stream a `blob_size`-byte blob.
+    pub async fn stream_slot(&self, blob_size: u64) -> StreamSlot {
+        let weight = self.weight_kib(blob_size);
+        // Neither semaphore is ever closed, so acquiring cannot fail; the count first, so a
+        // stream waiting for a count does not sit on budget that others could use.
+        let stream = loop {
+            if let Ok(p) = self.inner.streams.clone().acquire_owned().await {
+                break p;
+            }
+        };
+        let budget = loop {
+            if let Ok(p) = self.inner.budget.clone().acquire_many_owned(weight).await {
+                break p;
+            }
+        };
+        StreamSlot {
+            _stream: stream,
+            _budget: budget,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_quiet_period_follows_activity_not_each_stream() {
+        let s = Scheduler::new(ScheduleConfig {
+            quiet: Duration::from_millis(500),
+            ..ScheduleConfig::default()
+        });
+        tokio::time::sleep(Duration::from_millis(550)).await;
+        // A node quiet for the period: one stream after another starts at once.
+        let start = Instant::now();
+        for _ in 0..5 {
+            s.wait_quiet().await;
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            start.elapsed()
+        );
+        // A mount (or a read) starts the period again.
+        s.touch();
+        let start = Instant::now();
+        s.wait_quiet().await;
+        assert!(
+            start.elapsed() >= Duration::from_millis(450),
+            "{:?}",
+            start.elapsed()
+        );
+        // A read still waiting holds every stream back, however long it waits.
+        let guard = s.begin_demand();
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move { s.wait_quiet().await }
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!waiter.is_finished(), "a stream waits for a waiting read");
+        drop(guard);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the stream goes on after the read")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn small_streams_share_the_budget_and_large_ones_take_their_cap() {
+        let s = Scheduler::new(ScheduleConfig {
+            quiet: Duration::ZERO,
+            budget_bytes: 1 << 20,
+            stream_weight_cap: 512 << 10,
+            max_streams: 8,
+        });
+        // Eight 64 KiB layers stream at once (the count, not the budget, limits them).
+        let mut small = Vec::new();
+        for _ in 0..8 {
+            small.push(s.stream_slot(64 << 10).await);
+        }
+        assert_eq!(s.inner.streams.available_permits(), 0);
+        drop(small);
+        // Two large layers fill the budget; a third waits.
+        let a = s.stream_slot(1 << 30).await;
+        let _b = s.stream_slot(1 << 30).await;
+        let third = tokio::time::timeout(Duration::from_millis(50), s.stream_slot(1 << 30)).await;
+        assert!(third.is_err(), "the budget is spent");
+        drop(a);
+        let third = tokio::time::timeout(Duration::from_millis(500), s.stream_slot(1 << 30)).await;
+        assert!(third.is_ok(), "a finished stream gives its share back");
+    }
+}
