@@ -10,12 +10,15 @@
 //! a file assembled here is hashed as it is written and must match the digest the TOC gives; a
 //! stored file is re-hashed the first time this process offers it. Files are written once,
 //! atomically, and never modified, so a check holds for as long as the process runs.
+//!
+//! Zero runs are holes: assembling seeks over them, so a file of zeros takes no disk blocks for
+//! them, and the budget counts the blocks a file takes, not its length.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Instant;
 
-use super::{chunk_path, lock, now, CacheError, ChunkCache, ChunkInfo};
+use super::{chunk_path, disk_usage, lock, now, CacheError, ChunkCache, ChunkInfo};
 use crate::oci::{Digest, Hasher};
 
 /// One piece of a file, in file order.
@@ -125,17 +128,28 @@ impl ChunkCache {
                     hasher.update(&data);
                     tmp.write_all(&data).map_err(write_error)?;
                 }
-                FilePart::Zeros(mut left) => {
+                FilePart::Zeros(run) => {
+                    let mut left = run;
                     while left > 0 {
                         let n = left.min(BLOCK as u64) as usize;
                         hasher.update(&zeros[..n]);
-                        tmp.write_all(&zeros[..n]).map_err(write_error)?;
                         left -= n as u64;
                     }
+                    // A hole, not written zeros; `set_len` below covers a hole at the end.
+                    let skip = i64::try_from(run).map_err(|_| {
+                        write_error(std::io::Error::other("zero run too large for a file"))
+                    })?;
+                    tmp.seek(SeekFrom::Current(skip)).map_err(write_error)?;
                 }
             }
         }
         let size = hasher.len();
+        tmp.as_file().set_len(size).map_err(write_error)?;
+        let disk = tmp
+            .as_file()
+            .metadata()
+            .map(|m| disk_usage(&m))
+            .map_err(write_error)?;
         let got = hasher.finish();
         if got != *digest {
             // Every chunk was right, so the TOC's whole-file digest is not: serve the chunks only.
@@ -149,17 +163,18 @@ impl ChunkCache {
             let mut state = lock(&self.inner.state);
             let info = ChunkInfo {
                 size,
+                disk,
                 last_use: t,
                 persisted_use: t,
             };
             if state.chunks.insert(*digest, info).is_none() {
-                state.disk_bytes += size;
+                state.disk_bytes += disk;
             }
             self.inner.config.disk_budget > 0 && state.disk_bytes > self.inner.config.disk_budget
         };
         self.inner.meta.put_chunk(digest, size, t)?;
         lock(&self.inner.checked).insert(*digest);
-        tracing::debug!(file = %digest.short(), size, seconds = started.elapsed().as_secs_f64(), "assembled a file for passthrough");
+        tracing::debug!(file = %digest.short(), size, disk, seconds = started.elapsed().as_secs_f64(), "assembled a file for passthrough");
         if over {
             self.evict()?;
         }

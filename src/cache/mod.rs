@@ -74,7 +74,11 @@ const LAST_USE_PERSIST_SECS: u64 = 60;
 
 #[derive(Debug, Clone, Copy)]
 struct ChunkInfo {
+    /// Bytes of content (what the metadata records, and a file on disk must have).
     size: u64,
+    /// Bytes the file takes on disk, which the budget counts: less than `size` for an assembled
+    /// file with holes where its zero runs are (see `files`).
+    disk: u64,
     last_use: u64,
     persisted_use: u64,
 }
@@ -151,6 +155,7 @@ impl ChunkCache {
                 digest,
                 ChunkInfo {
                     size,
+                    disk: size,
                     last_use,
                     persisted_use: last_use,
                 },
@@ -162,7 +167,10 @@ impl ChunkCache {
         let on_disk = scan(&chunks_dir)?;
         let mut dropped = Vec::new();
         state.chunks.retain(|d, info| match on_disk.get(d) {
-            Some(&size) if size == info.size => true,
+            Some(&(size, disk)) if size == info.size => {
+                info.disk = disk;
+                true
+            }
             _ => {
                 dropped.push(*d);
                 false
@@ -173,21 +181,22 @@ impl ChunkCache {
             let _ = std::fs::remove_file(chunk_path(&chunks_dir, d));
         }
         let t = now();
-        for (d, size) in &on_disk {
+        for (d, &(size, disk)) in &on_disk {
             if !state.chunks.contains_key(d) {
                 // Adopted without reading it: `get` verifies every disk read anyway.
-                meta.put_chunk(d, *size, t)?;
+                meta.put_chunk(d, size, t)?;
                 state.chunks.insert(
                     *d,
                     ChunkInfo {
-                        size: *size,
+                        size,
+                        disk,
                         last_use: t,
                         persisted_use: t,
                     },
                 );
             }
         }
-        state.disk_bytes = state.chunks.values().map(|c| c.size).sum();
+        state.disk_bytes = state.chunks.values().map(|c| c.disk).sum();
         let memory = Memory {
             lru: LruCache::unbounded(),
             bytes: 0,
@@ -275,6 +284,7 @@ impl ChunkCache {
                     *digest,
                     ChunkInfo {
                         size,
+                        disk: size,
                         last_use: t,
                         persisted_use: t,
                     },
@@ -356,7 +366,7 @@ impl ChunkCache {
                 .chunks
                 .iter()
                 .filter(|(d, _)| !state.pins.contains_key(*d))
-                .map(|(d, c)| (c.last_use, *d, c.size))
+                .map(|(d, c)| (c.last_use, *d, c.disk))
                 .collect();
             candidates.sort();
             let mut excess = state.disk_bytes - budget;
@@ -409,7 +419,7 @@ impl ChunkCache {
         {
             let mut state = lock(&self.inner.state);
             if let Some(info) = state.chunks.remove(digest) {
-                state.disk_bytes -= info.size;
+                state.disk_bytes -= info.disk;
             }
         }
         {
@@ -473,8 +483,16 @@ fn chunk_path(dir: &Path, digest: &Digest) -> PathBuf {
     dir.join(&hex[..2]).join(hex)
 }
 
-/// The chunk files on disk and their sizes; removes leftover temporary files.
-fn scan(dir: &Path) -> Result<HashMap<Digest, u64>, CacheError> {
+/// The bytes a file takes on disk: its allocated blocks, but never more than its length (a small
+/// file's last block is not counted whole, so a chunk counts exactly its size).
+fn disk_usage(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.len().min(meta.blocks().saturating_mul(512))
+}
+
+/// The chunk files on disk, their sizes and the bytes they take ([`disk_usage`]); removes
+/// leftover temporary files.
+fn scan(dir: &Path) -> Result<HashMap<Digest, (u64, u64)>, CacheError> {
     let mut out = HashMap::new();
     let read = |d: &Path| {
         std::fs::read_dir(d).map_err(|e| CacheError::io(format!("reading {}", d.display()), e))
@@ -497,7 +515,7 @@ fn scan(dir: &Path) -> Result<HashMap<Digest, u64>, CacheError> {
             if let (Ok(digest), Ok(meta)) =
                 (format!("sha256:{name}").parse::<Digest>(), entry.metadata())
             {
-                out.insert(digest, meta.len());
+                out.insert(digest, (meta.len(), disk_usage(&meta)));
             }
         }
     }

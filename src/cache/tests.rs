@@ -1,4 +1,5 @@
 use super::*;
+use std::io::{Seek, SeekFrom};
 
 fn cache(dir: &Path, disk_budget: u64, memory_budget: u64) -> ChunkCache {
     ChunkCache::open(CacheConfig {
@@ -290,4 +291,52 @@ fn a_missing_chunk_means_no_file() {
         "a one-chunk file is its chunk"
     );
     assert_eq!(c.usage().disk_chunks, 1);
+}
+
+#[test]
+fn zero_runs_of_an_assembled_file_are_holes_and_the_budget_counts_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache(dir.path(), 0, 0);
+    let (d1, a) = chunk(20, 4096);
+    c.put(&d1, a.clone()).unwrap();
+    let run = 64u64 << 20;
+    let mut hasher = crate::oci::Hasher::new();
+    hasher.update(&a);
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        hasher.update(&zeros);
+    }
+    hasher.update(&a);
+    let file = hasher.finish();
+    let parts = [
+        FilePart::Chunk {
+            digest: d1,
+            size: 4096,
+        },
+        FilePart::Zeros(run),
+        FilePart::Chunk {
+            digest: d1,
+            size: 4096,
+        },
+    ];
+    assert!(c.assemble(&file, &parts).unwrap());
+    let path = chunk_path(&dir.path().join("chunks"), &file);
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), run + 8192, "the file has its full length");
+    let counted = c.usage().disk_bytes - 4096;
+    assert!(
+        counted < 1 << 20,
+        "a 64 MiB hole is not counted: {counted} bytes"
+    );
+    let mut f = c.open_checked(&file).unwrap();
+    let mut tail = vec![0u8; 4096];
+    f.seek(SeekFrom::Start(run + 4096)).unwrap();
+    std::io::Read::read_exact(&mut f, &mut tail).unwrap();
+    assert_eq!(tail, a.to_vec());
+
+    // A restart counts the blocks again, and keeps the file.
+    drop((f, c));
+    let c = cache(dir.path(), 0, 0);
+    assert!(c.usage().disk_bytes < (1 << 20) + 4096);
+    assert!(c.check_file(&file).unwrap());
 }

@@ -1,6 +1,11 @@
 //! Whole local files for FUSE passthrough, made only from chunks already verified and cached:
 //! preparing one never fetches, so a file becomes eligible once all its chunks are local (after
 //! background completion, or after it was read through once).
+//!
+//! A TOC may declare runs of zeros of any length at no cost to its image (a 491-byte layer can
+//! hold a 3 GiB file of zeros). Those runs are holes in an assembled file, never written blocks,
+//! but they must still be hashed to check the whole-file digest: a file with more than
+//! [`MAX_PASSTHROUGH_ZEROS`] of them is served through FUSE only, where zeros cost nothing.
 
 use std::fs::File;
 
@@ -10,6 +15,9 @@ use crate::metrics::METRICS;
 use crate::oci::Digest;
 
 use super::{lock, LayerFetcher};
+
+/// Most bytes of zero runs a file assembled for passthrough may hold (hashing them is the cost).
+pub const MAX_PASSTHROUGH_ZEROS: u64 = 256 << 20;
 
 impl LayerFetcher {
     /// The checked local file of `entry`, if ready; otherwise starts preparing it (once, in the
@@ -66,6 +74,14 @@ impl LayerFetcher {
 /// (without one, it is served through FUSE only).
 fn whole_file(entry: &TocEntry) -> Option<(Digest, Vec<FilePart>)> {
     if entry.size == 0 {
+        return None;
+    }
+    let zeros = entry
+        .chunks
+        .iter()
+        .filter(|c| c.zeros)
+        .fold(0u64, |sum, c| sum.saturating_add(c.size));
+    if zeros > MAX_PASSTHROUGH_ZEROS {
         return None;
     }
     let parts: Vec<FilePart> = entry
@@ -146,6 +162,19 @@ mod tests {
             ]
         );
         assert!(whole_file(&entry(15, None, two)).is_none());
+        let sparse = vec![
+            chunk(0, 10, false),
+            chunk(10, MAX_PASSTHROUGH_ZEROS + 1, true),
+        ];
+        assert!(
+            whole_file(&entry(
+                MAX_PASSTHROUGH_ZEROS + 11,
+                Some(file_digest),
+                sparse
+            ))
+            .is_none(),
+            "a file of more zeros than the bound stays in FUSE"
+        );
         assert!(whole_file(&entry(0, None, vec![])).is_none());
     }
 }

@@ -4,10 +4,30 @@
 //! children sorted by name, so a lookup is a binary search and a listing is a slice. OCI whiteouts
 //! are translated here into what overlayfs understands: `dir/.wh.NAME` becomes a char device 0:0
 //! named `NAME`, and `dir/.wh..wh..opq` marks `dir` opaque.
+//!
+//! The TOC is untrusted: building walks every name one component at a time from the root (no
+//! recursion, no map of full paths), so its cost is linear in the bytes of the names, whatever
+//! their depth; and a layer whose names no unpacker could create (longer than `PATH_MAX`, a
+//! component longer than `NAME_MAX`) is refused, as containerd's applier would fail on it.
 
 use std::collections::HashMap;
 
 use crate::format::{EntryKind, Toc};
+
+/// Longest entry or hard link name accepted, in bytes: the kernel's `PATH_MAX`. An unpacker
+/// cannot create a longer path, so no real layer has one.
+pub const MAX_NAME_BYTES: usize = 4096;
+/// Longest name component, in bytes: the kernel's `NAME_MAX`.
+pub const MAX_COMPONENT_BYTES: usize = 255;
+
+/// Why a TOC cannot become an inode table. Names the entry.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TableError {
+    #[error("entry {name:?}: {reason}")]
+    Entry { name: String, reason: String },
+    #[error("{0} entries are more than an inode table can number")]
+    TooMany(usize),
+}
 
 /// What a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,15 +68,22 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 impl InodeTable {
-    pub fn build(toc: &Toc) -> Self {
-        let mut table = Self {
+    /// The table of `toc`, or why the layer cannot be served.
+    pub fn build(toc: &Toc) -> Result<Self, TableError> {
+        if toc.entries.len() > u32::MAX as usize {
+            return Err(TableError::TooMany(toc.entries.len()));
+        }
+        let mut table = Builder {
             nodes: vec![dir_node(None, ROOT)],
+            children: vec![HashMap::new()],
         };
-        // Path → inode while building; children are kept as maps until the end.
-        let mut paths: HashMap<String, u64> = HashMap::from([(String::new(), ROOT)]);
-        let mut children: Vec<HashMap<Box<str>, u64>> = vec![HashMap::new()];
         for (index, entry) in toc.entries.iter().enumerate() {
             let index = index as u32;
+            let refuse = |reason: String| TableError::Entry {
+                name: entry.name.chars().take(200).collect(),
+                reason,
+            };
+            check_name(&entry.name).map_err(refuse)?;
             if entry.name.is_empty() {
                 table.nodes[0].entry = Some(index);
                 continue;
@@ -65,40 +92,40 @@ impl InodeTable {
                 Some((p, b)) => (p, b),
                 None => ("", entry.name.as_str()),
             };
-            let parent = table.ensure_dir(parent_path, &mut paths, &mut children);
+            let parent = table.make_dirs(parent_path);
             if base == OPAQUE_MARKER {
-                table.nodes[(parent - 1) as usize].opaque = true;
+                table.node_mut(parent).opaque = true;
                 continue;
             }
             if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
-                let ino = table.push(
-                    Node {
-                        kind: NodeKind::Whiteout,
-                        entry: Some(index),
-                        parent,
-                        nlink: 1,
-                        opaque: false,
-                        children: Vec::new(),
-                    },
-                    &mut children,
-                );
-                children[(parent - 1) as usize].insert(hidden.into(), ino);
+                let ino = table.push(Node {
+                    kind: NodeKind::Whiteout,
+                    entry: Some(index),
+                    parent,
+                    nlink: 1,
+                    opaque: false,
+                    children: Vec::new(),
+                });
+                table.children[(parent - 1) as usize].insert(hidden.into(), ino);
                 continue;
             }
             if entry.kind == EntryKind::Hardlink {
-                if let Some(&target) = paths.get(entry.link_name.as_str()) {
-                    if table.nodes[(target - 1) as usize].kind != NodeKind::Dir {
-                        table.nodes[(target - 1) as usize].nlink += 1;
-                        children[(parent - 1) as usize].insert(base.into(), target);
-                        paths.insert(entry.name.clone(), target);
+                check_name(&entry.link_name)
+                    .map_err(|r| refuse(format!("hard link target: {r}")))?;
+                // A link to something that is neither a directory nor a whiteout shares its inode;
+                // a link to nothing yet becomes a file of its own, as before.
+                if let Some(target) = table.resolve(&entry.link_name) {
+                    if !matches!(table.node(target).kind, NodeKind::Dir | NodeKind::Whiteout) {
+                        table.node_mut(target).nlink += 1;
+                        table.children[(parent - 1) as usize].insert(base.into(), target);
                         continue;
                     }
                 }
             }
             if entry.kind == EntryKind::Dir {
-                if let Some(&existing) = paths.get(entry.name.as_str()) {
-                    if table.nodes[(existing - 1) as usize].kind == NodeKind::Dir {
-                        table.nodes[(existing - 1) as usize].entry = Some(index);
+                if let Some(&existing) = table.children[(parent - 1) as usize].get(base) {
+                    if table.node(existing).kind == NodeKind::Dir {
+                        table.node_mut(existing).entry = Some(index);
                         continue;
                     }
                 }
@@ -123,54 +150,28 @@ impl InodeTable {
                     children: Vec::new(),
                 }
             };
-            let ino = table.push(node, &mut children);
+            let ino = table.push(node);
             // A later entry of the same name replaces the earlier one, as when unpacking.
-            children[(parent - 1) as usize].insert(base.into(), ino);
-            paths.insert(entry.name.clone(), ino);
+            table.children[(parent - 1) as usize].insert(base.into(), ino);
         }
+        let Builder {
+            mut nodes,
+            children,
+        } = table;
         for (i, map) in children.into_iter().enumerate() {
             let mut list: Vec<(Box<str>, u64)> = map.into_iter().collect();
             list.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let subdirs = list
                 .iter()
-                .filter(|(_, ino)| table.nodes[(*ino - 1) as usize].kind == NodeKind::Dir)
+                .filter(|(_, ino)| nodes[(*ino - 1) as usize].kind == NodeKind::Dir)
                 .count() as u32;
-            let node = &mut table.nodes[i];
+            let node = &mut nodes[i];
             if node.kind == NodeKind::Dir {
-                node.nlink = 2 + subdirs;
+                node.nlink = 2u32.saturating_add(subdirs);
             }
             node.children = list;
         }
-        table
-    }
-
-    fn push(&mut self, node: Node, children: &mut Vec<HashMap<Box<str>, u64>>) -> u64 {
-        self.nodes.push(node);
-        children.push(HashMap::new());
-        self.nodes.len() as u64
-    }
-
-    /// The inode of directory `path`, creating it (and its parents) if the TOC has not listed it.
-    fn ensure_dir(
-        &mut self,
-        path: &str,
-        paths: &mut HashMap<String, u64>,
-        children: &mut Vec<HashMap<Box<str>, u64>>,
-    ) -> u64 {
-        if let Some(&ino) = paths.get(path) {
-            if self.nodes[(ino - 1) as usize].kind == NodeKind::Dir {
-                return ino;
-            }
-        }
-        let (parent_path, base) = match path.rsplit_once('/') {
-            Some((p, b)) => (p, b),
-            None => ("", path),
-        };
-        let parent = self.ensure_dir(parent_path, paths, children);
-        let ino = self.push(dir_node(None, parent), children);
-        children[(parent - 1) as usize].insert(base.into(), ino);
-        paths.insert(path.to_owned(), ino);
-        ino
+        Ok(Self { nodes })
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
@@ -191,6 +192,76 @@ impl InodeTable {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+}
+
+/// Rejects a name no unpacker could create. Names reach here normalised by the TOC decoder (no
+/// empty, `.` or `..` components).
+fn check_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "name of {} bytes is longer than PATH_MAX ({MAX_NAME_BYTES})",
+            name.len()
+        ));
+    }
+    if let Some(long) = name.split('/').find(|c| c.len() > MAX_COMPONENT_BYTES) {
+        return Err(format!(
+            "a name component of {} bytes is longer than NAME_MAX ({MAX_COMPONENT_BYTES})",
+            long.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The table while it is built: children are maps until the end.
+struct Builder {
+    nodes: Vec<Node>,
+    children: Vec<HashMap<Box<str>, u64>>,
+}
+
+impl Builder {
+    fn node(&self, ino: u64) -> &Node {
+        &self.nodes[(ino - 1) as usize]
+    }
+
+    fn node_mut(&mut self, ino: u64) -> &mut Node {
+        &mut self.nodes[(ino - 1) as usize]
+    }
+
+    fn push(&mut self, node: Node) -> u64 {
+        self.nodes.push(node);
+        self.children.push(HashMap::new());
+        self.nodes.len() as u64
+    }
+
+    /// The directory `path`, walked from the root one component at a time; a component that is
+    /// missing, or is not a directory, becomes a new directory the TOC implies (replacing what
+    /// was there, as an unpacker's `mkdir -p` over a file would).
+    fn make_dirs(&mut self, path: &str) -> u64 {
+        let mut at = ROOT;
+        for component in path.split('/').filter(|c| !c.is_empty()) {
+            at = match self.children[(at - 1) as usize].get(component) {
+                Some(&ino) if self.node(ino).kind == NodeKind::Dir => ino,
+                _ => {
+                    let ino = self.push(dir_node(None, at));
+                    self.children[(at - 1) as usize].insert(component.into(), ino);
+                    ino
+                }
+            };
+        }
+        at
+    }
+
+    /// The node named `path` now, if any (nothing is created).
+    fn resolve(&self, path: &str) -> Option<u64> {
+        let mut at = ROOT;
+        for component in path.split('/').filter(|c| !c.is_empty()) {
+            if self.node(at).kind != NodeKind::Dir {
+                return None;
+            }
+            at = *self.children[(at - 1) as usize].get(component)?;
+        }
+        Some(at)
     }
 }
 
@@ -244,7 +315,7 @@ mod tests {
             ],
             prefetch: vec![],
         };
-        let t = InodeTable::build(&toc);
+        let t = InodeTable::build(&toc).unwrap();
         let a = t.lookup(ROOT, "a").unwrap();
         let b = t.lookup(a, "b").unwrap();
         let file = t.lookup(b, "file").unwrap();
@@ -264,5 +335,78 @@ mod tests {
         );
         assert_eq!(t.get(c).unwrap().children.len(), 0, "the marker is hidden");
         assert_eq!(t.get(ROOT).unwrap().nlink, 4);
+    }
+
+    fn toc(entries: Vec<TocEntry>) -> Toc {
+        Toc {
+            format: LayerFormat::ZstdChunked,
+            entries,
+            prefetch: vec![],
+        }
+    }
+
+    #[test]
+    fn the_deepest_name_an_unpacker_can_create_builds_without_recursion() {
+        // 2047 directories, 4095 bytes: just under PATH_MAX.
+        let deep = format!("{}f", "a/".repeat(2047));
+        let t = InodeTable::build(&toc(vec![
+            entry(&deep, EntryKind::Reg, ""),
+            entry(&format!("{}g", "a/".repeat(2047)), EntryKind::Reg, ""),
+        ]))
+        .unwrap();
+        assert_eq!(t.len(), 1 + 2047 + 2, "implied directories are made once");
+        let mut at = ROOT;
+        for _ in 0..2047 {
+            at = t.lookup(at, "a").unwrap();
+        }
+        assert!(t.lookup(at, "f").is_some() && t.lookup(at, "g").is_some());
+    }
+
+    #[test]
+    fn names_no_unpacker_could_create_refuse_the_layer() {
+        // 200,000 directories deep: this overflowed the stack of the serving process.
+        let deep = format!("{}f", "a/".repeat(200_000));
+        let err = InodeTable::build(&toc(vec![entry(&deep, EntryKind::Reg, "")])).unwrap_err();
+        assert!(err.to_string().contains("PATH_MAX"), "{err}");
+        let long = "x".repeat(256);
+        let err = InodeTable::build(&toc(vec![entry(&long, EntryKind::Reg, "")])).unwrap_err();
+        assert!(err.to_string().contains("NAME_MAX"), "{err}");
+        let err = InodeTable::build(&toc(vec![
+            entry("f", EntryKind::Reg, ""),
+            entry("l", EntryKind::Hardlink, &deep),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("hard link target"), "{err}");
+    }
+
+    #[test]
+    fn a_hard_link_never_shares_a_whiteout_or_a_directory() {
+        let t = InodeTable::build(&toc(vec![
+            entry(".wh.gone", EntryKind::Reg, ""),
+            entry("d", EntryKind::Dir, ""),
+            entry("l1", EntryKind::Hardlink, "gone"),
+            entry("l2", EntryKind::Hardlink, "d"),
+        ]))
+        .unwrap();
+        for name in ["l1", "l2"] {
+            let ino = t.lookup(ROOT, name).unwrap();
+            assert_eq!(t.get(ino).unwrap().kind, NodeKind::Reg, "{name}");
+        }
+        assert_eq!(
+            t.get(t.lookup(ROOT, "gone").unwrap()).unwrap().kind,
+            NodeKind::Whiteout
+        );
+    }
+
+    #[test]
+    fn a_file_in_the_way_of_an_implied_directory_is_replaced() {
+        let t = InodeTable::build(&toc(vec![
+            entry("a", EntryKind::Reg, ""),
+            entry("a/b", EntryKind::Reg, ""),
+        ]))
+        .unwrap();
+        let a = t.lookup(ROOT, "a").unwrap();
+        assert_eq!(t.get(a).unwrap().kind, NodeKind::Dir);
+        assert!(t.lookup(a, "b").is_some());
     }
 }

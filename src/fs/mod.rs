@@ -12,7 +12,7 @@ mod passthrough;
 mod session;
 pub mod unpack;
 
-pub use inode::{InodeTable, NodeKind};
+pub use inode::{InodeTable, NodeKind, TableError};
 pub use session::{remove_dead_sessions, LayerSession};
 
 use std::path::{Path, PathBuf};
@@ -40,7 +40,8 @@ pub struct ChunkError(pub String);
 
 /// Where a layer file system gets file content. Implementations return only verified bytes.
 pub trait ChunkSource: Send + Sync + 'static {
-    /// The uncompressed, verified bytes of `chunk` (one of the TOC's chunks).
+    /// The uncompressed, verified bytes of `chunk` (one of the TOC's chunks). Never asked for a
+    /// zero run: the file system writes those zeros itself, only as many as a read asks for.
     fn read_chunk(&self, chunk: &Chunk) -> BoxFuture<'static, Result<Bytes, ChunkError>>;
 
     /// A local file holding exactly the verified content of `entry`, ready now, for the kernel
@@ -164,7 +165,8 @@ pub fn mount_layer(
     let label = mountpoint
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let table = inode::InodeTable::build(&toc);
+    let table = inode::InodeTable::build(&toc)
+        .map_err(|e| error(format!("the layer cannot be served: {e}")))?;
     if table.len() > session::MAX_LAYER_INODES {
         return Err(error(format!(
             "the layer has {} inodes, more than the {} one layer may have",
@@ -334,3 +336,6 @@ pub fn mount_overlay(
         _empty: empty,
     })
 }
+
+#[cfg(test)]
+mod guard_tests;

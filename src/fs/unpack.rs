@@ -7,6 +7,14 @@
 //! (`a -> /etc`, then `a/passwd`): every parent is opened component by component with
 //! `O_NOFOLLOW | O_DIRECTORY` from a descriptor of the target directory, and every entry is created
 //! relative to its parent's descriptor, so no path is ever resolved through a symlink.
+//!
+//! Extended attributes in the `trusted.` namespace are never written from a tar. overlayfs keeps
+//! its own state there (`trusted.overlay.opaque`, `…redirect`, `…metacopy`, `…origin`) and reads it
+//! from every lower layer: a layer that could write it would hide or redirect directories of the
+//! layers below. containerd's applier (1.6) writes every `SCHILY.xattr.*` record it finds,
+//! `trusted.overlay.*` included; this unpacker takes the safe path instead, and the only overlay
+//! attribute it writes is the opaque mark of an OCI `.wh..wh..opq` entry. Other namespaces
+//! (`security.capability`, `user.*`) are written as containerd writes them.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -47,6 +55,26 @@ pub struct Unpacked {
 
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const WHITEOUT_PREFIX: &str = ".wh.";
+/// The namespace no layer may write (overlayfs's own state lives there).
+const TRUSTED_PREFIX: &str = "trusted.";
+/// The kernel's `PATH_MAX`: a longer name cannot be created by any unpacker that opens paths
+/// (containerd's fails with ENAMETOOLONG), so a layer holding one is refused.
+const MAX_NAME_BYTES: usize = 4096;
+
+/// The extended attributes of `meta` that may be written; counts the ones dropped.
+fn writable_xattrs<'a>(
+    meta: &'a EntryMeta,
+    dropped: &'a mut u64,
+) -> impl Iterator<Item = (&'a String, &'a Vec<u8>)> + 'a {
+    meta.xattrs.iter().filter(move |(k, _)| {
+        let trusted = k.starts_with(TRUSTED_PREFIX);
+        if trusted {
+            *dropped += 1;
+            tracing::debug!(entry = %meta.name, xattr = %k, "not writing a trusted.* attribute from a layer");
+        }
+        !trusted
+    })
+}
 
 /// Unpacks the uncompressed tar stream `tar` into the empty directory `dir`.
 pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError> {
@@ -64,6 +92,7 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
     // Directories get their modes, owners and times last: writing children changes them.
     let mut dirs: Vec<EntryMeta> = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut dropped = 0u64;
     while let Some(item) = parser.next_item()? {
         let TarItem::Entry(entry) = item else {
             continue;
@@ -76,6 +105,15 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
         };
         stats.entries += 1;
         let mut payload_left = entry.size;
+        let too_long = [&name, &meta.link_name]
+            .into_iter()
+            .find(|n| n.len() > MAX_NAME_BYTES);
+        if let Some(long) = too_long {
+            return Err(fail(format!(
+                "a name of {} bytes is longer than PATH_MAX ({MAX_NAME_BYTES})",
+                long.len()
+            )));
+        }
         if name.is_empty() {
             dirs.push(meta);
         } else {
@@ -120,7 +158,7 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
                         // After chown, which clears setuid and setgid.
                         fchmod(&file, Mode::from_bits_truncate(meta.mode & 0o7777))
                             .map_err(|e| fail(format!("chmod: {e}")))?;
-                        for (k, v) in &meta.xattrs {
+                        for (k, v) in writable_xattrs(&meta, &mut dropped) {
                             set_xattr(&file, None, k, v)
                                 .map_err(|e| fail(format!("xattr {k}: {e}")))?;
                         }
@@ -173,7 +211,7 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
                             FchmodatFlags::FollowSymlink,
                         )
                         .map_err(|e| fail(format!("chmod: {e}")))?;
-                        for (k, v) in &meta.xattrs {
+                        for (k, v) in writable_xattrs(&meta, &mut dropped) {
                             set_xattr(&parent, Some(base), k, v)
                                 .map_err(|e| fail(format!("xattr {k}: {e}")))?;
                         }
@@ -205,11 +243,17 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
         .map_err(|e| fail(format!("chown: {e}")))?;
         fchmod(&fd, Mode::from_bits_truncate(meta.mode & 0o7777))
             .map_err(|e| fail(format!("chmod: {e}")))?;
-        for (k, v) in &meta.xattrs {
+        for (k, v) in writable_xattrs(&meta, &mut dropped) {
             set_xattr(&fd, None, k, v).map_err(|e| fail(format!("xattr {k}: {e}")))?;
         }
         let (atime, mtime) = times(&meta);
         nix::sys::stat::futimens(&fd, &atime, &mtime).map_err(|e| fail(format!("times: {e}")))?;
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "the layer carries trusted.* extended attributes; they were not written (overlayfs would obey them)"
+        );
     }
     Ok(stats)
 }
@@ -316,5 +360,119 @@ fn set_xattr(fd: &impl AsFd, name: Option<&str>, key: &str, value: &[u8]) -> std
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar of one directory `d` and one file `d/f`, each carrying `xattrs` as PAX records.
+    fn tar_with_xattrs(xattrs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = ::tar::Builder::new(Vec::new());
+        let records: Vec<(String, &[u8])> = xattrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
+            .collect();
+        for (name, kind, data) in [
+            ("d/", ::tar::EntryType::Directory, &b""[..]),
+            ("d/f", ::tar::EntryType::Regular, &b"x"[..]),
+        ] {
+            b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))
+                .unwrap();
+            let mut h = ::tar::Header::new_ustar();
+            h.set_entry_type(kind);
+            h.set_mode(0o755);
+            h.set_size(data.len() as u64);
+            h.set_path(name).unwrap();
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let path = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let name = CString::new(name).unwrap();
+        let mut buf = vec![0u8; 256];
+        // SAFETY: both strings are NUL-terminated; `buf` is valid for its length.
+        let n = unsafe {
+            nix::libc::lgetxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        (n >= 0).then(|| buf[..n as usize].to_vec())
+    }
+
+    #[test]
+    fn trusted_xattrs_from_a_tar_are_never_written_and_user_ones_are() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: writing trusted.* xattrs needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let tar = tar_with_xattrs(&[
+            ("trusted.overlay.opaque", b"y"),
+            ("trusted.overlay.redirect", b"/elsewhere"),
+            ("user.kept", b"v"),
+        ]);
+        unpack_layer(&tar[..], dir.path()).unwrap();
+        for p in [dir.path().join("d"), dir.path().join("d/f")] {
+            assert_eq!(get_xattr(&p, "trusted.overlay.opaque"), None, "{p:?}");
+            assert_eq!(get_xattr(&p, "trusted.overlay.redirect"), None, "{p:?}");
+            assert_eq!(
+                get_xattr(&p, "user.kept").as_deref(),
+                Some(&b"v"[..]),
+                "{p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_oci_opaque_marker_still_makes_the_directory_opaque() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: writing trusted.* xattrs needs root");
+            return;
+        }
+        let mut b = ::tar::Builder::new(Vec::new());
+        let mut h = ::tar::Header::new_ustar();
+        h.set_entry_type(::tar::EntryType::Regular);
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_path("d/.wh..wh..opq").unwrap();
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        unpack_layer(&tar[..], dir.path()).unwrap();
+        assert_eq!(
+            get_xattr(&dir.path().join("d"), "trusted.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
+    }
+
+    #[test]
+    fn a_name_longer_than_path_max_is_refused() {
+        let mut b = ::tar::Builder::new(Vec::new());
+        let long = format!("{}f", "a/".repeat(3000));
+        b.append_pax_extensions([("path", long.as_bytes())])
+            .unwrap();
+        let mut h = ::tar::Header::new_ustar();
+        h.set_entry_type(::tar::EntryType::Regular);
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_path("placeholder").unwrap();
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // The tar parser's name limit may refuse it first (its limit can be raised; this one
+        // cannot).
+        let err = unpack_layer(&tar[..], dir.path()).unwrap_err().to_string();
+        assert!(err.contains("PATH_MAX") || err.contains("limit"), "{err}");
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
     }
 }

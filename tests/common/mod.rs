@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod faultproxy;
+pub mod hostile;
 pub mod image;
 pub mod registry;
 pub mod tree;
