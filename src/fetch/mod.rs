@@ -703,7 +703,16 @@ impl ChunkSource for LayerFetcher {
         let chunk = chunk.clone();
         async move {
             let inner = &this.inner;
+            // The file system writes zero runs itself (a run may be terabytes); a caller that
+            // asks anyway gets them only up to the chunk ceiling, never the run's stated size.
             if chunk.zeros {
+                if chunk.size > format::MAX_CHUNK_CEILING {
+                    return Err(ChunkError(format!(
+                        "layer {}: a zero run of {} bytes is not materialised",
+                        inner.blob.short(),
+                        chunk.size
+                    )));
+                }
                 return Ok(Bytes::from(vec![0u8; chunk.size as usize]));
             }
             {

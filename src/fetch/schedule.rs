@@ -219,7 +219,10 @@ mod tests {
         assert!(waiting.is_err(), "a decode past the bound must wait");
         drop(turns.pop());
         let next = tokio::time::timeout(Duration::from_secs(5), s.toc_decode()).await;
-        assert!(matches!(next, Ok(Some(_))), "a finished decode gives its turn");
+        assert!(
+            matches!(next, Ok(Some(_))),
+            "a finished decode gives its turn"
+        );
     }
 
     #[tokio::test]
