@@ -561,7 +561,7 @@ async fn prepare_layer(
         .unwrap_or_default()
         .parse()
         .map_err(|e| layer_error(&digest, format!("config diff_id: {e}")))?;
-    let dir = unpacked_layer(client, reference, &digest, &diff_id, &config.root).await?;
+    let dir = unpacked_layer(client, reference, (&digest, size), &diff_id, &config.root).await?;
     let info = LayerInfo {
         digest,
         size,
@@ -581,7 +581,7 @@ async fn prepare_layer(
 async fn unpacked_layer(
     client: &Client,
     reference: &Reference,
-    digest: &Digest,
+    (digest, size): (&Digest, u64),
     diff_id: &Digest,
     root: &Path,
 ) -> Result<PathBuf, MountError> {
@@ -601,7 +601,7 @@ async fn unpacked_layer(
             context: format!("creating a directory in {}", base.display()),
             error: e,
         })?;
-    fetch_and_unpack(client, reference, digest, diff_id, partial.path()).await?;
+    fetch_and_unpack(client, reference, (digest, size), diff_id, partial.path()).await?;
     let kept = partial.keep();
     std::fs::rename(&kept, &dir).map_err(|e| MountError::Io {
         context: format!("moving the unpacked layer to {}", dir.display()),
@@ -610,19 +610,19 @@ async fn unpacked_layer(
     Ok(dir)
 }
 
-/// Fetches the plain layer `digest` whole, unpacks it into the empty directory `target`
-/// (without following any symlink in it), and checks the blob against `digest` and the
-/// uncompressed tar against `diff_id`. A mismatch is an error; `target` is then the caller's to
-/// remove.
+/// Fetches the plain layer `digest` (`size` bytes, as its descriptor says) whole, unpacks it into
+/// the empty directory `target` (without following any symlink in it), and checks the blob
+/// against `digest` and the uncompressed tar against `diff_id`. A mismatch is an error; `target`
+/// is then the caller's to remove. A blob that runs past `size` fails there.
 pub async fn fetch_and_unpack(
     client: &Client,
     reference: &Reference,
-    digest: &Digest,
+    (digest, size): (&Digest, u64),
     diff_id: &Digest,
     target: &Path,
 ) -> Result<(), MountError> {
     let stored = client
-        .blob_reader(reference, digest)
+        .blob_reader_sized(reference, digest, size)
         .await
         .map_err(|e| layer_error(digest, e))?;
     let stored: Box<dyn std::io::Read + Send> = Box::new(tokio_util::io::SyncIoBridge::new(stored));

@@ -229,7 +229,7 @@ pub async fn prepare_root(
                     let filled = fill_layer(
                         &client,
                         reference,
-                        digest,
+                        (digest, *size),
                         diff_id,
                         &response.into_inner().mounts,
                     )
@@ -296,7 +296,7 @@ pub async fn prepare_root(
 async fn fill_layer(
     client: &Client,
     reference: &Reference,
-    digest: &Digest,
+    (digest, size): (&Digest, u64),
     diff_id: &Digest,
     mounts: &[Mount],
 ) -> Result<(), DaemonError> {
@@ -308,7 +308,8 @@ async fn fill_layer(
             error: e,
         })?;
     mount_all(mounts, dir.path())?;
-    let result = mount::fetch_and_unpack(client, reference, digest, diff_id, dir.path()).await;
+    let result =
+        mount::fetch_and_unpack(client, reference, (digest, size), diff_id, dir.path()).await;
     unmount(dir.path());
     result.map_err(Into::into)
 }
