@@ -7,12 +7,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::faultproxy::{Fault, FaultProxy};
 use common::image::{self, LayoutBuilder};
+use common::mount_process::MountProcess;
 use common::registry::TestRegistry;
 use common::UnmountOnDrop;
 
@@ -23,83 +24,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// What a read may take beyond the timeout (scheduling on a loaded 2-core machine); less than a
 /// second timeout, so a read that waits twice fails the test.
 const SLACK: Duration = Duration::from_millis(1500);
-
-fn mounted(path: &Path) -> bool {
-    let wanted = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*wanted))
-}
-
-/// A `lazysnap mount` child process; killed, and its mount detached, when dropped.
-struct MountProcess {
-    child: Child,
-    target: PathBuf,
-    log: PathBuf,
-}
-
-impl MountProcess {
-    fn start(root: &Path, reference: &str, target: &Path, extra: &[&str]) -> Result<Self> {
-        std::fs::create_dir_all(target)?;
-        let log = root.with_extension("log");
-        let child = Command::new(BIN)
-            .env("RUST_LOG", "lazysnap=info")
-            .arg("--root")
-            .arg(root)
-            .arg("mount")
-            .args(extra)
-            .arg(reference)
-            .arg(target)
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        let mut process = Self {
-            child,
-            target: target.to_owned(),
-            log,
-        };
-        let start = Instant::now();
-        while !mounted(target) {
-            if let Some(status) = process.child.try_wait()? {
-                bail!("lazysnap mount exited ({status}): {}", process.log());
-            }
-            ensure!(
-                start.elapsed() < Duration::from_secs(30),
-                "not mounted after 30 s: {}",
-                process.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(process)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for MountProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let start = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None))
-                && start.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if mounted(&self.target) {
-            let _ = Command::new("umount").arg("-l").arg(&self.target).status();
-        }
-    }
-}
 
 /// Bytes no compressor shrinks, from a seed (so two files never share a chunk).
 fn noise(len: usize, seed: u64) -> Vec<u8> {

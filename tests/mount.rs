@@ -5,11 +5,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::image::{self, LayoutBuilder};
+use common::mount_process::MountProcess;
 use common::registry::TestRegistry;
 use common::tree;
 use common::{mounts_below, UnmountOnDrop};
@@ -18,99 +19,6 @@ use lazysnap::oci::Reference;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
 const EIO: i32 = 5;
-
-fn mounted(path: &Path) -> bool {
-    let wanted = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*wanted))
-}
-
-/// A `lazysnap mount` child process; killed and cleaned up when dropped.
-struct MountProcess {
-    child: Child,
-    target: PathBuf,
-    log: PathBuf,
-}
-
-impl MountProcess {
-    fn start(root: &Path, reference: &str, target: &Path, extra: &[&str]) -> Result<Self> {
-        std::fs::create_dir_all(target)?;
-        let log = root.with_extension("log");
-        let child = Command::new(BIN)
-            .arg("--root")
-            .arg(root)
-            .arg("mount")
-            .args(extra)
-            .arg(reference)
-            .arg(target)
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        let mut process = Self {
-            child,
-            target: target.to_owned(),
-            log,
-        };
-        let start = Instant::now();
-        while !mounted(target) {
-            if let Some(status) = process.child.try_wait()? {
-                bail!("lazysnap mount exited ({status}): {}", process.log());
-            }
-            ensure!(
-                start.elapsed() < Duration::from_secs(30),
-                "not mounted after 30 s: {}",
-                process.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(process)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the process must exit 0 having unmounted the target.
-    fn stop(mut self) -> Result<String> {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                break status;
-            }
-            ensure!(
-                start.elapsed() < Duration::from_secs(20),
-                "still running 20 s after SIGTERM: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        ensure!(status.success(), "exit status {status}: {}", self.log());
-        ensure!(
-            !mounted(&self.target),
-            "{} still mounted after exit",
-            self.target.display()
-        );
-        Ok(self.log())
-    }
-}
-
-impl Drop for MountProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if mounted(&self.target) {
-            let _ = Command::new("umount").arg("-l").arg(&self.target).status();
-        }
-    }
-}
 
 /// The two-layer sample image as an OCI layout tagged `src`: awkward entries, then whiteouts.
 fn sample_layout(dir: &Path) -> Result<LayoutBuilder> {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::image::{self, LayoutBuilder};
+use common::mount_process::MountProcess;
 use common::registry::TestRegistry;
 use common::{mounts_below, unmount_below, UnmountOnDrop};
 
@@ -243,76 +244,17 @@ fn ensure_hostile_entries(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A `lazysnap mount` child; killed, and its mounts detached, when dropped.
-struct MountProcess {
-    child: Child,
-    root: PathBuf,
-    target: PathBuf,
-    log: PathBuf,
-}
-
-impl MountProcess {
-    fn start(root: &Path, reference: &str, target: &Path, extra: &[&str]) -> Result<Self> {
-        std::fs::create_dir_all(target)?;
-        let log = root.with_extension("log");
-        let child = Command::new(LAZYSNAP)
-            .arg("--root")
-            .arg(root)
-            .arg("mount")
-            .args(extra)
-            .arg(reference)
-            .arg(target)
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        let mut process = Self {
-            child,
-            root: root.to_owned(),
-            target: target.to_owned(),
-            log,
-        };
-        let start = Instant::now();
-        while mounts_below(target).is_empty() {
-            if let Some(status) = process.child.try_wait()? {
-                bail!("lazysnap mount exited ({status}): {}", process.log());
-            }
-            ensure!(
-                start.elapsed() < Duration::from_secs(30),
-                "not mounted after 30 s: {}",
-                process.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(process)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The lazy layer's FUSE mount point, `ROOT/run/mount-*/layer-0`.
-    fn layer_dir(&self) -> Result<PathBuf> {
-        let run = self.root.join("run");
-        let mount_dir = std::fs::read_dir(&run)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("mount-"))
-            })
-            .with_context(|| format!("no mount directory in {}", run.display()))?;
-        Ok(mount_dir.join("layer-0"))
-    }
-}
-
-impl Drop for MountProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        unmount_below(&self.target);
-        unmount_below(&self.root);
-    }
+/// The lazy layer's FUSE mount point, `ROOT/run/mount-*/layer-0`.
+fn layer_dir(mount: &MountProcess) -> Result<PathBuf> {
+    let run = mount.root.join("run");
+    let mount_dir = std::fs::read_dir(&run)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("mount-"))
+        })
+        .with_context(|| format!("no mount directory in {}", run.display()))?;
+    Ok(mount_dir.join("layer-0"))
 }
 
 #[test]
@@ -352,7 +294,7 @@ fn a_user_mount_point_is_nosuid_nodev_and_the_state_root_is_root_only() -> Resul
     ensure_denied(&[target.join("dev/disk"), target.join("dev/null")])?;
 
     // The state root, and everything under it that holds image content, is root's alone.
-    let layer = mount.layer_dir()?;
+    let layer = layer_dir(&mount)?;
     ensure_hostile_entries(&layer)?;
     for dir in [&root, &root.join("run"), &root.join("cache")] {
         ensure!(
