@@ -15,6 +15,7 @@ use common::faultproxy::{Fault, FaultProxy};
 use common::image::{self, LayoutBuilder};
 use common::mount_process::MountProcess;
 use common::registry::TestRegistry;
+use common::scrape;
 use common::UnmountOnDrop;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
@@ -229,24 +230,6 @@ fn a_wrong_content_range_is_refused_and_reads_recover() -> Result<()> {
 #[test]
 fn bytes_of_another_range_are_never_served() -> Result<()> {
     on_demand_reads_survive("shifted", Fault::ShiftedBody)
-}
-
-/// The sum of the series of metric `name` (a family, or one series with its labels) scraped from
-/// a mount process's `/metrics` endpoint.
-fn scrape(addr: &str, name: &str) -> Result<f64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text
-        .lines()
-        .filter(|l| {
-            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
 }
 
 fn free_addr() -> Result<String> {

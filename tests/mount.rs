@@ -12,6 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use common::image::{self, LayoutBuilder};
 use common::mount_process::MountProcess;
 use common::registry::TestRegistry;
+use common::scrape;
 use common::tree;
 use common::{mounts_below, UnmountOnDrop};
 use lazysnap::mount::{self, MountConfig};
@@ -686,24 +687,6 @@ fn sigint_unmounts_everything_and_exits_0() -> Result<()> {
 #[test]
 fn sigterm_with_a_file_held_open_still_exits_0_and_leaves_no_mount() -> Result<()> {
     signal_stops_the_mount_cleanly(nix::sys::signal::Signal::SIGTERM, true)
-}
-
-/// The sum of the series of metric `name` (a family, or one series with its labels) scraped from
-/// a mount process's `/metrics` endpoint.
-fn scrape(addr: &str, name: &str) -> Result<f64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text
-        .lines()
-        .filter(|l| {
-            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
 }
 
 /// Polls `done` every 50 ms for up to `limit`.

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+use super::mount_process::mounted;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -264,14 +265,6 @@ pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
     };
     Some((field("VmHWM:")?, field("VmRSS:")?))
-}
-
-fn mounted(path: &Path) -> bool {
-    let wanted = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*wanted))
 }
 
 /// How a `lazysnap mount` process ended.

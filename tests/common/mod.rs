@@ -38,3 +38,21 @@ impl Drop for UnmountOnDrop {
         unmount_below(&self.0);
     }
 }
+
+/// The sum of the series of metric `name` (a family, or one series with its labels) scraped from
+/// a mount process's `/metrics` endpoint.
+pub fn scrape(addr: &str, name: &str) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    stream.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
