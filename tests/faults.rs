@@ -26,25 +26,12 @@ const READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// second timeout, so a read that waits twice fails the test.
 const SLACK: Duration = Duration::from_millis(1500);
 
-/// Bytes no compressor shrinks, from a seed (so two files never share a chunk).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 /// The test image's files: a large one of many chunks and a few small ones.
 fn files() -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        ("data/big", noise(1_500_000, 1)),
-        ("data/small-a", noise(3_000, 2)),
-        ("data/small-b", noise(70_000, 3)),
+        ("data/big", image::noise(1_500_000, 1)),
+        ("data/small-a", image::noise(3_000, 2)),
+        ("data/small-b", image::noise(70_000, 3)),
         ("etc/hostname", b"faulty\n".to_vec()),
     ]
 }
@@ -332,7 +319,7 @@ async fn measure_background_completion_of_many_small_layers() -> Result<()> {
         std::fs::create_dir_all(tree.join("layer"))?;
         std::fs::write(
             tree.join(format!("layer/file-{i}")),
-            noise(20_000, i as u64 + 7),
+            image::noise(20_000, i as u64 + 7),
         )?;
         tars.push(image::tar_dir(&tree)?);
     }

@@ -452,19 +452,6 @@ async fn a_tiny_disk_budget_evicts_but_keeps_a_complete_layer_while_mounted() ->
     Ok(())
 }
 
-/// Bytes no compressor shrinks, from a seed (so two files never share a chunk).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_estargz_prefetch_set_is_fetched_at_mount_in_one_request() -> Result<()> {
     let registry = TestRegistry::start()?;
@@ -473,10 +460,10 @@ async fn the_estargz_prefetch_set_is_fetched_at_mount_in_one_request() -> Result
     // The start-up files, the landmark, then a large file and a late file: tar order is blob
     // order, so the late file lies far beyond anything a prefetch request could take along.
     let files = [
-        ("startup/a", noise(40_000, 1)),
-        ("startup/b", noise(90_000, 2)),
-        ("filler", noise(1 << 20, 3)),
-        ("late/c", noise(30_000, 4)),
+        ("startup/a", image::noise(40_000, 1)),
+        ("startup/b", image::noise(90_000, 2)),
+        ("filler", image::noise(1 << 20, 3)),
+        ("late/c", image::noise(30_000, 4)),
     ];
     let data_dir = work.path().join("data");
     std::fs::create_dir_all(&data_dir)?;

@@ -299,3 +299,16 @@ pub fn python_tar(body: &str) -> Result<Vec<u8>> {
     );
     run(Command::new("python3").args(["-c", &script]))
 }
+
+/// Bytes no compressor shrinks, from a seed (so two files never share a chunk).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
