@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod mount;
 pub mod oci;
+pub mod profile;
 pub mod registry;
 pub mod run;
 pub mod service;
