@@ -383,6 +383,8 @@ mod tests {
         assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
         let unconfined = SpecInput {
             seccomp: false,
+            args: input.args.clone(),
+            env: input.env.clone(),
             ..input
         };
         let json = serde_json::to_value(runtime_spec(&unconfined).unwrap()).unwrap();
