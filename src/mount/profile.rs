@@ -83,7 +83,10 @@ fn reason(e: &ProfileError) -> &'static str {
 /// Counts and logs a profile that is not used.
 fn ignored(what: &str, reason: &'static str, detail: &dyn std::fmt::Display) {
     METRICS.profile_ignored.with_label_values(&[reason]).inc();
-    tracing::warn!(reason, "start-up profile {what} ignored, mounting without it: {detail}");
+    tracing::warn!(
+        reason,
+        "start-up profile {what} ignored, mounting without it: {detail}"
+    );
 }
 
 impl ProfileLookups {
@@ -112,11 +115,8 @@ impl ProfileLookups {
                 if let Some(found) = remembered.by_manifest.get(manifest) {
                     return found.clone();
                 }
-                let task = tokio::spawn(from_registry(
-                    client.clone(),
-                    reference.clone(),
-                    *manifest,
-                ));
+                let task =
+                    tokio::spawn(from_registry(client.clone(), reference.clone(), *manifest));
                 let shared = async move { task.await.ok().flatten().map(Arc::new) }
                     .boxed()
                     .shared();
@@ -155,11 +155,19 @@ pub fn from_file(path: &Path, manifest: &Digest) -> Option<Profile> {
 }
 
 /// The decoded profile if it was recorded from `manifest`; counted either way.
-fn checked(what: &str, decoded: Result<Profile, ProfileError>, manifest: &Digest) -> Option<Profile> {
+fn checked(
+    what: &str,
+    decoded: Result<Profile, ProfileError>,
+    manifest: &Digest,
+) -> Option<Profile> {
     match decoded {
         Ok(p) if p.image == *manifest => {
             METRICS.profile_lookups.with_label_values(&["found"]).inc();
-            tracing::info!(layers = p.layers.len(), accesses = p.accesses(), "start-up profile {what} found");
+            tracing::info!(
+                layers = p.layers.len(),
+                accesses = p.accesses(),
+                "start-up profile {what} found"
+            );
             Some(p)
         }
         Ok(p) => {
@@ -219,7 +227,11 @@ mod tests {
         let foreign = Digest::of(b"another image");
         let count = |r: &str| METRICS.profile_ignored.with_label_values(&[r]).get();
         let before = count("foreign");
-        assert_eq!(from_file(&good, &foreign), None, "recorded from another image");
+        assert_eq!(
+            from_file(&good, &foreign),
+            None,
+            "recorded from another image"
+        );
         assert_eq!(count("foreign"), before + 1);
 
         let bad = dir.path().join("bad.json");
