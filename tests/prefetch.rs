@@ -209,7 +209,7 @@ fn a_profile_is_fetched_before_any_read_and_the_reads_are_cache_hits() -> Result
         "profile bytes {profile_bytes}"
     );
     ensure!(
-        requests >= 1.0 && requests <= 6.0,
+        (1.0..=6.0).contains(&requests),
         "{chunks} chunks in {requests} requests"
     );
     ensure!(metric(on_demand)? == 0.0);
