@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lazysnap::convert::{self, human, ConvertOptions, ImageLocation};
 use lazysnap::format::LayerFormat;
 use lazysnap::inspect;
-use lazysnap::mount::{self, MountConfig};
+use lazysnap::mount::{self, MountConfig, ProfileSource};
 use lazysnap::oci::{Platform, Reference};
 use lazysnap::registry::ClientConfig;
 use lazysnap::run::{self as launcher, spec::Network, RunOptions, Stage};
@@ -76,6 +76,11 @@ enum Command {
         /// Let the image's device nodes be opened through MOUNTPOINT (default: mounted nodev).
         #[arg(long)]
         allow_dev: bool,
+        /// The image's start-up profile, whose chunks are fetched ahead of the reads: FILE (JSON,
+        /// as `lazysnap profile record --out` writes), or `none`. Default: look it up among the
+        /// image's referrers in its registry. A profile that cannot be used is logged and skipped.
+        #[arg(long, value_name = "FILE|none")]
+        profile: Option<ProfileSource>,
         /// The image: HOST[:PORT]/REPO[:TAG|@DIGEST].
         reference: Reference,
         /// Where the image's root appears (an existing directory).
@@ -136,6 +141,11 @@ struct RunArgs {
     read_timeout: u64,
     #[arg(long)]
     platform: Option<Platform>,
+    /// The image's start-up profile, whose chunks are fetched ahead of the reads: FILE (JSON,
+    /// as `lazysnap profile record --out` writes), or `none`. Default: look it up among the
+    /// image's referrers in its registry. A profile that cannot be used is logged and skipped.
+    #[arg(long, value_name = "FILE|none")]
+    profile: Option<ProfileSource>,
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     report: Option<std::path::PathBuf>,
@@ -305,6 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             platform,
             allow_suid,
             allow_dev,
+            profile,
             reference,
             mountpoint,
         } => {
@@ -314,6 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 read_timeout,
                 registry,
                 platform,
+                profile,
             );
             config.nosuid = !allow_suid;
             config.nodev = !allow_dev;
@@ -380,8 +392,10 @@ fn mount_config(
     read_timeout_secs: u64,
     registry: ClientConfig,
     platform: Option<Platform>,
+    profile: Option<ProfileSource>,
 ) -> MountConfig {
     let mut config = MountConfig::new(root);
+    config.profile = profile.unwrap_or_default();
     config.background_fetch = background_fetch;
     config.fs.read_timeout = std::time::Duration::from_secs(read_timeout_secs);
     config.registry = registry;
@@ -403,6 +417,7 @@ async fn run_container(
         args.read_timeout,
         registry,
         args.platform,
+        args.profile,
     );
     let mut seccomp = true;
     for opt in &args.security_opt {

@@ -168,6 +168,7 @@ impl LayerFetcher {
         if plan.unknown > 0 || plan.repeated > 0 {
             tracing::info!(layer = %label, unknown = plan.unknown, repeated = plan.repeated, "profile entries that the layer's TOC does not hold, or that repeat, are ignored");
         }
+        tracing::info!(layer = %label, chunks = plan.spans.iter().map(|s| s.chunks.len()).sum::<usize>(), held = plan.held, "prefetching the start-up profile's chunks");
         let mut running = Vec::new();
         for span in plan.spans {
             let permit = scheduler.profile_turn().await;

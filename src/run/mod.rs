@@ -214,6 +214,9 @@ impl Container {
         let rootfs = self.dir.join("rootfs");
         let (digest, layers, config, served_by) = match daemon {
             Some(d) => {
+                if let crate::mount::ProfileSource::File(path) = &options.mount.profile {
+                    tracing::warn!(file = %path.display(), "a profile file is used by in-process mounts only: lazysnapd looks the image's profile up itself");
+                }
                 let root =
                     daemon::prepare_root(&d, reference, &options.mount, &self.id, &rootfs).await?;
                 let facts = (
