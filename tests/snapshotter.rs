@@ -1,7 +1,9 @@
-//! `lazysnapd` as containerd's remote snapshotter, with real parts: Debian's containerd 1.6 with
-//! its own config and a `[proxy_plugins.lazysnap]` entry, a real registry, runc, kernel FUSE and
-//! overlayfs. The oracle is containerd's own overlayfs snapshotter unpacking the plain image.
-//! Every daemon is stopped by its PID and every mount detached by a guard, even when a test fails.
+//! `lazysnapd` as containerd's remote snapshotter, with real parts: a containerd with its own
+//! config and a `[proxy_plugins.lazysnap]` entry (Debian's 1.6 by default; `LAZYSNAP_CONTAINERD`
+//! names another release's binaries, and `scripts/test.sh` runs this file again with Debian 13's
+//! 1.7 and unstable's 2.x), a real registry, runc, kernel FUSE and overlayfs. The oracle is
+//! containerd's own overlayfs snapshotter unpacking the plain image. Every daemon is stopped by
+//! its PID and every mount detached by a guard, even when a test fails.
 
 mod common;
 #[path = "common/containerd.rs"]
@@ -605,6 +607,16 @@ fn a_running_container_keeps_reading_across_a_restart_and_a_cold_start_refetches
         "100000",
     ])?;
     let result = (|| -> Result<()> {
+        // containerd runs its own release's shim (its directory comes first on PATH), not the
+        // one Debian's containerd 1.6 installed in /usr/bin.
+        let own = ctd.release.bin_dir.canonicalize()?;
+        let shims = ctd.shim_executables();
+        ensure!(
+            !shims.is_empty() && shims.iter().all(|s| s.starts_with(&own)),
+            "{} runs the shims {shims:?}, not its own from {}",
+            ctd.release.banner,
+            own.display()
+        );
         // The gRPC service restarts; the layer host, and so the container's lower layer, stays.
         daemon.restart()?;
         let start = Instant::now();
