@@ -812,7 +812,9 @@ fn cri_pulls_lazily_with_its_labels_and_runs_a_pod_from_lazy_images() -> Result<
     let images = busybox_images(&registry)?;
     let daemon = Lazysnapd::start()?;
     let pause = pause_image(&registry, &images)?;
-    let ctd = TestContainerd::start_cri(&[(SNAPSHOTTER, &daemon.socket)], SNAPSHOTTER, &pause)?;
+    // containerd as systemd/ configures it: the snippet shipped for this release (version 2 for
+    // 1.x, version 3 for 2.x) names the snapshotter and turns the layer labels on.
+    let ctd = TestContainerd::start_cri_shipped(&daemon.socket, &pause)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let image_ref = runtime.block_on(async {
         let mut client = cri_images(&ctd.socket).await?;

@@ -104,18 +104,55 @@ fn parse_version(banner: &str) -> Option<(u32, u32)> {
 /// What the CRI plugin is set up with, when it is on.
 #[derive(Debug, Clone, Copy)]
 struct Cri<'a> {
-    snapshotter: &'a str,
+    /// `None`: the snapshotter setting comes from the shipped snippet.
+    snapshotter: Option<&'a str>,
     sandbox_image: &'a str,
 }
 
-/// containerd's config for `release`, everything under `d`. Top-level keys come before the
-/// first table.
+/// The config snippet `systemd/` ships for `release` (version 2 for 1.x, version 3 for 2.x),
+/// pointed at `lazysnapd` instead of `/run/lazysnap/lazysnapd.sock`, without its `version` line
+/// (the fixture writes that): the CRI test starts containerd with exactly what operators install.
+pub fn shipped_snippet(release: &Release, lazysnapd: &Path) -> Result<String> {
+    let name = if release.is_v2() {
+        "containerd2-lazysnap.toml"
+    } else {
+        "containerd-lazysnap.toml"
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("systemd")
+        .join(name);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let want = if release.is_v2() { 3 } else { 2 };
+    anyhow::ensure!(
+        text.lines()
+            .any(|l| l.trim() == format!("version = {want}")),
+        "{} is not a version {want} config",
+        path.display()
+    );
+    const SHIPPED_ADDRESS: &str = "/run/lazysnap/lazysnapd.sock";
+    anyhow::ensure!(
+        text.contains(SHIPPED_ADDRESS),
+        "{} does not name {SHIPPED_ADDRESS}",
+        path.display()
+    );
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("version"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(SHIPPED_ADDRESS, &lazysnapd.to_string_lossy())
+        + "\n")
+}
+
+/// containerd's config for `release`, everything under `d`, with `shipped` (a snippet's tables)
+/// appended. Top-level keys come before the first table.
 fn config_toml(
     release: &Release,
     d: &Path,
     socket: &Path,
     snapshotters: &[(&str, &Path)],
     cri: Option<Cri<'_>>,
+    shipped: &str,
 ) -> String {
     let mut proxies = String::new();
     for (name, address) in snapshotters {
@@ -125,62 +162,69 @@ fn config_toml(
         ));
     }
     let cni = d.join("cni");
-    let (version, top, plugins) = if release.is_v2() {
+    let mut top = String::new();
+    let mut plugins = String::new();
+    if release.is_v2() {
         // containerd 2.x: CRI is split into an image service (`cri.v1.images`, which owns the
         // snapshotter setting and the layer labels), a runtime (`cri.v1.runtime`) and the gRPC
         // front (`grpc.v1.cri`, the stream server). NRI is on by default and listens on one
         // machine-wide socket: off, so parallel tests do not fight over it.
-        let top = match cri {
-            None => "disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \
-                     \"io.containerd.cri.v1.runtime\"]\n"
-                .to_owned(),
-            Some(_) => String::new(),
-        };
-        let mut plugins = "[plugins.\"io.containerd.nri.v1.nri\"]\n  disable = true\n".to_owned();
-        if let Some(Cri {
-            snapshotter,
-            sandbox_image,
-        }) = cri
-        {
-            // `cni.bin_dirs` replaced `bin_dir` in 2.1.
-            let bin = if release.version >= (2, 1) {
-                format!("bin_dirs = [\"{}/bin\"]", cni.display())
-            } else {
-                format!("bin_dir = \"{}/bin\"", cni.display())
-            };
-            plugins.push_str(&format!(
-                "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"{snapshotter}\"\n  \
-                 disable_snapshot_annotations = false\n\
-                 [plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{sandbox_image}\"\n\
-                 [plugins.\"io.containerd.cri.v1.runtime\"]\n  restrict_oom_score_adj = true\n\
-                 [plugins.\"io.containerd.cri.v1.runtime\".cni]\n  {bin}\n  conf_dir = \"{cni}/conf\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  \
-                 stream_server_port = \"0\"\n",
-                cni = cni.display()
-            ));
-        }
-        (3, top, plugins)
-    } else {
+        plugins.push_str("[plugins.\"io.containerd.nri.v1.nri\"]\n  disable = true\n");
         match cri {
-            None => (
-                2,
-                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_owned(),
-                String::new(),
+            None => top.push_str(
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \
+                 \"io.containerd.cri.v1.runtime\"]\n",
             ),
             Some(Cri {
                 snapshotter,
                 sandbox_image,
-            }) => (2, String::new(), format!(
-                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  \
-                 sandbox_image = \"{sandbox_image}\"\n  \
-                 stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{snapshotter}\"\n  \
-                 disable_snapshot_annotations = false\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{cni}/bin\"\n  conf_dir = \"{cni}/conf\"\n",
-                cni = cni.display()
-            )),
+            }) => {
+                if let Some(snapshotter) = snapshotter {
+                    plugins.push_str(&format!(
+                        "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"{snapshotter}\"\n  \
+                         disable_snapshot_annotations = false\n"
+                    ));
+                }
+                // `cni.bin_dirs` replaced `bin_dir` in 2.1.
+                let bin = if release.version >= (2, 1) {
+                    format!("bin_dirs = [\"{}/bin\"]", cni.display())
+                } else {
+                    format!("bin_dir = \"{}/bin\"", cni.display())
+                };
+                plugins.push_str(&format!(
+                    "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{sandbox_image}\"\n\
+                     [plugins.\"io.containerd.cri.v1.runtime\"]\n  restrict_oom_score_adj = true\n\
+                     [plugins.\"io.containerd.cri.v1.runtime\".cni]\n  {bin}\n  conf_dir = \"{cni}/conf\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  \
+                     stream_server_port = \"0\"\n",
+                    cni = cni.display()
+                ));
+            }
         }
-    };
+    } else {
+        match cri {
+            None => top.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"),
+            Some(Cri {
+                snapshotter,
+                sandbox_image,
+            }) => {
+                plugins.push_str(&format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  \
+                     sandbox_image = \"{sandbox_image}\"\n  \
+                     stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{cni}/bin\"\n  \
+                     conf_dir = \"{cni}/conf\"\n",
+                    cni = cni.display()
+                ));
+                if let Some(snapshotter) = snapshotter {
+                    plugins.push_str(&format!(
+                        "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{snapshotter}\"\n  \
+                         disable_snapshot_annotations = false\n"
+                    ));
+                }
+            }
+        }
+    }
     format!(
         "version = {version}\n\
          root = \"{root}\"\n\
@@ -191,7 +235,8 @@ fn config_toml(
          [debug]\n  address = \"{debug}\"\n  level = \"info\"\n\
          [metrics]\n  address = \"\"\n\
          [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n\
-         {plugins}{proxies}",
+         {plugins}{proxies}{shipped}",
+        version = if release.is_v2() { 3 } else { 2 },
         root = d.join("root").display(),
         state = d.join("state").display(),
         sock = socket.display(),
@@ -218,7 +263,7 @@ impl TestContainerd {
     /// Starts containerd with `[proxy_plugins.NAME] type = "snapshot"` for each `(NAME, socket)`,
     /// and the CRI plugin off (the tests here talk to containerd's own API).
     pub fn start(snapshotters: &[(&str, &Path)]) -> Result<Self> {
-        Self::start_with(snapshotters, None)
+        Self::start_with(snapshotters, None, None)
     }
 
     /// Like [`Self::start`], with the CRI plugin on and using `snapshotter`, passing the layer
@@ -230,19 +275,38 @@ impl TestContainerd {
         snapshotter: &str,
         sandbox_image: &str,
     ) -> Result<Self> {
-        Self::start_with(snapshotters, Some((snapshotter, sandbox_image)))
+        let cri = Cri {
+            snapshotter: Some(snapshotter),
+            sandbox_image,
+        };
+        Self::start_with(snapshotters, Some(cri), None)
     }
 
-    fn start_with(snapshotters: &[(&str, &Path)], cri: Option<(&str, &str)>) -> Result<Self> {
+    /// Like [`Self::start_cri`], with the snapshotter `lazysnap` at `lazysnapd` configured by the
+    /// snippet `systemd/` ships for this release ([`shipped_snippet`]): its proxy plugin, CRI
+    /// snapshotter and `disable_snapshot_annotations`, as an operator installs them.
+    pub fn start_cri_shipped(lazysnapd: &Path, sandbox_image: &str) -> Result<Self> {
+        let cri = Cri {
+            snapshotter: None,
+            sandbox_image,
+        };
+        Self::start_with(&[], Some(cri), Some(lazysnapd))
+    }
+
+    fn start_with(
+        snapshotters: &[(&str, &Path)],
+        cri: Option<Cri<'_>>,
+        shipped_for: Option<&Path>,
+    ) -> Result<Self> {
         let release = Release::under_test()?;
         let dir = tempfile::Builder::new().prefix("lsctd-").tempdir()?;
         let d = dir.path();
         let socket = d.join("containerd.sock");
-        let cri = cri.map(|(snapshotter, sandbox_image)| Cri {
-            snapshotter,
-            sandbox_image,
-        });
-        let config = config_toml(&release, d, &socket, snapshotters, cri);
+        let shipped = match shipped_for {
+            Some(lazysnapd) => shipped_snippet(&release, lazysnapd)?,
+            None => String::new(),
+        };
+        let config = config_toml(&release, d, &socket, snapshotters, cri, &shipped);
         let config_path = d.join("config.toml");
         std::fs::write(&config_path, config)?;
         let log = File::create(d.join("containerd.log"))?;
