@@ -293,6 +293,12 @@ impl TestContainerd {
         Self::start_with(&[], Some(cri), Some(lazysnapd))
     }
 
+    /// Like [`Self::start`], with the snapshotter `lazysnap` at `lazysnapd` configured by the
+    /// snippet `systemd/` ships for this release, and the CRI plugin off.
+    pub fn start_shipped(lazysnapd: &Path) -> Result<Self> {
+        Self::start_with(&[], None, Some(lazysnapd))
+    }
+
     fn start_with(
         snapshotters: &[(&str, &Path)],
         cri: Option<Cri<'_>>,
