@@ -870,6 +870,27 @@ fn cri_pulls_lazily_with_its_labels_and_runs_a_pod_from_lazy_images() -> Result<
             })
             .await
             .with_context(|| format!("CRI PullImage\n{}", daemon.log()))?;
+        // kubelet sizes the image file system (image GC, disk pressure) from the directory CRI
+        // names here: the root the snippet exports, lazysnapd's. containerd 1.6 reads no
+        // `exports` and names a directory under its own root that does not exist.
+        let fs = client
+            .image_fs_info(k8s_cri::v1::ImageFsInfoRequest {})
+            .await?
+            .into_inner();
+        let mountpoints: Vec<&str> = fs
+            .image_filesystems
+            .iter()
+            .filter_map(|f| Some(f.fs_id.as_ref()?.mountpoint.as_str()))
+            .collect();
+        if ctd.release.version >= (1, 7) {
+            let exported = daemon.socket.parent().context("socket dir")?;
+            ensure!(
+                mountpoints == [exported.to_string_lossy()],
+                "{}: image file systems {mountpoints:?}, not lazysnapd's {}",
+                ctd.release.banner,
+                exported.display()
+            );
+        }
         anyhow::Ok(response.into_inner().image_ref)
     })?;
     ensure!(image_ref.starts_with("sha256:"), "image ref {image_ref}");

@@ -110,8 +110,9 @@ struct Cri<'a> {
 }
 
 /// The config snippet `systemd/` ships for `release` (version 2 for 1.x, version 3 for 2.x),
-/// pointed at `lazysnapd` instead of `/run/lazysnap/lazysnapd.sock`, without its `version` line
-/// (the fixture writes that): the CRI test starts containerd with exactly what operators install.
+/// pointed at `lazysnapd` instead of `/run/lazysnap/lazysnapd.sock`, with the socket's directory
+/// as the exported root instead of `/var/lib/lazysnap`, without its `version` line (the fixture
+/// writes that): the CRI test starts containerd with exactly what operators install.
 pub fn shipped_snippet(release: &Release, lazysnapd: &Path) -> Result<String> {
     let name = if release.is_v2() {
         "containerd2-lazysnap.toml"
@@ -130,6 +131,7 @@ pub fn shipped_snippet(release: &Release, lazysnapd: &Path) -> Result<String> {
         path.display()
     );
     const SHIPPED_ADDRESS: &str = "/run/lazysnap/lazysnapd.sock";
+    const SHIPPED_ROOT: &str = "/var/lib/lazysnap";
     anyhow::ensure!(
         text.contains(SHIPPED_ADDRESS),
         "{} does not name {SHIPPED_ADDRESS}",
@@ -141,6 +143,10 @@ pub fn shipped_snippet(release: &Release, lazysnapd: &Path) -> Result<String> {
         .collect::<Vec<_>>()
         .join("\n")
         .replace(SHIPPED_ADDRESS, &lazysnapd.to_string_lossy())
+        .replace(
+            &format!("\"{SHIPPED_ROOT}\""),
+            &format!("\"{}\"", lazysnapd.parent().unwrap_or(lazysnapd).display()),
+        )
         + "\n")
 }
 
