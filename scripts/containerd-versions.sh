@@ -76,7 +76,7 @@ if ((${#pending[@]})); then
     -o "Dir::Cache=$apt_dir/cache"
     -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=
     -o Debug::NoLocking=1
-    -o APT::Architecture=amd64
+    -o "APT::Architecture=$(dpkg --print-architecture)"
     -o Acquire::Languages=none
     -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false
     -o Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false
