@@ -1,7 +1,7 @@
 //! Recording a start-up profile: run the image as `lazysnap run` does, on a fresh root (no cache,
-//! no background fetch, no lazysnapd), with an access log on every lazy layer, until the
-//! container exits, reads nothing new for a quiet period, or runs out of time (then it is
-//! killed). What the log holds becomes the profile, layer by layer, bottom first.
+//! no background fetch, no profile of its own, no lazysnapd), with an access log on every lazy
+//! layer, until the container exits, reads nothing new for a quiet period, or runs out of time
+//! (then it is killed). What the log holds becomes the profile, layer by layer, bottom first.
 //!
 //! The root must be fresh: a chunk already cached is still recorded (the log notes reads, not
 //! misses), but a file already complete in the cache is read through FUSE passthrough, past the
@@ -96,6 +96,8 @@ pub async fn record(
     let stop = Arc::new(tokio::sync::Notify::new());
     let mut run_options = options.run.clone();
     run_options.mount.background_fetch = false;
+    // A profile's prefetch would fill the cache ahead of the reads being recorded: none.
+    run_options.mount.profile = mount::ProfileSource::Off;
     run_options.mount.fetch.access = Some(log.clone());
     run_options.lazysnapd = None;
     run_options.stop = Some(stop.clone());

@@ -182,6 +182,7 @@ async fn record_profile(
         args.read_timeout,
         registry,
         args.platform,
+        Some(mount::ProfileSource::Off),
     );
     let options = record::RecordOptions {
         run: RunOptions {
@@ -205,6 +206,7 @@ async fn record_profile(
                 ..Default::default()
             },
             stop: None,
+            seccomp: true,
         },
         quiet: std::time::Duration::from_millis(args.quiet_ms),
         time_limit: std::time::Duration::from_secs(args.time_limit),
