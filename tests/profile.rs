@@ -685,3 +685,76 @@ async fn recording_stops_a_quiet_container_and_show_says_when_there_is_none() ->
     root.assert_clean()?;
     Ok(())
 }
+
+/// Waits until `done`, at most `limit`.
+fn wait_until(
+    limit: std::time::Duration,
+    what: &str,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    while !done()? {
+        anyhow::ensure!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The whole workflow of issue 11's first two points: a profile recorded by one node and pushed
+/// is found by the next node's mount, which fetches the profiled chunks before anything reads
+/// them; the same reads then need no request of their own.
+#[test]
+fn a_recorded_and_pushed_profile_is_prefetched_by_the_next_mount() -> Result<()> {
+    use common::mount_process::MountProcess;
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = common::UnmountOnDrop(work.path().to_owned());
+    let (reference, files) = sample_image(&registry, work.path())?;
+    let root = Root::new()?;
+    let out = work.path().join("profile.json");
+    let recorded = root.lazysnap(&[
+        "profile",
+        "record",
+        "--push",
+        "--out",
+        out.to_str().context("path")?,
+        &reference,
+        "--",
+        "cat",
+        "/srv/data/read",
+    ])?;
+    anyhow::ensure!(recorded.status.success(), "record failed");
+    let profile = lazysnap::profile::show::read_file(&out)?;
+
+    // Another node: a fresh root, the profile looked up in the registry (the default).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let target = work.path().join("mnt");
+    let process = MountProcess::start(
+        &work.path().join("node"),
+        &reference,
+        &target,
+        &["--no-background-fetch", "--metrics-addr", &addr],
+    )?;
+    let metric = |name: &str| common::scrape(&addr, name);
+    let fetched = r#"lazysnap_profile_chunks_total{result="fetched"}"#;
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the profile prefetched",
+        || Ok(metric(fetched)? >= profile.accesses() as f64),
+    )?;
+    anyhow::ensure!(metric(r#"lazysnap_profile_lookups_total{result="found"}"#)? == 1.0);
+    anyhow::ensure!(metric(r#"lazysnap_profile_chunks_total{result="unknown"}"#)? == 0.0);
+    let on_demand = r#"lazysnap_fetch_requests_total{kind="on_demand"}"#;
+    anyhow::ensure!(metric(on_demand)? == 0.0, "something read before the test");
+    let got = std::fs::read(target.join("srv/data/read"))?;
+    anyhow::ensure!(got == files.read, "wrong bytes through the mount");
+    anyhow::ensure!(
+        metric(on_demand)? == 0.0,
+        "a profiled read went to the registry: {}",
+        process.log()
+    );
+    process.stop()?;
+    Ok(())
+}
