@@ -12,6 +12,11 @@ use lazysnap::oci::{Platform, Reference};
 use lazysnap::registry::ClientConfig;
 use lazysnap::run::{self as launcher, spec::Network, RunOptions, Stage};
 
+// Beside this file, not `src/bin/profile.rs`, which cargo would build as a binary of its own.
+#[path = "lazysnap/profile.rs"]
+mod profile;
+use profile::ProfileCommand;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "lazysnap",
@@ -92,6 +97,12 @@ enum Command {
     /// time to mount and to first exec, bytes fetched) goes to stderr. Failures of lazysnap
     /// itself exit with 125. SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 are forwarded.
     Run(Box<RunArgs>),
+    /// Start-up profiles: record what an image reads while it starts, store that next to the
+    /// image in its registry (an OCI artifact whose subject is the image), show it.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
     /// Show an image's layers, their lazy format, and whether each TOC verifies.
     Inspect {
         /// Print JSON instead of a table.
@@ -363,6 +374,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Run(args) => return Ok(run_container(*args, cli.root, registry).await),
+        Command::Profile { command } => {
+            return profile::profile_command(command, cli.root, registry).await
+        }
         Command::Inspect {
             json,
             platform,
@@ -451,6 +465,7 @@ async fn run_container(
             binary: args.runc,
             ..Default::default()
         },
+        stop: None,
     };
     let reference = args.reference;
     let mut on_stage = |stage: Stage<'_>| match stage {
