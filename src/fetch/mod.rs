@@ -14,6 +14,7 @@ mod plan;
 mod profile;
 mod schedule;
 mod stall;
+mod turns;
 mod uncompressed;
 
 use std::collections::{HashMap, HashSet};
