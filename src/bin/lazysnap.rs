@@ -51,6 +51,10 @@ enum Command {
         /// Platform to take from a multi-platform source, as os/arch[/variant].
         #[arg(long)]
         platform: Option<Platform>,
+        /// A start-up profile (a `lazysnap profile record --out` file): each layer it matches
+        /// gets the files start-up read written first, in access order, and recorded in its TOC.
+        #[arg(long, value_name = "FILE")]
+        profile: Option<std::path::PathBuf>,
         src: ImageLocation,
         dst: ImageLocation,
     },
@@ -204,6 +208,20 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// Reads a profile document from `path`, at most [`lazysnap::profile::MAX_BYTES`] of it.
+fn read_profile(path: &std::path::Path) -> anyhow::Result<lazysnap::profile::Profile> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(lazysnap::profile::MAX_BYTES + 1)
+                .read_to_end(&mut bytes)
+        })
+        .with_context(|| format!("reading the profile {}", path.display()))?;
+    lazysnap::profile::Profile::decode(&bytes)
+        .with_context(|| format!("the profile {}", path.display()))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let registry = ClientConfig {
         plain_http: cli.plain_http,
@@ -215,10 +233,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chunk_size,
             level,
             platform,
+            profile,
             src,
             dst,
         } => {
             let mut options = ConvertOptions::new(format.into());
+            if let Some(path) = profile {
+                options.profile = Some(read_profile(&path)?);
+            }
             options.chunk_size = chunk_size;
             options.level = level;
             options.registry = registry;
@@ -236,6 +258,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .filter(|l| l.outcome == "uploaded" || l.outcome == "written")
                     .count(),
             );
+            for (i, layer) in report.layers.iter().enumerate() {
+                if let Some(s) = &layer.startup {
+                    eprintln!(
+                        "layer {}/{} {}: start-up set of {} files ({}) first, from the {}{}{}",
+                        i + 1,
+                        report.layers.len(),
+                        layer.digest.short(),
+                        s.files,
+                        human(s.bytes),
+                        match s.source {
+                            convert::StartupSource::Profile => "profile",
+                            convert::StartupSource::Elf => "entrypoint's ELF headers",
+                        },
+                        if s.skipped > 0 {
+                            format!(", {} names not movable", s.skipped)
+                        } else {
+                            String::new()
+                        },
+                        s.refused
+                            .as_ref()
+                            .map(|r| format!(" (nothing moved: {r})"))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
             eprintln!(
                 "{}: {} layers, {} compressed, {uploaded} new, in {:.1} s",
                 report.destination,

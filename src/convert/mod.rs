@@ -12,6 +12,7 @@ mod layout;
 mod location;
 mod progress;
 mod source;
+pub mod startup;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +29,9 @@ pub use layout::{Layout, REF_NAME};
 pub use location::ImageLocation;
 pub use progress::human;
 pub use source::{SourceImage, SourceLayer};
+pub use startup::{StartupReport, StartupSource};
+
+use crate::profile::Profile;
 
 /// Why a conversion failed. Every message names the image, layer or entry concerned.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +97,9 @@ pub struct ConvertOptions {
     /// Platform to choose from a multi-platform source.
     pub platform: Platform,
     pub registry: ClientConfig,
+    /// A start-up profile: each layer it matches gets its start-up set written first and recorded
+    /// in the TOC (see [`startup::from_profile`]).
+    pub profile: Option<Profile>,
 }
 
 impl ConvertOptions {
@@ -105,6 +112,7 @@ impl ConvertOptions {
             threads: std::thread::available_parallelism().map_or(2, usize::from),
             platform: Platform::host(),
             registry: ClientConfig::default(),
+            profile: None,
         }
     }
 
@@ -135,6 +143,9 @@ pub struct LayerReport {
     /// `written`, `existed`, `mounted` or `uploaded`.
     pub outcome: &'static str,
     pub seconds: f64,
+    /// The start-up set written first, when the layer got one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup: Option<StartupReport>,
 }
 
 /// The result of a conversion.
@@ -160,6 +171,13 @@ pub async fn convert(
     let dest = Destination::open(dst, &client, source.registry_reference())?;
     let write_options = options.write_options();
     let total = source.layers.len();
+    let startup_sets: Vec<(Vec<String>, StartupSource)> = match &options.profile {
+        Some(profile) => startup::from_profile(profile, &source.layers)
+            .into_iter()
+            .map(|names| (names, StartupSource::Profile))
+            .collect(),
+        None => vec![(Vec::new(), StartupSource::Profile); total],
+    };
 
     let mut reports = Vec::with_capacity(total);
     let mut descriptors = Vec::with_capacity(total);
@@ -174,8 +192,12 @@ pub async fn convert(
             .map_or_else(|| format!("#{}", i + 1), |d| d.short());
         let layer_start = Instant::now();
         let lazy = format::detect(&layer.media_type, &layer.annotations);
-        let passthrough =
-            lazy.as_ref().is_some_and(|l| l.format == options.format) && layer.digest.is_some();
+        let (wanted, startup_source) = &startup_sets[i];
+        // A layer that gets a start-up set is rewritten even when already in the format.
+        let passthrough = lazy.as_ref().is_some_and(|l| l.format == options.format)
+            && layer.digest.is_some()
+            && wanted.is_empty();
+        let mut startup_report = None;
         let (file, written) = if passthrough {
             // Already lazy in this format: the stored blob is the result. Copy it (verified) only
             // if the destination lacks it.
@@ -198,6 +220,58 @@ pub async fn convert(
                 entries: 0,
             };
             (file, written)
+        } else if !wanted.is_empty() {
+            let stored = source.open_layer(layer).await?;
+            let spool = dest.new_blob()?;
+            let mut out = dest.new_blob()?;
+            let options = write_options.clone();
+            let diff_id = layer.diff_id;
+            let task_label = label.clone();
+            let wanted = wanted.clone();
+            let drop_toc = layer::carries_estargz_toc(lazy.as_ref());
+            let (out, written, plan) = tokio::task::spawn_blocking(move || {
+                let mut progress = progress::LayerProgress::new(i + 1, total, &task_label);
+                let mut seen = 0;
+                let file = spool.reopen().map_err(|e| {
+                    ConvertError::io(format!("layer {task_label}: opening the spool"), e)
+                })?;
+                let spooled = layer::spool_layer(stored, &diff_id, file, &task_label)?;
+                drop(spool);
+                let (written, plan) = layer::write_spooled(
+                    spooled,
+                    &wanted,
+                    drop_toc,
+                    std::io::BufWriter::with_capacity(1 << 20, out.as_file_mut()),
+                    &options,
+                    &task_label,
+                    &mut |n| {
+                        seen = n;
+                        progress.update(n);
+                    },
+                )?;
+                progress.finish(seen, "converted");
+                Ok::<_, ConvertError>((out, written, plan))
+            })
+            .await
+            .map_err(|e| {
+                ConvertError::Source(format!("layer {label}: conversion task failed: {e}"))
+            })??;
+            tracing::info!(
+                layer = %label,
+                files = plan.startup.len(),
+                bytes = plan.startup_bytes,
+                skipped = plan.skipped,
+                refused = plan.refused.as_deref().unwrap_or(""),
+                "start-up set written first"
+            );
+            startup_report = Some(StartupReport {
+                source: *startup_source,
+                files: plan.startup.len(),
+                bytes: plan.startup_bytes,
+                skipped: plan.skipped,
+                refused: plan.refused,
+            });
+            (Some(out), written)
         } else {
             let stored = source.open_layer(layer).await?;
             let mut out = dest.new_blob()?;
@@ -255,6 +329,7 @@ pub async fn convert(
                 passthrough,
                 outcome,
                 seconds: layer_start.elapsed().as_secs_f64(),
+                startup: startup_report,
             };
             Ok((report, descriptor))
         }));
