@@ -237,8 +237,6 @@ pub fn plan(
                 plan.skipped += 1;
                 continue;
             }
-            // The chain ends at the regular file whose content the name reads.
-            let file = chain.last().map_or(0, |&i| items[i].size);
             for &i in chain.iter().rev() {
                 if placed[i] {
                     continue;
@@ -254,8 +252,21 @@ pub fn plan(
                 placed[i] = true;
                 order.push(i);
             }
-            plan.startup.push(name.clone());
-            plan.startup_bytes += file;
+        }
+    }
+    // The set as it now leads the stream: the files asked for and the hard link targets they
+    // brought, in stream order (whiteouts, which moved with their directories, hold nothing).
+    for &i in &order {
+        let item = &items[i];
+        let whiteout = item
+            .name
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .starts_with(".wh.");
+        if matches!(item.kind, Some(EntryKind::Reg | EntryKind::Hardlink)) && !whiteout {
+            plan.startup.push(item.name.clone());
+            plan.startup_bytes += item.size;
         }
     }
     let landmarks = [
@@ -478,7 +489,10 @@ mod tests {
             &["bin/app", "etc/conf", "usr/lib/b2.so", "missing", "usr/lib"],
             LayerFormat::ZstdChunked,
         );
-        assert_eq!(plan.startup, ["bin/app", "etc/conf", "usr/lib/b2.so"]);
+        assert_eq!(
+            plan.startup,
+            ["bin/app", "etc/conf", "usr/lib/b.so", "usr/lib/b2.so"]
+        );
         assert_eq!(plan.startup_bytes, 3 + 1 + 6);
         assert_eq!(plan.skipped, 2);
         assert_eq!(

@@ -1,0 +1,427 @@
+//! Start-up sets at conversion: `lazysnap convert --profile` writes each layer's start-up files
+//! first and records them in the TOC; the layer stays a plain layer that `tar`, `zstd` and `gzip`
+//! read with the same content; a mount prefetches the set. Checked with independent tools and a
+//! real registry and mount.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use common::image::{self, LayoutBuilder};
+use common::mount_process::MountProcess;
+use common::registry::TestRegistry;
+use common::{scrape, tree, UnmountOnDrop};
+use lazysnap::format::{self, EntryKind};
+use lazysnap::oci::Digest;
+use lazysnap::profile::{Access, LayerProfile, Profile};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
+
+fn lazysnap(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run lazysnap");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn long_name() -> String {
+    format!("srv/{}-long-name.txt", "ü".repeat(60))
+}
+
+/// Layer 1's start-up set as a profile lists it (a hard link, whose target must lead it; a file
+/// the layer lacks; a directory), and what must lead the converted layer, in order.
+fn profile_names() -> (Vec<String>, Vec<String>) {
+    let asked = [
+        "usr/bin/tool.hard",
+        &long_name(),
+        "no/such/file",
+        "etc/hostname",
+        "usr/bin",
+        "usr/bin/tool",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let leading = [
+        "usr/bin/tool",
+        "usr/bin/tool.hard",
+        &long_name(),
+        "etc/hostname",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    (asked, leading)
+}
+
+/// A two-layer source (the sample tree; whiteouts and an opaque dir) and a profile for it whose
+/// first layer matches by diff_id and whose second matches only by position.
+fn source_and_profile(dir: &Path) -> Result<(LayoutBuilder, Vec<Vec<u8>>, Profile)> {
+    let trees = tempfile::tempdir()?;
+    let (a, b) = (trees.path().join("a"), trees.path().join("b"));
+    image::sample_tree(&a, 1)?;
+    image::whiteout_tree(&b)?;
+    let tars = vec![image::tar_dir(&a)?, image::tar_dir(&b)?];
+    let layout = LayoutBuilder::new(&dir.join("src"))?;
+    let desc = layout.image(&tars, "amd64")?;
+    layout.tags(&[("src", desc)])?;
+    let access = |name: &str, at_ms| Access {
+        name: name.to_owned(),
+        offset: 0,
+        chunk: Digest::of(name.as_bytes()),
+        at_ms,
+    };
+    let (asked, _) = profile_names();
+    let profile = Profile {
+        version: 1,
+        image: Digest::of(b"another encoding of the image"),
+        command: vec!["/bin/sh".into()],
+        layers: vec![
+            LayerProfile {
+                digest: Digest::of(b"not this blob"),
+                diff_id: Some(image::digest_of(&tars[0]).parse()?),
+                accesses: asked
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| access(n, i as u64))
+                    .collect(),
+            },
+            LayerProfile {
+                digest: Digest::of(b"nor this one"),
+                diff_id: None,
+                accesses: vec![access("srv/data/new", 9)],
+            },
+        ],
+    };
+    Ok((layout, tars, profile))
+}
+
+/// Unpacks a plain tar with GNU tar into `dir` (as root: owners, modes, devices, xattrs).
+fn untar(tar: &[u8], dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    image::pipe(
+        Command::new("tar")
+            .args([
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "-xpf",
+                "-",
+                "-C",
+            ])
+            .arg(dir),
+        tar,
+    )?;
+    Ok(())
+}
+
+/// Kind (first letter of the mode) and name of one `tar -tv` line (names here hold no spaces).
+fn entry_of(line: &str) -> (char, String) {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let name = fields.get(5).copied().unwrap_or("");
+    (
+        line.chars().next().unwrap_or('?'),
+        name.trim_start_matches("./")
+            .trim_end_matches('/')
+            .to_owned(),
+    )
+}
+
+/// The regular files (and hard links) of a tar, in stream order.
+fn files_in_order(tar: &[u8]) -> Result<Vec<String>> {
+    Ok(image::tar_listing(tar)?
+        .iter()
+        .map(|l| entry_of(l))
+        .filter(|(k, n)| {
+            matches!(k, '-' | 'h') && !n.rsplit('/').next().unwrap_or("").starts_with(".wh.")
+        })
+        .map(|(_, n)| n)
+        .collect())
+}
+
+fn check_profiled_conversion(format_arg: &str, format: format::LayerFormat) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (src, tars, profile) = source_and_profile(tmp.path())?;
+    let profile_file = tmp.path().join("profile.json");
+    std::fs::write(&profile_file, profile.encode()?)?;
+    let dst = tmp.path().join("dst");
+    let (ok, stdout, stderr) = lazysnap(&[
+        "convert",
+        "--format",
+        format_arg,
+        "--chunk-size",
+        "65536",
+        "--profile",
+        &profile_file.display().to_string(),
+        &format!("oci:{}:src", src.dir.display()),
+        &format!("oci:{}:lazy", dst.display()),
+    ]);
+    ensure!(ok, "convert failed: {stderr}");
+    ensure!(
+        stderr.contains("layer 1/2") && stderr.contains("start-up set of 4 files"),
+        "the output says which layers got a start-up set: {stderr}"
+    );
+    ensure!(
+        stderr.contains("layer 2/2") && stderr.contains("start-up set of 1 files"),
+        "{stderr}"
+    );
+    let digest = stdout.lines().last().context("no output")?.to_owned();
+    let blob = |d: &str| -> Result<Vec<u8>> {
+        Ok(std::fs::read(
+            dst.join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )?)
+    };
+    let manifest: Value = serde_json::from_slice(&blob(&digest)?)?;
+    let config: Value = serde_json::from_slice(&blob(
+        manifest["config"]["digest"].as_str().context("config")?,
+    )?)?;
+    let (_, leading) = profile_names();
+    let wanted: [Vec<String>; 2] = [leading, vec!["srv/data/new".to_owned()]];
+    let noise = ["stargz.index.json", ".prefetch.landmark"];
+    for (i, layer) in manifest["layers"]
+        .as_array()
+        .context("layers")?
+        .iter()
+        .enumerate()
+    {
+        let bytes = blob(layer["digest"].as_str().context("digest")?)?;
+        // The system's zstd or gzip and tar read it as a plain layer, the start-up files first.
+        let tar = image::decompress(&bytes)?;
+        let files = files_in_order(&tar)?;
+        ensure!(
+            files[..wanted[i].len()] == wanted[i][..],
+            "layer {i}: the start-up set leads, in access order: {files:?}"
+        );
+        if format == format::LayerFormat::Estargz {
+            ensure!(
+                files.get(wanted[i].len()).map(String::as_str) == Some(".prefetch.landmark"),
+                "layer {i}: the landmark follows the set: {files:?}"
+            );
+        }
+        // Every directory entry comes before the entries inside it.
+        let listing = image::tar_listing(&tar)?;
+        let entries: Vec<(char, String)> = listing.iter().map(|l| entry_of(l)).collect();
+        let dirs: std::collections::HashSet<&str> = entries
+            .iter()
+            .filter(|(k, _)| *k == 'd')
+            .map(|(_, n)| n.as_str())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for (kind, name) in &entries {
+            for (at, _) in name.match_indices('/') {
+                let parent = &name[..at];
+                ensure!(
+                    !dirs.contains(parent) || seen.contains(parent),
+                    "layer {i}: {name} comes before its directory {parent}"
+                );
+            }
+            if *kind == 'd' {
+                seen.insert(name.as_str());
+            }
+        }
+        // tar pads its columns to what it printed before: compare the fields, not the spacing.
+        let fields = |l: &String| l.split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut want: Vec<String> = image::tar_listing(&tars[i])?.iter().map(fields).collect();
+        let mut got: Vec<String> = listing.iter().map(fields).collect();
+        got.retain(|l| !noise.iter().any(|n| l.ends_with(n)));
+        want.sort();
+        got.sort();
+        ensure!(
+            got == want,
+            "layer {i}: the same entries as the source: only in the source {:?}, only converted {:?}",
+            want.iter().filter(|l| !got.contains(l)).collect::<Vec<_>>(),
+            got.iter().filter(|l| !want.contains(l)).collect::<Vec<_>>()
+        );
+        // Unpacked, it is the same tree as the source unpacked.
+        let (a, b) = (
+            tmp.path().join(format!("want{i}")),
+            tmp.path().join(format!("got{i}")),
+        );
+        untar(&tars[i], &a)?;
+        untar(&tar, &b)?;
+        for n in noise {
+            let _ = std::fs::remove_file(b.join(n));
+        }
+        let differences = tree::differences(&tree::snapshot(&a)?, &tree::snapshot(&b)?);
+        ensure!(
+            differences.is_empty(),
+            "layer {i}: {}",
+            differences.join("\n")
+        );
+        // The config names the reordered tar.
+        ensure!(
+            config["rootfs"]["diff_ids"][i] == image::digest_of(&tar),
+            "layer {i}: diff_id is the new tar's"
+        );
+        ensure!(
+            image::digest_of(&tar) != image::digest_of(&tars[i]),
+            "layer {i}: the order changed"
+        );
+        // The TOC records the set.
+        let annotations: BTreeMap<String, String> =
+            serde_json::from_value(layer["annotations"].clone())?;
+        let media_type = layer["mediaType"].as_str().context("mediaType")?;
+        let (_, toc) = format::read_toc(Cursor::new(&bytes), media_type, &annotations)?;
+        let files_first: Vec<&str> = toc
+            .prefetch
+            .iter()
+            .filter(|n| {
+                toc.entries.iter().any(|e| {
+                    &e.name == *n && matches!(e.kind, EntryKind::Reg | EntryKind::Hardlink)
+                }) && !n.rsplit('/').next().unwrap_or("").starts_with(".wh.")
+            })
+            .map(String::as_str)
+            .collect();
+        ensure!(
+            files_first == wanted[i],
+            "layer {i}: the TOC's start-up set: {:?}",
+            toc.prefetch
+        );
+    }
+    // inspect counts the prefetch entries and verifies the TOCs.
+    let (ok, json, stderr) =
+        lazysnap(&["inspect", "--json", &format!("oci:{}:lazy", dst.display())]);
+    ensure!(ok, "{stderr}");
+    let info: Value = serde_json::from_str(&json)?;
+    for layer in info["layers"].as_array().context("layers")? {
+        ensure!(layer["toc_verified"] == true, "{layer}");
+        ensure!(
+            layer["prefetch_entries"].as_u64().unwrap_or(0) >= 1,
+            "{layer}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn profiled_zstd_chunked_conversion_leads_with_the_start_up_set_and_stays_a_plain_layer(
+) -> Result<()> {
+    check_profiled_conversion("zstd-chunked", format::LayerFormat::ZstdChunked)
+}
+
+#[test]
+fn profiled_estargz_conversion_leads_with_the_start_up_set_and_stays_a_plain_layer() -> Result<()> {
+    check_profiled_conversion("estargz", format::LayerFormat::Estargz)
+}
+
+#[test]
+fn a_bad_profile_file_is_a_clear_error() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (src, _, _) = source_and_profile(tmp.path())?;
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, b"{\"version\":7}")?;
+    let big = tmp.path().join("big.json");
+    std::fs::write(
+        &big,
+        vec![b' '; (lazysnap::profile::MAX_BYTES + 10) as usize],
+    )?;
+    for (file, says) in [(&bad, "profile"), (&big, "bytes")] {
+        let (ok, _, stderr) = lazysnap(&[
+            "convert",
+            "--profile",
+            &file.display().to_string(),
+            &format!("oci:{}:src", src.dir.display()),
+            &format!("oci:{}:x", tmp.path().join("dst").display()),
+        ]);
+        ensure!(!ok && stderr.contains(says), "{stderr}");
+    }
+    Ok(())
+}
+
+/// Waits until `check` holds, or fails after `timeout`.
+fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        ensure!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_mount_of_a_profiled_conversion_prefetches_the_start_up_set_in_one_request_per_layer(
+) -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let tmp = tempfile::tempdir()?;
+    let _cleanup = UnmountOnDrop(tmp.path().to_owned());
+    let (src, _, profile) = source_and_profile(tmp.path())?;
+    let profile_file = tmp.path().join("profile.json");
+    std::fs::write(&profile_file, profile.encode()?)?;
+    let oracle = tempfile::tempdir()?;
+    image::sample_tree(oracle.path(), 1)?;
+    for (format_arg, profiled) in [
+        ("zstd-chunked", true),
+        ("estargz", true),
+        ("zstd-chunked", false),
+    ] {
+        let reference = format!("{}/profiled/{format_arg}:{profiled}", registry.addr);
+        let mut args = vec!["convert", "--format", format_arg, "--chunk-size", "65536"];
+        let profile_arg = profile_file.display().to_string();
+        if profiled {
+            args.extend(["--profile", &profile_arg]);
+        }
+        let source = format!("oci:{}:src", src.dir.display());
+        args.extend([source.as_str(), reference.as_str()]);
+        let (ok, _, stderr) = lazysnap(&args);
+        ensure!(ok, "{stderr}");
+
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+            probe.local_addr()?.to_string()
+        };
+        let target = tmp.path().join(format!("mnt-{format_arg}-{profiled}"));
+        let process = MountProcess::start(
+            &tmp.path().join(format!("root-{format_arg}-{profiled}")),
+            &reference,
+            &target,
+            &["--metrics-addr", &addr, "--no-background-fetch"],
+        )?;
+        let prefetched = || scrape(&addr, "lazysnap_fetch_bytes_total{kind=\"prefetch\"}");
+        let on_demand = || scrape(&addr, "lazysnap_fetch_bytes_total{kind=\"on_demand\"}");
+        if profiled {
+            // The set arrives before anything reads it ...
+            wait_until(Duration::from_secs(30), "the prefetch", || {
+                Ok(scrape(&addr, "lazysnap_fetch_requests_total{kind=\"prefetch\"}")? >= 2.0)
+            })?;
+            ensure!(prefetched()? > 0.0);
+            let requests = scrape(&addr, "lazysnap_fetch_requests_total{kind=\"prefetch\"}")?;
+            std::thread::sleep(Duration::from_millis(300));
+            ensure!(
+                requests == 2.0,
+                "{format_arg}: one range request per layer, not {requests}"
+            );
+            // ... so reading them costs no on-demand fetch.
+            let before = on_demand()?;
+            for name in ["usr/bin/tool", "etc/hostname", &long_name()] {
+                ensure!(
+                    std::fs::read(target.join(name))? == std::fs::read(oracle.path().join(name))?,
+                    "{name}"
+                );
+            }
+            ensure!(
+                on_demand()? == before,
+                "{format_arg}: the start-up files were already fetched"
+            );
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+            ensure!(prefetched()? == 0.0, "no profile, no prefetch");
+            std::fs::read(target.join("usr/bin/tool"))?;
+            ensure!(on_demand()? > 0.0, "read on demand");
+        }
+        process.stop()?;
+    }
+    Ok(())
+}
