@@ -425,3 +425,222 @@ fn a_mount_of_a_profiled_conversion_prefetches_the_start_up_set_in_one_request_p
     }
     Ok(())
 }
+
+/// Copies host file `from` to `root/to`, keeping a host symlink as a symlink to its target's
+/// file name (which is copied too), as Debian's library links are.
+fn copy_host(from: &Path, root: &Path, to: &str) -> Result<String> {
+    let dest = root.join(to);
+    std::fs::create_dir_all(dest.parent().context("parent")?)?;
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.file_type().is_symlink() {
+        let real = std::fs::canonicalize(from)?;
+        let real_name = real
+            .file_name()
+            .context("name")?
+            .to_string_lossy()
+            .into_owned();
+        let dir = Path::new(to).parent().context("dir")?;
+        std::os::unix::fs::symlink(&real_name, &dest)?;
+        return copy_host(&real, root, &dir.join(&real_name).to_string_lossy());
+    }
+    std::fs::copy(from, &dest)?;
+    Ok(to.to_owned())
+}
+
+/// The files (real names, not links) `ldd` says `program` loads, loader first.
+fn host_libraries(program: &str) -> Result<Vec<std::path::PathBuf>> {
+    let out = image::run(Command::new("ldd").arg(program))?;
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&out).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(std::path::PathBuf::from(p));
+        }
+    }
+    Ok(libs)
+}
+
+/// An image whose `Cmd` (`/bin/sh`, through the `bin -> usr/bin` link) is a script that runs the
+/// host's `/bin/ls`; layer 1 holds the loader and libraries the Debian way (`lib -> usr/lib`,
+/// `lib64 -> usr/lib64`, libraries found through `ld.so.conf.d`), layer 2 the programs.
+/// Returns the layout and, per layer, the file names the heuristic must put first.
+fn elf_image(dir: &Path) -> Result<(LayoutBuilder, [Vec<String>; 2])> {
+    let trees = tempfile::tempdir()?;
+    let (base, top) = (trees.path().join("base"), trees.path().join("top"));
+    for d in [
+        "usr/lib/x86_64-linux-gnu",
+        "usr/lib64",
+        "etc/ld.so.conf.d",
+        "usr/bin",
+    ] {
+        std::fs::create_dir_all(base.join(d))?;
+    }
+    std::os::unix::fs::symlink("usr/lib", base.join("lib"))?;
+    std::os::unix::fs::symlink("usr/lib64", base.join("lib64"))?;
+    std::os::unix::fs::symlink("usr/bin", base.join("bin"))?;
+    std::fs::write(
+        base.join("etc/ld.so.conf"),
+        "include /etc/ld.so.conf.d/*.conf\n",
+    )?;
+    std::fs::write(
+        base.join("etc/ld.so.conf.d/x86_64-linux-gnu.conf"),
+        "# Multiarch support\n/lib/x86_64-linux-gnu\n",
+    )?;
+    std::fs::write(
+        base.join("usr/lib/x86_64-linux-gnu/libunused.so.1"),
+        b"not loaded",
+    )?;
+    let mut lower = Vec::new();
+    for lib in host_libraries("/bin/ls")? {
+        let name = lib
+            .file_name()
+            .context("name")?
+            .to_string_lossy()
+            .into_owned();
+        let file = if name.starts_with("ld-linux") {
+            // /lib64/ld-linux-x86-64.so.2 -> /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
+            let real = std::fs::canonicalize(&lib)?;
+            let to = format!("usr/lib/x86_64-linux-gnu/{name}");
+            std::fs::copy(&real, base.join(&to))?;
+            std::os::unix::fs::symlink(
+                format!("/lib/x86_64-linux-gnu/{name}"),
+                base.join("usr/lib64").join(&name),
+            )?;
+            to
+        } else {
+            copy_host(&lib, &base, &format!("usr/lib/x86_64-linux-gnu/{name}"))?
+        };
+        lower.push(file);
+    }
+    std::fs::create_dir_all(top.join("usr/bin"))?;
+    std::fs::copy("/bin/ls", top.join("usr/bin/ls"))?;
+    std::fs::write(top.join("usr/bin/sh"), "#!/usr/bin/ls -l\n")?;
+    let tars = vec![image::tar_dir(&base)?, image::tar_dir(&top)?];
+    let layout = LayoutBuilder::new(&dir.join("src"))?;
+    let desc = layout.image(&tars, "amd64")?;
+    layout.tags(&[("src", desc)])?;
+    Ok((
+        layout,
+        [lower, vec!["usr/bin/sh".into(), "usr/bin/ls".into()]],
+    ))
+}
+
+/// The leading regular files of each converted layer of `oci:DIR:TAG`, as many as `counts`.
+fn leading_files(dir: &Path, digest: &str) -> Result<Vec<Vec<String>>> {
+    let blob = |d: &str| {
+        std::fs::read(
+            dir.join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+    };
+    let manifest: Value = serde_json::from_slice(&blob(digest)?)?;
+    let mut out = Vec::new();
+    for layer in manifest["layers"].as_array().context("layers")? {
+        let tar = image::decompress(&blob(layer["digest"].as_str().context("digest")?)?)?;
+        out.push(files_in_order(&tar)?);
+    }
+    Ok(out)
+}
+
+#[test]
+fn startup_elf_puts_the_entrypoints_loader_and_libraries_first() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (src, want) = elf_image(tmp.path())?;
+    let dst = tmp.path().join("dst");
+    let (ok, stdout, stderr) = lazysnap(&[
+        "convert",
+        "--startup-elf",
+        &format!("oci:{}:src", src.dir.display()),
+        &format!("oci:{}:elf", dst.display()),
+    ]);
+    ensure!(ok, "{stderr}");
+    ensure!(stderr.contains("entrypoint's ELF headers"), "{stderr}");
+    let leading = leading_files(&dst, stdout.lines().last().context("digest")?)?;
+    for (i, want) in want.iter().enumerate() {
+        let got = &leading[i][..want.len().min(leading[i].len())];
+        let mut sorted_got = got.to_vec();
+        let mut sorted_want = want.clone();
+        sorted_got.sort();
+        sorted_want.sort();
+        ensure!(
+            sorted_got == sorted_want,
+            "layer {i}: the start-up set is {want:?}, the layer starts with {:?}",
+            leading[i]
+        );
+    }
+    ensure!(
+        leading[1][..2] == ["usr/bin/sh", "usr/bin/ls"],
+        "the script, then its interpreter: {:?}",
+        leading[1]
+    );
+    // Without the option, nothing moves (the layers keep the source's name order).
+    let (ok, stdout, stderr) = lazysnap(&[
+        "convert",
+        &format!("oci:{}:src", src.dir.display()),
+        &format!("oci:{}:plain", dst.display()),
+    ]);
+    ensure!(ok && !stderr.contains("start-up set"), "{stderr}");
+    let plain = leading_files(&dst, stdout.lines().last().context("digest")?)?;
+    ensure!(plain[1][0] == "usr/bin/ls", "{:?}", plain[1]);
+    Ok(())
+}
+
+#[test]
+fn hostile_entrypoints_give_no_start_up_set_and_no_failure() -> Result<()> {
+    let real = std::fs::read("/bin/ls")?;
+    let mut huge = real.clone();
+    huge[56] = 0xff; // e_phnum
+    huge[57] = 0xff;
+    let mut far_dynamic = real.clone();
+    far_dynamic[32..40].copy_from_slice(&(real.len() as u64 - 8).to_le_bytes()); // e_phoff
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", real[..200].to_vec()),
+        ("huge program header count", huge),
+        ("program headers past the end", far_dynamic),
+        ("not ELF", b"MZ\x90\x00 not an executable".to_vec()),
+    ];
+    for (what, bytes) in cases {
+        let tmp = tempfile::tempdir()?;
+        let root = tmp.path().join("tree");
+        std::fs::create_dir_all(root.join("bin"))?;
+        std::fs::write(root.join("bin/sh"), &bytes)?;
+        std::fs::write(root.join("bin/other"), b"x")?;
+        let layout = LayoutBuilder::new(&tmp.path().join("src"))?;
+        let desc = layout.image(&[image::tar_dir(&root)?], "amd64")?;
+        layout.tags(&[("src", desc)])?;
+        let (ok, _, stderr) = lazysnap(&[
+            "convert",
+            "--startup-elf",
+            &format!("oci:{}:src", layout.dir.display()),
+            &format!("oci:{}:t", tmp.path().join("dst").display()),
+        ]);
+        ensure!(ok, "{what}: {stderr}");
+        // At most the entrypoint itself leads; no library or loader is invented.
+        ensure!(
+            !stderr.contains("start-up set of") || stderr.contains("start-up set of 1 files"),
+            "{what}: {stderr}"
+        );
+    }
+    // A symlink loop as the entrypoint ends; nothing is found.
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().join("tree");
+    std::fs::create_dir_all(&root)?;
+    std::os::unix::fs::symlink("bin", root.join("bin"))?;
+    let layout = LayoutBuilder::new(&tmp.path().join("src"))?;
+    let desc = layout.image(&[image::tar_dir(&root)?], "amd64")?;
+    layout.tags(&[("src", desc)])?;
+    let (ok, _, stderr) = lazysnap(&[
+        "convert",
+        "--startup-elf",
+        &format!("oci:{}:src", layout.dir.display()),
+        &format!("oci:{}:t", tmp.path().join("dst").display()),
+    ]);
+    ensure!(ok && !stderr.contains("start-up set of"), "{stderr}");
+    Ok(())
+}

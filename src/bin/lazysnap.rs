@@ -55,6 +55,11 @@ enum Command {
         /// gets the files start-up read written first, in access order, and recorded in its TOC.
         #[arg(long, value_name = "FILE")]
         profile: Option<std::path::PathBuf>,
+        /// Without a profile: write the entrypoint's program, its dynamic loader and shared
+        /// libraries first (found from ELF headers; every layer is decompressed to a temporary
+        /// file first).
+        #[arg(long, conflicts_with = "profile")]
+        startup_elf: bool,
         src: ImageLocation,
         dst: ImageLocation,
     },
@@ -234,10 +239,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             level,
             platform,
             profile,
+            startup_elf,
             src,
             dst,
         } => {
             let mut options = ConvertOptions::new(format.into());
+            options.startup_elf = startup_elf;
             if let Some(path) = profile {
                 options.profile = Some(read_profile(&path)?);
             }

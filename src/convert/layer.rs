@@ -82,14 +82,12 @@ fn format_error(label: &str, source: FormatError) -> ConvertError {
 /// A source layer's uncompressed tar, verified against its `diff_id` and spooled to a file, with
 /// the index of its items: what reordering (and the ELF heuristic) need random access to.
 #[derive(Debug)]
-#[allow(dead_code)] // symlinks and read_at: for the ELF heuristic, next
 pub struct Spooled {
     pub file: File,
     pub index: TarIndex,
     pub symlinks: Symlinks,
 }
 
-#[allow(dead_code)]
 impl Spooled {
     /// Reads up to `len` bytes at `offset` of the spooled stream.
     pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {

@@ -7,6 +7,7 @@
 //! Does not own: the layer byte layout (`format`) or the wire protocol (`registry`).
 
 mod archive;
+mod elf;
 mod layer;
 mod layout;
 mod location;
@@ -100,6 +101,9 @@ pub struct ConvertOptions {
     /// A start-up profile: each layer it matches gets its start-up set written first and recorded
     /// in the TOC (see [`startup::from_profile`]).
     pub profile: Option<Profile>,
+    /// Without a profile: put the entrypoint's program, its dynamic loader and libraries first
+    /// (see [`startup::from_elf`]). Every layer is decompressed to a temporary file first.
+    pub startup_elf: bool,
 }
 
 impl ConvertOptions {
@@ -113,6 +117,7 @@ impl ConvertOptions {
             platform: Platform::host(),
             registry: ClientConfig::default(),
             profile: None,
+            startup_elf: false,
         }
     }
 
@@ -171,11 +176,48 @@ pub async fn convert(
     let dest = Destination::open(dst, &client, source.registry_reference())?;
     let write_options = options.write_options();
     let total = source.layers.len();
+    // Layers decompressed ahead of the loop (the ELF heuristic reads across all of them).
+    let mut spooled: Vec<Option<layer::Spooled>> = (0..total).map(|_| None).collect();
     let startup_sets: Vec<(Vec<String>, StartupSource)> = match &options.profile {
         Some(profile) => startup::from_profile(profile, &source.layers)
             .into_iter()
             .map(|names| (names, StartupSource::Profile))
             .collect(),
+        None if options.startup_elf => {
+            for (i, layer) in source.layers.iter().enumerate() {
+                let label = layer
+                    .digest
+                    .map_or_else(|| format!("#{}", i + 1), |d| d.short());
+                let stored = source.open_layer(layer).await?;
+                let spool = dest.new_spool()?;
+                let diff_id = layer.diff_id;
+                spooled[i] = Some(
+                    tokio::task::spawn_blocking(move || {
+                        layer::spool_layer(stored, &diff_id, spool, &label)
+                    })
+                    .await
+                    .map_err(|e| ConvertError::Source(format!("spool task failed: {e}")))??,
+                );
+            }
+            let config = source.config.clone();
+            let (found, back) = tokio::task::spawn_blocking(move || {
+                let refs: Vec<&layer::Spooled> = spooled.iter().flatten().collect();
+                (startup::from_elf(&config, &refs), spooled)
+            })
+            .await
+            .map_err(|e| ConvertError::Source(format!("ELF heuristic task failed: {e}")))?;
+            spooled = back;
+            tracing::info!(
+                program = found.program.as_deref().unwrap_or("(none)"),
+                files = found.files,
+                "start-up set from the entrypoint's ELF headers"
+            );
+            found
+                .sets
+                .into_iter()
+                .map(|names| (names, StartupSource::Elf))
+                .collect()
+        }
         None => vec![(Vec::new(), StartupSource::Profile); total],
     };
 
@@ -220,23 +262,33 @@ pub async fn convert(
                 entries: 0,
             };
             (file, written)
-        } else if !wanted.is_empty() {
-            let stored = source.open_layer(layer).await?;
-            let spool = dest.new_blob()?;
+        } else if !wanted.is_empty() || spooled[i].is_some() {
+            let pre = spooled[i].take();
+            let stored = match pre {
+                Some(_) => None,
+                None => Some((source.open_layer(layer).await?, dest.new_spool()?)),
+            };
             let mut out = dest.new_blob()?;
             let options = write_options.clone();
             let diff_id = layer.diff_id;
             let task_label = label.clone();
             let wanted = wanted.clone();
+            let wanted_empty = wanted.is_empty();
             let drop_toc = layer::carries_estargz_toc(lazy.as_ref());
             let (out, written, plan) = tokio::task::spawn_blocking(move || {
                 let mut progress = progress::LayerProgress::new(i + 1, total, &task_label);
                 let mut seen = 0;
-                let file = spool.reopen().map_err(|e| {
-                    ConvertError::io(format!("layer {task_label}: opening the spool"), e)
-                })?;
-                let spooled = layer::spool_layer(stored, &diff_id, file, &task_label)?;
-                drop(spool);
+                let spooled = match (pre, stored) {
+                    (Some(pre), _) => pre,
+                    (None, Some((stored, spool))) => {
+                        layer::spool_layer(stored, &diff_id, spool, &task_label)?
+                    }
+                    (None, None) => {
+                        return Err(ConvertError::Source(format!(
+                            "layer {task_label}: nothing to convert"
+                        )))
+                    }
+                };
                 let (written, plan) = layer::write_spooled(
                     spooled,
                     &wanted,
@@ -256,6 +308,7 @@ pub async fn convert(
             .map_err(|e| {
                 ConvertError::Source(format!("layer {label}: conversion task failed: {e}"))
             })??;
+            let moved = !plan.startup.is_empty() || !wanted_empty;
             tracing::info!(
                 layer = %label,
                 files = plan.startup.len(),
@@ -264,13 +317,15 @@ pub async fn convert(
                 refused = plan.refused.as_deref().unwrap_or(""),
                 "start-up set written first"
             );
-            startup_report = Some(StartupReport {
-                source: *startup_source,
-                files: plan.startup.len(),
-                bytes: plan.startup_bytes,
-                skipped: plan.skipped,
-                refused: plan.refused,
-            });
+            if moved {
+                startup_report = Some(StartupReport {
+                    source: *startup_source,
+                    files: plan.startup.len(),
+                    bytes: plan.startup_bytes,
+                    skipped: plan.skipped,
+                    refused: plan.refused,
+                });
+            }
             (Some(out), written)
         } else {
             let stored = source.open_layer(layer).await?;
@@ -446,6 +501,12 @@ impl Destination {
                 staging: std::env::temp_dir(),
             }),
         }
+    }
+
+    /// An anonymous temporary file (gone when closed) for a decompressed source layer, beside
+    /// the converted blobs.
+    fn new_spool(&self) -> Result<std::fs::File, ConvertError> {
+        Ok(self.new_blob()?.into_file())
     }
 
     /// A temporary file for a converted blob, on the disk the blob will end up on.
