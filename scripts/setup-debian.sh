@@ -2,6 +2,10 @@
 # Installs, from Debian packages, everything lazysnap's build, tests, demo and benchmarks use.
 # Idempotent: skips apt entirely when every package is already installed. Run as root.
 set -euo pipefail
+if [[ $(id -u) != 0 ]]; then
+  echo "setup-debian: run as root (from a user's shell: sudo $0)" >&2
+  exit 1
+fi
 
 PACKAGES=(
   # build: system zstd for the zstd crate, protoc and libclang for the gRPC and RocksDB bindings
@@ -12,6 +16,8 @@ PACKAGES=(
   skopeo umoci debootstrap stargz-snapshotter busybox-static
   # independent oracles and test helpers
   zstd gzip tar attr apache2-utils curl jq ca-certificates python3
+  # scripts/containerd-versions.sh: verifies the other suites' Release files (apt-get download)
+  debian-archive-keyring
   # ss (free ports in the registry fixture), ip and tc (the cold-start benchmark's namespace)
   iproute2
   # tests/privilege.rs: setcap/getcap, and a static probe program built with cc -static

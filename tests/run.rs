@@ -152,6 +152,22 @@ fn busybox_runs_with_the_image_defaults_and_the_command_line_overrides() -> Resu
     );
     root.assert_clean()?;
 
+    // Run by digest: the report names it once (it used to print `REF@sha256:..@sha256:..`).
+    let digest = err
+        .split("@sha256:")
+        .nth(1)
+        .and_then(|rest| rest.get(..64))
+        .context("digest in the report")?;
+    let repository = reference.rsplit_once(':').context("tag")?.0;
+    let pinned = format!("{repository}@sha256:{digest}");
+    let out = root.run(&[&pinned])?;
+    expect_stdout(&out, "hello\n")?;
+    let err = stderr(&out);
+    ensure!(
+        err.matches(digest).count() == 1 && err.contains(&format!("lazysnap: {pinned}\n")),
+        "the digest is named once: {err}"
+    );
+
     // A command, environment, working directory and user from the command line.
     let out = root.run(&[
         "-e",
@@ -369,15 +385,19 @@ fn bad_input_exits_125_with_a_clear_message_and_leaves_nothing() -> Result<()> {
     ]))?;
 
     let unknown = format!("{}/no/such:image", registry.addr);
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 6] = [
         (
             vec![&arm, "/bin/app"],
             "image is linux/arm64, this host is linux/amd64",
         ),
-        (vec![&reference, "/no/such/program"], "/no/such/program"),
+        (
+            vec![&reference, "/no/such/program"],
+            "stat /no/such/program",
+        ),
         (vec!["-u", "ghost", &reference], "unknown user \"ghost\""),
         (vec!["-w", "relative", &reference], "not an absolute path"),
         (vec![&unknown], "MANIFEST_UNKNOWN"),
+        (vec!["127.0.0.1:1/refused:v1"], "Connection refused"),
     ];
     for (args, message) in cases {
         let out = root.run(&args)?;
@@ -392,8 +412,22 @@ fn bad_input_exits_125_with_a_clear_message_and_leaves_nothing() -> Result<()> {
             stderr(&out)
         );
         ensure!(stdout(&out).is_empty(), "nothing ran: {:?}", stdout(&out));
+        // Each cause once: not the reference twice, not reqwest's chain after our own.
+        let err = stderr(&out);
+        let line = err.lines().find(|l| l.contains(message)).unwrap_or("");
+        ensure!(
+            line.matches(message).count() == 1,
+            "{args:?}: a cause named twice: {line}"
+        );
         root.assert_clean()?;
     }
+    let out = root.run(&["127.0.0.1:1/refused:v1"])?;
+    let err = stderr(&out);
+    ensure!(
+        err.matches("127.0.0.1:1/refused:v1").count() == 1
+            && err.matches("http://127.0.0.1:1/v2/").count() == 1,
+        "the reference and the URL are named once: {err}"
+    );
     Ok(())
 }
 
@@ -575,4 +609,72 @@ fn with_lazysnapd_listening_the_root_comes_from_its_snapshots() -> Result<()> {
         .collect();
     ensure!(active.is_empty(), "{active:?}");
     Ok(())
+}
+
+/// A static program that tries system calls the default seccomp filter must refuse, and prints
+/// the errno each got (0: it worked).
+const SECCOMP_PROBE_C: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static int attempt(long r) { return r < 0 ? errno : 0; }
+int main(void) {
+    /* KEYCTL_GET_KEYRING_ID of the session keyring: key rings are not namespaced. */
+    printf("keyctl %d\n", attempt(syscall(SYS_keyctl, 0, -3, 0)));
+    /* setns with a bad descriptor: EBADF when the call reaches the kernel. */
+    printf("setns %d\n", attempt(syscall(SYS_setns, -1, 0)));
+    /* clone3 with no arguments: EINVAL from the kernel, ENOSYS from the filter. */
+    printf("clone3 %d\n", attempt(syscall(SYS_clone3, 0, 0)));
+    return 0;
+}
+"#;
+
+#[test]
+fn the_default_seccomp_filter_refuses_host_reaching_calls_and_unconfined_lifts_it() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("bin"))?;
+    let source = work.path().join("probe.c");
+    std::fs::write(&source, SECCOMP_PROBE_C)?;
+    image::run(
+        Command::new("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(tree.join("bin/probe"))
+            .arg(&source),
+    )
+    .context("compiling the probe (needs gcc and libc6-dev)")?;
+    let layout = LayoutBuilder::new(&work.path().join("layout"))?;
+    let desc = layout.image(&[image::tar_dir(&tree)?], "amd64")?;
+    layout.tags(&[("v1", desc)])?;
+    let reference = format!("{}/seccomp/probe:v1", registry.addr);
+    image::run(Command::new(BIN).args([
+        "convert",
+        &format!("oci:{}:v1", layout.dir.display()),
+        &reference,
+    ]))?;
+    let root = Root::new()?;
+
+    let out = root.run(&[&reference, "/bin/probe"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    expect_stdout(&out, "keyctl 1\nsetns 1\nclone3 38\n")?;
+
+    let out = root.run(&[
+        "--security-opt",
+        "seccomp=unconfined",
+        &reference,
+        "/bin/probe",
+    ])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    ensure!(
+        !text.contains("keyctl 1\n") && text.contains("setns 9\n") && !text.contains("clone3 38"),
+        "without the filter the calls reach the kernel: {text}"
+    );
+
+    let out = root.run(&["--security-opt", "apparmor=x", &reference])?;
+    ensure!(out.status.code() == Some(125), "{}", stderr(&out));
+    ensure!(stderr(&out).contains("not supported"), "{}", stderr(&out));
+    root.assert_clean()
 }

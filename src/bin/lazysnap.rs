@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lazysnap::convert::{self, human, ConvertOptions, ImageLocation};
 use lazysnap::format::LayerFormat;
 use lazysnap::inspect;
-use lazysnap::mount::{self, MountConfig};
+use lazysnap::mount::{self, MountConfig, ProfileSource};
 use lazysnap::oci::{Platform, Reference};
 use lazysnap::registry::ClientConfig;
 use lazysnap::run::{self as launcher, spec::Network, RunOptions, Stage};
@@ -85,7 +85,14 @@ enum Command {
         /// Let the image's device nodes be opened through MOUNTPOINT (default: mounted nodev).
         #[arg(long)]
         allow_dev: bool,
+        /// The image's start-up profile, whose chunks are fetched ahead of the reads: FILE (JSON,
+        /// as `lazysnap profile record --out` writes), or `none`. Default: look it up among the
+        /// image's referrers in its registry. A profile that cannot be used is logged and skipped.
+        #[arg(long, value_name = "FILE|none")]
+        profile: Option<ProfileSource>,
+        /// The image: HOST[:PORT]/REPO[:TAG|@DIGEST].
         reference: Reference,
+        /// Where the image's root appears (an existing directory).
         mountpoint: std::path::PathBuf,
     },
     /// Run an image as a container (with runc) before it has been downloaded.
@@ -125,6 +132,10 @@ struct RunArgs {
     /// User: name, uid, name:group or uid:gid, resolved in the image's /etc/passwd and /etc/group.
     #[arg(short = 'u', long = "user")]
     user: Option<String>,
+    /// Security options, as docker takes them: `seccomp=unconfined` turns the default seccomp
+    /// filter off (`seccomp=default` keeps it).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
     /// Network: the host's, or a new namespace with only loopback.
     #[arg(long, value_enum, default_value_t = NetArg::Host)]
     net: NetArg,
@@ -139,6 +150,11 @@ struct RunArgs {
     read_timeout: u64,
     #[arg(long)]
     platform: Option<Platform>,
+    /// The image's start-up profile, whose chunks are fetched ahead of the reads: FILE (JSON,
+    /// as `lazysnap profile record --out` writes), or `none`. Default: look it up among the
+    /// image's referrers in its registry. A profile that cannot be used is logged and skipped.
+    #[arg(long, value_name = "FILE|none")]
+    profile: Option<ProfileSource>,
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     report: Option<std::path::PathBuf>,
@@ -152,6 +168,7 @@ struct RunArgs {
     /// Never ask lazysnapd; always mount in this process.
     #[arg(long, conflicts_with = "lazysnapd")]
     no_lazysnapd: bool,
+    /// The image: HOST[:PORT]/REPO[:TAG|@DIGEST]; the report names the digest that ran.
     reference: Reference,
     /// Command and arguments, replacing the image's Cmd.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -192,9 +209,55 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("lazysnap: {e:#}");
+            eprintln!("lazysnap: {}", describe(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes, each named once: a cause whose text the message already holds (a
+/// registry error that prints its own sources) is left out, and so is a cause's leading
+/// `REFERENCE: ` when the context before it already named that reference.
+fn describe(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        let text = match text.split_once(": ") {
+            Some((head, rest)) if !out.is_empty() && out.contains(head) => rest.to_owned(),
+            _ => text,
+        };
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// The reference with the digest that was resolved from it, the digest written once.
+fn pinned(reference: &Reference, digest: &lazysnap::oci::Digest) -> String {
+    match &reference.digest {
+        Some(_) => reference.to_string(),
+        None => format!("{reference}@{digest}"),
+    }
+}
+
+/// `X of Y fetched`, never more than the image holds: bytes that on-demand reads fetched and the
+/// background completion streamed again (it reads the whole blob, for its digest) are counted
+/// once in that figure, and the excess is said apart.
+fn fetched_of(fetched: u64, image: u64) -> String {
+    if fetched <= image {
+        format!("{} of {} fetched", human(fetched), human(image))
+    } else {
+        format!(
+            "{} of {} fetched ({} of it transferred twice: read on demand, then again by the background fetch)",
+            human(image),
+            human(image),
+            human(fetched - image)
+        )
     }
 }
 
@@ -306,6 +369,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             platform,
             allow_suid,
             allow_dev,
+            profile,
             reference,
             mountpoint,
         } => {
@@ -315,6 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 read_timeout,
                 registry,
                 platform,
+                profile,
             );
             config.nosuid = !allow_suid;
             config.nodev = !allow_dev;
@@ -328,9 +393,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("mounting {reference} at {}", mountpoint.display()))?;
             eprintln!(
-                "mounted {}@{} at {} in {:.0} ms",
-                reference,
-                mounted.manifest_digest,
+                "mounted {} at {} in {:.0} ms",
+                pinned(&reference, &mounted.manifest_digest),
                 mountpoint.display(),
                 mounted.seconds * 1000.0
             );
@@ -382,8 +446,10 @@ fn mount_config(
     read_timeout_secs: u64,
     registry: ClientConfig,
     platform: Option<Platform>,
+    profile: Option<ProfileSource>,
 ) -> MountConfig {
     let mut config = MountConfig::new(root);
+    config.profile = profile.unwrap_or_default();
     config.background_fetch = background_fetch;
     config.fs.read_timeout = std::time::Duration::from_secs(read_timeout_secs);
     config.registry = registry;
@@ -405,7 +471,19 @@ async fn run_container(
         args.read_timeout,
         registry,
         args.platform,
+        args.profile,
     );
+    let mut seccomp = true;
+    for opt in &args.security_opt {
+        match opt.as_str() {
+            "seccomp=unconfined" => seccomp = false,
+            "seccomp=default" => seccomp = true,
+            other => {
+                eprintln!("lazysnap: --security-opt {other}: not supported (seccomp=unconfined or seccomp=default)");
+                return ExitCode::from(launcher::EXIT_LAUNCHER_FAILED);
+            }
+        }
+    }
     let options = RunOptions {
         mount,
         name: args.name,
@@ -420,6 +498,7 @@ async fn run_container(
             NetArg::Host => Network::Host,
             NetArg::None => Network::None,
         },
+        seccomp,
         keep: args.keep,
         lazysnapd: (!args.no_lazysnapd).then_some(args.lazysnapd),
         runc: launcher::runc::Runc {
@@ -435,7 +514,7 @@ async fn run_container(
             seconds,
             served_by,
         } => {
-            eprintln!("lazysnap: {reference}@{digest}");
+            eprintln!("lazysnap: {}", pinned(&reference, &digest));
             let total: u64 = layers.iter().map(|l| l.size).sum();
             eprintln!(
                 "lazysnap: {} layers ({}) ready in {:.0} ms, {served_by}",
@@ -466,7 +545,7 @@ async fn run_container(
                 report.exit_code,
                 report.total_seconds,
                 match report.fetched_at_exit {
-                    Some(f) => format!("{} of {} fetched", human(f), human(report.image_bytes)),
+                    Some(f) => fetched_of(f, report.image_bytes),
                     None => format!(
                         "{} image (lazysnapd counts what it fetched)",
                         human(report.image_bytes)
@@ -484,7 +563,10 @@ async fn run_container(
             ExitCode::from(u8::try_from(report.exit_code).unwrap_or(255))
         }
         Err(e) => {
-            eprintln!("lazysnap: running {reference}: {e}");
+            eprintln!(
+                "lazysnap: {}",
+                describe(&anyhow::Error::new(e).context(format!("running {reference}")))
+            );
             ExitCode::from(launcher::EXIT_LAUNCHER_FAILED)
         }
     }

@@ -12,6 +12,7 @@
 
 pub mod daemon;
 pub mod runc;
+pub mod seccomp;
 pub mod spec;
 pub mod user;
 
@@ -69,6 +70,8 @@ pub struct RunOptions {
     pub name: Option<String>,
     pub overrides: Overrides,
     pub network: Network,
+    /// The default seccomp filter (docker's kind, [`seccomp`]); false is `seccomp=unconfined`.
+    pub seccomp: bool,
     /// Keep the writable layer and bundle after exit (mounts go regardless).
     pub keep: bool,
     pub runc: Runc,
@@ -211,6 +214,9 @@ impl Container {
         let rootfs = self.dir.join("rootfs");
         let (digest, layers, config, served_by) = match daemon {
             Some(d) => {
+                if let crate::mount::ProfileSource::File(path) = &options.mount.profile {
+                    tracing::warn!(file = %path.display(), "a profile file is used by in-process mounts only: lazysnapd looks the image's profile up itself");
+                }
                 let root =
                     daemon::prepare_root(&d, reference, &options.mount, &self.id, &rootfs).await?;
                 let facts = (
@@ -347,6 +353,7 @@ impl Container {
             rootfs,
             hostname: &hostname,
             network: options.network,
+            seccomp: options.seccomp,
         })?;
         let json = serde_json::to_vec_pretty(&spec)
             .map_err(|e| io("writing the runtime spec")(std::io::Error::other(e)))?;
