@@ -644,3 +644,45 @@ fn hostile_entrypoints_give_no_start_up_set_and_no_failure() -> Result<()> {
     ensure!(ok && !stderr.contains("start-up set of"), "{stderr}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_ref_is_looked_up_in_the_registry() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let tmp = tempfile::tempdir()?;
+    let (src, _, mut profile) = source_and_profile(tmp.path())?;
+    let image_ref = format!("{}/profiled/app:v1", registry.addr);
+    let (ok, stdout, stderr) = lazysnap(&[
+        "convert",
+        &format!("oci:{}:src", src.dir.display()),
+        &image_ref,
+    ]);
+    ensure!(ok, "{stderr}");
+    let manifest: Digest = stdout.lines().last().context("digest")?.parse()?;
+    let dst = tmp.path().join("dst");
+    let convert_with_ref = || {
+        lazysnap(&[
+            "convert",
+            "--profile",
+            &image_ref,
+            &image_ref,
+            &format!("oci:{}:fast", dst.display()),
+        ])
+    };
+    // No profile stored yet: a clear error that says what to do.
+    let (ok, _, stderr) = convert_with_ref();
+    ensure!(
+        !ok && stderr.contains("no start-up profile") && stderr.contains("profile record"),
+        "{stderr}"
+    );
+    // Stored as the referrers artifact of the image: found, and applied to the matching layers.
+    profile.image = manifest;
+    let client = lazysnap::registry::Client::new(lazysnap::registry::ClientConfig::default())?;
+    lazysnap::profile::store::push(&client, &image_ref.parse()?, &profile).await?;
+    let (ok, _, stderr) = convert_with_ref();
+    ensure!(ok, "{stderr}");
+    ensure!(
+        stderr.contains("layer 1/2") && stderr.contains("start-up set of 4 files"),
+        "{stderr}"
+    );
+    Ok(())
+}

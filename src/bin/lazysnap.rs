@@ -51,10 +51,11 @@ enum Command {
         /// Platform to take from a multi-platform source, as os/arch[/variant].
         #[arg(long)]
         platform: Option<Platform>,
-        /// A start-up profile (a `lazysnap profile record --out` file): each layer it matches
-        /// gets the files start-up read written first, in access order, and recorded in its TOC.
-        #[arg(long, value_name = "FILE")]
-        profile: Option<std::path::PathBuf>,
+        /// A start-up profile: a file (`lazysnap profile record --out`), or an image reference
+        /// whose profile the registry holds (`profile record --push`). Each layer it matches gets
+        /// the files start-up read written first, in access order, and recorded in its TOC.
+        #[arg(long, value_name = "REF|FILE")]
+        profile: Option<String>,
         /// Without a profile: write the entrypoint's program, its dynamic loader and shared
         /// libraries first (found from ELF headers; every layer is decompressed to a temporary
         /// file first).
@@ -308,14 +309,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let mut options = ConvertOptions::new(format.into());
             options.startup_elf = startup_elf;
-            if let Some(path) = profile {
-                options.profile = Some(read_profile(&path)?);
-            }
             options.chunk_size = chunk_size;
             options.level = level;
             options.registry = registry;
             if let Some(p) = platform {
                 options.platform = p;
+            }
+            if let Some(source) = profile {
+                let path = std::path::Path::new(&source);
+                options.profile = Some(if path.exists() {
+                    read_profile(path)?
+                } else {
+                    let reference: Reference = source.parse().with_context(|| {
+                        format!("--profile {source}: neither a file nor an image reference")
+                    })?;
+                    convert::find_profile(&reference, &options).await?
+                });
             }
             let report = convert::convert(&src, &dst, &options)
                 .await

@@ -61,6 +61,8 @@ pub enum ConvertError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Oci(#[from] OciError),
+    #[error("{0}")]
+    Profile(String),
 }
 
 impl From<oci::DigestError> for ConvertError {
@@ -162,6 +164,34 @@ pub struct ConvertReport {
     pub config_digest: Digest,
     pub layers: Vec<LayerReport>,
     pub seconds: f64,
+}
+
+/// The start-up profile stored in the registry for the image `reference` names (its manifest for
+/// the options' platform), as `lazysnap profile push` stores it: for `convert --profile REF`.
+pub async fn find_profile(
+    reference: &Reference,
+    options: &ConvertOptions,
+) -> Result<Profile, ConvertError> {
+    let client = Client::new(options.registry.clone())?;
+    let image = SourceImage::load(
+        &ImageLocation::Registry(reference.clone()),
+        &client,
+        &options.platform,
+    )
+    .await?;
+    let manifest = image
+        .manifest_digest
+        .ok_or_else(|| ConvertError::Profile(format!("{reference}: no manifest digest")))?;
+    match crate::profile::store::find(&client, reference, &manifest).await {
+        Ok(Some(profile)) => Ok(profile),
+        Ok(None) => Err(ConvertError::Profile(format!(
+            "{reference} (manifest {manifest}): the registry holds no start-up profile for it; \
+             record one with `lazysnap profile record {reference} --push`, or pass a profile file"
+        ))),
+        Err(e) => Err(ConvertError::Profile(format!(
+            "{reference}: reading its start-up profile: {e}"
+        ))),
+    }
 }
 
 /// Converts the image at `src` and writes it to `dst`: every blob first, the manifest last.
