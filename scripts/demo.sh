@@ -7,7 +7,7 @@
 # `lazysnap run` next to a full pull of the plain image. Stops the registry on exit, even on
 # failure.
 #
-# Usage: sudo scripts/demo.sh [--packages "python3"]
+# Usage (as root): scripts/demo.sh [--packages "python3"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages="python3"

@@ -2,6 +2,10 @@
 # Installs, from Debian packages, everything lazysnap's build, tests, demo and benchmarks use.
 # Idempotent: skips apt entirely when every package is already installed. Run as root.
 set -euo pipefail
+if [[ $(id -u) != 0 ]]; then
+  echo "setup-debian: run as root (from a user's shell: sudo $0)" >&2
+  exit 1
+fi
 
 PACKAGES=(
   # build: system zstd for the zstd crate, protoc and libclang for the gRPC and RocksDB bindings

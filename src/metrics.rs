@@ -17,7 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
-    /// Bytes received from registries, by kind: `on_demand`, `prefetch`, `background`.
+    /// Bytes received from registries, by kind: `on_demand`, `prefetch` (the TOC's start-up set),
+    /// `profile` (a start-up profile's chunks), `background`.
     pub fetch_bytes: IntCounterVec,
     /// Range requests made, by kind.
     pub fetch_requests: IntCounterVec,
@@ -41,6 +42,13 @@ pub struct Metrics {
     pub passthrough_opens: IntCounter,
     /// Files made ready for passthrough: checked, or assembled from their verified chunks.
     pub passthrough_files: IntCounter,
+    /// Start-up profile lookups at mount, by result: `found`, `none`, `error`.
+    pub profile_lookups: IntCounterVec,
+    /// Profiles not used, by reason: `unreachable`, `invalid`, `too_large`, `foreign`, `unreadable`.
+    pub profile_ignored: IntCounterVec,
+    /// Profile entries at prefetch, by result: `fetched`, `held` (cached or already on their way),
+    /// `unknown` (the layer's TOC has no such chunk: ignored).
+    pub profile_chunks: IntCounterVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -150,6 +158,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .namespace("lazysnap"),
         )
         .expect("valid metric definition"),
+        profile_lookups: counter_vec(
+            "profile_lookups_total",
+            "Start-up profile lookups at mount, by result.",
+            &["result"],
+        ),
+        profile_ignored: counter_vec(
+            "profile_ignored_total",
+            "Start-up profiles not used, by reason.",
+            &["reason"],
+        ),
+        profile_chunks: counter_vec(
+            "profile_chunks_total",
+            "Start-up profile entries at prefetch, by result.",
+            &["result"],
+        ),
     };
     let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
         Box::new(m.fetch_bytes.clone()),
@@ -166,6 +189,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.fuse_seconds.clone()),
         Box::new(m.passthrough_opens.clone()),
         Box::new(m.passthrough_files.clone()),
+        Box::new(m.profile_lookups.clone()),
+        Box::new(m.profile_ignored.clone()),
+        Box::new(m.profile_chunks.clone()),
     ];
     for c in collectors {
         m.registry.register(c).expect("metric names are unique");

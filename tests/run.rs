@@ -152,6 +152,22 @@ fn busybox_runs_with_the_image_defaults_and_the_command_line_overrides() -> Resu
     );
     root.assert_clean()?;
 
+    // Run by digest: the report names it once (it used to print `REF@sha256:..@sha256:..`).
+    let digest = err
+        .split("@sha256:")
+        .nth(1)
+        .and_then(|rest| rest.get(..64))
+        .context("digest in the report")?;
+    let repository = reference.rsplit_once(':').context("tag")?.0;
+    let pinned = format!("{repository}@sha256:{digest}");
+    let out = root.run(&[&pinned])?;
+    expect_stdout(&out, "hello\n")?;
+    let err = stderr(&out);
+    ensure!(
+        err.matches(digest).count() == 1 && err.contains(&format!("lazysnap: {pinned}\n")),
+        "the digest is named once: {err}"
+    );
+
     // A command, environment, working directory and user from the command line.
     let out = root.run(&[
         "-e",
@@ -369,15 +385,19 @@ fn bad_input_exits_125_with_a_clear_message_and_leaves_nothing() -> Result<()> {
     ]))?;
 
     let unknown = format!("{}/no/such:image", registry.addr);
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 6] = [
         (
             vec![&arm, "/bin/app"],
             "image is linux/arm64, this host is linux/amd64",
         ),
-        (vec![&reference, "/no/such/program"], "/no/such/program"),
+        (
+            vec![&reference, "/no/such/program"],
+            "stat /no/such/program",
+        ),
         (vec!["-u", "ghost", &reference], "unknown user \"ghost\""),
         (vec!["-w", "relative", &reference], "not an absolute path"),
         (vec![&unknown], "MANIFEST_UNKNOWN"),
+        (vec!["127.0.0.1:1/refused:v1"], "Connection refused"),
     ];
     for (args, message) in cases {
         let out = root.run(&args)?;
@@ -392,8 +412,22 @@ fn bad_input_exits_125_with_a_clear_message_and_leaves_nothing() -> Result<()> {
             stderr(&out)
         );
         ensure!(stdout(&out).is_empty(), "nothing ran: {:?}", stdout(&out));
+        // Each cause once: not the reference twice, not reqwest's chain after our own.
+        let err = stderr(&out);
+        let line = err.lines().find(|l| l.contains(message)).unwrap_or("");
+        ensure!(
+            line.matches(message).count() == 1,
+            "{args:?}: a cause named twice: {line}"
+        );
         root.assert_clean()?;
     }
+    let out = root.run(&["127.0.0.1:1/refused:v1"])?;
+    let err = stderr(&out);
+    ensure!(
+        err.matches("127.0.0.1:1/refused:v1").count() == 1
+            && err.matches("http://127.0.0.1:1/v2/").count() == 1,
+        "the reference and the URL are named once: {err}"
+    );
     Ok(())
 }
 

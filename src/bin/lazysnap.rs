@@ -76,7 +76,9 @@ enum Command {
         /// Let the image's device nodes be opened through MOUNTPOINT (default: mounted nodev).
         #[arg(long)]
         allow_dev: bool,
+        /// The image: HOST[:PORT]/REPO[:TAG|@DIGEST].
         reference: Reference,
+        /// Where the image's root appears (an existing directory).
         mountpoint: std::path::PathBuf,
     },
     /// Run an image as a container (with runc) before it has been downloaded.
@@ -143,6 +145,7 @@ struct RunArgs {
     /// Never ask lazysnapd; always mount in this process.
     #[arg(long, conflicts_with = "lazysnapd")]
     no_lazysnapd: bool,
+    /// The image: HOST[:PORT]/REPO[:TAG|@DIGEST]; the report names the digest that ran.
     reference: Reference,
     /// Command and arguments, replacing the image's Cmd.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -183,9 +186,55 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("lazysnap: {e:#}");
+            eprintln!("lazysnap: {}", describe(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes, each named once: a cause whose text the message already holds (a
+/// registry error that prints its own sources) is left out, and so is a cause's leading
+/// `REFERENCE: ` when the context before it already named that reference.
+fn describe(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        let text = match text.split_once(": ") {
+            Some((head, rest)) if !out.is_empty() && out.contains(head) => rest.to_owned(),
+            _ => text,
+        };
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// The reference with the digest that was resolved from it, the digest written once.
+fn pinned(reference: &Reference, digest: &lazysnap::oci::Digest) -> String {
+    match &reference.digest {
+        Some(_) => reference.to_string(),
+        None => format!("{reference}@{digest}"),
+    }
+}
+
+/// `X of Y fetched`, never more than the image holds: bytes that on-demand reads fetched and the
+/// background completion streamed again (it reads the whole blob, for its digest) are counted
+/// once in that figure, and the excess is said apart.
+fn fetched_of(fetched: u64, image: u64) -> String {
+    if fetched <= image {
+        format!("{} of {} fetched", human(fetched), human(image))
+    } else {
+        format!(
+            "{} of {} fetched ({} of it transferred twice: read on demand, then again by the background fetch)",
+            human(image),
+            human(image),
+            human(fetched - image)
+        )
     }
 }
 
@@ -274,9 +323,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("mounting {reference} at {}", mountpoint.display()))?;
             eprintln!(
-                "mounted {}@{} at {} in {:.0} ms",
-                reference,
-                mounted.manifest_digest,
+                "mounted {} at {} in {:.0} ms",
+                pinned(&reference, &mounted.manifest_digest),
                 mountpoint.display(),
                 mounted.seconds * 1000.0
             );
@@ -381,7 +429,7 @@ async fn run_container(
             seconds,
             served_by,
         } => {
-            eprintln!("lazysnap: {reference}@{digest}");
+            eprintln!("lazysnap: {}", pinned(&reference, &digest));
             let total: u64 = layers.iter().map(|l| l.size).sum();
             eprintln!(
                 "lazysnap: {} layers ({}) ready in {:.0} ms, {served_by}",
@@ -412,7 +460,7 @@ async fn run_container(
                 report.exit_code,
                 report.total_seconds,
                 match report.fetched_at_exit {
-                    Some(f) => format!("{} of {} fetched", human(f), human(report.image_bytes)),
+                    Some(f) => fetched_of(f, report.image_bytes),
                     None => format!(
                         "{} image (lazysnapd counts what it fetched)",
                         human(report.image_bytes)
@@ -430,7 +478,10 @@ async fn run_container(
             ExitCode::from(u8::try_from(report.exit_code).unwrap_or(255))
         }
         Err(e) => {
-            eprintln!("lazysnap: running {reference}: {e}");
+            eprintln!(
+                "lazysnap: {}",
+                describe(&anyhow::Error::new(e).context(format!("running {reference}")))
+            );
             ExitCode::from(launcher::EXIT_LAUNCHER_FAILED)
         }
     }

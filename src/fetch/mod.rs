@@ -11,6 +11,7 @@
 
 mod local;
 mod plan;
+mod profile;
 mod schedule;
 mod stall;
 mod uncompressed;
@@ -32,7 +33,10 @@ use crate::oci::{Digest, Reference};
 use crate::registry::Client;
 
 pub use plan::{plan_ranges, Span};
-pub use schedule::{DemandGuard, ScheduleConfig, Scheduler, StreamSlot};
+pub use profile::{plan_profile, ProfilePrefetch};
+pub use schedule::{
+    DemandGuard, DemandRequest, ProfileGuard, ScheduleConfig, Scheduler, StreamSlot,
+};
 use stall::StallGuard;
 
 /// Finds and verifies a lazy layer's TOC with at most two range reads of its `size`-byte blob:
@@ -159,6 +163,9 @@ pub struct FetchStats {
     pub requests: AtomicU64,
     pub on_demand_requests: AtomicU64,
     pub prefetch_requests: AtomicU64,
+    /// Bytes and range requests of start-up profile prefetch ([`LayerFetcher::prefetch_profile`]).
+    pub profile_bytes: AtomicU64,
+    pub profile_requests: AtomicU64,
     pub cache_hits: AtomicU64,
     pub verify_failures: AtomicU64,
     /// Background completions that failed and were tried again.
@@ -170,6 +177,7 @@ impl FetchStats {
     pub fn bytes(&self) -> u64 {
         self.on_demand_bytes.load(Ordering::Relaxed)
             + self.prefetch_bytes.load(Ordering::Relaxed)
+            + self.profile_bytes.load(Ordering::Relaxed)
             + self.background_bytes.load(Ordering::Relaxed)
     }
 }
@@ -178,6 +186,8 @@ impl FetchStats {
 enum Kind {
     OnDemand,
     Prefetch,
+    /// A start-up profile's chunks (see `profile`).
+    Profile,
 }
 
 impl Kind {
@@ -185,6 +195,7 @@ impl Kind {
         match self {
             Self::OnDemand => "on_demand",
             Self::Prefetch => "prefetch",
+            Self::Profile => "profile",
         }
     }
 }
@@ -529,12 +540,16 @@ impl LayerFetcher {
         let id = inner.next_request.fetch_add(1, Ordering::Relaxed);
         let limit = inner.config.deadline;
         let deadline = tokio::time::Instant::now() + limit;
+        // Profile prefetch starts nothing new while an on-demand request is on the wire.
+        let on_wire =
+            (kind == Kind::OnDemand).then(|| inner.config.scheduler.begin_demand_request());
         // The task removes its chunks from the map when done; it cannot do so before they are
         // inserted below, because the caller holds the map's lock until then.
         let task = async move {
             // Dropping the request at the deadline closes its connection: a stalled registry
             // holds no reader, and no socket, past it.
             let result = tokio::time::timeout_at(deadline, fetch_span(&inner, &span, kind)).await;
+            drop(on_wire);
             let (result, grace) = match result {
                 Ok(Ok(map)) => {
                     forget(&inner, &span.chunks, id);
@@ -639,6 +654,7 @@ async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
             &inner.stats.on_demand_requests,
         ),
         Kind::Prefetch => (&inner.stats.prefetch_bytes, &inner.stats.prefetch_requests),
+        Kind::Profile => (&inner.stats.profile_bytes, &inner.stats.profile_requests),
     };
     counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     requests.fetch_add(1, Ordering::Relaxed);

@@ -13,12 +13,19 @@
 //! stream side by side (their cost is round trips, not bandwidth) while a few large ones share the
 //! link as before; each stream holds a read block and up to one compressed chunk in memory, and
 //! the stream count cap keeps that independent of how many layers are mounted.
+//!
+//! A start-up profile's prefetch sits between the two: it runs ahead of the container's reads, so
+//! it starts at once (no quiet period) on a few connections ([`ScheduleConfig::profile_requests`]
+//! node-wide), but it starts no new request while an on-demand request of its own is in flight
+//! (a read that joined a prefetch request waits on that request, which is already on the wire,
+//! so it does not hold prefetch back), and background streams wait until no profile is being
+//! prefetched.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// TOCs decoded at once on a node.
 pub const TOC_DECODES: usize = 2;
@@ -36,6 +43,9 @@ pub struct ScheduleConfig {
     pub stream_weight_cap: u64,
     /// The most streams at once, however small their layers.
     pub max_streams: usize,
+    /// Profile prefetch range requests in flight at once on the node: enough connections to keep
+    /// the link busy across round trips, few enough that each arrives soon.
+    pub profile_requests: usize,
 }
 
 impl Default for ScheduleConfig {
@@ -45,6 +55,7 @@ impl Default for ScheduleConfig {
             budget_bytes: 32 << 20,
             stream_weight_cap: 16 << 20,
             max_streams: 16,
+            profile_requests: 4,
         }
     }
 }
@@ -67,6 +78,14 @@ struct Inner {
     streams: Arc<Semaphore>,
     /// TOCs being decoded at once (see [`Scheduler::toc_decode`]).
     toc_decodes: Arc<Semaphore>,
+    /// On-demand range requests on the wire now (not the reads joined to them).
+    demand_requests: AtomicU64,
+    /// Woken when `demand_requests` drops to zero.
+    demand_idle: Notify,
+    /// Profile prefetches running now (calls, not requests): background streams wait for them.
+    profiles: AtomicU64,
+    /// Profile prefetch requests in flight (see [`ScheduleConfig::profile_requests`]).
+    profile_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -100,6 +119,28 @@ impl std::fmt::Debug for Inner {
     }
 }
 
+/// An on-demand range request on the wire; profile prefetch starts nothing new until it is dropped.
+#[derive(Debug)]
+pub struct DemandRequest(Arc<Inner>);
+
+impl Drop for DemandRequest {
+    fn drop(&mut self) {
+        if self.0.demand_requests.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.demand_idle.notify_waiters();
+        }
+    }
+}
+
+/// A profile prefetch in progress; background streams wait until it is dropped.
+#[derive(Debug)]
+pub struct ProfileGuard(Arc<Inner>);
+
+impl Drop for ProfileGuard {
+    fn drop(&mut self) {
+        self.0.profiles.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A background stream's share of the link, given back when dropped.
 #[derive(Debug)]
 pub struct StreamSlot {
@@ -119,6 +160,10 @@ impl Scheduler {
                 budget: Arc::new(Semaphore::new(kib as usize)),
                 streams: Arc::new(Semaphore::new(config.max_streams.max(1))),
                 toc_decodes: Arc::new(Semaphore::new(TOC_DECODES)),
+                demand_requests: AtomicU64::new(0),
+                demand_idle: Notify::new(),
+                profiles: AtomicU64::new(0),
+                profile_slots: Arc::new(Semaphore::new(config.profile_requests.max(1))),
             }),
         }
     }
@@ -153,13 +198,50 @@ impl Scheduler {
             .fetch_max(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Whether an on-demand read is waiting now.
+    /// Whether an on-demand read is waiting, or a profile is being prefetched, now: what a
+    /// background stream pauses for.
     pub fn busy(&self) -> bool {
         self.inner.busy.load(Ordering::Relaxed) > 0
+            || self.inner.profiles.load(Ordering::Relaxed) > 0
     }
 
-    /// Waits until no on-demand read is waiting and none began for the quiet period. Returns at
-    /// once on a node that has been quiet that long.
+    /// An on-demand range request goes on the wire; it counts until the guard is dropped.
+    pub fn begin_demand_request(&self) -> DemandRequest {
+        self.inner.demand_requests.fetch_add(1, Ordering::AcqRel);
+        DemandRequest(self.inner.clone())
+    }
+
+    /// A profile prefetch begins; background streams wait until the guard is dropped.
+    pub fn begin_profile(&self) -> ProfileGuard {
+        self.inner.profiles.fetch_add(1, Ordering::Relaxed);
+        ProfileGuard(self.inner.clone())
+    }
+
+    /// A turn to put one profile prefetch request on the wire: waits for one of the node's
+    /// [`ScheduleConfig::profile_requests`] slots, then until no on-demand request is in flight
+    /// (an on-demand read goes first). Hold the permit until the request is done.
+    pub async fn profile_turn(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.inner.profile_slots.clone().acquire_owned().await.ok();
+        self.wait_no_demand_request().await;
+        permit
+    }
+
+    /// Returns once no on-demand range request is in flight.
+    async fn wait_no_demand_request(&self) {
+        loop {
+            let idle = self.inner.demand_idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so a drop to zero in between still wakes us.
+            idle.as_mut().enable();
+            if self.inner.demand_requests.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Waits until no on-demand read is waiting, no profile is being prefetched, and no read
+    /// began for the quiet period. Returns at once on a node that has been quiet that long.
     pub async fn wait_quiet(&self) {
         let quiet = self.inner.config.quiet.as_millis() as u64;
         loop {
@@ -273,6 +355,7 @@ mod tests {
             budget_bytes: 1 << 20,
             stream_weight_cap: 512 << 10,
             max_streams: 8,
+            ..ScheduleConfig::default()
         });
         // Eight 64 KiB layers stream at once (the count, not the budget, limits them).
         let mut small = Vec::new();
@@ -289,5 +372,57 @@ mod tests {
         drop(a);
         let third = tokio::time::timeout(Duration::from_millis(500), s.stream_slot(1 << 30)).await;
         assert!(third.is_ok(), "a finished stream gives its share back");
+    }
+
+    #[tokio::test]
+    async fn profile_requests_wait_for_on_demand_requests_and_hold_streams_back() {
+        let s = Scheduler::new(ScheduleConfig {
+            quiet: Duration::ZERO,
+            profile_requests: 2,
+            ..ScheduleConfig::default()
+        });
+        // At most `profile_requests` turns at once.
+        let a = s.profile_turn().await;
+        let b = s.profile_turn().await;
+        assert!(a.is_some() && b.is_some());
+        let third = tokio::time::timeout(Duration::from_millis(50), s.profile_turn()).await;
+        assert!(
+            third.is_err(),
+            "the node's profile connections are all busy"
+        );
+        drop(a);
+        // An on-demand request on the wire goes first: no new profile request until it is done.
+        let wire = s.begin_demand_request();
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move { s.profile_turn().await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiter.is_finished(),
+            "a profile request waits for the on-demand one"
+        );
+        drop(wire);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(matches!(got, Ok(Ok(true))), "and goes once it is done");
+        // A reader joined to a profile request does not hold profile requests back.
+        let _reader = s.begin_demand();
+        drop(b);
+        let turn = tokio::time::timeout(Duration::from_millis(500), s.profile_turn()).await;
+        assert!(turn.is_ok());
+        drop(_reader);
+        // While a profile is prefetched, background streams wait.
+        let profile = s.begin_profile();
+        let stream = tokio::spawn({
+            let s = s.clone();
+            async move { s.wait_quiet().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!stream.is_finished(), "a stream waits for the profile");
+        drop(profile);
+        tokio::time::timeout(Duration::from_secs(5), stream)
+            .await
+            .expect("the stream goes after the profile")
+            .unwrap();
     }
 }

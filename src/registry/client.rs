@@ -280,7 +280,7 @@ impl Client {
             .map_err(|source| RegistryError::Transport {
                 reference: reference.to_string(),
                 context: format!("reading token from {realm}"),
-                source,
+                error: source,
             })?;
         let parsed: TokenResponse =
             serde_json::from_slice(&body).map_err(|e| RegistryError::Protocol {
@@ -363,7 +363,7 @@ impl Client {
                         return Err(RegistryError::Transport {
                             reference: req.reference.to_string(),
                             context,
-                            source: error,
+                            error,
                         });
                     }
                     let delay = backoff(attempt);

@@ -54,13 +54,14 @@ pub enum RegistryError {
         code: Option<String>,
         detail: String,
     },
-    /// The registry could not be reached, or the connection broke.
-    #[error("{reference}: {context}: {}", chain(.source))]
+    /// The registry could not be reached, or the connection broke. The message holds the
+    /// causes (reqwest's Display hides them), so `error` is not also a `source`: printing the
+    /// chain would name every cause twice.
+    #[error("{reference}: {context}: {}", chain(.error))]
     Transport {
         reference: String,
         context: String,
-        #[source]
-        source: reqwest::Error,
+        error: reqwest::Error,
     },
     /// A local file could not be read.
     #[error("{reference}: {context}: {source}")]
@@ -100,8 +101,12 @@ impl RegistryError {
 }
 
 /// `error: cause: cause` for errors whose Display hides their sources (reqwest's do).
+/// reqwest's own message repeats the URL, which the context before it names already.
 fn chain(error: &reqwest::Error) -> String {
     let mut out = error.to_string();
+    if let Some(url) = error.url() {
+        out = out.replace(&format!(" for url ({url})"), "");
+    }
     let mut source = error.source();
     while let Some(cause) = source {
         let text = cause.to_string();

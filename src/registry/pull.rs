@@ -128,7 +128,7 @@ impl Client {
             .map_err(|source| RegistryError::Transport {
                 reference: reference.to_string(),
                 context: "reading manifest".to_owned(),
-                source,
+                error: source,
             })?;
         if bytes.len() > MANIFEST_LIMIT {
             return Err(RegistryError::Protocol {
@@ -217,7 +217,7 @@ impl Client {
                 .map_err(|source| RegistryError::Transport {
                     reference: reference.to_string(),
                     context: format!("reading blob {digest}"),
-                    source,
+                    error: source,
                 })?;
         if bytes.len() > limit {
             return Err(too_large());
@@ -388,7 +388,7 @@ impl Client {
                         "reading bytes {}..{} of blob {digest}",
                         range.start, range.end
                     ),
-                    source,
+                    error: source,
                 })?;
         match bytes {
             Some(bytes) if bytes.len() == cap => Ok(bytes),
