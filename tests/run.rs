@@ -610,3 +610,71 @@ fn with_lazysnapd_listening_the_root_comes_from_its_snapshots() -> Result<()> {
     ensure!(active.is_empty(), "{active:?}");
     Ok(())
 }
+
+/// A static program that tries system calls the default seccomp filter must refuse, and prints
+/// the errno each got (0: it worked).
+const SECCOMP_PROBE_C: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static int attempt(long r) { return r < 0 ? errno : 0; }
+int main(void) {
+    /* KEYCTL_GET_KEYRING_ID of the session keyring: key rings are not namespaced. */
+    printf("keyctl %d\n", attempt(syscall(SYS_keyctl, 0, -3, 0)));
+    /* setns with a bad descriptor: EBADF when the call reaches the kernel. */
+    printf("setns %d\n", attempt(syscall(SYS_setns, -1, 0)));
+    /* clone3 with no arguments: EINVAL from the kernel, ENOSYS from the filter. */
+    printf("clone3 %d\n", attempt(syscall(SYS_clone3, 0, 0)));
+    return 0;
+}
+"#;
+
+#[test]
+fn the_default_seccomp_filter_refuses_host_reaching_calls_and_unconfined_lifts_it() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("bin"))?;
+    let source = work.path().join("probe.c");
+    std::fs::write(&source, SECCOMP_PROBE_C)?;
+    image::run(
+        Command::new("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(tree.join("bin/probe"))
+            .arg(&source),
+    )
+    .context("compiling the probe (needs gcc and libc6-dev)")?;
+    let layout = LayoutBuilder::new(&work.path().join("layout"))?;
+    let desc = layout.image(&[image::tar_dir(&tree)?], "amd64")?;
+    layout.tags(&[("v1", desc)])?;
+    let reference = format!("{}/seccomp/probe:v1", registry.addr);
+    image::run(Command::new(BIN).args([
+        "convert",
+        &format!("oci:{}:v1", layout.dir.display()),
+        &reference,
+    ]))?;
+    let root = Root::new()?;
+
+    let out = root.run(&[&reference, "/bin/probe"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    expect_stdout(&out, "keyctl 1\nsetns 1\nclone3 38\n")?;
+
+    let out = root.run(&[
+        "--security-opt",
+        "seccomp=unconfined",
+        &reference,
+        "/bin/probe",
+    ])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    ensure!(
+        !text.contains("keyctl 1\n") && text.contains("setns 9\n") && !text.contains("clone3 38"),
+        "without the filter the calls reach the kernel: {text}"
+    );
+
+    let out = root.run(&["--security-opt", "apparmor=x", &reference])?;
+    ensure!(out.status.code() == Some(125), "{}", stderr(&out));
+    ensure!(stderr(&out).contains("not supported"), "{}", stderr(&out));
+    root.assert_clean()
+}

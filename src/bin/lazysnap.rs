@@ -118,6 +118,10 @@ struct RunArgs {
     /// User: name, uid, name:group or uid:gid, resolved in the image's /etc/passwd and /etc/group.
     #[arg(short = 'u', long = "user")]
     user: Option<String>,
+    /// Security options, as docker takes them: `seccomp=unconfined` turns the default seccomp
+    /// filter off (`seccomp=default` keeps it).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
     /// Network: the host's, or a new namespace with only loopback.
     #[arg(long, value_enum, default_value_t = NetArg::Host)]
     net: NetArg,
@@ -400,6 +404,17 @@ async fn run_container(
         registry,
         args.platform,
     );
+    let mut seccomp = true;
+    for opt in &args.security_opt {
+        match opt.as_str() {
+            "seccomp=unconfined" => seccomp = false,
+            "seccomp=default" => seccomp = true,
+            other => {
+                eprintln!("lazysnap: --security-opt {other}: not supported (seccomp=unconfined or seccomp=default)");
+                return ExitCode::from(launcher::EXIT_LAUNCHER_FAILED);
+            }
+        }
+    }
     let options = RunOptions {
         mount,
         name: args.name,
@@ -414,6 +429,7 @@ async fn run_container(
             NetArg::Host => Network::Host,
             NetArg::None => Network::None,
         },
+        seccomp,
         keep: args.keep,
         lazysnapd: (!args.no_lazysnapd).then_some(args.lazysnapd),
         runc: launcher::runc::Runc {

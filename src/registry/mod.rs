@@ -8,6 +8,7 @@
 //! - `client`: the HTTP core (authentication on 401, retries with backoff, error mapping);
 //! - `auth`: docker `config.json`, `WWW-Authenticate` challenges, the token cache;
 //! - `pull`: manifests, blobs, ranges, HEAD; `push`: uploads, mounts, manifest PUT;
+//! - `referrers`: the artifacts whose `subject` is a manifest (referrers API and tag schema);
 //! - `verify`: the digest-checking blob stream.
 
 mod auth;
@@ -15,6 +16,7 @@ mod client;
 mod error;
 mod pull;
 mod push;
+mod referrers;
 mod verify;
 
 use std::path::PathBuf;
@@ -23,6 +25,7 @@ use bytes::Bytes;
 
 pub use client::Client;
 pub use error::RegistryError;
+pub use referrers::{referrers_tag, PushedReferrer, OCI_SUBJECT};
 
 use crate::oci::Digest;
 

@@ -20,7 +20,7 @@ use crate::oci::{
 
 /// Manifests and indexes larger than this are refused (containerd's limit; the distribution spec
 /// lets registries refuse manifests over 4 MiB, so none larger is portable).
-const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
+pub(crate) const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
 /// Blobs read whole ([`Client::get_blob`]: image configs) larger than this are refused. Layers are
 /// streamed ([`Client::blob_reader`]) or read by range, never read whole.
 pub const WHOLE_BLOB_LIMIT: u64 = 16 * 1024 * 1024;
@@ -63,7 +63,7 @@ pub(crate) fn content_digest(headers: &HeaderMap) -> Option<Result<Digest, Strin
 }
 
 impl Client {
-    fn request<'a>(
+    pub(crate) fn request<'a>(
         &self,
         reference: &'a Reference,
         method: Method,

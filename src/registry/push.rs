@@ -214,6 +214,17 @@ impl Client {
         media_type: &str,
         bytes: Bytes,
     ) -> Result<Digest, RegistryError> {
+        Ok(self.put_manifest(reference, media_type, bytes).await?.0)
+    }
+
+    /// PUTs a manifest as [`Client::push_manifest`] does and returns its digest and the response's
+    /// headers (a manifest with a `subject` needs to know whether the registry sent `OCI-Subject`).
+    pub(crate) async fn put_manifest(
+        &self,
+        reference: &Reference,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<(Digest, HeaderMap), RegistryError> {
         let digest = Digest::of(&bytes);
         if let Some(expected) = reference.digest {
             if expected != digest {
@@ -266,7 +277,7 @@ impl Client {
             _ => {}
         }
         tracing::debug!(%digest, "manifest pushed");
-        Ok(digest)
+        Ok((digest, response.headers().clone()))
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod daemon;
 pub mod runc;
+pub mod seccomp;
 pub mod spec;
 pub mod user;
 
@@ -69,6 +70,8 @@ pub struct RunOptions {
     pub name: Option<String>,
     pub overrides: Overrides,
     pub network: Network,
+    /// The default seccomp filter (docker's kind, [`seccomp`]); false is `seccomp=unconfined`.
+    pub seccomp: bool,
     /// Keep the writable layer and bundle after exit (mounts go regardless).
     pub keep: bool,
     pub runc: Runc,
@@ -347,6 +350,7 @@ impl Container {
             rootfs,
             hostname: &hostname,
             network: options.network,
+            seccomp: options.seccomp,
         })?;
         let json = serde_json::to_vec_pretty(&spec)
             .map_err(|e| io("writing the runtime spec")(std::io::Error::other(e)))?;

@@ -159,6 +159,8 @@ pub struct SpecInput<'a> {
     pub rootfs: &'a Path,
     pub hostname: &'a str,
     pub network: Network,
+    /// Apply the default seccomp filter ([`super::seccomp`]); off only when asked for.
+    pub seccomp: bool,
 }
 
 /// The runtime spec: a writable rootfs at `rootfs`, the default mounts (/proc, /dev, /sys, ...),
@@ -205,7 +207,11 @@ pub fn runtime_spec(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
         .allow(false)
         .access("rwm")
         .build()?];
-    let linux = LinuxBuilder::default()
+    let mut linux = LinuxBuilder::default();
+    if input.seccomp {
+        linux = linux.seccomp(super::seccomp::default_profile()?);
+    }
+    let linux = linux
         .namespaces(namespaces)
         .resources(LinuxResourcesBuilder::default().devices(devices).build()?)
         .masked_paths(
@@ -342,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn spec_has_the_process_and_namespaces() {
+    fn spec_has_the_process_namespaces_and_seccomp() {
         let user = ResolvedUser {
             uid: 1000,
             gid: 1000,
@@ -357,6 +363,7 @@ mod tests {
             rootfs: Path::new("/tmp/rootfs"),
             hostname: "box",
             network: Network::None,
+            seccomp: true,
         };
         let spec = runtime_spec(&input).unwrap();
         let json = serde_json::to_value(&spec).unwrap();
@@ -373,6 +380,15 @@ mod tests {
             .map(|n| n["type"].as_str().unwrap())
             .collect();
         assert!(ns.contains(&"network") && ns.contains(&"pid"), "{ns:?}");
+        assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        let unconfined = SpecInput {
+            seccomp: false,
+            args: input.args.clone(),
+            env: input.env.clone(),
+            ..input
+        };
+        let json = serde_json::to_value(runtime_spec(&unconfined).unwrap()).unwrap();
+        assert!(json["linux"].get("seccomp").is_none());
         let input = SpecInput {
             network: Network::Host,
             cwd: "rel".into(),

@@ -6,6 +6,7 @@ pub mod faultproxy;
 pub mod hostile;
 pub mod image;
 pub mod mount_process;
+pub mod referrers;
 pub mod registry;
 pub mod tree;
 

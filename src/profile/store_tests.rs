@@ -1,0 +1,153 @@
+use super::*;
+
+fn entry(artifact_type: &str, digest: &Digest, created: Option<&str>) -> Value {
+    let mut e = json!({
+        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "digest": digest.to_string(),
+        "size": 512,
+        "artifactType": artifact_type,
+    });
+    if let Some(c) = created {
+        e["annotations"] = json!({ CREATED: c, "org.example.other": "x" });
+    }
+    e
+}
+
+fn index(entries: Vec<Value>) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_OCI_INDEX,
+        "manifests": entries,
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_referrers_answer_yields_only_lazysnap_profiles_and_the_newest_wins() {
+    let (sig, old, new, later_listed_older) = (
+        Digest::of(b"sig"),
+        Digest::of(b"old"),
+        Digest::of(b"new"),
+        Digest::of(b"older"),
+    );
+    let bytes = index(vec![
+        entry(
+            "application/vnd.example.signature.v1",
+            &sig,
+            Some("2030-01-01T00:00:00Z"),
+        ),
+        entry(MEDIA_TYPE, &old, Some("2026-01-01T00:00:00.000Z")),
+        entry(MEDIA_TYPE, &new, Some("2026-06-01T00:00:00.000Z")),
+        entry(
+            MEDIA_TYPE,
+            &later_listed_older,
+            Some("2025-01-01T00:00:00.000Z"),
+        ),
+    ]);
+    let found = profiles_in_index(&bytes).unwrap();
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(found.iter().all(|r| r.digest != sig && r.size == 512));
+    assert_eq!(newest(found).unwrap().digest, new);
+}
+
+#[test]
+fn equal_dates_pick_the_last_listed_and_no_entries_pick_none() {
+    let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+    let found = profiles_in_index(&index(vec![
+        entry(MEDIA_TYPE, &a, None),
+        entry(MEDIA_TYPE, &b, None),
+    ]))
+    .unwrap();
+    assert_eq!(newest(found).unwrap().digest, b);
+    assert_eq!(newest(profiles_in_index(&index(vec![])).unwrap()), None);
+    // An index without `manifests` (as a registry may send for none) holds no profile.
+    assert!(profiles_in_index(br#"{"schemaVersion":2}"#)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn unreadable_indexes_are_errors_and_unreadable_entries_are_passed_over() {
+    assert!(profiles_in_index(b"<html>").is_err());
+    assert!(profiles_in_index(br#"{"manifests":{}}"#).is_err());
+    let good = Digest::of(b"good");
+    let mut bad_digest = entry(MEDIA_TYPE, &good, None);
+    bad_digest["digest"] = json!("sha256:xyz");
+    let mut negative = entry(MEDIA_TYPE, &good, None);
+    negative["size"] = json!(-1);
+    let mut an_index = entry(MEDIA_TYPE, &good, None);
+    an_index["mediaType"] = json!(MEDIA_TYPE_OCI_INDEX);
+    let found = profiles_in_index(&index(vec![
+        bad_digest,
+        negative,
+        an_index,
+        entry(MEDIA_TYPE, &good, None),
+    ]))
+    .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].digest, good);
+}
+
+#[test]
+fn the_tag_index_keeps_other_artifacts_and_replaces_an_older_profile() {
+    let (sig, old, new) = (Digest::of(b"sig"), Digest::of(b"old"), Digest::of(b"new"));
+    let sig_entry = entry("application/vnd.example.signature.v1", &sig, Some("x"));
+    let existing = index(vec![sig_entry.clone(), entry(MEDIA_TYPE, &old, None)]);
+    let descriptor = referrer_descriptor(&new, 700, "2026-12-03T01:00:00.000Z");
+    let updated = updated_index(Some(&existing), descriptor.clone()).unwrap();
+    let parsed: Value = serde_json::from_slice(&updated).unwrap();
+    assert_eq!(parsed["mediaType"], MEDIA_TYPE_OCI_INDEX);
+    assert_eq!(parsed["schemaVersion"], 2);
+    assert_eq!(parsed["manifests"], json!([sig_entry, descriptor]));
+    let found = profiles_in_index(&updated).unwrap();
+    assert_eq!(
+        found,
+        vec![Referrer {
+            digest: new,
+            size: 700,
+            created: "2026-12-03T01:00:00.000Z".into()
+        }]
+    );
+    // No tag yet: a new index with the one entry.
+    let fresh = updated_index(None, descriptor.clone()).unwrap();
+    let parsed: Value = serde_json::from_slice(&fresh).unwrap();
+    assert_eq!(parsed["manifests"], json!([descriptor]));
+    assert!(updated_index(Some(b"[1]"), descriptor).is_err());
+}
+
+#[test]
+fn the_artifact_manifest_has_the_referrers_layout() {
+    let image = FetchedManifest {
+        media_type: Some(MEDIA_TYPE_OCI_MANIFEST.into()),
+        digest: Digest::of(b"image"),
+        bytes: Bytes::from_static(b"image"),
+    };
+    let doc = Digest::of(b"doc");
+    let bytes = artifact_manifest(MEDIA_TYPE_OCI_MANIFEST, &image, &doc, 3, "2026");
+    let m: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(m["artifactType"], MEDIA_TYPE);
+    assert_eq!(m["config"]["mediaType"], EMPTY_MEDIA_TYPE);
+    assert_eq!(m["config"]["size"], 2);
+    assert_eq!(
+        m["config"]["digest"],
+        "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+    );
+    assert_eq!(m["layers"][0]["digest"], doc.to_string());
+    assert_eq!(m["subject"]["digest"], image.digest.to_string());
+    assert_eq!(m["subject"]["size"], 5);
+    let parsed: ArtifactManifest = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(parsed.subject.unwrap().digest, image.digest);
+}
+
+#[test]
+fn dates_are_rfc3339_utc_and_sort_as_strings() {
+    let at = |secs: u64, millis: u64| {
+        rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(secs * 1000 + millis))
+    };
+    assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+    assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.007Z");
+    assert_eq!(at(1_709_164_799, 999), "2024-02-28T23:59:59.999Z");
+    assert_eq!(at(1_735_689_600, 0), "2025-01-01T00:00:00.000Z");
+    assert_eq!(at(4_102_444_799, 0), "2099-12-31T23:59:59.000Z");
+    assert!(at(1_709_164_799, 999) < at(1_709_164_800, 0));
+}
