@@ -228,6 +228,127 @@ fn a_lazy_pull_reads_every_layers_toc_at_once_and_the_container_sees_every_layer
     Ok(())
 }
 
+/// The manifest of `reference` straight from the registry with curl: its digest and document.
+fn manifest_of(reference: &str) -> Result<(String, serde_json::Value)> {
+    let (host, rest) = reference.split_once('/').context("reference has no host")?;
+    let (repo, tag) = rest.rsplit_once(':').context("reference has no tag")?;
+    let bytes = image::run(Command::new("curl").args([
+        "-fsS",
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{host}/v2/{repo}/manifests/{tag}"),
+    ]))?;
+    Ok((image::digest_of(&bytes), serde_json::from_slice(&bytes)?))
+}
+
+/// Pushes a start-up profile for `reference` (at the registry itself) naming every file of the
+/// extra layers, as `lazysnap profile push` would: an artifact whose subject is the manifest.
+fn push_profile(reference: &str, work: &Path) -> Result<()> {
+    use lazysnap::profile::{Access, LayerProfile, Profile};
+    let (manifest, document) = manifest_of(reference)?;
+    let blobs: Vec<&str> = document["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["digest"].as_str())
+        .collect();
+    let mut layers = Vec::new();
+    for n in 1..=EXTRA_LAYERS {
+        let mut accesses = Vec::new();
+        for name in ["file", "msg"] {
+            let path = format!("data/layer{n}/{name}");
+            let content = std::fs::read(work.join(format!("tree{n}")).join(&path))?;
+            accesses.push(Access {
+                name: path,
+                offset: 0,
+                // One chunk each (they are far below the chunk size): the chunk is the file.
+                chunk: image::digest_of(&content).parse()?,
+                at_ms: 0,
+            });
+        }
+        layers.push(LayerProfile {
+            digest: blobs.get(n).context("layer")?.parse()?,
+            diff_id: None,
+            accesses,
+        });
+    }
+    let profile = Profile {
+        version: 1,
+        image: manifest.parse()?,
+        command: vec!["md5sum".into()],
+        layers,
+    };
+    let client = lazysnap::registry::Client::new(lazysnap::registry::ClientConfig::default())?;
+    let at: lazysnap::oci::Reference = reference.parse()?;
+    tokio::runtime::Runtime::new()?
+        .block_on(lazysnap::profile::store::push(&client, &at, &profile))?;
+    Ok(())
+}
+
+/// Fails on main: lazysnapd looked up no profile, so every file of the extra layers was fetched
+/// on demand when the container read it.
+#[test]
+fn a_pulled_images_profile_is_fetched_before_the_container_reads_it() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let (repo, want) = multi_layer_image(&registry, work.path())?;
+    push_profile(&format!("{}/{repo}", registry.addr), work.path())?;
+    let proxy = DelayProxy::start(&registry.addr, ONE_WAY)?;
+    let reference = format!("{}/{repo}", proxy.addr);
+    let layers = layer_digests(&format!("{}/{repo}", registry.addr))?;
+    let daemon = Lazysnapd::start("background = false\n")?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    rpull(&ctd, &reference).with_context(|| daemon.log())?;
+
+    let fetched = "lazysnap_profile_chunks_total{result=\"fetched\"}";
+    let start = Instant::now();
+    while daemon.metric(fetched)? < (EXTRA_LAYERS * 2) as f64 {
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the profile's chunks were not fetched:\n{}\n{}",
+            daemon.metrics()?,
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        daemon.metric("lazysnap_profile_lookups_total{result=\"found\"}")? == 1.0,
+        "one lookup per image, not per layer:\n{}",
+        daemon.metrics()?
+    );
+    ensure!(
+        daemon.metric("lazysnap_profile_chunks_total{result=\"unknown\"}")? == 0.0,
+        "{}",
+        daemon.metrics()?
+    );
+
+    proxy.clear();
+    let mut args = vec!["/bin/busybox", "md5sum"];
+    let files: Vec<String> = want
+        .lines()
+        .filter_map(|l| l.split_once("  ").map(|(_, p)| p.to_owned()))
+        .collect();
+    args.extend(files.iter().map(String::as_str));
+    let got = ctd
+        .run_in(&ctd.namespace, SNAPSHOTTER, &reference, "pf", &args)
+        .with_context(|| daemon.log())?;
+    ensure!(
+        got.trim() == want.trim(),
+        "the container saw\n{got}\nthe layers hold\n{want}"
+    );
+    let late: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.blob().is_some_and(|b| layers[1..].iter().any(|l| l == b)))
+        .collect();
+    ensure!(
+        late.is_empty(),
+        "the container's reads of profiled files went to the registry: {late:?}\n{}",
+        daemon.log()
+    );
+    Ok(())
+}
+
 /// Not a check: where the time of a cold start through containerd goes, next to `lazysnap run`
 /// (`cargo test --test containerd_path -- --ignored --nocapture breakdown`). Uses the busybox
 /// image above, or `LAZYSNAP_BREAKDOWN_LAYOUT=DIR:TAG` (e.g. the python image of

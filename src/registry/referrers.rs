@@ -89,7 +89,7 @@ impl Client {
             .map_err(|source| RegistryError::Transport {
                 reference: reference.to_string(),
                 context: format!("reading the referrers of {subject}"),
-                source,
+                error: source,
             })?;
         if bytes.len() > MANIFEST_LIMIT {
             return Err(too_large());

@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use super::hosts::Hosts;
 use super::metrics::METRICS;
+use super::profiles::{Lookup, Profiles};
 use super::remote::{Fallback, RemoteLayer};
 use crate::fetch::Scheduler;
 use crate::format;
@@ -38,8 +39,9 @@ const AHEAD_TTL: Duration = Duration::from_secs(600);
 const MAX_MANIFESTS: usize = 64;
 const MANIFEST_TTL: Duration = Duration::from_secs(60);
 
-/// A lazy layer found at one host: where, its blob size, layout and verified TOC.
-#[derive(Debug, Clone)]
+/// A lazy layer found at one host: where, its blob size, layout and verified TOC, and the
+/// lookup of its image's start-up profile (started before the TOC was read).
+#[derive(Clone)]
 pub(super) struct Found {
     pub client: Client,
     /// The reference at the host that answered (a mirror, or the image's own registry).
@@ -48,13 +50,20 @@ pub(super) struct Found {
     pub size: u64,
     pub lazy: format::LazyLayer,
     pub toc: Arc<format::Toc>,
+    pub profile: Lookup,
+}
+
+/// An image manifest and its digest (what its start-up profile is found by).
+struct Manifest {
+    digest: Digest,
+    json: Value,
 }
 
 type Pending<T> = Shared<BoxFuture<'static, Result<T, Fallback>>>;
 /// (image or registry, manifest or repository, layer or tag-or-digest): see the maps' docs.
 type Key = (String, String, String);
 /// A manifest fetched (or being fetched) for several layers, and since when.
-type Kept = (Instant, Pending<Arc<Value>>);
+type Kept = (Instant, Pending<Arc<Manifest>>);
 
 /// A layer being found (or found) ahead of its Prepare; `None` once taken, so that a later
 /// Prepare's label list naming it again does not start it again.
@@ -78,6 +87,8 @@ pub(super) struct Locator {
     /// By (image, manifest digest, layer digest) as the labels name them.
     ahead: Mutex<HashMap<Key, Ahead>>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Start-up profiles, looked up once per image manifest.
+    profiles: Profiles,
 }
 
 impl std::fmt::Debug for Locator {
@@ -121,6 +132,7 @@ impl Locator {
             manifests: Mutex::new(HashMap::new()),
             ahead: Mutex::new(HashMap::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(AHEAD_SLOTS)),
+            profiles: Profiles::new(timeout),
         }
     }
 
@@ -253,7 +265,9 @@ impl Locator {
         digest: Digest,
     ) -> Result<Found, Fallback> {
         let manifest = self.manifest(client, &reference, manifest_digest).await?;
-        let descriptor = manifest["layers"]
+        // The image's profile is looked up while this layer's TOC is read (once per image).
+        let profile = self.profiles.lookup(client, &reference, manifest.digest);
+        let descriptor = manifest.json["layers"]
             .as_array()
             .and_then(|layers| {
                 layers
@@ -297,6 +311,7 @@ impl Locator {
             size,
             lazy,
             toc: Arc::new(toc),
+            profile,
         })
     }
 
@@ -308,7 +323,7 @@ impl Locator {
         client: &Client,
         reference: &Reference,
         digest: &str,
-    ) -> Result<Arc<Value>, Fallback> {
+    ) -> Result<Arc<Manifest>, Fallback> {
         let k = (
             reference.registry.clone(),
             reference.repository.clone(),
@@ -347,7 +362,7 @@ async fn fetch_manifest(
     client: Client,
     reference: Reference,
     digest: String,
-) -> Result<Arc<Value>, Fallback> {
+) -> Result<Arc<Manifest>, Fallback> {
     let fetched = if digest.is_empty() {
         let fetched = client
             .get_manifest(&reference)
@@ -381,7 +396,10 @@ async fn fetch_manifest(
             .await
             .map_err(|e| Fallback::new("registry", e))?
     };
-    serde_json::from_slice(&fetched.bytes)
-        .map(Arc::new)
-        .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))
+    let json = serde_json::from_slice(&fetched.bytes)
+        .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))?;
+    Ok(Arc::new(Manifest {
+        digest: fetched.digest,
+        json,
+    }))
 }

@@ -12,6 +12,7 @@
 //! - [`Snapshotter`]: the store plus lazy layers (the remote handshake, restore on start);
 //! - [`LayerHost`]: the process serving lazy layers ([`LocalHost`]: this one);
 //! - `locate`: finding a layer's manifest and TOC, and an image's layers ahead of their Prepare;
+//! - `profiles`: start-up profiles, looked up once per image, prefetched per layer at mount;
 //! - `verify`: what a lazy snapshot was made from, and the check of its `diff_id`;
 //! - `filter`: containerd's filter language for Walk/List;
 //! - `hosts`: registry mirrors from containerd's `hosts.toml` files.
@@ -23,6 +24,7 @@ pub mod hosts;
 mod locate;
 mod metrics;
 mod mounts;
+mod profiles;
 mod remote;
 mod snapshotter;
 mod store;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::hosts::Hosts;
 use super::locate::{Found, Locator};
+use super::profiles::Lookup;
 use super::verify::{self, Expected, Verification};
 use super::{
     Usage, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
@@ -318,6 +319,7 @@ impl Remote {
             size,
             lazy,
             toc,
+            profile,
         } = self.locator.find(layer).await?;
         let found_in = started.elapsed();
         let fetcher = LayerFetcher::new(
@@ -364,6 +366,7 @@ impl Remote {
         let background = tokio::spawn(background(
             fetcher,
             toc,
+            profile,
             self.cache.clone(),
             pin_owner.clone(),
             self.config.background_fetch,
@@ -380,19 +383,38 @@ impl Remote {
     }
 }
 
-/// Prefetch set first; then, if asked, the whole layer, pinned so eviction cannot undo it while
+/// The image's start-up profile's part for this layer first (if the image has a profile), then
+/// the TOC's prefetch set; then, if asked, the whole layer, pinned so eviction cannot undo it while
 /// it is mounted (once complete it no longer needs the registry). With `verify`, the whole blob is
 /// streamed even if every chunk is cached, and the verdict on its uncompressed digest is written
 /// for the snapshot mounted at the given `fs` dir.
 async fn background(
     fetcher: LayerFetcher,
     toc: Arc<format::Toc>,
+    profile: Lookup,
     cache: ChunkCache,
     owner: String,
     complete: bool,
     verify: Option<(Expected, std::path::PathBuf)>,
 ) {
     let layer = fetcher.blob().short();
+    // Started before the TOC was read: usually answered by now.
+    if let Some(profile) = profile.await {
+        if let Some(part) = profile.layer(&fetcher.blob()) {
+            match fetcher.prefetch_profile(&toc, part).await {
+                Ok(done) => tracing::info!(
+                    %layer,
+                    fetched = done.fetched,
+                    held = done.held,
+                    unknown = done.unknown,
+                    requests = done.requests,
+                    bytes = done.bytes,
+                    "start-up profile prefetched"
+                ),
+                Err(e) => tracing::warn!(%layer, "start-up profile prefetch failed: {e}"),
+            }
+        }
+    }
     if !toc.prefetch.is_empty() {
         if let Err(e) = fetcher.prefetch(&toc, &toc.prefetch).await {
             tracing::warn!(%layer, "prefetch failed: {e}");
