@@ -472,4 +472,21 @@ mod tests {
         let fallback = RemoteLayer::from_labels(&labels).unwrap_err();
         assert_eq!(fallback.reason, "no_labels");
     }
+
+    #[test]
+    fn the_image_layers_come_from_cri_or_stargz_labels_and_are_bounded() {
+        let mut labels = HashMap::new();
+        assert!(image_layers(&labels).is_empty());
+        labels.insert(
+            STARGZ_IMAGE_LAYERS.to_owned(),
+            "sha256:a, sha256:b,,".to_owned(),
+        );
+        assert_eq!(image_layers(&labels), ["sha256:a", "sha256:b"]);
+        // CRI's own label wins when both are sent.
+        labels.insert(LABEL_IMAGE_LAYERS.to_owned(), "sha256:c".to_owned());
+        assert_eq!(image_layers(&labels), ["sha256:c"]);
+        let many = vec!["sha256:d"; MAX_IMAGE_LAYERS + 50].join(",");
+        labels.insert(LABEL_IMAGE_LAYERS.to_owned(), many);
+        assert_eq!(image_layers(&labels).len(), MAX_IMAGE_LAYERS);
+    }
 }
