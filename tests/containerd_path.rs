@@ -228,6 +228,69 @@ fn a_lazy_pull_reads_every_layers_toc_at_once_and_the_container_sees_every_layer
     Ok(())
 }
 
+/// Found ahead or not, a layer gets the same checks and the same verdict: a TOC that does not
+/// match its pinned digest falls back (reason `toc`) and containerd unpacks that layer itself.
+#[test]
+fn a_layer_found_ahead_that_fails_its_checks_falls_back_and_the_image_still_runs() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let (repo, want) = multi_layer_image(&registry, work.path())?;
+    // The same image with the top layer's TOC digest annotation pointing elsewhere.
+    let (_, mut manifest) = manifest_of(&format!("{}/{repo}", registry.addr))?;
+    let top = manifest["layers"][EXTRA_LAYERS]["annotations"]
+        .as_object_mut()
+        .context("top layer annotations")?;
+    let key = top
+        .keys()
+        .find(|k| k.ends_with("manifest-checksum"))
+        .cloned()
+        .with_context(|| format!("no TOC checksum annotation in {top:?}"))?;
+    top.insert(key, image::digest_of(b"another TOC").into());
+    let bytes = serde_json::to_vec(&manifest)?;
+    let body = work.path().join("tampered.json");
+    std::fs::write(&body, &bytes)?;
+    let (name, _) = repo.split_once(':').context("repo:tag")?;
+    image::run(Command::new("curl").args([
+        "-fsS",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/vnd.oci.image.manifest.v1+json",
+        "--data-binary",
+        &format!("@{}", body.display()),
+        &format!("http://{}/v2/{name}/manifests/tampered", registry.addr),
+    ]))?;
+    let proxy = DelayProxy::start(&registry.addr, ONE_WAY)?;
+    let reference = format!("{}/{name}:tampered", proxy.addr);
+    let daemon = Lazysnapd::start("background = false\n")?;
+    let ctd = TestContainerd::start(&[(SNAPSHOTTER, &daemon.socket)])?;
+    rpull(&ctd, &reference).with_context(|| daemon.log())?;
+
+    let metric = |name: &str| daemon.metric(name);
+    ensure!(
+        metric("lazysnap_snapshot_lazy_layers_total")? == EXTRA_LAYERS as f64
+            && metric("lazysnap_snapshot_fallbacks_total{reason=\"toc\"}")? == 1.0
+            && metric("lazysnap_layers_found_ahead_total")? >= (EXTRA_LAYERS - 1) as f64,
+        "{}\n{}",
+        daemon.metrics()?,
+        daemon.log()
+    );
+    let mut args = vec!["/bin/busybox", "md5sum"];
+    let files: Vec<String> = want
+        .lines()
+        .filter_map(|l| l.split_once("  ").map(|(_, p)| p.to_owned()))
+        .collect();
+    args.extend(files.iter().map(String::as_str));
+    let got = ctd
+        .run_in(&ctd.namespace, SNAPSHOTTER, &reference, "fb", &args)
+        .with_context(|| daemon.log())?;
+    ensure!(
+        got.trim() == want.trim(),
+        "the container saw\n{got}\nthe layers hold\n{want}"
+    );
+    Ok(())
+}
+
 /// The manifest of `reference` straight from the registry with curl: its digest and document.
 fn manifest_of(reference: &str) -> Result<(String, serde_json::Value)> {
     let (host, rest) = reference.split_once('/').context("reference has no host")?;
