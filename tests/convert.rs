@@ -364,10 +364,6 @@ fn hostile_entries_are_rejected_naming_the_entry() -> Result<()> {
             "add('etc/ok', b'fine')\nadd('etc/hl', kind=tarfile.LNKTYPE, link='../../outside')",
             "etc/hl",
         ),
-        (
-            "add('a/b/evil', kind=tarfile.SYMTYPE, link='../../../../etc/shadow')",
-            "a/b/evil",
-        ),
     ];
     for (i, (body, entry)) in cases.iter().enumerate() {
         let tmp = tempfile::tempdir()?;

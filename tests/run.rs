@@ -276,6 +276,27 @@ fn writes_land_in_the_upper_layer_only() -> Result<()> {
     root.assert_clean()
 }
 
+/// Waits until process `pid` has a handler for `signal` (its `SigCgt` mask in /proc).
+fn wait_for_caught(pid: u32, signal: Signal) -> Result<()> {
+    let bit = 1u64 << (signal as i32 - 1);
+    let start = Instant::now();
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & bit != 0 {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("process {pid} did not catch {signal} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn signals_reach_the_containers_process() -> Result<()> {
     let registry = TestRegistry::start()?;
@@ -322,7 +343,10 @@ fn signals_reach_the_containers_process() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(30));
+    // As soon as lazysnap catches SIGTERM (before that, any process dies of it: the window
+    // between exec and the first line of `run` is the kernel's and the loader's, and on a loaded
+    // machine it is longer than any fixed sleep), while the image is still being mounted.
+    wait_for_caught(child.id(), Signal::SIGTERM)?;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
     let out = child.wait_with_output()?;
     ensure!(

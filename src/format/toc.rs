@@ -605,10 +605,18 @@ mod tests {
     }
 
     #[test]
+    fn a_symlink_target_above_the_root_is_data_kept_as_written() {
+        let json = r#"{"version":1,"entries":[{"name":"a/b/l","type":"symlink","linkName":"../../../../etc/x"}]}"#;
+        let toc = decode(LayerFormat::ZstdChunked, json.as_bytes(), 10).unwrap();
+        let link = toc.entries.iter().find(|e| e.name == "a/b/l").unwrap();
+        assert_eq!(link.link_name, "../../../../etc/x");
+    }
+
+    #[test]
     fn rejects_hostile_or_unverifiable_tocs() {
         for json in [
             r#"{"version":1,"entries":[{"name":"../x","type":"reg"}]}"#,
-            r#"{"version":1,"entries":[{"name":"a/l","type":"symlink","linkName":"../../x"}]}"#,
+            r#"{"version":1,"entries":[{"name":"a/l","type":"symlink","linkName":"x\u0000y"}]}"#,
             r#"{"version":1,"entries":[{"name":"x","type":"reg","size":5,"offset":1}]}"#,
             r#"{"version":1,"entries":[{"name":"x","type":"chunk"}]}"#,
             r#"{"version":2,"entries":[]}"#,

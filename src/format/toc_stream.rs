@@ -126,7 +126,7 @@ impl<'l> Decoder<'l> {
                         "max_name_bytes",
                     )));
                 }
-                check_symlink(&name, &link_raw).map_err(err)?;
+                check_symlink(&link_raw).map_err(err)?;
                 link_raw
             }
             _ => String::new(),

@@ -248,6 +248,9 @@ pub fn sample_tree(root: &Path, seed: u8) -> Result<()> {
     fs::write(root.join("srv/data/empty"), b"")?;
     std::os::unix::fs::symlink("/usr/bin/tool", root.join("usr/bin/abs-link"))?;
     std::os::unix::fs::symlink("tool", root.join("usr/bin/rel-link"))?;
+    // A target that climbs above the root: data, as docker and umoci store it (in the container
+    // `..` at the root stays there, so it names /etc/hostname).
+    std::os::unix::fs::symlink("../../../../etc/hostname", root.join("usr/bin/up-link"))?;
     fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname.hard"))?;
     fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool.hard"))?;
     // Entry kinds a layer file system must reproduce: devices, a fifo, setuid, user xattrs.
@@ -264,6 +267,10 @@ pub fn sample_tree(root: &Path, seed: u8) -> Result<()> {
         .arg(root.join("usr/bin/suid")))?;
     run(Command::new("setfattr")
         .args(["-n", "user.lazysnap", "-v", "tested"])
+        .arg(root.join("etc/hostname")))?;
+    // An attribute with an empty value: `SCHILY.xattr.user.empty=` in the PAX header.
+    run(Command::new("setfattr")
+        .args(["-n", "user.empty"])
         .arg(root.join("etc/hostname")))?;
     run(Command::new("chown")
         .arg("1234:5678")
