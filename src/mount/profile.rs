@@ -51,6 +51,10 @@ pub type SharedProfile = Shared<BoxFuture<'static, Option<Arc<Profile>>>>;
 
 /// The most manifests whose lookup result a process remembers; older ones are asked again.
 const REMEMBERED: usize = 256;
+/// How long a registry lookup may take before the mount goes on without a profile: each layer's
+/// own fetching (TOC prefetch set, background completion) waits for the answer, and a profile
+/// that arrives later than this is of little use to a start-up anyway.
+pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Registry lookups by manifest digest, in flight or done; clones share them.
 #[derive(Clone, Default)]
@@ -201,7 +205,18 @@ fn store_reason(e: &StoreError) -> &'static str {
 /// the `sha256-<hex>` tag, at once: finding none costs one round trip).
 async fn from_registry(client: Client, reference: Reference, manifest: Digest) -> Option<Profile> {
     let what = format!("of {reference}@{manifest} in the registry");
-    match profile::store::find(&client, &reference, &manifest).await {
+    let found = tokio::time::timeout(
+        LOOKUP_TIMEOUT,
+        profile::store::find(&client, &reference, &manifest),
+    )
+    .await;
+    let Ok(found) = found else {
+        METRICS.profile_lookups.with_label_values(&["error"]).inc();
+        let detail = format!("no answer within {LOOKUP_TIMEOUT:?}");
+        ignored(&what, "unreachable", &detail);
+        return None;
+    };
+    match found {
         Ok(None) => {
             METRICS.profile_lookups.with_label_values(&["none"]).inc();
             tracing::debug!(image = %manifest, "no start-up profile in the registry");
