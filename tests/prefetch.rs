@@ -231,6 +231,65 @@ fn a_profile_is_fetched_before_any_read_and_the_reads_are_cache_hits() -> Result
 }
 
 #[test]
+fn a_profile_in_the_registry_is_found_and_used_by_default() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
+    let image = lazy_image(&registry, work.path(), "stored")?;
+    let mount = |name: &str, extra: &[&str]| -> Result<(MountProcess, String)> {
+        let addr = free_addr()?;
+        let mut args = vec!["--no-background-fetch", "--metrics-addr", &addr];
+        args.extend_from_slice(extra);
+        let process = MountProcess::start(
+            &work.path().join(format!("root-{name}")),
+            &image.reference,
+            &work.path().join(format!("mnt-{name}")),
+            &args,
+        )?;
+        Ok((process, addr))
+    };
+    let lookups = |addr: &str, result: &str| {
+        scrape(
+            addr,
+            &format!("lazysnap_profile_lookups_total{{result=\"{result}\"}}"),
+        )
+    };
+
+    // No profile stored yet: the lookup finds none, and the mount reads as always.
+    let (process, addr) = mount("before", &[])?;
+    wait_until(Duration::from_secs(10), "the lookup answered", || {
+        Ok(lookups(&addr, "none")? == 1.0)
+    })?;
+    check_reads(&process.target, &PROFILED)?;
+    process.stop()?;
+
+    // Stored next to the image (the image itself is untouched): found and prefetched.
+    let profile = profile_of(image.manifest, image.layer, &image.toc, &PROFILED, vec![])?;
+    let chunks = profile.layers[0].accesses.len() as f64;
+    let client = lazysnap::registry::Client::new(Default::default())?;
+    let reference: lazysnap::oci::Reference = image.reference.parse()?;
+    tokio::runtime::Runtime::new()?.block_on(lazysnap::profile::store::push(
+        &client, &reference, &profile,
+    ))?;
+    let (process, addr) = mount("after", &[])?;
+    wait_until(Duration::from_secs(30), "the profile prefetched", || {
+        Ok(scrape(&addr, r#"lazysnap_profile_chunks_total{result="fetched"}"#)? == chunks)
+    })?;
+    ensure!(lookups(&addr, "found")? == 1.0);
+    check_reads(&process.target, &PROFILED)?;
+    ensure!(scrape(&addr, r#"lazysnap_fetch_requests_total{kind="on_demand"}"#)? == 0.0);
+    process.stop()?;
+
+    // `--profile none`: not even looked up.
+    let (process, addr) = mount("off", &["--profile", "none"])?;
+    check_reads(&process.target, &PROFILED)?;
+    ensure!(scrape(&addr, "lazysnap_profile_lookups_total")? == 0.0);
+    ensure!(scrape(&addr, r#"lazysnap_fetch_bytes_total{kind="profile"}"#)? == 0.0);
+    process.stop()?;
+    Ok(())
+}
+
+#[test]
 fn broken_oversized_and_foreign_profiles_are_ignored_and_the_mount_reads_right() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;

@@ -56,6 +56,16 @@ enum Command {
         /// Platform to take from a multi-platform source, as os/arch[/variant].
         #[arg(long)]
         platform: Option<Platform>,
+        /// A start-up profile: a file (`lazysnap profile record --out`), or an image reference
+        /// whose profile the registry holds (`profile record --push`). Each layer it matches gets
+        /// the files start-up read written first, in access order, and recorded in its TOC.
+        #[arg(long, value_name = "REF|FILE")]
+        profile: Option<String>,
+        /// Without a profile: write the entrypoint's program, its dynamic loader and shared
+        /// libraries first (found from ELF headers; every layer is decompressed to a temporary
+        /// file first).
+        #[arg(long, conflicts_with = "profile")]
+        startup_elf: bool,
         src: ImageLocation,
         dst: ImageLocation,
     },
@@ -278,6 +288,20 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// Reads a profile document from `path`, at most [`lazysnap::profile::MAX_BYTES`] of it.
+fn read_profile(path: &std::path::Path) -> anyhow::Result<lazysnap::profile::Profile> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(lazysnap::profile::MAX_BYTES + 1)
+                .read_to_end(&mut bytes)
+        })
+        .with_context(|| format!("reading the profile {}", path.display()))?;
+    lazysnap::profile::Profile::decode(&bytes)
+        .with_context(|| format!("the profile {}", path.display()))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let registry = ClientConfig {
         plain_http: cli.plain_http,
@@ -289,15 +313,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chunk_size,
             level,
             platform,
+            profile,
+            startup_elf,
             src,
             dst,
         } => {
             let mut options = ConvertOptions::new(format.into());
+            options.startup_elf = startup_elf;
             options.chunk_size = chunk_size;
             options.level = level;
             options.registry = registry;
             if let Some(p) = platform {
                 options.platform = p;
+            }
+            if let Some(source) = profile {
+                let path = std::path::Path::new(&source);
+                options.profile = Some(if path.exists() {
+                    read_profile(path)?
+                } else {
+                    let reference: Reference = source.parse().with_context(|| {
+                        format!("--profile {source}: neither a file nor an image reference")
+                    })?;
+                    convert::find_profile(&reference, &options).await?
+                });
             }
             let report = convert::convert(&src, &dst, &options)
                 .await
@@ -310,6 +348,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .filter(|l| l.outcome == "uploaded" || l.outcome == "written")
                     .count(),
             );
+            for (i, layer) in report.layers.iter().enumerate() {
+                if let Some(s) = &layer.startup {
+                    eprintln!(
+                        "layer {}/{} {}: start-up set of {} files ({}) first, from the {}{}{}",
+                        i + 1,
+                        report.layers.len(),
+                        layer.digest.short(),
+                        s.files,
+                        human(s.bytes),
+                        match s.source {
+                            convert::StartupSource::Profile => "profile",
+                            convert::StartupSource::Elf => "entrypoint's ELF headers",
+                        },
+                        if s.skipped > 0 {
+                            format!(", {} names not movable", s.skipped)
+                        } else {
+                            String::new()
+                        },
+                        s.refused
+                            .as_ref()
+                            .map(|r| format!(" (nothing moved: {r})"))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
             eprintln!(
                 "{}: {} layers, {} compressed, {uploaded} new, in {:.1} s",
                 report.destination,

@@ -15,6 +15,7 @@ mod plan;
 mod profile;
 mod schedule;
 mod stall;
+mod turns;
 mod uncompressed;
 
 use std::collections::{HashMap, HashSet};
@@ -668,6 +669,8 @@ async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
     counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     requests.fetch_add(1, Ordering::Relaxed);
     inner.record(kind.label(), bytes.len() as u64);
+    // One line per request: what a trace of start-up's round trips is made from.
+    tracing::debug!(layer = %layer, kind = kind.label(), start = span.start, end = span.end, chunks = span.chunks.len(), ms = started.elapsed().as_millis() as u64, "range request answered");
     let format = inner.format;
     let chunks = span.chunks.clone();
     let start = span.start;

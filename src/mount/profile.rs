@@ -16,6 +16,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use crate::metrics::METRICS;
 use crate::oci::{Digest, Reference};
+use crate::profile::store::StoreError;
 use crate::profile::{self, Profile, ProfileError};
 use crate::registry::Client;
 
@@ -184,13 +185,35 @@ fn checked(
     }
 }
 
-/// Looks the image's profile up among its referrers in the registry.
+/// Why a profile in the registry was not used: the `reason` label of
+/// `lazysnap_profile_ignored_total`.
+fn store_reason(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Registry(_) | StoreError::Read { .. } => "unreachable",
+        StoreError::TooLarge { .. } => "too_large",
+        StoreError::Foreign { .. } => "foreign",
+        StoreError::Document { source, .. } => reason(source),
+        StoreError::Encode(_) | StoreError::Malformed { .. } => "invalid",
+    }
+}
+
+/// Looks the image's profile up among its referrers in the registry (both the referrers API and
+/// the `sha256-<hex>` tag, at once: finding none costs one round trip).
 async fn from_registry(client: Client, reference: Reference, manifest: Digest) -> Option<Profile> {
-    let _ = (&client, &reference);
-    // `profile::store::find` is not on this branch yet: until it is, no registry lookup is made.
-    tracing::debug!(image = %manifest, "no registry profile lookup in this build");
-    METRICS.profile_lookups.with_label_values(&["none"]).inc();
-    None
+    let what = format!("of {reference}@{manifest} in the registry");
+    match profile::store::find(&client, &reference, &manifest).await {
+        Ok(None) => {
+            METRICS.profile_lookups.with_label_values(&["none"]).inc();
+            tracing::debug!(image = %manifest, "no start-up profile in the registry");
+            None
+        }
+        Ok(Some(p)) => checked(&what, Ok(p), &manifest),
+        Err(e) => {
+            METRICS.profile_lookups.with_label_values(&["error"]).inc();
+            ignored(&what, store_reason(&e), &e);
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use containerd_snapshots::api::types::Mount as GrpcMount;
 use containerd_snapshots::tonic::Status;
@@ -42,11 +43,13 @@ impl From<SnapshotError> for Status {
     }
 }
 
-/// Logs the outcome of a call inside its span (`LAZYSNAP_LOG=lazysnap=debug` shows every call).
-fn traced<T>(result: Result<T, SnapshotError>) -> Result<T, SnapshotError> {
+/// Logs the outcome of a call inside its span, with the time it took since `start`
+/// (`LAZYSNAP_LOG=lazysnap=debug` shows every call: where a pull's time goes, call by call).
+fn traced<T>(start: Instant, result: Result<T, SnapshotError>) -> Result<T, SnapshotError> {
+    let ms = start.elapsed().as_secs_f64() * 1e3;
     match &result {
-        Ok(_) => tracing::debug!("ok"),
-        Err(e) => tracing::debug!("{e}"),
+        Ok(_) => tracing::debug!(ms, "ok"),
+        Err(e) => tracing::debug!(ms, "{e}"),
     }
     result
 }
@@ -101,7 +104,8 @@ impl containerd_snapshots::Snapshotter for Grpc {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn stat(&self, key: String) -> Result<GrpcInfo, SnapshotError> {
-        traced(self.snapshotter.stat(&key)).map(to_grpc_info)
+        let start = Instant::now();
+        traced(start, self.snapshotter.stat(&key)).map(to_grpc_info)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -110,7 +114,9 @@ impl containerd_snapshots::Snapshotter for Grpc {
         info: GrpcInfo,
         fieldpaths: Option<Vec<String>>,
     ) -> Result<GrpcInfo, SnapshotError> {
+        let start = Instant::now();
         traced(
+            start,
             self.snapshotter
                 .update(from_grpc_info(info), &fieldpaths.unwrap_or_default()),
         )
@@ -132,7 +138,8 @@ impl containerd_snapshots::Snapshotter for Grpc {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn mounts(&self, key: String) -> Result<Vec<GrpcMount>, SnapshotError> {
-        traced(self.snapshotter.mounts(&key).await).map(to_grpc_mounts)
+        let start = Instant::now();
+        traced(start, self.snapshotter.mounts(&key).await).map(to_grpc_mounts)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -142,7 +149,8 @@ impl containerd_snapshots::Snapshotter for Grpc {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<GrpcMount>, SnapshotError> {
-        traced(self.snapshotter.prepare(&key, &parent, labels).await).map(to_grpc_mounts)
+        let start = Instant::now();
+        traced(start, self.snapshotter.prepare(&key, &parent, labels).await).map(to_grpc_mounts)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -152,7 +160,8 @@ impl containerd_snapshots::Snapshotter for Grpc {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<GrpcMount>, SnapshotError> {
-        traced(self.snapshotter.view(&key, &parent, labels).await).map(to_grpc_mounts)
+        let start = Instant::now();
+        traced(start, self.snapshotter.view(&key, &parent, labels).await).map(to_grpc_mounts)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -162,9 +171,11 @@ impl containerd_snapshots::Snapshotter for Grpc {
         key: String,
         labels: HashMap<String, String>,
     ) -> Result<(), SnapshotError> {
+        let start = Instant::now();
         let snapshotter = self.snapshotter.clone();
         // Commit measures the tree: off the async threads.
         traced(
+            start,
             tokio::task::spawn_blocking(move || snapshotter.commit(&name, &key, labels))
                 .await
                 .map_err(|e| SnapshotError::FailedPrecondition(format!("commit task failed: {e}")))
@@ -174,7 +185,8 @@ impl containerd_snapshots::Snapshotter for Grpc {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn remove(&self, key: String) -> Result<(), SnapshotError> {
-        traced(self.snapshotter.remove(&key).await)
+        let start = Instant::now();
+        traced(start, self.snapshotter.remove(&key).await)
     }
 
     async fn clear(&self) -> Result<(), SnapshotError> {
@@ -189,7 +201,8 @@ impl containerd_snapshots::Snapshotter for Grpc {
         _snapshotter: String,
         filters: Vec<String>,
     ) -> Result<InfoStream, SnapshotError> {
-        let infos = traced(self.snapshotter.walk(&filters))?;
+        let start = Instant::now();
+        let infos = traced(start, self.snapshotter.walk(&filters))?;
         tracing::debug!(found = infos.len());
         Ok(stream::iter(
             infos

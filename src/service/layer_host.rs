@@ -48,6 +48,11 @@ enum Request {
     Unmount {
         id: u64,
     },
+    Warm {
+        image: String,
+        manifest: String,
+        layers: Vec<String>,
+    },
     Mounted,
     ReleaseStalePins {
         live: Vec<u64>,
@@ -206,6 +211,14 @@ async fn handle(
         },
         Request::Unmount { id } => {
             host.unmount(id).await;
+            Response::Done
+        }
+        Request::Warm {
+            image,
+            manifest,
+            layers,
+        } => {
+            host.warm(image, manifest, layers).await;
             Response::Done
         }
         Request::Mounted => Response::Ids {
@@ -431,6 +444,21 @@ impl LayerHost for LayerHostClient {
         dir: PathBuf,
     ) -> BoxFuture<'_, Result<Usage, Fallback>> {
         async move { fallback(self.request(&Request::Mount { id, layer, dir }).await) }.boxed()
+    }
+
+    fn warm(&self, image: String, manifest: String, layers: Vec<String>) -> BoxFuture<'_, ()> {
+        async move {
+            let request = Request::Warm {
+                image,
+                manifest,
+                layers,
+            };
+            // Only a head start: each Prepare still finds its own layer if this did not.
+            if let Err(e) = self.exchange(&request).await {
+                tracing::debug!("layer host did not start finding layers ahead: {e}");
+            }
+        }
+        .boxed()
     }
 
     fn unmount(&self, id: u64) -> BoxFuture<'_, ()> {

@@ -30,6 +30,9 @@ pub trait LayerHost: Send + Sync + std::fmt::Debug + 'static {
         layer: RemoteLayer,
         dir: PathBuf,
     ) -> BoxFuture<'_, Result<Usage, Fallback>>;
+    /// Starts finding `layers` (digests) of `image` in the background, so that their Prepare
+    /// calls, which containerd makes one after another, find them ready. Returns at once.
+    fn warm(&self, image: String, manifest: String, layers: Vec<String>) -> BoxFuture<'_, ()>;
     /// Unmounts snapshot `id`'s layer, releases its pins and trims the cache to its budget.
     fn unmount(&self, id: u64) -> BoxFuture<'_, ()>;
     /// The snapshot ids whose layers are mounted now.
@@ -101,6 +104,11 @@ impl LayerHost for LocalHost {
             Ok(usage)
         }
         .boxed()
+    }
+
+    fn warm(&self, image: String, manifest: String, layers: Vec<String>) -> BoxFuture<'_, ()> {
+        self.remote.warm(&image, &manifest, &layers);
+        async {}.boxed()
     }
 
     fn unmount(&self, id: u64) -> BoxFuture<'_, ()> {

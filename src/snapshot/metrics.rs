@@ -20,6 +20,10 @@ pub(super) struct SnapshotMetrics {
     /// those whose did not (their snapshots are refused from then on).
     pub verified: IntCounter,
     pub verify_failures: IntCounter,
+    /// Lazy layers whose Prepare found them already found (manifest and TOC read at the image's
+    /// first Prepare, with the other layers). Counted where layers are served (the layer host),
+    /// so not named `snapshot_`: the service's page shows the host's.
+    pub located_ahead: IntCounter,
 }
 
 pub(super) static METRICS: LazyLock<SnapshotMetrics> = LazyLock::new(|| {
@@ -62,6 +66,12 @@ pub(super) static METRICS: LazyLock<SnapshotMetrics> = LazyLock::new(|| {
              claims; their snapshots are refused.",
         ))
         .expect("valid metric"),
+        located_ahead: IntCounter::with_opts(opts(
+            "layers_found_ahead_total",
+            "Lazy layers whose manifest and TOC were read ahead of their own Prepare, with the \
+             image's other layers.",
+        ))
+        .expect("valid metric"),
     };
     let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
         Box::new(m.lazy_layers.clone()),
@@ -71,6 +81,7 @@ pub(super) static METRICS: LazyLock<SnapshotMetrics> = LazyLock::new(|| {
         Box::new(m.mounted.clone()),
         Box::new(m.verified.clone()),
         Box::new(m.verify_failures.clone()),
+        Box::new(m.located_ahead.clone()),
     ];
     for c in collectors {
         if let Err(e) = crate::metrics::METRICS.registry.register(c) {

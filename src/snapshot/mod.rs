@@ -11,6 +11,8 @@
 //! - [`Store`]: the synchronous semantics and persistence (unit-tested without containerd);
 //! - [`Snapshotter`]: the store plus lazy layers (the remote handshake, restore on start);
 //! - [`LayerHost`]: the process serving lazy layers ([`LocalHost`]: this one);
+//! - `locate`: finding a layer's manifest and TOC, and an image's layers ahead of their Prepare;
+//! - `profiles`: start-up profiles, looked up once per image, prefetched per layer at mount;
 //! - `verify`: what a lazy snapshot was made from, and the check of its `diff_id`;
 //! - `filter`: containerd's filter language for Walk/List;
 //! - `hosts`: registry mirrors from containerd's `hosts.toml` files.
@@ -19,8 +21,10 @@ mod db;
 pub mod filter;
 mod host;
 pub mod hosts;
+mod locate;
 mod metrics;
 mod mounts;
+mod profiles;
 mod remote;
 mod snapshotter;
 mod store;
@@ -45,6 +49,9 @@ pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
 pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// CRI's label listing the image's layers from the one being prepared upwards (comma-separated
+/// digests): the first Prepare of an image has lazysnapd find all of them at once.
+pub const LABEL_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 
 /// Errors map one to one onto the gRPC codes containerd acts on.
 #[derive(Debug, thiserror::Error)]

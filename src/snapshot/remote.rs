@@ -12,21 +12,28 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::hosts::Hosts;
+use super::locate::{Found, Locator};
+use super::profiles::Lookup;
 use super::verify::{self, Expected, Verification};
-use super::{Usage, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
+use super::{
+    Usage, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
+};
 use crate::cache::ChunkCache;
 use crate::fetch::{FetchConfig, LayerFetcher};
 use crate::fs::{self, LayerMount, LayerSession, MountOptions};
-use crate::oci::{self, Digest, Reference};
 use crate::registry::{Client, ClientConfig};
 use crate::{format, inspect};
 
-/// The same facts under stargz-snapshotter's own label names, which `ctr-remote` also sends.
+/// The same facts under stargz-snapshotter's own label names, which `ctr-remote` also sends
+/// (`ctr-remote image rpull` sends only these).
 const STARGZ_IMAGE_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
 const STARGZ_LAYER_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+const STARGZ_IMAGE_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
+/// Layers of one image found ahead for one Prepare, at most (containerd allows 127 layers; the
+/// label lists are cut to fit containerd's label size anyway).
+const MAX_IMAGE_LAYERS: usize = 128;
 
 /// How lazy layers are fetched and served.
 #[derive(Debug, Clone)]
@@ -148,6 +155,23 @@ impl RemoteLayer {
     }
 }
 
+/// The image's layers a Prepare's labels list (this layer and those above it, as CRI and
+/// `ctr-remote` send them), at most [`MAX_IMAGE_LAYERS`]; empty when they list none.
+pub fn image_layers(labels: &HashMap<String, String>) -> Vec<String> {
+    [LABEL_IMAGE_LAYERS, STARGZ_IMAGE_LAYERS]
+        .iter()
+        .find_map(|k| labels.get(*k))
+        .map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .take(MAX_IMAGE_LAYERS)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A mounted lazy layer: its FUSE session and its background fetch (stopped when dropped, before
 /// the unmount).
 #[derive(Debug)]
@@ -167,10 +191,8 @@ impl Drop for Mounted {
 #[derive(Debug)]
 pub(super) struct Remote {
     config: RemoteConfig,
-    client: Client,
-    /// For mirrors that `hosts.toml` names with `http://`.
-    plain_client: Client,
-    hosts: Hosts,
+    /// Finds layers (manifest, descriptor, TOC), ahead of their Prepare when it can.
+    locator: Arc<Locator>,
     cache: ChunkCache,
     /// The FUSE session serving this process's lazy layers while any is mounted (its layer
     /// mounts hold it; with the last one gone it is unmounted, and the next layer mounts anew).
@@ -181,13 +203,6 @@ pub(super) struct Remote {
     sessions: std::sync::atomic::AtomicU64,
     /// Holds the session's directory when the config names none.
     _session_temp: Option<tempfile::TempDir>,
-}
-
-/// A lazy layer found at one host: its blob size, layout and verified TOC.
-struct Located {
-    size: u64,
-    lazy: format::LazyLayer,
-    toc: Arc<format::Toc>,
 }
 
 impl Remote {
@@ -217,10 +232,16 @@ impl Remote {
                 (temp.path().to_owned(), Some(temp))
             }
         };
+        let locator = Locator::new(
+            client_for(false)?,
+            client_for(true)?,
+            Hosts::new(config.hosts_dir.clone()),
+            config.limits,
+            config.fetch.scheduler.clone(),
+            config.fs.read_timeout,
+        );
         Ok(Self {
-            client: client_for(false)?,
-            plain_client: client_for(true)?,
-            hosts: Hosts::new(config.hosts_dir.clone()),
+            locator: Arc::new(locator),
             config,
             cache,
             session: std::sync::Mutex::new(std::sync::Weak::new()),
@@ -250,6 +271,13 @@ impl Remote {
 
     pub(super) fn enabled(&self) -> bool {
         self.config.enabled
+    }
+
+    /// Starts finding `layers` of `image` ahead of their Prepare calls (see `locate`).
+    pub(super) fn warm(&self, image: &str, manifest: &str, layers: &[String]) {
+        if self.config.enabled {
+            self.locator.warm(image, manifest, layers);
+        }
     }
 
     /// [`Self::mount`] bounded by the read timeout: a registry that hangs must not hold up
@@ -283,42 +311,17 @@ impl Remote {
         dir: &Path,
         pin_owner: String,
     ) -> Result<(Mounted, Usage), Fallback> {
-        let reference: Reference = layer
-            .image
-            .parse()
-            .map_err(|e| Fallback::new("labels", format!("image {}: {e}", layer.image)))?;
-        let digest: Digest = layer
-            .layer
-            .parse()
-            .map_err(|e| Fallback::new("labels", format!("layer {}: {e}", layer.layer)))?;
-        // Mirrors first, as hosts.toml orders them; a host that fails moves on to the next.
-        let mut failure = None;
-        let mut found = None;
-        for host in self.hosts.candidates(&reference.registry) {
-            let at = Reference {
-                registry: host.host.clone(),
-                ..reference.clone()
-            };
-            let client = if host.plain_http {
-                &self.plain_client
-            } else {
-                &self.client
-            };
-            match self.locate(client, &at, &layer.manifest, digest).await {
-                Ok(located) => {
-                    found = Some((client.clone(), at, located));
-                    break;
-                }
-                Err(f) if matches!(f.reason, "registry" | "toc") => {
-                    tracing::debug!(host = %host.host, reason = f.reason, "{}", f.message);
-                    failure = Some(f);
-                }
-                Err(f) => return Err(f),
-            }
-        }
-        let Some((client, reference, Located { size, lazy, toc })) = found else {
-            return Err(failure.unwrap_or_else(|| Fallback::new("registry", "no host to try")));
-        };
+        let started = std::time::Instant::now();
+        let Found {
+            client,
+            reference,
+            digest,
+            size,
+            lazy,
+            toc,
+            profile,
+        } = self.locator.find(layer).await?;
+        let found_in = started.elapsed();
         let fetcher = LayerFetcher::new(
             client,
             reference.clone(),
@@ -347,6 +350,8 @@ impl Remote {
             format = inspect::format_name(lazy.format),
             entries = toc.entries.len(),
             dir = %dir.display(),
+            found_ms = found_in.as_millis() as u64,
+            mount_ms = (started.elapsed() - found_in).as_millis() as u64,
             "layer mounted lazily"
         );
         let usage = Usage {
@@ -361,6 +366,7 @@ impl Remote {
         let background = tokio::spawn(background(
             fetcher,
             toc,
+            profile,
             self.cache.clone(),
             pin_owner.clone(),
             self.config.background_fetch,
@@ -377,123 +383,38 @@ impl Remote {
     }
 }
 
-impl Remote {
-    /// Finds the layer `digest` of `reference`'s manifest at one host and reads its TOC.
-    async fn locate(
-        &self,
-        client: &Client,
-        reference: &Reference,
-        manifest_digest: &str,
-        digest: Digest,
-    ) -> Result<Located, Fallback> {
-        let manifest = self.manifest(client, reference, manifest_digest).await?;
-        let descriptor = manifest["layers"]
-            .as_array()
-            .and_then(|layers| {
-                layers
-                    .iter()
-                    .find(|d| d["digest"].as_str() == Some(digest.to_string().as_str()))
-            })
-            .ok_or_else(|| {
-                Fallback::new(
-                    "manifest",
-                    format!("the manifest of {reference} has no layer {digest}"),
-                )
-            })?;
-        let size = descriptor["size"].as_u64().unwrap_or(0);
-        let media_type = descriptor["mediaType"].as_str().unwrap_or_default();
-        let annotations = oci::string_map(descriptor.get("annotations"));
-        let lazy = format::detect(media_type, &annotations).ok_or_else(|| {
-            Fallback::new(
-                "not_lazy",
-                format!(
-                    "layer {} ({media_type}) is not in a lazy format",
-                    digest.short()
-                ),
-            )
-        })?;
-        let read = |start: u64, end: u64| async move {
-            client
-                .get_blob_range(reference, &digest, start..end)
-                .await
-                .map(|b| b.to_vec())
-        };
-        let toc = crate::fetch::read_toc(
-            &digest,
-            &lazy,
-            size,
-            &self.config.limits,
-            &self.config.fetch.scheduler,
-            read,
-        )
-        .await
-        .map_err(|e| Fallback::new("toc", e))?;
-        Ok(Located {
-            size,
-            lazy,
-            toc: Arc::new(toc),
-        })
-    }
-
-    /// The image manifest: fetched by `digest` (and so verified) when the labels name it, else
-    /// resolved from the reference, through an index to this host's platform.
-    async fn manifest(
-        &self,
-        client: &Client,
-        reference: &Reference,
-        digest: &str,
-    ) -> Result<Value, Fallback> {
-        let fetched = if digest.is_empty() {
-            let fetched = client
-                .get_manifest(reference)
-                .await
-                .map_err(|e| Fallback::new("registry", e))?;
-            let document = oci::parse_document(fetched.media_type.as_deref(), &fetched.bytes)
-                .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))?;
-            match document {
-                oci::ImageDocument::Index(index) => {
-                    let chosen = oci::select_platform(&index, &oci::Platform::host())
-                        .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))?;
-                    let digest: Digest = chosen
-                        .digest()
-                        .to_string()
-                        .parse()
-                        .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))?;
-                    client
-                        .get_manifest(&reference.with_digest(digest))
-                        .await
-                        .map_err(|e| Fallback::new("registry", e))?
-                }
-                _ => fetched,
-            }
-        } else {
-            let digest: Digest = digest
-                .parse()
-                .map_err(|e| Fallback::new("labels", format!("manifest {digest}: {e}")))?;
-            // Asked for by digest, so the registry client verifies the bytes.
-            client
-                .get_manifest(&reference.with_digest(digest))
-                .await
-                .map_err(|e| Fallback::new("registry", e))?
-        };
-        serde_json::from_slice(&fetched.bytes)
-            .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))
-    }
-}
-
-/// Prefetch set first; then, if asked, the whole layer, pinned so eviction cannot undo it while
+/// The image's start-up profile's part for this layer first (if the image has a profile), then
+/// the TOC's prefetch set; then, if asked, the whole layer, pinned so eviction cannot undo it while
 /// it is mounted (once complete it no longer needs the registry). With `verify`, the whole blob is
 /// streamed even if every chunk is cached, and the verdict on its uncompressed digest is written
 /// for the snapshot mounted at the given `fs` dir.
 async fn background(
     fetcher: LayerFetcher,
     toc: Arc<format::Toc>,
+    profile: Lookup,
     cache: ChunkCache,
     owner: String,
     complete: bool,
     verify: Option<(Expected, std::path::PathBuf)>,
 ) {
     let layer = fetcher.blob().short();
+    // Started before the TOC was read: usually answered by now.
+    if let Some(profile) = profile.await {
+        if let Some(part) = profile.layer(&fetcher.blob()) {
+            match fetcher.prefetch_profile(&toc, part).await {
+                Ok(done) => tracing::info!(
+                    %layer,
+                    fetched = done.fetched,
+                    held = done.held,
+                    unknown = done.unknown,
+                    requests = done.requests,
+                    bytes = done.bytes,
+                    "start-up profile prefetched"
+                ),
+                Err(e) => tracing::warn!(%layer, "start-up profile prefetch failed: {e}"),
+            }
+        }
+    }
     if !toc.prefetch.is_empty() {
         if let Err(e) = fetcher.prefetch(&toc, &toc.prefetch).await {
             tracing::warn!(%layer, "prefetch failed: {e}");
@@ -550,5 +471,22 @@ mod tests {
         labels.remove(LABEL_LAYER_DIGEST);
         let fallback = RemoteLayer::from_labels(&labels).unwrap_err();
         assert_eq!(fallback.reason, "no_labels");
+    }
+
+    #[test]
+    fn the_image_layers_come_from_cri_or_stargz_labels_and_are_bounded() {
+        let mut labels = HashMap::new();
+        assert!(image_layers(&labels).is_empty());
+        labels.insert(
+            STARGZ_IMAGE_LAYERS.to_owned(),
+            "sha256:a, sha256:b,,".to_owned(),
+        );
+        assert_eq!(image_layers(&labels), ["sha256:a", "sha256:b"]);
+        // CRI's own label wins when both are sent.
+        labels.insert(LABEL_IMAGE_LAYERS.to_owned(), "sha256:c".to_owned());
+        assert_eq!(image_layers(&labels), ["sha256:c"]);
+        let many = vec!["sha256:d"; MAX_IMAGE_LAYERS + 50].join(",");
+        labels.insert(LABEL_IMAGE_LAYERS.to_owned(), many);
+        assert_eq!(image_layers(&labels).len(), MAX_IMAGE_LAYERS);
     }
 }

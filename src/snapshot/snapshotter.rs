@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use super::host::LayerHost;
 use super::metrics::METRICS;
-use super::remote::Fallback;
+use super::remote::{self, Fallback};
 use super::verify;
 use super::{Info, Kind, Mount, RemoteLayer, SnapshotError, Store, Usage, LABEL_TARGET};
 
@@ -208,6 +208,14 @@ impl Snapshotter {
                 "internal",
                 format!("{target} exists with another parent"),
             ));
+        }
+        // containerd prepares the image's layers one after another: have them all found now, so
+        // that each later Prepare finds its layer ready instead of paying its round trips.
+        let layers = remote::image_layers(labels);
+        if !layers.is_empty() {
+            self.host
+                .warm(layer.image.clone(), layer.manifest.clone(), layers)
+                .await;
         }
         let layer = verify::with_facts(&self.store, target, parent, layer)?;
         let id = self

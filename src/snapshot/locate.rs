@@ -1,0 +1,405 @@
+//! Finding a lazy layer in its registry: the image manifest, the layer's descriptor in it, and
+//! its TOC, checked against the digest the descriptor's annotation pins before it is parsed; and
+//! finding all of an image's layers at once, ahead of containerd's Prepare calls.
+//!
+//! containerd prepares an image's layers one after another, each Prepare waiting for the one
+//! below. Were each layer found only when its own Prepare came, a pull would pay the manifest and
+//! TOC round trips once per layer, in series. Instead the first Prepare names the image's layers
+//! (CRI's `cri.image-layers` label, `ctr-remote`'s `stargz.layers`): every one of them is found
+//! at once ([`Locator::warm`], a few at a time), and each later Prepare takes its layer from
+//! there. The manifest is fetched once per image and shared (single flight, kept a while), so a
+//! pull fetches it once, not once per layer. Nothing is trusted more for having been found early:
+//! the same checks run, in the same order, and what a Prepare gets is what it would have found.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::FutureExt;
+use serde_json::Value;
+
+use super::hosts::Hosts;
+use super::metrics::METRICS;
+use super::profiles::{Lookup, Profiles};
+use super::remote::{Fallback, RemoteLayer};
+use crate::fetch::Scheduler;
+use crate::format;
+use crate::oci::{self, Digest, Reference};
+use crate::registry::Client;
+
+/// Layers found ahead at once (each holds a connection or two and, after, its TOC).
+const AHEAD_SLOTS: usize = 8;
+/// Layers found ahead and not yet taken, at most (their TOCs are held in memory meanwhile).
+const MAX_AHEAD: usize = 128;
+/// How long a layer found ahead waits for its Prepare (containerd may be downloading a layer
+/// that is not lazy meanwhile); after that it is dropped and found again if it is asked for.
+const AHEAD_TTL: Duration = Duration::from_secs(600);
+/// Manifests kept at once, and how long: long enough for one pull to prepare all its layers.
+const MAX_MANIFESTS: usize = 64;
+const MANIFEST_TTL: Duration = Duration::from_secs(60);
+
+/// A lazy layer found at one host: where, its blob size, layout and verified TOC, and the
+/// lookup of its image's start-up profile (started before the TOC was read).
+#[derive(Clone)]
+pub(super) struct Found {
+    pub client: Client,
+    /// The reference at the host that answered (a mirror, or the image's own registry).
+    pub reference: Reference,
+    pub digest: Digest,
+    pub size: u64,
+    pub lazy: format::LazyLayer,
+    pub toc: Arc<format::Toc>,
+    pub profile: Lookup,
+}
+
+/// An image manifest and its digest (what its start-up profile is found by).
+struct Manifest {
+    digest: Digest,
+    json: Value,
+}
+
+type Pending<T> = Shared<BoxFuture<'static, Result<T, Fallback>>>;
+/// (image or registry, manifest or repository, layer or tag-or-digest): see the maps' docs.
+type Key = (String, String, String);
+/// A manifest fetched (or being fetched) for several layers, and since when.
+type Kept = (Instant, Pending<Arc<Manifest>>);
+
+/// A layer being found (or found) ahead of its Prepare; `None` once taken, so that a later
+/// Prepare's label list naming it again does not start it again.
+struct Ahead {
+    at: Instant,
+    pending: Option<Pending<Arc<Found>>>,
+}
+
+/// Finds lazy layers (see the module docs). Shared by every mount of one layer host.
+pub(super) struct Locator {
+    client: Client,
+    /// For mirrors that `hosts.toml` names with `http://`.
+    plain_client: Client,
+    hosts: Hosts,
+    limits: format::Limits,
+    scheduler: Scheduler,
+    /// Bounds one layer found ahead (the read timeout, as for a layer found at its Prepare).
+    timeout: Duration,
+    /// By (registry, repository, tag or digest): manifests fetched, or being fetched.
+    manifests: Mutex<HashMap<Key, Kept>>,
+    /// By (image, manifest digest, layer digest) as the labels name them.
+    ahead: Mutex<HashMap<Key, Ahead>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Start-up profiles, looked up once per image manifest.
+    profiles: Profiles,
+}
+
+impl std::fmt::Debug for Locator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Locator")
+            .field("hosts", &self.hosts)
+            .field("ahead", &lock(&self.ahead).len())
+            .field("manifests", &lock(&self.manifests).len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn key(layer: &RemoteLayer) -> Key {
+    (
+        layer.image.clone(),
+        layer.manifest.clone(),
+        layer.layer.clone(),
+    )
+}
+
+impl Locator {
+    pub(super) fn new(
+        client: Client,
+        plain_client: Client,
+        hosts: Hosts,
+        limits: format::Limits,
+        scheduler: Scheduler,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            client,
+            plain_client,
+            hosts,
+            limits,
+            scheduler,
+            timeout,
+            manifests: Mutex::new(HashMap::new()),
+            ahead: Mutex::new(HashMap::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(AHEAD_SLOTS)),
+            profiles: Profiles::new(timeout),
+        }
+    }
+
+    /// Starts finding `layers` (digests) of `image` (whose manifest digest is `manifest`, or
+    /// empty: resolved from the tag) in the background, a few at a time, unless they are being
+    /// found already. Digests that do not parse are skipped (their own Prepare reports them).
+    /// Must run inside a tokio runtime.
+    pub(super) fn warm(self: &Arc<Self>, image: &str, manifest: &str, layers: &[String]) {
+        let now = Instant::now();
+        let mut ahead = lock(&self.ahead);
+        ahead.retain(|_, a| now.duration_since(a.at) < AHEAD_TTL);
+        let mut started = 0;
+        for digest in layers.iter().filter(|d| d.parse::<Digest>().is_ok()) {
+            let layer = RemoteLayer {
+                image: image.to_owned(),
+                manifest: manifest.to_owned(),
+                layer: digest.clone(),
+                compressed_chain: String::new(),
+                expected: None,
+            };
+            let k = key(&layer);
+            if ahead.contains_key(&k) {
+                continue;
+            }
+            if ahead.len() >= MAX_AHEAD {
+                tracing::debug!(
+                    image,
+                    "{MAX_AHEAD} layers are being found ahead already; the rest wait for their Prepare"
+                );
+                break;
+            }
+            let me = self.clone();
+            let task = tokio::spawn(async move {
+                let _slot = me.slots.clone().acquire_owned().await;
+                let limit = me.timeout;
+                tokio::time::timeout(limit, me.find_now(&layer))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Fallback::new(
+                            "timeout",
+                            format!("the registry did not give the layer's TOC within {limit:?}"),
+                        ))
+                    })
+                    .map(Arc::new)
+            });
+            let pending = async move {
+                task.await.unwrap_or_else(|e| {
+                    Err(Fallback::new(
+                        "internal",
+                        format!("finding a layer ahead: {e}"),
+                    ))
+                })
+            }
+            .boxed()
+            .shared();
+            ahead.insert(
+                k,
+                Ahead {
+                    at: now,
+                    pending: Some(pending),
+                },
+            );
+            started += 1;
+        }
+        if started > 0 {
+            tracing::debug!(image, layers = started, "finding the image's layers ahead");
+        }
+    }
+
+    /// Finds `layer`: taken from what [`Self::warm`] started if it did, else found now.
+    pub(super) async fn find(self: &Arc<Self>, layer: &RemoteLayer) -> Result<Found, Fallback> {
+        let pending = lock(&self.ahead)
+            .get_mut(&key(layer))
+            .and_then(|a| a.pending.take());
+        let Some(pending) = pending else {
+            return self.find_now(layer).await;
+        };
+        match pending.await {
+            Ok(found) => {
+                METRICS.located_ahead.inc();
+                Ok((*found).clone())
+            }
+            // Not a verdict on the layer (a task that died): try once more, now.
+            Err(f) if f.reason == "internal" => self.find_now(layer).await,
+            // The same attempt the Prepare would have made, made earlier: its answer stands.
+            Err(f) => Err(f),
+        }
+    }
+
+    /// Finds `layer` at the first host that has it: mirrors first, as `hosts.toml` orders them;
+    /// a host that fails moves on to the next.
+    async fn find_now(&self, layer: &RemoteLayer) -> Result<Found, Fallback> {
+        let reference: Reference = layer
+            .image
+            .parse()
+            .map_err(|e| Fallback::new("labels", format!("image {}: {e}", layer.image)))?;
+        let digest: Digest = layer
+            .layer
+            .parse()
+            .map_err(|e| Fallback::new("labels", format!("layer {}: {e}", layer.layer)))?;
+        let mut failure = None;
+        for host in self.hosts.candidates(&reference.registry) {
+            let at = Reference {
+                registry: host.host.clone(),
+                ..reference.clone()
+            };
+            let client = if host.plain_http {
+                &self.plain_client
+            } else {
+                &self.client
+            };
+            match self.locate(client, at, &layer.manifest, digest).await {
+                Ok(found) => return Ok(found),
+                Err(f) if matches!(f.reason, "registry" | "toc") => {
+                    tracing::debug!(host = %host.host, reason = f.reason, "{}", f.message);
+                    failure = Some(f);
+                }
+                Err(f) => return Err(f),
+            }
+        }
+        Err(failure.unwrap_or_else(|| Fallback::new("registry", "no host to try")))
+    }
+
+    /// Finds the layer `digest` of `reference`'s manifest at one host and reads its TOC.
+    async fn locate(
+        &self,
+        client: &Client,
+        reference: Reference,
+        manifest_digest: &str,
+        digest: Digest,
+    ) -> Result<Found, Fallback> {
+        let manifest = self.manifest(client, &reference, manifest_digest).await?;
+        // The image's profile is looked up while this layer's TOC is read (once per image).
+        let profile = self.profiles.lookup(client, &reference, manifest.digest);
+        let descriptor = manifest.json["layers"]
+            .as_array()
+            .and_then(|layers| {
+                layers
+                    .iter()
+                    .find(|d| d["digest"].as_str() == Some(digest.to_string().as_str()))
+            })
+            .ok_or_else(|| {
+                Fallback::new(
+                    "manifest",
+                    format!("the manifest of {reference} has no layer {digest}"),
+                )
+            })?;
+        let size = descriptor["size"].as_u64().unwrap_or(0);
+        let media_type = descriptor["mediaType"].as_str().unwrap_or_default();
+        let annotations = oci::string_map(descriptor.get("annotations"));
+        let lazy = format::detect(media_type, &annotations).ok_or_else(|| {
+            Fallback::new(
+                "not_lazy",
+                format!(
+                    "layer {} ({media_type}) is not in a lazy format",
+                    digest.short()
+                ),
+            )
+        })?;
+        let at = &reference;
+        // One range read when the descriptor states the TOC's position (lazysnap's and
+        // zstd:chunked's annotations), two (footer, then TOC) otherwise.
+        let read = |start: u64, end: u64| async move {
+            client
+                .get_blob_range(at, &digest, start..end)
+                .await
+                .map(|b| b.to_vec())
+        };
+        let toc = crate::fetch::read_toc(&digest, &lazy, size, &self.limits, &self.scheduler, read)
+            .await
+            .map_err(|e| Fallback::new("toc", e))?;
+        Ok(Found {
+            client: client.clone(),
+            reference,
+            digest,
+            size,
+            lazy,
+            toc: Arc::new(toc),
+            profile,
+        })
+    }
+
+    /// The image manifest, fetched once for every layer of a pull: by `digest` (and so verified)
+    /// when the labels name it, else resolved from the reference, through an index to this
+    /// host's platform. A failure is not kept: the next layer asks again.
+    async fn manifest(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        digest: &str,
+    ) -> Result<Arc<Manifest>, Fallback> {
+        let k = (
+            reference.registry.clone(),
+            reference.repository.clone(),
+            if digest.is_empty() {
+                reference.tag_or_digest()
+            } else {
+                digest.to_owned()
+            },
+        );
+        let pending = {
+            let now = Instant::now();
+            let mut manifests = lock(&self.manifests);
+            manifests.retain(|_, (at, _)| now.duration_since(*at) < MANIFEST_TTL);
+            if manifests.len() >= MAX_MANIFESTS && !manifests.contains_key(&k) {
+                manifests.clear();
+            }
+            manifests
+                .entry(k.clone())
+                .or_insert_with(|| {
+                    let fetch =
+                        fetch_manifest(client.clone(), reference.clone(), digest.to_owned());
+                    (now, fetch.boxed().shared())
+                })
+                .1
+                .clone()
+        };
+        let result = pending.await;
+        if result.is_err() {
+            lock(&self.manifests).remove(&k);
+        }
+        result
+    }
+}
+
+async fn fetch_manifest(
+    client: Client,
+    reference: Reference,
+    digest: String,
+) -> Result<Arc<Manifest>, Fallback> {
+    let fetched = if digest.is_empty() {
+        let fetched = client
+            .get_manifest(&reference)
+            .await
+            .map_err(|e| Fallback::new("registry", e))?;
+        let document = oci::parse_document(fetched.media_type.as_deref(), &fetched.bytes)
+            .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))?;
+        match document {
+            oci::ImageDocument::Index(index) => {
+                let chosen = oci::select_platform(&index, &oci::Platform::host())
+                    .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))?;
+                let digest: Digest = chosen
+                    .digest()
+                    .to_string()
+                    .parse()
+                    .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))?;
+                client
+                    .get_manifest(&reference.with_digest(digest))
+                    .await
+                    .map_err(|e| Fallback::new("registry", e))?
+            }
+            _ => fetched,
+        }
+    } else {
+        let digest: Digest = digest
+            .parse()
+            .map_err(|e| Fallback::new("labels", format!("manifest {digest}: {e}")))?;
+        // Asked for by digest, so the registry client verifies the bytes.
+        client
+            .get_manifest(&reference.with_digest(digest))
+            .await
+            .map_err(|e| Fallback::new("registry", e))?
+    };
+    let json = serde_json::from_slice(&fetched.bytes)
+        .map_err(|e| Fallback::new("manifest", format!("{reference}: {e}")))?;
+    Ok(Arc::new(Manifest {
+        digest: fetched.digest,
+        json,
+    }))
+}
