@@ -365,6 +365,75 @@ async fn oversized_and_foreign_profiles_are_refused_with_a_clear_error() -> Resu
     Ok(())
 }
 
+/// Deletes a manifest from the registry by digest (the registry's own API, with curl).
+fn delete_manifest(registry: &TestRegistry, repository: &str, digest: &str) -> Result<()> {
+    let url = format!("{}/v2/{repository}/manifests/{digest}", registry.url());
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "DELETE",
+            &url,
+        ])
+        .output()?;
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(code == "202", "DELETE {url}: HTTP {code}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_listed_profile_that_is_gone_is_passed_over() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let client = client(&registry);
+    let reference = registry.reference("app:v1")?;
+    let image = push_image(&client, &reference, 1).await?;
+    let older_profile = profile_of(image, 2);
+    let older = store::push(&client, &reference, &older_profile).await?;
+    let older_entry = tag_index(&client, &reference, &image)
+        .await
+        .context("tag")?["manifests"][0]
+        .clone();
+    let newer_profile = profile_of(image, 7);
+    let newer = push_artifact_by_hand(
+        &client,
+        &reference,
+        &image,
+        MEDIA_TYPE,
+        MEDIA_TYPE,
+        newer_profile.encode()?,
+    )
+    .await?;
+    write_tag_index(
+        &client,
+        &reference,
+        &image,
+        vec![older_entry, newer.clone()],
+    )
+    .await?;
+    assert_eq!(
+        store::find(&client, &reference, &image).await?,
+        Some(newer_profile)
+    );
+    // The newer one is deleted, its entry stays: the older one is found.
+    delete_manifest(
+        &registry,
+        "app",
+        newer["digest"].as_str().context("digest")?,
+    )?;
+    assert_eq!(
+        store::find(&client, &reference, &image).await?,
+        Some(older_profile)
+    );
+    // Both gone: none, not an error.
+    delete_manifest(&registry, "app", &older.to_string())?;
+    assert_eq!(store::find(&client, &reference, &image).await?, None);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Recording on a real image: busybox-static (from Debian) plus a layer of our own files,
 // converted to zstd:chunked with small chunks, run with real FUSE, overlayfs and runc.

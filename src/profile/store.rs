@@ -33,6 +33,8 @@ pub const EMPTY_BLOB: &[u8] = b"{}";
 pub const CREATED: &str = "org.opencontainers.image.created";
 /// The largest artifact manifest read: ours are well under 1 KiB.
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 10;
+/// The most listed profiles [`find`] reads when the newer ones are gone from the registry.
+const MAX_TRIED: usize = 4;
 
 /// Why a profile could not be found, read or stored.
 #[derive(Debug, thiserror::Error)]
@@ -140,13 +142,18 @@ pub async fn find(
         Some(e) => tracing::debug!(error = %e, "one referrers lookup failed; the other answered"),
         None => {}
     }
-    let Some(newest) = newest(candidates) else {
-        tracing::debug!("no profile");
-        return Ok(None);
-    };
-    read_profile(client, reference, manifest, &newest)
-        .await
-        .map(Some)
+    // A listed profile whose manifest or document is gone (deleted, collected) is stale: the
+    // next older one is tried, a few at most.
+    for referrer in newest_first(candidates).iter().take(MAX_TRIED) {
+        match read_profile(client, reference, manifest, referrer).await {
+            Err(StoreError::Registry(RegistryError::NotFound { .. })) => {
+                tracing::warn!(artifact = %referrer.digest, "a listed profile is gone from the registry; trying an older one");
+            }
+            found => return found.map(Some),
+        }
+    }
+    tracing::debug!("no profile");
+    Ok(None)
 }
 
 /// Pushes `profile` as an artifact whose subject is the image manifest `profile.image` in
@@ -307,15 +314,15 @@ fn profiles_in_index(bytes: &[u8]) -> Result<Vec<Referrer>, String> {
     Ok(found)
 }
 
-/// The most recently created profile; of equal dates, the one listed last.
-fn newest(candidates: Vec<Referrer>) -> Option<Referrer> {
-    candidates.into_iter().reduce(|best, next| {
-        if next.created >= best.created {
-            next
-        } else {
-            best
-        }
-    })
+/// The profiles, each once, the most recently created first; of equal dates, the one listed
+/// last goes first.
+fn newest_first(mut candidates: Vec<Referrer>) -> Vec<Referrer> {
+    candidates.reverse();
+    // Stable: equal dates keep the reversed listing order.
+    candidates.sort_by(|a, b| b.created.cmp(&a.created));
+    let mut seen = std::collections::HashSet::new();
+    candidates.retain(|r| seen.insert(r.digest));
+    candidates
 }
 
 /// Reads and checks the profile `referrer` names: manifest and document bounded before they are

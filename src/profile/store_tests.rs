@@ -1,5 +1,9 @@
 use super::*;
 
+fn newest(candidates: Vec<Referrer>) -> Option<Referrer> {
+    newest_first(candidates).into_iter().next()
+}
+
 fn entry(artifact_type: &str, digest: &Digest, created: Option<&str>) -> Value {
     let mut e = json!({
         "mediaType": MEDIA_TYPE_OCI_MANIFEST,
@@ -47,7 +51,9 @@ fn a_referrers_answer_yields_only_lazysnap_profiles_and_the_newest_wins() {
     let found = profiles_in_index(&bytes).unwrap();
     assert_eq!(found.len(), 3, "{found:?}");
     assert!(found.iter().all(|r| r.digest != sig && r.size == 512));
-    assert_eq!(newest(found).unwrap().digest, new);
+    assert_eq!(newest(found.clone()).unwrap().digest, new);
+    let order: Vec<Digest> = newest_first(found).into_iter().map(|r| r.digest).collect();
+    assert_eq!(order, vec![new, old, later_listed_older]);
 }
 
 #[test]
@@ -58,7 +64,10 @@ fn equal_dates_pick_the_last_listed_and_no_entries_pick_none() {
         entry(MEDIA_TYPE, &b, None),
     ]))
     .unwrap();
-    assert_eq!(newest(found).unwrap().digest, b);
+    assert_eq!(newest(found.clone()).unwrap().digest, b);
+    // Listed twice (by the API and the tag): tried once.
+    let twice = [found.clone(), found].concat();
+    assert_eq!(newest_first(twice).len(), 2);
     assert_eq!(newest(profiles_in_index(&index(vec![])).unwrap()), None);
     // An index without `manifests` (as a registry may send for none) holds no profile.
     assert!(profiles_in_index(br#"{"schemaVersion":2}"#)
