@@ -16,6 +16,8 @@ PACKAGES=(
   skopeo umoci debootstrap stargz-snapshotter busybox-static
   # independent oracles and test helpers
   zstd gzip tar attr apache2-utils curl jq ca-certificates python3
+  # scripts/containerd-versions.sh: verifies the other suites' Release files (apt-get download)
+  debian-archive-keyring
   # ss (free ports in the registry fixture), ip and tc (the cold-start benchmark's namespace)
   iproute2
   # tests/privilege.rs: setcap/getcap, and a static probe program built with cc -static

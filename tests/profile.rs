@@ -364,3 +364,397 @@ async fn oversized_and_foreign_profiles_are_refused_with_a_clear_error() -> Resu
         .is_err());
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Recording on a real image: busybox-static (from Debian) plus a layer of our own files,
+// converted to zstd:chunked with small chunks, run with real FUSE, overlayfs and runc.
+
+const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
+/// Chunk size of the converted test image: files of several chunks.
+const CHUNK: usize = 64 << 10;
+
+/// A state root for `lazysnap profile record`; whatever a failed test left mounted or running
+/// under it is removed on drop.
+struct Root(tempfile::TempDir);
+
+impl Root {
+    fn new() -> Result<Self> {
+        Ok(Self(tempfile::tempdir()?))
+    }
+
+    fn lazysnap(&self, args: &[&str]) -> Result<std::process::Output> {
+        let out = std::process::Command::new(BIN)
+            .arg("--root")
+            .arg(self.0.path())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        eprintln!(
+            "lazysnap {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out)
+    }
+
+    /// Nothing left under the root: no mount, no fresh recording root.
+    fn assert_clean(&self) -> Result<()> {
+        let left = common::mounts_below(self.0.path());
+        anyhow::ensure!(left.is_empty(), "mounts left behind: {left:?}");
+        let dirs: Vec<_> = std::fs::read_dir(self.0.path())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("profile-record-"))
+            .collect();
+        anyhow::ensure!(dirs.is_empty(), "recording roots left behind: {dirs:?}");
+        Ok(())
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(self.0.path()) {
+            for e in entries.flatten() {
+                let containers = e.path().join("containers");
+                for c in std::fs::read_dir(containers)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let _ = std::process::Command::new("runc")
+                        .args(["--root", "/run/lazysnap/runc", "delete", "--force"])
+                        .arg(c.file_name())
+                        .output();
+                }
+            }
+        }
+        common::unmount_below(self.0.path());
+    }
+}
+
+/// The files of the test's own layer.
+struct Files {
+    /// `srv/data/read`: 4.5 chunks, read by the test's command.
+    read: Vec<u8>,
+}
+
+/// Pushes busybox + a layer with `srv/data/read` and `srv/data/unread`, converted to
+/// zstd:chunked; returns the reference and our files.
+fn sample_image(registry: &TestRegistry, work: &std::path::Path) -> Result<(String, Files)> {
+    use common::image::{self, fixture, LayoutBuilder};
+    let bb = fixture(
+        "busybox-image.sh",
+        &[work.join("bb").to_str().context("path")?, "v1"],
+    )?;
+    let bb_dir = std::path::Path::new(bb.rsplit_once(':').context("layout:tag")?.0);
+    let index: Value = serde_json::from_slice(&std::fs::read(bb_dir.join("index.json"))?)?;
+    let manifest_digest = index["manifests"]
+        .as_array()
+        .and_then(|m| {
+            m.iter().find(|d| {
+                d["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some("v1")
+            })
+        })
+        .and_then(|d| d["digest"].as_str())
+        .context("busybox manifest")?;
+    let blob = |digest: &str| {
+        std::fs::read(
+            bb_dir
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+    };
+    let manifest: Value = serde_json::from_slice(&blob(manifest_digest)?)?;
+    let layer_digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("busybox layer")?;
+    let bb_tar = image::decompress(&blob(layer_digest)?)?;
+
+    let tree = work.join("tree");
+    std::fs::create_dir_all(tree.join("srv/data"))?;
+    let files = Files {
+        read: image::noise(CHUNK * 4 + CHUNK / 2, 11),
+    };
+    std::fs::write(tree.join("srv/data/read"), &files.read)?;
+    std::fs::write(tree.join("srv/data/unread"), image::noise(CHUNK * 2, 12))?;
+    let ours = image::tar_dir(&tree)?;
+
+    let layout = LayoutBuilder::new(&work.join("img"))?;
+    let desc = layout.image(&[bb_tar, ours], "amd64")?;
+    layout.tags(&[("v1", desc)])?;
+    let reference = format!("{}/sample/app:v1", registry.addr);
+    image::run(std::process::Command::new(BIN).args([
+        "convert",
+        "--chunk-size",
+        &CHUNK.to_string(),
+        &format!("oci:{}:v1", layout.dir.display()),
+        &reference,
+    ]))?;
+    Ok((reference, files))
+}
+
+fn sha256(bytes: &[u8]) -> Digest {
+    Digest::of(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recording_a_real_start_up_lists_the_chunks_the_command_read() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let (reference, files) = sample_image(&registry, work.path())?;
+    let root = Root::new()?;
+    let out = work.path().join("profile.json");
+    let result = root.lazysnap(&[
+        "profile",
+        "record",
+        "--push",
+        "--out",
+        out.to_str().context("path")?,
+        &reference,
+        "--",
+        "head",
+        "-c",
+        "100000",
+        "/srv/data/read",
+    ])?;
+    anyhow::ensure!(result.status.success(), "record failed");
+    root.assert_clean()?;
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("the container exited (0)"), "{stderr}");
+    // The container's own output went to stdout, then the artifact digest.
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.len() > 100_000, "the command's output is missing");
+
+    let profile = lazysnap::profile::show::read_file(&out)?;
+    let client = client(&registry);
+    let r: Reference = reference.parse()?;
+    let image = client.get_manifest(&r).await?;
+    assert_eq!(profile.image, image.digest);
+    assert_eq!(
+        profile.command,
+        vec!["head", "-c", "100000", "/srv/data/read"]
+    );
+    let manifest: Value = serde_json::from_slice(&image.bytes)?;
+    let ours: Digest = manifest["layers"][1]["digest"]
+        .as_str()
+        .context("layer 1")?
+        .parse()?;
+    let busybox: Digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("layer 0")?
+        .parse()?;
+    assert_eq!(
+        profile.layers.iter().map(|l| l.digest).collect::<Vec<_>>(),
+        vec![busybox, ours],
+        "layers bottom first, both read (busybox ran `head`)"
+    );
+    assert!(profile.layers.iter().all(|l| l.diff_id.is_some()));
+
+    // Our layer: the chunks `head -c 100000` needs are the file's first two, in that order
+    // (each checked against the file's bytes here, not against lazysnap's TOC); the unread file
+    // is absent. Reads ahead may add later chunks of the same file, never before these.
+    let layer = profile.layer(&ours).context("our layer")?;
+    let read: Vec<(&str, u64)> = layer
+        .accesses
+        .iter()
+        .map(|a| (a.name.as_str(), a.offset))
+        .collect();
+    assert!(
+        read.starts_with(&[("srv/data/read", 0), ("srv/data/read", CHUNK as u64)]),
+        "{read:?}"
+    );
+    assert!(read.iter().all(|(n, _)| *n == "srv/data/read"), "{read:?}");
+    for a in &layer.accesses {
+        let start = a.offset as usize;
+        let end = (start + CHUNK).min(files.read.len());
+        assert_eq!(a.chunk, sha256(&files.read[start..end]), "{a:?}");
+    }
+    assert!(layer.accesses.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+    // The busybox layer: the binary the command ran.
+    let bb = profile.layer(&busybox).context("busybox layer")?;
+    assert!(
+        bb.accesses.iter().any(|a| a.name == "bin/busybox"),
+        "{:?}",
+        bb.accesses
+    );
+    // Every access is a chunk of its layer's TOC.
+    let tocs = lazysnap::profile::show::layer_tocs(&client, &r, &image.digest, &profile).await;
+    for l in &profile.layers {
+        let toc = tocs.get(&l.digest).context("toc")?;
+        for a in &l.accesses {
+            let entry = toc
+                .entries
+                .iter()
+                .find(|e| e.name == a.name)
+                .context("entry")?;
+            assert!(
+                entry
+                    .chunks
+                    .iter()
+                    .any(|c| c.digest == a.chunk && c.file_offset == a.offset),
+                "{a:?} is not a chunk of its entry"
+            );
+        }
+    }
+
+    // --push stored it: found through the registry, and shown.
+    let found = store::find(&client, &r, &image.digest).await?;
+    assert_eq!(found.as_ref(), Some(&profile));
+    let shown = root.lazysnap(&["profile", "show", &reference])?;
+    assert!(shown.status.success());
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("    srv/data/read"), "{text}");
+    assert!(text.contains("    bin/busybox"), "{text}");
+    assert!(
+        text.contains(&format!("layer 2/2 {}", ours.short())),
+        "{text}"
+    );
+    assert!(text.contains("compressed)"), "sizes from the TOC: {text}");
+    let from_file = root.lazysnap(&["profile", "show", out.to_str().context("path")?])?;
+    assert!(String::from_utf8_lossy(&from_file.stdout).contains("    srv/data/read"));
+    let json = root.lazysnap(&["profile", "show", "--json", &reference])?;
+    let parsed: Profile = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(parsed, profile);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recording_stops_a_quiet_container_and_show_says_when_there_is_none() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let (reference, _) = sample_image(&registry, work.path())?;
+    let root = Root::new()?;
+
+    let shown = root.lazysnap(&["profile", "show", &reference])?;
+    assert_eq!(shown.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("has no start-up profile"), "{text}");
+
+    let out = work.path().join("profile.json");
+    let started = std::time::Instant::now();
+    let result = root.lazysnap(&[
+        "profile",
+        "record",
+        "--quiet-ms",
+        "700",
+        "--out",
+        out.to_str().context("path")?,
+        &reference,
+        "--",
+        "sh",
+        "-c",
+        "cat /srv/data/read >/dev/null; sleep 300",
+    ])?;
+    anyhow::ensure!(result.status.success(), "record failed");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("nothing new was read for 700 ms"),
+        "{stderr}"
+    );
+    root.assert_clean()?;
+    let profile = lazysnap::profile::show::read_file(&out)?;
+    let names: std::collections::HashSet<&str> = profile
+        .layers
+        .iter()
+        .flat_map(|l| l.accesses.iter().map(|a| a.name.as_str()))
+        .collect();
+    assert!(names.contains("srv/data/read"), "{names:?}");
+    assert!(!names.contains("srv/data/unread"), "{names:?}");
+
+    // The time limit ends a container that keeps reading nothing (and never goes quiet enough).
+    let started = std::time::Instant::now();
+    let result = root.lazysnap(&[
+        "profile",
+        "record",
+        "--quiet-ms",
+        "600000",
+        "--time-limit",
+        "3",
+        "--out",
+        out.to_str().context("path")?,
+        &reference,
+        "--",
+        "sleep",
+        "300",
+    ])?;
+    anyhow::ensure!(result.status.success(), "record failed");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("the time limit of 3 s passed"), "{stderr}");
+    root.assert_clean()?;
+    Ok(())
+}
+
+/// Waits until `done`, at most `limit`.
+fn wait_until(
+    limit: std::time::Duration,
+    what: &str,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    while !done()? {
+        anyhow::ensure!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The whole workflow of issue 11's first two points: a profile recorded by one node and pushed
+/// is found by the next node's mount, which fetches the profiled chunks before anything reads
+/// them; the same reads then need no request of their own.
+#[test]
+fn a_recorded_and_pushed_profile_is_prefetched_by_the_next_mount() -> Result<()> {
+    use common::mount_process::MountProcess;
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = common::UnmountOnDrop(work.path().to_owned());
+    let (reference, files) = sample_image(&registry, work.path())?;
+    let root = Root::new()?;
+    let out = work.path().join("profile.json");
+    let recorded = root.lazysnap(&[
+        "profile",
+        "record",
+        "--push",
+        "--out",
+        out.to_str().context("path")?,
+        &reference,
+        "--",
+        "cat",
+        "/srv/data/read",
+    ])?;
+    anyhow::ensure!(recorded.status.success(), "record failed");
+    let profile = lazysnap::profile::show::read_file(&out)?;
+
+    // Another node: a fresh root, the profile looked up in the registry (the default).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let target = work.path().join("mnt");
+    let process = MountProcess::start(
+        &work.path().join("node"),
+        &reference,
+        &target,
+        &["--no-background-fetch", "--metrics-addr", &addr],
+    )?;
+    let metric = |name: &str| common::scrape(&addr, name);
+    let fetched = r#"lazysnap_profile_chunks_total{result="fetched"}"#;
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the profile prefetched",
+        || Ok(metric(fetched)? >= profile.accesses() as f64),
+    )?;
+    anyhow::ensure!(metric(r#"lazysnap_profile_lookups_total{result="found"}"#)? == 1.0);
+    anyhow::ensure!(metric(r#"lazysnap_profile_chunks_total{result="unknown"}"#)? == 0.0);
+    let on_demand = r#"lazysnap_fetch_requests_total{kind="on_demand"}"#;
+    anyhow::ensure!(metric(on_demand)? == 0.0, "something read before the test");
+    let got = std::fs::read(target.join("srv/data/read"))?;
+    anyhow::ensure!(got == files.read, "wrong bytes through the mount");
+    anyhow::ensure!(
+        metric(on_demand)? == 0.0,
+        "a profiled read went to the registry: {}",
+        process.log()
+    );
+    process.stop()?;
+    Ok(())
+}

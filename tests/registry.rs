@@ -382,6 +382,113 @@ async fn basic_auth_uses_docker_config_and_fails_clearly_without() -> anyhow::Re
     Ok(())
 }
 
+/// `lazysnap inspect REF` with docker's config in `config_dir` and `helpers` first on PATH.
+fn inspect_with(
+    config_dir: &Path,
+    helpers: &Path,
+    reference: &str,
+) -> anyhow::Result<std::process::Output> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![helpers.to_owned()];
+    paths.extend(std::env::split_paths(&path));
+    Ok(std::process::Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args(["inspect", reference])
+        .env("DOCKER_CONFIG", config_dir)
+        .env("PATH", std::env::join_paths(paths)?)
+        .output()?)
+}
+
+#[tokio::test]
+async fn credential_helpers_named_by_docker_config_are_run() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let registry = TestRegistry::start_with_htpasswd("alice", "s3cret")?;
+    let dir = registry.dir.path();
+    let good = docker_config(dir, &registry.addr, "alice", "s3cret")?;
+    // A real image (config with diff_ids), pushed with the config file's own credentials.
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(&tree)?;
+    std::fs::write(tree.join("hello"), "hello\n")?;
+    let layout = common::image::LayoutBuilder::new(&dir.join("layout"))?;
+    let desc = layout.image(&[common::image::tar_dir(&tree)?], "amd64")?;
+    layout.tags(&[("v1", desc)])?;
+    let reference = format!("{}/private/app:v1", registry.addr);
+    let pushed = std::process::Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args([
+            "convert",
+            &format!("oci:{}:v1", layout.dir.display()),
+            &reference,
+        ])
+        .env("DOCKER_CONFIG", &good)
+        .output()?;
+    anyhow::ensure!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let manifest_digest = String::from_utf8(pushed.stdout)?.trim().to_owned();
+
+    // A helper of the test's own: it logs which server it was asked about and answers only for
+    // this registry, as `docker-credential-*` helpers do.
+    let helpers = dir.join("helpers");
+    std::fs::create_dir_all(&helpers)?;
+    let log = dir.join("helper.log");
+    let script = format!(
+        "#!/bin/sh\nread -r server\necho \"$1 $server\" >> {log}\n\
+         if [ \"$server\" = \"{addr}\" ]; then\n\
+         echo '{{\"ServerURL\":\"{addr}\",\"Username\":\"alice\",\"Secret\":\"s3cret\"}}'\n\
+         else echo 'credentials not found in native keychain'; exit 1; fi\n",
+        log = log.display(),
+        addr = registry.addr
+    );
+    for name in ["lazytest", "othertest"] {
+        let path = helpers.join(format!("docker-credential-{name}"));
+        std::fs::write(&path, &script)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let config = |json: serde_json::Value, name: &str| -> anyhow::Result<PathBuf> {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("config.json"), serde_json::to_vec(&json)?)?;
+        Ok(d)
+    };
+
+    // credsStore: every registry's helper.
+    let store = config(serde_json::json!({"credsStore": "lazytest"}), "store")?;
+    let out = inspect_with(&store, &helpers, &reference)?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(out.status.success(), "inspect through credsStore: {text}");
+    anyhow::ensure!(text.contains(&manifest_digest), "{text}");
+    let asked = std::fs::read_to_string(&log)?;
+    anyhow::ensure!(
+        asked.lines().any(|l| l == format!("get {}", registry.addr)),
+        "{asked}"
+    );
+
+    // credHelpers wins over credsStore for its registry; a helper without credentials for the
+    // registry leaves the request anonymous, refused with a message naming the helper.
+    let helpers_for = config(
+        serde_json::json!({"credsStore": "missing", "credHelpers": {&registry.addr: "othertest"}}),
+        "helpers",
+    )?;
+    let out = inspect_with(&helpers_for, &helpers, &reference)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let none = config(
+        serde_json::json!({"credHelpers": {"elsewhere.example": "lazytest"}, "credsStore": "lazytest"}),
+        "none",
+    )?;
+    let other = format!("{}/private/app:v1", registry.addr).replace("127.0.0.1", "localhost");
+    let out = inspect_with(&none, &helpers, &other)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(!out.status.success(), "no credentials for localhost: {err}");
+    anyhow::ensure!(err.contains("docker-credential-lazytest"), "{err}");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // An in-test HTTP/1.1 proxy on 127.0.0.1 in front of the registry: it can fail the first requests
 // (503 or a dropped connection) and can demand bearer tokens it hands out itself. One request per

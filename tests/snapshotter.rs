@@ -1,7 +1,9 @@
-//! `lazysnapd` as containerd's remote snapshotter, with real parts: Debian's containerd 1.6 with
-//! its own config and a `[proxy_plugins.lazysnap]` entry, a real registry, runc, kernel FUSE and
-//! overlayfs. The oracle is containerd's own overlayfs snapshotter unpacking the plain image.
-//! Every daemon is stopped by its PID and every mount detached by a guard, even when a test fails.
+//! `lazysnapd` as containerd's remote snapshotter, with real parts: a containerd with its own
+//! config and a `[proxy_plugins.lazysnap]` entry (Debian's 1.6 by default; `LAZYSNAP_CONTAINERD`
+//! names another release's binaries, and `scripts/test.sh` runs this file again with Debian 13's
+//! 1.7 and unstable's 2.x), a real registry, runc, kernel FUSE and overlayfs. The oracle is
+//! containerd's own overlayfs snapshotter unpacking the plain image. Every daemon is stopped by
+//! its PID and every mount detached by a guard, even when a test fails.
 
 mod common;
 #[path = "common/containerd.rs"]
@@ -605,6 +607,16 @@ fn a_running_container_keeps_reading_across_a_restart_and_a_cold_start_refetches
         "100000",
     ])?;
     let result = (|| -> Result<()> {
+        // containerd runs its own release's shim (its directory comes first on PATH), not the
+        // one Debian's containerd 1.6 installed in /usr/bin.
+        let own = ctd.release.bin_dir.canonicalize()?;
+        let shims = ctd.shim_executables();
+        ensure!(
+            !shims.is_empty() && shims.iter().all(|s| s.starts_with(&own)),
+            "{} runs the shims {shims:?}, not its own from {}",
+            ctd.release.banner,
+            own.display()
+        );
         // The gRPC service restarts; the layer host, and so the container's lower layer, stays.
         daemon.restart()?;
         let start = Instant::now();
@@ -706,14 +718,17 @@ fn tracing_free_sleep(_error: &anyhow::Error) {
 }
 
 /// Runs `call` (given a fresh id) until containerd stops answering `unavailable`: after lazysnapd
-/// restarts, containerd's gRPC client reconnects with backoff (about a second).
+/// restarts, containerd's gRPC client reconnects with backoff (about a second). containerd 1.x
+/// reports that as `code = Unavailable`; 2.x passes on the dial error alone (`connection error:
+/// ... connect: connection refused`), though the socket is already served again.
 fn retry_unavailable(mut call: impl FnMut(&str) -> Result<String>) -> Result<String> {
     let start = Instant::now();
     loop {
         let id = format!("r{}", start.elapsed().as_millis());
         match call(&id) {
             Err(e)
-                if format!("{e}").contains("unavailable")
+                if (format!("{e}").contains("unavailable")
+                    || format!("{e}").contains("Error while dialing"))
                     && start.elapsed() < Duration::from_secs(15) =>
             {
                 std::thread::sleep(Duration::from_millis(250));
@@ -772,6 +787,45 @@ fn removing_an_image_evicts_its_chunks_past_the_disk_budget() -> Result<()> {
     daemon.stop()
 }
 
+/// `ctr images pull --snapshotter lazysnap` sends no layer labels, so containerd downloads every
+/// layer and unpacks it into lazysnapd's snapshots. containerd 2.x's ctr pulls
+/// through the transfer service, which unpacks only for the snapshotters its `unpack_config`
+/// lists besides the default ("no unpack platforms defined" otherwise): the shipped version 3
+/// snippet lists lazysnap.
+#[test]
+fn a_pull_without_labels_falls_back_and_the_default_snapshotter_still_unpacks() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let daemon = Lazysnapd::start()?;
+    let ctd = TestContainerd::start_shipped(&daemon.socket)?;
+    ctd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &images.zstd,
+    ])
+    .with_context(|| daemon.log())?;
+    // containerd 1.x's ctr sends no labels at all (not even the chain ID: lazysnapd sees plain
+    // snapshots); 2.x's transfer service sends the chain ID (a `no_labels` fallback). Either way
+    // nothing is lazy and containerd fetches every layer itself.
+    let content = ctd.ctr(&["content", "ls", "-q"])?;
+    for layer in layer_digests(&images.zstd)? {
+        ensure!(content.contains(&layer), "layer {layer} not downloaded");
+    }
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(lazy == 0.0, "lazy layers: {lazy}\n{}", daemon.log());
+    let output =
+        probe(&ctd, SNAPSHOTTER, &images.zstd, "nolabels").with_context(|| daemon.log())?;
+    ensure!(output.starts_with("ok\n"), "{output}");
+    ctd.ctr(&["images", "pull", "--plain-http", &images.plain])?;
+    let output = probe(&ctd, "overlayfs", &images.plain, "default")?;
+    ensure!(output.starts_with("ok\n"), "{output}");
+    drop(ctd);
+    daemon.stop()
+}
+
 /// containerd's CRI ImageService over its socket (what kubelet talks to).
 async fn cri_images(
     socket: &Path,
@@ -800,7 +854,9 @@ fn cri_pulls_lazily_with_its_labels_and_runs_a_pod_from_lazy_images() -> Result<
     let images = busybox_images(&registry)?;
     let daemon = Lazysnapd::start()?;
     let pause = pause_image(&registry, &images)?;
-    let ctd = TestContainerd::start_cri(&[(SNAPSHOTTER, &daemon.socket)], SNAPSHOTTER, &pause)?;
+    // containerd as systemd/ configures it: the snippet shipped for this release (version 2 for
+    // 1.x, version 3 for 2.x) names the snapshotter and turns the layer labels on.
+    let ctd = TestContainerd::start_cri_shipped(&daemon.socket, &pause)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let image_ref = runtime.block_on(async {
         let mut client = cri_images(&ctd.socket).await?;
@@ -814,6 +870,27 @@ fn cri_pulls_lazily_with_its_labels_and_runs_a_pod_from_lazy_images() -> Result<
             })
             .await
             .with_context(|| format!("CRI PullImage\n{}", daemon.log()))?;
+        // kubelet sizes the image file system (image GC, disk pressure) from the directory CRI
+        // names here: the root the snippet exports, lazysnapd's. containerd 1.6 reads no
+        // `exports` and names a directory under its own root that does not exist.
+        let fs = client
+            .image_fs_info(k8s_cri::v1::ImageFsInfoRequest {})
+            .await?
+            .into_inner();
+        let mountpoints: Vec<&str> = fs
+            .image_filesystems
+            .iter()
+            .filter_map(|f| Some(f.fs_id.as_ref()?.mountpoint.as_str()))
+            .collect();
+        if ctd.release.version >= (1, 7) {
+            let exported = daemon.socket.parent().context("socket dir")?;
+            ensure!(
+                mountpoints == [exported.to_string_lossy()],
+                "{}: image file systems {mountpoints:?}, not lazysnapd's {}",
+                ctd.release.banner,
+                exported.display()
+            );
+        }
         anyhow::Ok(response.into_inner().image_ref)
     })?;
     ensure!(image_ref.starts_with("sha256:"), "image ref {image_ref}");

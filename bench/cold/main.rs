@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! bench/coldstart [--quick] [--rate 100mbit] [--rtt-ms 20] [--runs N] [--out FILE]
+//!                  [--workload NAME]... [--skip METHOD]... [--containerd DIR|BINARY] [--prepare-only]
 //! ```
 //!
 //! The registry runs in a network namespace made for the run, behind a veth pair shaped with
@@ -10,6 +11,11 @@
 //! run of each method starts with every cache dropped: the page cache, lazysnap's state root,
 //! containerd's content store and snapshots (a fresh containerd root). Methods alternate within
 //! each round so that the machine's noise falls on all of them alike.
+//!
+//! `lazysnap-profile` needs a start-up profile in the registry: before a workload's timed runs
+//! (not timed), its image is copied into a repository of its own (same manifest digest) and
+//! `lazysnap profile record --push` records and pushes the profile there, on a root of its own.
+//! The other methods read the image's own repository, which never holds a profile.
 //!
 //! The oracle is the physical limit: the compressed bytes of the chunks the workload's reads
 //! needed (lazysnap's own count), sent at the link rate, plus one round trip, plus the time the
@@ -27,7 +33,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
 
-use methods::{Containerd, Sample};
+use methods::{Containerd, ContainerdBin, Sample};
 use network::ShapedRegistry;
 use report::Row;
 
@@ -55,9 +61,38 @@ struct Args {
     /// JSON results; the markdown table and the SVG chart go beside it (.md, .svg).
     #[arg(long, default_value = "bench/results/coldstart.json")]
     out: PathBuf,
-    /// Skip methods by name (full-pull, lazysnap, lazysnap-run).
+    /// Skip methods by name (full-pull, lazysnap, lazysnap-profile, lazysnap-run,
+    /// lazysnap-run-profile).
     #[arg(long)]
     skip: Vec<String>,
+    /// Only these workloads (repeat the flag; default: all, or python-hello with --quick).
+    #[arg(long)]
+    workload: Vec<String>,
+    /// Another containerd: an unpacked package's directory (its `ctr` and shim are used too) or
+    /// its binary. Default: Debian's, on PATH.
+    #[arg(long, value_name = "DIR|BINARY")]
+    containerd: Option<PathBuf>,
+    /// Build and push the workload images (cached), then exit without measuring.
+    #[arg(long)]
+    prepare_only: bool,
+}
+
+/// Every method, in the order each round runs them.
+const METHODS: [&str; 5] = [
+    "full-pull",
+    "lazysnap",
+    "lazysnap-profile",
+    "lazysnap-run",
+    "lazysnap-run-profile",
+];
+
+/// What every measurement needs to know besides the workload.
+struct Setup<'a> {
+    addr: &'a str,
+    lazysnapd: Option<&'a Path>,
+    containerd: &'a ContainerdBin,
+    /// The workload's image in its own repository, with a profile pushed.
+    profiled: Option<String>,
 }
 
 /// `100mbit` → bits per second.
@@ -101,7 +136,13 @@ fn main() -> Result<()> {
         "coldstart: registry in its namespace, proxied at {}",
         registry.addr
     );
-    let workloads = workloads::all(args.quick);
+    let mut workloads = workloads::all(args.quick && args.workload.is_empty());
+    if !args.workload.is_empty() {
+        workloads.retain(|w| args.workload.iter().any(|n| n == w.name));
+        if workloads.len() != args.workload.len() {
+            bail!("--workload {:?}: unknown name among them", args.workload);
+        }
+    }
     workloads::publish(
         &workloads,
         &registry.addr,
@@ -109,20 +150,43 @@ fn main() -> Result<()> {
         repo_root,
         &cache,
     )?;
-    registry.shape(&args.rate, rtt)?;
+    if args.prepare_only {
+        eprintln!("coldstart: images built and pushed (--prepare-only)");
+        return Ok(());
+    }
+    let containerd = ContainerdBin::find(args.containerd.as_deref())?;
+    eprintln!(
+        "coldstart: containerd {} ({})",
+        containerd.version,
+        containerd.containerd.display()
+    );
+    registry.shape(&args.rate, bps, rtt)?;
+    // One download through the shaped link and the proxy: the rate a client actually gets.
+    let (blob, size) = workloads::largest_blob(
+        &registry.addr,
+        &format!("bench/{}", workloads[0].image.repo_tag("plain")),
+    )?;
+    let measured_bps = registry.measured_rate(&blob, size.min((bps / 8.0 * 3.0) as u64))?;
     registry.take_counts(); // publishing is not part of any measurement
     eprintln!(
-        "coldstart: link shaped to {} with {} ms RTT",
-        args.rate, args.rtt_ms
+        "coldstart: link shaped to {} with {} ms RTT; one download gets {:.0} Mbit/s",
+        args.rate,
+        args.rtt_ms,
+        measured_bps / 1e6
     );
 
     let scratch = tempfile::Builder::new().prefix("coldstart-").tempdir()?;
     let lazysnapd = LAZYSNAPD.map(PathBuf::from).filter(|p| p.exists());
-    let mut methods = vec!["full-pull", "lazysnap-run"];
-    if lazysnapd.is_some() {
-        methods.insert(1, "lazysnap");
+    let mut methods: Vec<&str> = METHODS.to_vec();
+    if lazysnapd.is_none() {
+        methods.retain(|m| *m != "lazysnap" && *m != "lazysnap-profile");
     }
     methods.retain(|m| !args.skip.iter().any(|s| s == m));
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        .to_string();
+    let mut profiles = serde_json::Map::new();
     let mut rows = Vec::new();
     for w in &workloads {
         let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); methods.len()];
@@ -130,11 +194,30 @@ fn main() -> Result<()> {
         let mut requests: Vec<Vec<u64>> = vec![Vec::new(); methods.len()];
         let mut needed = Vec::new();
         let mut last_root = None;
+        let mut setup = Setup {
+            addr: &registry.addr,
+            lazysnapd: lazysnapd.as_deref(),
+            containerd: &containerd,
+            profiled: None,
+        };
+        if methods.iter().any(|m| m.ends_with("-profile")) {
+            let reference = w.profiled_reference(&registry.addr, &run_id);
+            let summary = profile(w, &registry.addr, &reference, &scratch.path().join(w.name))
+                .with_context(|| format!("{}: recording its profile", w.name))?;
+            let (b, r) = registry.take_counts();
+            eprintln!(
+                "coldstart: {} profile pushed to {reference}: {summary} (recorded with {:.1} MB, {r} requests; not timed)",
+                w.name,
+                b as f64 / 1e6
+            );
+            profiles.insert(w.name.to_owned(), summary.into());
+            setup.profiled = Some(reference);
+        }
         for run in 0..args.runs {
             for (mi, method) in methods.iter().enumerate() {
                 let dir = scratch.path().join(format!("{}-{method}-{run}", w.name));
                 let id = format!("cs-{}-{run}", w.name);
-                let sample = measure(method, w, &registry.addr, &dir, &id, lazysnapd.as_deref())
+                let sample = measure(method, w, &setup, &dir, &id)
                     .with_context(|| format!("{} / {method} run {run}", w.name))?;
                 let (b, r) = registry.take_counts();
                 eprintln!(
@@ -169,13 +252,16 @@ fn main() -> Result<()> {
 
     let conditions = json!({
         "rate": args.rate,
+        "measured_rate_mbit": (measured_bps / 1e5).round() / 10.0,
         "rtt_ms": args.rtt_ms,
+        "containerd": containerd.version,
         "runs": args.runs,
         "quick": args.quick,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "date": chrono_free_now(),
         "lazysnap_run": "--no-background-fetch --net none",
+        "profiles": profiles,
     });
     let doc = json!({ "conditions": conditions, "results": rows });
     if let Some(dir) = out.parent() {
@@ -190,38 +276,65 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Copies the workload's converted image into its own repository and records and pushes its
+/// start-up profile there (`root`: the recording's own state root). Returns a summary.
+fn profile(w: &workloads::Workload, addr: &str, reference: &str, root: &Path) -> Result<String> {
+    let to_repo = reference
+        .strip_prefix(&format!("{addr}/"))
+        .and_then(|r| r.rsplit_once(':'))
+        .map(|(repo, _)| repo)
+        .context("profiled reference")?;
+    workloads::copy_image(
+        addr,
+        &format!("bench/{}", w.image.repo_tag("lazy")),
+        to_repo,
+    )?;
+    methods::drop_page_cache()?;
+    methods::record_profile(Path::new(LAZYSNAP), root, reference, w)
+}
+
 /// One cold start of `w` by `method`, after dropping every cache.
 fn measure(
     method: &str,
     w: &workloads::Workload,
-    addr: &str,
+    setup: &Setup,
     dir: &Path,
     id: &str,
-    lazysnapd: Option<&Path>,
 ) -> Result<Sample> {
+    let plain = w.image.reference(setup.addr, "plain");
+    let lazy = w.image.reference(setup.addr, "lazy");
+    let profiled = || setup.profiled.clone().context("no profiled image");
     match method {
         "full-pull" => {
-            let containerd = Containerd::start(dir, None)?;
+            let containerd = Containerd::start(setup.containerd, dir, None)?;
             methods::drop_page_cache()?;
-            containerd.full_pull(&w.image.reference(addr, "plain"), w, id)
+            containerd.full_pull(&plain, w, id)
         }
-        "lazysnap" => {
-            let lazysnapd = lazysnapd.context("no lazysnapd binary")?;
+        "lazysnap" | "lazysnap-profile" => {
+            let reference = if method == "lazysnap" {
+                lazy
+            } else {
+                profiled()?
+            };
+            let lazysnapd = setup.lazysnapd.context("no lazysnapd binary")?;
             let daemon = methods::Lazysnapd::start(lazysnapd, &dir.join("lazysnapd"))?;
-            let containerd = Containerd::start(&dir.join("containerd"), Some(&daemon.socket))?;
+            let containerd = Containerd::start(
+                setup.containerd,
+                &dir.join("containerd"),
+                Some(&daemon.socket),
+            )?;
             methods::drop_page_cache()?;
-            let sample = containerd.lazy_pull(&w.image.reference(addr, "lazy"), w, id);
+            let sample = containerd.lazy_pull(&reference, w, id);
             drop(containerd);
             sample
         }
         "lazysnap-run" => {
             methods::drop_page_cache()?;
-            methods::lazysnap_run(
-                Path::new(LAZYSNAP),
-                dir,
-                &w.image.reference(addr, "lazy"),
-                w,
-            )
+            methods::lazysnap_run(Path::new(LAZYSNAP), dir, &lazy, w)
+        }
+        "lazysnap-run-profile" => {
+            methods::drop_page_cache()?;
+            methods::lazysnap_run(Path::new(LAZYSNAP), dir, &profiled()?, w)
         }
         other => bail!("unknown method {other}"),
     }

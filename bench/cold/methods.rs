@@ -1,10 +1,13 @@
 //! The ways of starting a workload that are compared, each timed from "start" to the workload's
 //! ready line, with every cache dropped before the run.
 //!
-//! - `full-pull`: containerd 1.6 and its default overlayfs snapshotter, `ctr image pull` then
+//! - `full-pull`: containerd (Debian's 1.6 unless `--containerd`) and its default overlayfs snapshotter, `ctr image pull` then
 //!   `ctr run`: how nodes work today.
-//! - `lazysnap`: containerd with lazysnapd as its snapshotter (labelled pull, then run).
-//! - `lazysnap-run`: the launcher, `lazysnap run`.
+//! - `lazysnap`: containerd with lazysnapd as its snapshotter (labelled pull, then run), of an
+//!   image that has no start-up profile in the registry.
+//! - `lazysnap-profile`: the same, of a copy of the image (same manifest digest, a repository of
+//!   its own) whose profile was recorded and pushed before the timed runs ([`record_profile`]).
+//! - `lazysnap-run`: the launcher, `lazysnap run`; `lazysnap-run-profile` with the profile.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -115,36 +118,179 @@ pub fn lazysnap_run(lazysnap: &Path, root: &Path, reference: &str, w: &Workload)
     })
 }
 
-/// A containerd 1.6 of our own: its own root, state, socket and config, started by hand.
-pub struct Containerd {
-    child: Child,
-    dir: PathBuf,
-    pub socket: PathBuf,
+/// Which containerd the runs use: Debian's (on PATH) by default, or another one unpacked from
+/// its package (`--containerd DIR|BINARY`), whose own `ctr` and shim then go with it.
+#[derive(Debug, Clone)]
+pub struct ContainerdBin {
+    pub containerd: PathBuf,
+    pub ctr: PathBuf,
+    /// Put first on containerd's PATH so that it starts its own shim, not Debian's.
+    pub bin_dir: Option<PathBuf>,
+    /// As `containerd --version` prints it (`1.6.20~ds1`, `2.1.9`).
+    pub version: String,
+    pub major: u32,
 }
 
-impl Containerd {
-    /// Starts containerd under `dir`; with `lazysnapd` set, registers it as the `lazysnap`
-    /// proxy snapshotter.
-    pub fn start(dir: &Path, lazysnapd: Option<&Path>) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let socket = dir.join("containerd.sock");
-        let mut config = format!(
-            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n",
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            sock = socket.display(),
+impl ContainerdBin {
+    /// `None`: `containerd` and `ctr` on PATH. A directory: the one holding `containerd` among
+    /// DIR, DIR/bin, DIR/usr/bin (a package unpacked by `dpkg-deb -x`). A file: that binary.
+    pub fn find(path: Option<&Path>) -> Result<Self> {
+        let (containerd, bin_dir) = match path {
+            None => (PathBuf::from("containerd"), None),
+            Some(p) if p.is_dir() => {
+                let dir = ["", "bin", "usr/bin", "usr/local/bin"]
+                    .iter()
+                    .map(|sub| p.join(sub))
+                    .find(|d| d.join("containerd").is_file())
+                    .with_context(|| format!("no containerd binary under {}", p.display()))?;
+                (dir.join("containerd"), Some(dir))
+            }
+            Some(p) if p.is_file() => (p.to_owned(), p.parent().map(Path::to_owned)),
+            Some(p) => bail!("--containerd {}: no such file or directory", p.display()),
+        };
+        let ctr = bin_dir
+            .as_ref()
+            .map(|d| d.join("ctr"))
+            .filter(|c| c.is_file())
+            .unwrap_or_else(|| PathBuf::from("ctr"));
+        let out = Command::new(&containerd)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {} --version", containerd.display()))?;
+        // "containerd github.com/containerd/containerd[/v2] VERSION REVISION"
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let version = text
+            .split_whitespace()
+            .nth(2)
+            .map(|v| v.trim_start_matches('v').to_owned())
+            .with_context(|| format!("{} --version printed {text:?}", containerd.display()))?;
+        let major = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .with_context(|| format!("containerd version {version:?}"))?;
+        Ok(Self {
+            containerd,
+            ctr,
+            bin_dir,
+            version,
+            major,
+        })
+    }
+
+    /// The config for a containerd of this version: its own root, state and socket, the CRI
+    /// plugin out of the way (containerd 2.x reads only version 3 configs, and splits CRI into
+    /// three plugins), and lazysnapd as the `lazysnap` proxy snapshotter.
+    fn config(&self, dir: &Path, socket: &Path, lazysnapd: Option<&Path>) -> String {
+        let (root, state, sock) = (
+            dir.join("root").display().to_string(),
+            dir.join("state").display().to_string(),
+            socket.display().to_string(),
         );
+        let mut config = if self.major >= 2 {
+            format!(
+                "version = 3\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \
+                 \"io.containerd.cri.v1.runtime\"]\n[grpc]\n  address = \"{sock}\"\n"
+            )
+        } else {
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n"
+            )
+        };
         if let Some(s) = lazysnapd {
             config.push_str(&format!(
                 "[proxy_plugins.lazysnap]\n  type = \"snapshot\"\n  address = \"{}\"\n",
                 s.display()
             ));
         }
+        config
+    }
+
+    /// PATH for containerd and its clients: the other containerd's directory first.
+    fn path_env(&self) -> std::ffi::OsString {
+        let system = std::env::var_os("PATH").unwrap_or_default();
+        match &self.bin_dir {
+            None => system,
+            Some(dir) => {
+                let mut p = dir.clone().into_os_string();
+                p.push(":");
+                p.push(system);
+                p
+            }
+        }
+    }
+}
+
+/// `lazysnap profile record REF --push` on a root of its own (fresh, no cache), as a build
+/// pipeline or another node would: not timed. Returns a one-line summary of what the registry
+/// now holds for `reference` (`lazysnap profile show`), which also proves the profile is found.
+pub fn record_profile(
+    lazysnap: &Path,
+    root: &Path,
+    reference: &str,
+    w: &Workload,
+) -> Result<String> {
+    let out = Command::new(lazysnap)
+        .arg("--root")
+        .arg(root)
+        .args(["profile", "record", "--push", reference, "--"])
+        .args(&w.command)
+        .stdin(Stdio::null())
+        .output()
+        .context("running lazysnap profile record")?;
+    if !out.status.success() {
+        bail!(
+            "lazysnap profile record {reference} ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let _ = std::fs::remove_dir_all(root);
+    let show = Command::new(lazysnap)
+        .args(["profile", "show", "--json", reference])
+        .output()
+        .context("running lazysnap profile show")?;
+    if !show.status.success() {
+        bail!(
+            "lazysnap profile show {reference} after a push: {}",
+            String::from_utf8_lossy(&show.stderr).trim()
+        );
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&show.stdout)
+        .with_context(|| format!("lazysnap profile show --json {reference}"))?;
+    let layers = doc["layers"].as_array().map_or(&[][..], Vec::as_slice);
+    let accesses: usize = layers
+        .iter()
+        .map(|l| l["accesses"].as_array().map_or(0, Vec::len))
+        .sum();
+    Ok(format!(
+        "{} layers, {accesses} chunk accesses",
+        layers.len()
+    ))
+}
+
+/// A containerd of our own: its own root, state, socket and config, started by hand.
+pub struct Containerd {
+    child: Child,
+    dir: PathBuf,
+    bin: ContainerdBin,
+    pub socket: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd `bin` under `dir`; with `lazysnapd` set, registers it as the
+    /// `lazysnap` proxy snapshotter.
+    pub fn start(bin: &ContainerdBin, dir: &Path, lazysnapd: Option<&Path>) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("containerd.sock");
+        let config = bin.config(dir, &socket, lazysnapd);
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.join("containerd.log"))?;
-        let child = Command::new("containerd")
+        let child = Command::new(&bin.containerd)
+            .env("PATH", bin.path_env())
             .arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -155,6 +301,7 @@ impl Containerd {
         let me = Self {
             child,
             dir: dir.to_owned(),
+            bin: bin.clone(),
             socket,
         };
         let start = Instant::now();
@@ -176,8 +323,9 @@ impl Containerd {
     }
 
     pub fn ctr(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("-a")
+        let mut c = Command::new(&self.bin.ctr);
+        c.env("PATH", self.bin.path_env())
+            .arg("-a")
             .arg(&self.socket)
             .args(["-n", "bench"])
             .args(args);
@@ -210,6 +358,7 @@ impl Containerd {
     pub fn lazy_pull(&self, reference: &str, w: &Workload, id: &str) -> Result<Sample> {
         let start = Instant::now();
         let pull = Command::new("ctr-remote")
+            .env("PATH", self.bin.path_env())
             .arg("-a")
             .arg(&self.socket)
             .args([

@@ -133,9 +133,10 @@ impl ShapedRegistry {
 
     /// Shapes both directions of the link to `rate` (a tc rate such as `100mbit`) and makes the
     /// proxy add `rtt` per round trip (half each way, plus one round trip per new connection).
-    pub fn shape(&self, rate: &str, rtt: Duration) -> Result<()> {
+    pub fn shape(&self, rate: &str, bps: f64, rtt: Duration) -> Result<()> {
+        let burst = tbf_burst(bps);
         let tbf = [
-            "root", "tbf", "rate", rate, "burst", "128kb", "latency", "50ms",
+            "root", "tbf", "rate", rate, "burst", &burst, "latency", "50ms",
         ];
         sh(Command::new("tc")
             .args(["qdisc", "replace", "dev", &self.host_veth])
@@ -156,6 +157,36 @@ impl ShapedRegistry {
         Ok(())
     }
 
+    /// The rate a single download achieves through the shaped link and the proxy: the first
+    /// `max_bytes` of the blob at `path` (`/v2/REPO/blobs/DIGEST`), timed from its first byte so
+    /// that the round trips before it do not count. Returns bits per second.
+    pub fn measured_rate(&self, path: &str, max_bytes: u64) -> Result<f64> {
+        let out = Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "-o", "/dev/null", "-r"])
+            .arg(format!("0-{}", max_bytes.saturating_sub(1)))
+            .args([
+                "-w",
+                "%{http_code} %{size_download} %{time_starttransfer} %{time_total}",
+            ])
+            .arg(format!("http://{}{path}", self.addr))
+            .output()
+            .context("running curl")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let f: Vec<&str> = text.split_whitespace().collect();
+        if !out.status.success() || f.len() != 4 || !f[0].starts_with('2') {
+            bail!(
+                "measuring the link with GET {path}: {text} {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let bytes: f64 = f[1].parse()?;
+        let seconds = f[3].parse::<f64>()? - f[2].parse::<f64>()?;
+        if seconds <= 0.0 {
+            bail!("measuring the link: {bytes} bytes in no time");
+        }
+        Ok(bytes * 8.0 / seconds)
+    }
+
     /// Sets the proxy's added round-trip time (for new connections).
     pub fn set_rtt(&self, rtt: Duration) {
         self.delay_us
@@ -169,6 +200,14 @@ impl ShapedRegistry {
             self.counters.requests.swap(0, Ordering::Relaxed),
         )
     }
+}
+
+/// tbf's bucket: at least the 128 KiB that gives ~95 % of 100 Mbit/s, and at least 10 ms of
+/// traffic at the rate. The bucket must hold what the rate earns between two timer ticks (4 ms
+/// at HZ=250); 128 KiB caps a 1 Gbit/s link far below its rate.
+fn tbf_burst(bps: f64) -> String {
+    let bytes = (bps / 8.0 / 100.0).max(128.0 * 1024.0);
+    format!("{}", bytes.ceil() as u64)
 }
 
 impl Drop for ShapedRegistry {

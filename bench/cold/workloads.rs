@@ -39,7 +39,22 @@ impl Image {
 
     /// `HOST/bench/REPO:plain` and `:lazy`.
     pub fn reference(self, addr: &str, kind: &str) -> String {
-        format!("{addr}/bench/{}:{kind}", self.repo())
+        format!("{addr}/bench/{}", self.repo_tag(kind))
+    }
+
+    /// `REPO:KIND`.
+    pub fn repo_tag(self, kind: &str) -> String {
+        format!("{}:{kind}", self.repo())
+    }
+}
+
+impl Workload {
+    /// `HOST/bench/profiled-WORKLOAD-RUN:lazy`: the converted image copied into a repository of
+    /// this workload and benchmark run alone, where its start-up profile is pushed. The image's
+    /// own repository never gets a profile, so the methods without one really have none; a new
+    /// repository per run keeps profiles of earlier runs (the registry's storage is cached) out.
+    pub fn profiled_reference(&self, addr: &str, run_id: &str) -> String {
+        format!("{addr}/bench/profiled-{}-{run_id}:lazy", self.name)
     }
 }
 
@@ -194,4 +209,113 @@ pub fn cache_dir() -> PathBuf {
     std::env::var_os("LAZYSNAP_CACHE")
         .map_or_else(|| PathBuf::from("/var/cache/lazysnap"), PathBuf::from)
         .join("bench")
+}
+
+/// `curl` against the registry at `addr`: returns the status code and the content type, the
+/// body goes to `body_out` (if any).
+fn curl(args: &[&str], body_out: Option<&Path>) -> Result<(u16, String)> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--noproxy", "*", "-o"])
+        .arg(body_out.map_or_else(|| PathBuf::from("/dev/null"), Path::to_owned))
+        .args(["-w", "%{http_code} %{content_type}"])
+        .args(args);
+    let out = run(&mut cmd)?;
+    let (code, ctype) = out.split_once(' ').unwrap_or((out.as_str(), ""));
+    Ok((
+        code.parse().context("curl's status code")?,
+        ctype.to_owned(),
+    ))
+}
+
+/// Copies the image `from` (`bench/REPO:TAG`, an image manifest) to the repository `to` under the
+/// same tag, byte for byte (same manifest digest): blobs by cross-repository mount, then the
+/// manifest as it was served.
+pub fn copy_image(addr: &str, from: &str, to_repo: &str) -> Result<()> {
+    let (from_repo, tag) = from.rsplit_once(':').context("copy_image: REPO:TAG")?;
+    let work = tempfile::tempdir()?;
+    let body = work.path().join("manifest");
+    let accept = "Accept: application/vnd.oci.image.manifest.v1+json, \
+                  application/vnd.docker.distribution.manifest.v2+json";
+    let (code, ctype) = curl(
+        &[
+            "-H",
+            accept,
+            &format!("http://{addr}/v2/{from_repo}/manifests/{tag}"),
+        ],
+        Some(&body),
+    )?;
+    if code != 200 {
+        bail!("GET manifest {from}: HTTP {code}");
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&body)?)?;
+    let layers = manifest["layers"]
+        .as_array()
+        .with_context(|| format!("{from}: not an image manifest ({ctype})"))?;
+    let digests = std::iter::once(&manifest["config"]).chain(layers).map(|d| {
+        d["digest"]
+            .as_str()
+            .context("a descriptor without a digest")
+    });
+    for digest in digests {
+        let digest = digest?;
+        let (code, _) = curl(
+            &[
+                "-X",
+                "POST",
+                &format!(
+                    "http://{addr}/v2/{to_repo}/blobs/uploads/?mount={digest}&from={from_repo}"
+                ),
+            ],
+            None,
+        )?;
+        if code != 201 {
+            bail!("mounting {digest} from {from_repo} into {to_repo}: HTTP {code}");
+        }
+    }
+    let (code, _) = curl(
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            &format!("Content-Type: {ctype}"),
+            "--data-binary",
+            &format!("@{}", body.display()),
+            &format!("http://{addr}/v2/{to_repo}/manifests/{tag}"),
+        ],
+        None,
+    )?;
+    if code != 201 {
+        bail!("PUT manifest {to_repo}:{tag}: HTTP {code}");
+    }
+    Ok(())
+}
+
+/// The largest blob of the image `repo:tag` at `addr`: `/v2/REPO/blobs/DIGEST` and its size.
+pub fn largest_blob(addr: &str, reference: &str) -> Result<(String, u64)> {
+    let (repo, tag) = reference
+        .rsplit_once(':')
+        .context("largest_blob: REPO:TAG")?;
+    let work = tempfile::tempdir()?;
+    let body = work.path().join("manifest");
+    let (code, _) = curl(
+        &[
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json, \
+             application/vnd.docker.distribution.manifest.v2+json",
+            &format!("http://{addr}/v2/{repo}/manifests/{tag}"),
+        ],
+        Some(&body),
+    )?;
+    if code != 200 {
+        bail!("GET manifest {reference}: HTTP {code}");
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&body)?)?;
+    manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| Some((l["digest"].as_str()?.to_owned(), l["size"].as_u64()?)))
+        .max_by_key(|(_, size)| *size)
+        .map(|(digest, size)| (format!("/v2/{repo}/blobs/{digest}"), size))
+        .with_context(|| format!("{reference}: no layers"))
 }

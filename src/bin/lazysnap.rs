@@ -7,10 +7,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lazysnap::convert::{self, human, ConvertOptions, ImageLocation};
 use lazysnap::format::LayerFormat;
 use lazysnap::inspect;
-use lazysnap::mount::{self, MountConfig};
+use lazysnap::mount::{self, MountConfig, ProfileSource};
 use lazysnap::oci::{Platform, Reference};
 use lazysnap::registry::ClientConfig;
 use lazysnap::run::{self as launcher, spec::Network, RunOptions, Stage};
+
+// Beside this file, not `src/bin/profile.rs`, which cargo would build as a binary of its own.
+#[path = "lazysnap/profile.rs"]
+mod profile;
+use profile::ProfileCommand;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,6 +56,16 @@ enum Command {
         /// Platform to take from a multi-platform source, as os/arch[/variant].
         #[arg(long)]
         platform: Option<Platform>,
+        /// A start-up profile: a file (`lazysnap profile record --out`), or an image reference
+        /// whose profile the registry holds (`profile record --push`). Each layer it matches gets
+        /// the files start-up read written first, in access order, and recorded in its TOC.
+        #[arg(long, value_name = "REF|FILE")]
+        profile: Option<String>,
+        /// Without a profile: write the entrypoint's program, its dynamic loader and shared
+        /// libraries first (found from ELF headers; every layer is decompressed to a temporary
+        /// file first).
+        #[arg(long, conflicts_with = "profile")]
+        startup_elf: bool,
         src: ImageLocation,
         dst: ImageLocation,
     },
@@ -76,6 +91,11 @@ enum Command {
         /// Let the image's device nodes be opened through MOUNTPOINT (default: mounted nodev).
         #[arg(long)]
         allow_dev: bool,
+        /// The image's start-up profile, whose chunks are fetched ahead of the reads: FILE (JSON,
+        /// as `lazysnap profile record --out` writes), or `none`. Default: look it up among the
+        /// image's referrers in its registry. A profile that cannot be used is logged and skipped.
+        #[arg(long, value_name = "FILE|none")]
+        profile: Option<ProfileSource>,
         /// The image: HOST[:PORT]/REPO[:TAG|@DIGEST].
         reference: Reference,
         /// Where the image's root appears (an existing directory).
@@ -87,6 +107,12 @@ enum Command {
     /// time to mount and to first exec, bytes fetched) goes to stderr. Failures of lazysnap
     /// itself exit with 125. SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 are forwarded.
     Run(Box<RunArgs>),
+    /// Start-up profiles: record what an image reads while it starts, store that next to the
+    /// image in its registry (an OCI artifact whose subject is the image), show it.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
     /// Show an image's layers, their lazy format, and whether each TOC verifies.
     Inspect {
         /// Print JSON instead of a table.
@@ -136,6 +162,11 @@ struct RunArgs {
     read_timeout: u64,
     #[arg(long)]
     platform: Option<Platform>,
+    /// The image's start-up profile, whose chunks are fetched ahead of the reads: FILE (JSON,
+    /// as `lazysnap profile record --out` writes), or `none`. Default: look it up among the
+    /// image's referrers in its registry. A profile that cannot be used is logged and skipped.
+    #[arg(long, value_name = "FILE|none")]
+    profile: Option<ProfileSource>,
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     report: Option<std::path::PathBuf>,
@@ -257,6 +288,20 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// Reads a profile document from `path`, at most [`lazysnap::profile::MAX_BYTES`] of it.
+fn read_profile(path: &std::path::Path) -> anyhow::Result<lazysnap::profile::Profile> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(lazysnap::profile::MAX_BYTES + 1)
+                .read_to_end(&mut bytes)
+        })
+        .with_context(|| format!("reading the profile {}", path.display()))?;
+    lazysnap::profile::Profile::decode(&bytes)
+        .with_context(|| format!("the profile {}", path.display()))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let registry = ClientConfig {
         plain_http: cli.plain_http,
@@ -268,15 +313,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chunk_size,
             level,
             platform,
+            profile,
+            startup_elf,
             src,
             dst,
         } => {
             let mut options = ConvertOptions::new(format.into());
+            options.startup_elf = startup_elf;
             options.chunk_size = chunk_size;
             options.level = level;
             options.registry = registry;
             if let Some(p) = platform {
                 options.platform = p;
+            }
+            if let Some(source) = profile {
+                let path = std::path::Path::new(&source);
+                options.profile = Some(if path.exists() {
+                    read_profile(path)?
+                } else {
+                    let reference: Reference = source.parse().with_context(|| {
+                        format!("--profile {source}: neither a file nor an image reference")
+                    })?;
+                    convert::find_profile(&reference, &options).await?
+                });
             }
             let report = convert::convert(&src, &dst, &options)
                 .await
@@ -289,6 +348,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .filter(|l| l.outcome == "uploaded" || l.outcome == "written")
                     .count(),
             );
+            for (i, layer) in report.layers.iter().enumerate() {
+                if let Some(s) = &layer.startup {
+                    eprintln!(
+                        "layer {}/{} {}: start-up set of {} files ({}) first, from the {}{}{}",
+                        i + 1,
+                        report.layers.len(),
+                        layer.digest.short(),
+                        s.files,
+                        human(s.bytes),
+                        match s.source {
+                            convert::StartupSource::Profile => "profile",
+                            convert::StartupSource::Elf => "entrypoint's ELF headers",
+                        },
+                        if s.skipped > 0 {
+                            format!(", {} names not movable", s.skipped)
+                        } else {
+                            String::new()
+                        },
+                        s.refused
+                            .as_ref()
+                            .map(|r| format!(" (nothing moved: {r})"))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
             eprintln!(
                 "{}: {} layers, {} compressed, {uploaded} new, in {:.1} s",
                 report.destination,
@@ -305,6 +389,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             platform,
             allow_suid,
             allow_dev,
+            profile,
             reference,
             mountpoint,
         } => {
@@ -314,6 +399,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 read_timeout,
                 registry,
                 platform,
+                profile,
             );
             config.nosuid = !allow_suid;
             config.nodev = !allow_dev;
@@ -351,6 +437,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Run(args) => return Ok(run_container(*args, cli.root, registry).await),
+        Command::Profile { command } => {
+            return profile::profile_command(command, cli.root, registry).await
+        }
         Command::Inspect {
             json,
             platform,
@@ -380,8 +469,10 @@ fn mount_config(
     read_timeout_secs: u64,
     registry: ClientConfig,
     platform: Option<Platform>,
+    profile: Option<ProfileSource>,
 ) -> MountConfig {
     let mut config = MountConfig::new(root);
+    config.profile = profile.unwrap_or_default();
     config.background_fetch = background_fetch;
     config.fs.read_timeout = std::time::Duration::from_secs(read_timeout_secs);
     config.registry = registry;
@@ -403,6 +494,7 @@ async fn run_container(
         args.read_timeout,
         registry,
         args.platform,
+        args.profile,
     );
     let mut seccomp = true;
     for opt in &args.security_opt {
@@ -436,6 +528,7 @@ async fn run_container(
             binary: args.runc,
             ..Default::default()
         },
+        stop: None,
     };
     let reference = args.reference;
     let mut on_stage = |stage: Stage<'_>| match stage {

@@ -2,10 +2,12 @@
 //! and check the uncompressed stream against the config's `diff_id` (and, through the source
 //! reader, the stored bytes against the manifest digest) before the result may be used.
 
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
-use crate::format::{self, FormatError, WriteOptions, WrittenLayer};
+use crate::format::reorder::{self, Plan, Symlinks, TarIndex};
+use crate::format::{self, FormatError, LayerFormat, WriteOptions, WrittenLayer};
 use crate::oci::{Digest, Hasher};
 
 use super::ConvertError;
@@ -65,6 +67,141 @@ pub fn convert_layer<W: Write>(
         }
         Ok(written)
     })
+}
+
+fn format_error(label: &str, source: FormatError) -> ConvertError {
+    match source {
+        FormatError::Io(e) => ConvertError::io(format!("layer {label}"), e),
+        source => ConvertError::Format {
+            layer: label.to_owned(),
+            error: source,
+        },
+    }
+}
+
+/// A source layer's uncompressed tar, verified against its `diff_id` and spooled to a file, with
+/// the index of its items: what reordering (and the ELF heuristic) need random access to.
+#[derive(Debug)]
+pub struct Spooled {
+    pub file: File,
+    pub index: TarIndex,
+    pub symlinks: Symlinks,
+}
+
+impl Spooled {
+    /// Reads up to `len` bytes at `offset` of the spooled stream.
+    pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match self.file.read_at(&mut buf[got..], offset + got as u64)? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+}
+
+/// Decompresses `stored` into `spool` while indexing its tar items, and checks the stream against
+/// `diff_id` (and, through the source reader, the stored bytes against their digest).
+pub fn spool_layer(
+    stored: Box<dyn Read + Send>,
+    diff_id: &Digest,
+    spool: File,
+    label: &str,
+) -> Result<Spooled, ConvertError> {
+    let (_, decoded) = format::decoder(stored)
+        .map_err(|e| ConvertError::io(format!("layer {label}: reading"), e))?;
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel(READ_AHEAD_BUFFERS);
+        let reader = scope.spawn(move || read_ahead(decoded, tx));
+        let mut tee = Tee {
+            inner: ChannelReader {
+                rx,
+                current: Vec::new(),
+                pos: 0,
+            },
+            out: BufWriter::with_capacity(1 << 20, spool),
+        };
+        let indexed = reorder::index(io::BufReader::with_capacity(1 << 20, &mut tee))
+            .map_err(|e| format_error(label, e))
+            .and_then(|found| {
+                io::copy(&mut tee, &mut io::sink()).map_err(|e| {
+                    ConvertError::io(format!("layer {label}: reading to the end"), e)
+                })?;
+                Ok(found)
+            });
+        let Tee { inner, out } = tee;
+        drop(inner); // an early error stops the reader at its next send
+        let got = reader.join().map_err(|_| {
+            ConvertError::Source(format!("layer {label}: the decompression thread panicked"))
+        })?;
+        let (index, symlinks) = indexed?;
+        let got =
+            got.ok_or_else(|| ConvertError::Source(format!("layer {label}: stream ended early")))?;
+        if got != *diff_id {
+            return Err(ConvertError::DigestMismatch {
+                what: format!("layer {label}: uncompressed tar (the config's diff_id)"),
+                expected: *diff_id,
+                got,
+            });
+        }
+        let mut file = out
+            .into_inner()
+            .map_err(|e| ConvertError::io(format!("layer {label}: spooling"), e.into_error()))?;
+        file.rewind()
+            .map_err(|e| ConvertError::io(format!("layer {label}: spooling"), e))?;
+        Ok(Spooled {
+            file,
+            index,
+            symlinks,
+        })
+    })
+}
+
+/// Writes a spooled layer with `wanted` (entry names, in access order) first; returns the layer
+/// and the plan that says what moved. With nothing to move the layer is written as it was.
+pub fn write_spooled<W: Write>(
+    spooled: Spooled,
+    wanted: &[String],
+    drop_estargz_toc: bool,
+    out: W,
+    options: &WriteOptions,
+    label: &str,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(WrittenLayer, Plan), ConvertError> {
+    let plan = reorder::plan(&spooled.index, wanted, options.format, drop_estargz_toc);
+    let written = format::write_layer_with_prefetch(
+        plan.reader(spooled.file),
+        out,
+        options,
+        &plan.startup,
+        progress,
+    )
+    .map_err(|e| format_error(label, e))?;
+    Ok((written, plan))
+}
+
+/// Passes every byte read through to a file.
+struct Tee<R, W> {
+    inner: R,
+    out: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Whether a format's own TOC entry rides in the source tar (an eStargz source).
+pub fn carries_estargz_toc(lazy: Option<&format::LazyLayer>) -> bool {
+    lazy.is_some_and(|l| l.format == LayerFormat::Estargz)
 }
 
 /// Buffers of [`READ_AHEAD_SIZE`] the decompression thread may run ahead by.

@@ -7,11 +7,13 @@
 //! Does not own: the layer byte layout (`format`) or the wire protocol (`registry`).
 
 mod archive;
+mod elf;
 mod layer;
 mod layout;
 mod location;
 mod progress;
 mod source;
+pub mod startup;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +30,9 @@ pub use layout::{Layout, REF_NAME};
 pub use location::ImageLocation;
 pub use progress::human;
 pub use source::{SourceImage, SourceLayer};
+pub use startup::{StartupReport, StartupSource};
+
+use crate::profile::Profile;
 
 /// Why a conversion failed. Every message names the image, layer or entry concerned.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,8 @@ pub enum ConvertError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Oci(#[from] OciError),
+    #[error("{0}")]
+    Profile(String),
 }
 
 impl From<oci::DigestError> for ConvertError {
@@ -93,6 +100,12 @@ pub struct ConvertOptions {
     /// Platform to choose from a multi-platform source.
     pub platform: Platform,
     pub registry: ClientConfig,
+    /// A start-up profile: each layer it matches gets its start-up set written first and recorded
+    /// in the TOC (see [`startup::from_profile`]).
+    pub profile: Option<Profile>,
+    /// Without a profile: put the entrypoint's program, its dynamic loader and libraries first
+    /// (see [`startup::from_elf`]). Every layer is decompressed to a temporary file first.
+    pub startup_elf: bool,
 }
 
 impl ConvertOptions {
@@ -105,6 +118,8 @@ impl ConvertOptions {
             threads: std::thread::available_parallelism().map_or(2, usize::from),
             platform: Platform::host(),
             registry: ClientConfig::default(),
+            profile: None,
+            startup_elf: false,
         }
     }
 
@@ -135,6 +150,9 @@ pub struct LayerReport {
     /// `written`, `existed`, `mounted` or `uploaded`.
     pub outcome: &'static str,
     pub seconds: f64,
+    /// The start-up set written first, when the layer got one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup: Option<StartupReport>,
 }
 
 /// The result of a conversion.
@@ -146,6 +164,34 @@ pub struct ConvertReport {
     pub config_digest: Digest,
     pub layers: Vec<LayerReport>,
     pub seconds: f64,
+}
+
+/// The start-up profile stored in the registry for the image `reference` names (its manifest for
+/// the options' platform), as `lazysnap profile push` stores it: for `convert --profile REF`.
+pub async fn find_profile(
+    reference: &Reference,
+    options: &ConvertOptions,
+) -> Result<Profile, ConvertError> {
+    let client = Client::new(options.registry.clone())?;
+    let image = SourceImage::load(
+        &ImageLocation::Registry(reference.clone()),
+        &client,
+        &options.platform,
+    )
+    .await?;
+    let manifest = image
+        .manifest_digest
+        .ok_or_else(|| ConvertError::Profile(format!("{reference}: no manifest digest")))?;
+    match crate::profile::store::find(&client, reference, &manifest).await {
+        Ok(Some(profile)) => Ok(profile),
+        Ok(None) => Err(ConvertError::Profile(format!(
+            "{reference} (manifest {manifest}): the registry holds no start-up profile for it; \
+             record one with `lazysnap profile record {reference} --push`, or pass a profile file"
+        ))),
+        Err(e) => Err(ConvertError::Profile(format!(
+            "{reference}: reading its start-up profile: {e}"
+        ))),
+    }
 }
 
 /// Converts the image at `src` and writes it to `dst`: every blob first, the manifest last.
@@ -160,6 +206,50 @@ pub async fn convert(
     let dest = Destination::open(dst, &client, source.registry_reference())?;
     let write_options = options.write_options();
     let total = source.layers.len();
+    // Layers decompressed ahead of the loop (the ELF heuristic reads across all of them).
+    let mut spooled: Vec<Option<layer::Spooled>> = (0..total).map(|_| None).collect();
+    let startup_sets: Vec<(Vec<String>, StartupSource)> = match &options.profile {
+        Some(profile) => startup::from_profile(profile, &source.layers)
+            .into_iter()
+            .map(|names| (names, StartupSource::Profile))
+            .collect(),
+        None if options.startup_elf => {
+            for (i, layer) in source.layers.iter().enumerate() {
+                let label = layer
+                    .digest
+                    .map_or_else(|| format!("#{}", i + 1), |d| d.short());
+                let stored = source.open_layer(layer).await?;
+                let spool = dest.new_spool()?;
+                let diff_id = layer.diff_id;
+                spooled[i] = Some(
+                    tokio::task::spawn_blocking(move || {
+                        layer::spool_layer(stored, &diff_id, spool, &label)
+                    })
+                    .await
+                    .map_err(|e| ConvertError::Source(format!("spool task failed: {e}")))??,
+                );
+            }
+            let config = source.config.clone();
+            let (found, back) = tokio::task::spawn_blocking(move || {
+                let refs: Vec<&layer::Spooled> = spooled.iter().flatten().collect();
+                (startup::from_elf(&config, &refs), spooled)
+            })
+            .await
+            .map_err(|e| ConvertError::Source(format!("ELF heuristic task failed: {e}")))?;
+            spooled = back;
+            tracing::info!(
+                program = found.program.as_deref().unwrap_or("(none)"),
+                files = found.files,
+                "start-up set from the entrypoint's ELF headers"
+            );
+            found
+                .sets
+                .into_iter()
+                .map(|names| (names, StartupSource::Elf))
+                .collect()
+        }
+        None => vec![(Vec::new(), StartupSource::Profile); total],
+    };
 
     let mut reports = Vec::with_capacity(total);
     let mut descriptors = Vec::with_capacity(total);
@@ -174,8 +264,12 @@ pub async fn convert(
             .map_or_else(|| format!("#{}", i + 1), |d| d.short());
         let layer_start = Instant::now();
         let lazy = format::detect(&layer.media_type, &layer.annotations);
-        let passthrough =
-            lazy.as_ref().is_some_and(|l| l.format == options.format) && layer.digest.is_some();
+        let (wanted, startup_source) = &startup_sets[i];
+        // A layer that gets a start-up set is rewritten even when already in the format.
+        let passthrough = lazy.as_ref().is_some_and(|l| l.format == options.format)
+            && layer.digest.is_some()
+            && wanted.is_empty();
+        let mut startup_report = None;
         let (file, written) = if passthrough {
             // Already lazy in this format: the stored blob is the result. Copy it (verified) only
             // if the destination lacks it.
@@ -198,6 +292,71 @@ pub async fn convert(
                 entries: 0,
             };
             (file, written)
+        } else if !wanted.is_empty() || spooled[i].is_some() {
+            let pre = spooled[i].take();
+            let stored = match pre {
+                Some(_) => None,
+                None => Some((source.open_layer(layer).await?, dest.new_spool()?)),
+            };
+            let mut out = dest.new_blob()?;
+            let options = write_options.clone();
+            let diff_id = layer.diff_id;
+            let task_label = label.clone();
+            let wanted = wanted.clone();
+            let wanted_empty = wanted.is_empty();
+            let drop_toc = layer::carries_estargz_toc(lazy.as_ref());
+            let (out, written, plan) = tokio::task::spawn_blocking(move || {
+                let mut progress = progress::LayerProgress::new(i + 1, total, &task_label);
+                let mut seen = 0;
+                let spooled = match (pre, stored) {
+                    (Some(pre), _) => pre,
+                    (None, Some((stored, spool))) => {
+                        layer::spool_layer(stored, &diff_id, spool, &task_label)?
+                    }
+                    (None, None) => {
+                        return Err(ConvertError::Source(format!(
+                            "layer {task_label}: nothing to convert"
+                        )))
+                    }
+                };
+                let (written, plan) = layer::write_spooled(
+                    spooled,
+                    &wanted,
+                    drop_toc,
+                    std::io::BufWriter::with_capacity(1 << 20, out.as_file_mut()),
+                    &options,
+                    &task_label,
+                    &mut |n| {
+                        seen = n;
+                        progress.update(n);
+                    },
+                )?;
+                progress.finish(seen, "converted");
+                Ok::<_, ConvertError>((out, written, plan))
+            })
+            .await
+            .map_err(|e| {
+                ConvertError::Source(format!("layer {label}: conversion task failed: {e}"))
+            })??;
+            let moved = !plan.startup.is_empty() || !wanted_empty;
+            tracing::info!(
+                layer = %label,
+                files = plan.startup.len(),
+                bytes = plan.startup_bytes,
+                skipped = plan.skipped,
+                refused = plan.refused.as_deref().unwrap_or(""),
+                "start-up set written first"
+            );
+            if moved {
+                startup_report = Some(StartupReport {
+                    source: *startup_source,
+                    files: plan.startup.len(),
+                    bytes: plan.startup_bytes,
+                    skipped: plan.skipped,
+                    refused: plan.refused,
+                });
+            }
+            (Some(out), written)
         } else {
             let stored = source.open_layer(layer).await?;
             let mut out = dest.new_blob()?;
@@ -255,6 +414,7 @@ pub async fn convert(
                 passthrough,
                 outcome,
                 seconds: layer_start.elapsed().as_secs_f64(),
+                startup: startup_report,
             };
             Ok((report, descriptor))
         }));
@@ -371,6 +531,12 @@ impl Destination {
                 staging: std::env::temp_dir(),
             }),
         }
+    }
+
+    /// An anonymous temporary file (gone when closed) for a decompressed source layer, beside
+    /// the converted blobs.
+    fn new_spool(&self) -> Result<std::fs::File, ConvertError> {
+        Ok(self.new_blob()?.into_file())
     }
 
     /// A temporary file for a converted blob, on the disk the blob will end up on.

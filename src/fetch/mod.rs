@@ -9,11 +9,13 @@
 //! decompressed and hashed on the side: the layer's `diff_id`, see `uncompressed`).
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
+mod access;
 mod local;
 mod plan;
 mod profile;
 mod schedule;
 mod stall;
+mod turns;
 mod uncompressed;
 
 use std::collections::{HashMap, HashSet};
@@ -32,6 +34,7 @@ use crate::metrics::METRICS;
 use crate::oci::{Digest, Reference};
 use crate::registry::Client;
 
+pub use access::AccessLog;
 pub use plan::{plan_ranges, Span};
 pub use profile::{plan_profile, ProfilePrefetch};
 pub use schedule::{
@@ -131,6 +134,8 @@ pub struct FetchConfig {
     pub deadline: Duration,
     /// The node's link policy, shared by every fetcher made with (a clone of) this config.
     pub scheduler: Scheduler,
+    /// Where to note every chunk read (`lazysnap profile record`); none otherwise.
+    pub access: Option<AccessLog>,
 }
 
 impl Default for FetchConfig {
@@ -141,6 +146,7 @@ impl Default for FetchConfig {
             max_neighbours: 256 << 10,
             deadline: Duration::from_secs(30),
             scheduler: Scheduler::default(),
+            access: None,
         }
     }
 }
@@ -247,6 +253,8 @@ struct Inner {
     uncompressed_bound: u64,
     /// What the last successful `complete` found: the uncompressed digest, or why there is none.
     uncompressed: Mutex<Option<Result<Digest, String>>>,
+    /// This layer's part of [`FetchConfig::access`], when recording.
+    access: Option<Arc<access::LayerLog>>,
 }
 
 /// The distinct compressed frames reads needed, and their total size.
@@ -290,6 +298,7 @@ impl LayerFetcher {
             .set(blob_size as i64);
         // A layer is mounted to be read: its container's start-up goes before any stream.
         config.scheduler.touch();
+        let access = config.access.as_ref().map(|log| log.layer(blob, toc));
         Self {
             inner: Arc::new(Inner {
                 client,
@@ -311,6 +320,7 @@ impl LayerFetcher {
                 hash_uncompressed: AtomicBool::new(false),
                 uncompressed_bound: uncompressed::bound(toc.entries.iter().map(|e| e.size)),
                 uncompressed: Mutex::new(None),
+                access,
             }),
         }
     }
@@ -659,6 +669,8 @@ async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
     counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     requests.fetch_add(1, Ordering::Relaxed);
     inner.record(kind.label(), bytes.len() as u64);
+    // One line per request: what a trace of start-up's round trips is made from.
+    tracing::debug!(layer = %layer, kind = kind.label(), start = span.start, end = span.end, chunks = span.chunks.len(), ms = started.elapsed().as_millis() as u64, "range request answered");
     let format = inner.format;
     let chunks = span.chunks.clone();
     let start = span.start;
@@ -730,6 +742,9 @@ impl ChunkSource for LayerFetcher {
                     )));
                 }
                 return Ok(Bytes::from(vec![0u8; chunk.size as usize]));
+            }
+            if let Some(log) = &inner.access {
+                log.note(&chunk);
             }
             {
                 let mut needed = lock(&inner.needed);

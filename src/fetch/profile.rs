@@ -49,17 +49,21 @@ pub struct ProfilePrefetch {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ProfilePlan {
     pub spans: Vec<Span>,
+    /// For each span, when start-up first read one of its chunks (`at_ms`): its place in the
+    /// node's queue of profile requests.
+    pub at_ms: Vec<u64>,
     pub unknown: usize,
     pub repeated: usize,
     pub held: usize,
 }
 
-/// Plans the requests for the chunks `accesses` names (digests, in first-read order) among the
-/// layer's `chunks`: unknown digests and those `held` (cached) are left out; the rest is cut into
-/// growing windows of the access order, each coalesced in blob order with gaps of at most `max_gap`.
+/// Plans the requests for the chunks `accesses` names (digests with their `at_ms`, in first-read
+/// order) among the layer's `chunks`: unknown digests and those `held` (cached) are left out; the
+/// rest is cut into growing windows of the access order, each coalesced in blob order with gaps of
+/// at most `max_gap`.
 pub fn plan_profile<'a>(
     chunks: &[Chunk],
-    accesses: impl IntoIterator<Item = &'a Digest>,
+    accesses: impl IntoIterator<Item = (&'a Digest, u64)>,
     held: impl Fn(&Digest) -> bool,
     max_gap: u64,
 ) -> ProfilePlan {
@@ -80,7 +84,8 @@ pub fn plan_profile<'a>(
     let mut plan = ProfilePlan::default();
     let mut seen = HashSet::new();
     let mut wanted: Vec<&Chunk> = Vec::new();
-    for digest in accesses {
+    let mut times: Vec<u64> = Vec::new();
+    for (digest, at_ms) in accesses {
         if !seen.insert(*digest) {
             plan.repeated += 1;
             continue;
@@ -88,7 +93,10 @@ pub fn plan_profile<'a>(
         match by_digest.get(digest) {
             None => plan.unknown += 1,
             Some(_) if held(digest) => plan.held += 1,
-            Some(c) => wanted.push(c),
+            Some(c) => {
+                wanted.push(c);
+                times.push(at_ms);
+            }
         }
     }
     let mut window = FIRST_WINDOW;
@@ -115,16 +123,25 @@ pub fn plan_profile<'a>(
             .collect();
         let mut sorted: Vec<Chunk> = this.iter().map(|c| (*c).clone()).collect();
         sorted.sort_by_key(|c| (c.compressed_start, c.inner_offset));
-        let mut spans = plan_ranges(&sorted, MAX_WINDOW, max_gap);
-        spans.sort_by_key(|s| {
-            s.chunks
-                .iter()
-                .filter_map(|c| order.get(&(c.compressed_start, c.inner_offset)))
-                .min()
-                .copied()
-                .unwrap_or(usize::MAX)
-        });
-        plan.spans.extend(spans);
+        let mut spans: Vec<(usize, Span)> = plan_ranges(&sorted, MAX_WINDOW, max_gap)
+            .into_iter()
+            .map(|s| {
+                let first = s
+                    .chunks
+                    .iter()
+                    .filter_map(|c| order.get(&(c.compressed_start, c.inner_offset)))
+                    .min()
+                    .copied()
+                    .unwrap_or(usize::MAX);
+                (first, s)
+            })
+            .collect();
+        spans.sort_by_key(|(first, _)| *first);
+        for (first, span) in spans {
+            plan.at_ms
+                .push(times.get(first).copied().unwrap_or(u64::MAX));
+            plan.spans.push(span);
+        }
         first_access += taken;
         rest = next;
         window = window.saturating_mul(2).min(MAX_WINDOW);
@@ -153,7 +170,7 @@ impl LayerFetcher {
             .collect();
         let plan = plan_profile(
             &chunks,
-            layer.accesses.iter().map(|a| &a.chunk),
+            layer.accesses.iter().map(|a| (&a.chunk, a.at_ms)),
             |d| inner.cache.contains(d),
             inner.config.max_gap,
         );
@@ -168,9 +185,10 @@ impl LayerFetcher {
         if plan.unknown > 0 || plan.repeated > 0 {
             tracing::info!(layer = %label, unknown = plan.unknown, repeated = plan.repeated, "profile entries that the layer's TOC does not hold, or that repeat, are ignored");
         }
+        tracing::info!(layer = %label, chunks = plan.spans.iter().map(|s| s.chunks.len()).sum::<usize>(), held = plan.held, "prefetching the start-up profile's chunks");
         let mut running = Vec::new();
-        for span in plan.spans {
-            let permit = scheduler.profile_turn().await;
+        for (span, at_ms) in plan.spans.into_iter().zip(plan.at_ms) {
+            let permit = scheduler.profile_turn(at_ms).await;
             // A read may have fetched (or be fetching) some of the span's chunks while it
             // waited: plan again with what is left, under the lock that readers plan under.
             let started: Vec<SharedRange> = {
@@ -264,7 +282,12 @@ mod tests {
             chunks[2].digest,
             chunks[1].digest,
         ];
-        let plan = plan_profile(&chunks, &accesses, |d| *d == chunks[1].digest, 0);
+        let plan = plan_profile(
+            &chunks,
+            accesses.iter().map(|d| (d, 0)),
+            |d| *d == chunks[1].digest,
+            0,
+        );
         assert_eq!((plan.unknown, plan.repeated, plan.held), (1, 1, 1));
         let planned: Vec<u64> = plan.spans.iter().flat_map(starts).collect();
         assert_eq!(
@@ -282,10 +305,14 @@ mod tests {
             .map(|i| chunk(i, if i < 3 { i * 10 } else { 1000 + i * 10 }, 10))
             .collect();
         let order = [3, 0, 4, 1, 5, 2].map(|i| chunks[i].digest);
-        let plan = plan_profile(&chunks, &order, |_| false, 0);
+        let plan = plan_profile(&chunks, order.iter().map(|d| (d, 0)), |_| false, 0);
         assert_eq!(plan.spans.len(), 2, "{plan:?}");
         assert_eq!(starts(&plan.spans[0]), [1030, 1040, 1050]);
         assert_eq!(starts(&plan.spans[1]), [0, 10, 20]);
+        // Each request's place in the node's queue: when start-up first read one of its chunks.
+        let timed = order.iter().zip([5u64, 6, 7, 8, 9, 10]);
+        let plan = plan_profile(&chunks, timed, |_| false, 0);
+        assert_eq!(plan.at_ms, [5, 6]);
     }
 
     #[test]
@@ -294,7 +321,7 @@ mod tests {
         // (2 + 4 + 8 + 16 + 32 = 62 chunks), then the 2 left.
         let len = 256 << 10;
         let chunks: Vec<Chunk> = (0..64).map(|i| chunk(i, i * len, len)).collect();
-        let plan = plan_profile(&chunks, chunks.iter().map(|c| &c.digest), |_| false, 0);
+        let plan = plan_profile(&chunks, chunks.iter().map(|c| (&c.digest, 0)), |_| false, 0);
         let sizes: Vec<u64> = plan.spans.iter().map(|s| s.end - s.start).collect();
         assert_eq!(
             sizes,
@@ -309,7 +336,7 @@ mod tests {
     fn requests_never_exceed_the_largest_window_and_a_large_chunk_stands_alone() {
         let big = MAX_WINDOW + 1;
         let chunks = [chunk(0, 0, 10), chunk(1, 10, big), chunk(2, 10 + big, 10)];
-        let plan = plan_profile(&chunks, chunks.iter().map(|c| &c.digest), |_| false, 0);
+        let plan = plan_profile(&chunks, chunks.iter().map(|c| (&c.digest, 0)), |_| false, 0);
         for s in &plan.spans {
             assert!(
                 s.chunks.len() == 1 || s.end - s.start <= MAX_WINDOW,
@@ -327,7 +354,12 @@ mod tests {
         let mut copy = chunk(1, 500, 10);
         copy.file_offset = 0;
         let chunks = [zeros.clone(), copy, first.clone()];
-        let plan = plan_profile(&chunks, [&zeros.digest, &first.digest], |_| false, 0);
+        let plan = plan_profile(
+            &chunks,
+            [(&zeros.digest, 0), (&first.digest, 0)],
+            |_| false,
+            0,
+        );
         assert_eq!(plan.unknown, 1, "a zero run is never fetched");
         assert_eq!(plan.spans.len(), 1);
         assert_eq!(starts(&plan.spans[0]), [50], "the first copy in the blob");

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use super::turns::{Turn, Turns};
+
 /// TOCs decoded at once on a node.
 pub const TOC_DECODES: usize = 2;
 
@@ -84,8 +86,9 @@ struct Inner {
     demand_idle: Notify,
     /// Profile prefetches running now (calls, not requests): background streams wait for them.
     profiles: AtomicU64,
-    /// Profile prefetch requests in flight (see [`ScheduleConfig::profile_requests`]).
-    profile_slots: Arc<Semaphore>,
+    /// Profile prefetch requests in flight (see [`ScheduleConfig::profile_requests`]), handed
+    /// out earliest access first.
+    profile_turns: Turns,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -163,7 +166,7 @@ impl Scheduler {
                 demand_requests: AtomicU64::new(0),
                 demand_idle: Notify::new(),
                 profiles: AtomicU64::new(0),
-                profile_slots: Arc::new(Semaphore::new(config.profile_requests.max(1))),
+                profile_turns: Turns::new(config.profile_requests),
             }),
         }
     }
@@ -218,12 +221,13 @@ impl Scheduler {
     }
 
     /// A turn to put one profile prefetch request on the wire: waits for one of the node's
-    /// [`ScheduleConfig::profile_requests`] slots, then until no on-demand request is in flight
-    /// (an on-demand read goes first). Hold the permit until the request is done.
-    pub async fn profile_turn(&self) -> Option<OwnedSemaphorePermit> {
-        let permit = self.inner.profile_slots.clone().acquire_owned().await.ok();
+    /// [`ScheduleConfig::profile_requests`] turns (the waiter whose request start-up reads first,
+    /// by `at_ms`, goes first, whatever its layer), then until no on-demand request is in flight
+    /// (an on-demand read goes first). Hold the turn until the request is done.
+    pub async fn profile_turn(&self, at_ms: u64) -> Turn {
+        let turn = self.inner.profile_turns.take(at_ms).await;
         self.wait_no_demand_request().await;
-        permit
+        turn
     }
 
     /// Returns once no on-demand range request is in flight.
@@ -382,10 +386,9 @@ mod tests {
             ..ScheduleConfig::default()
         });
         // At most `profile_requests` turns at once.
-        let a = s.profile_turn().await;
-        let b = s.profile_turn().await;
-        assert!(a.is_some() && b.is_some());
-        let third = tokio::time::timeout(Duration::from_millis(50), s.profile_turn()).await;
+        let a = s.profile_turn(0).await;
+        let b = s.profile_turn(0).await;
+        let third = tokio::time::timeout(Duration::from_millis(50), s.profile_turn(0)).await;
         assert!(
             third.is_err(),
             "the node's profile connections are all busy"
@@ -395,7 +398,12 @@ mod tests {
         let wire = s.begin_demand_request();
         let waiter = tokio::spawn({
             let s = s.clone();
-            async move { s.profile_turn().await.is_some() }
+            async move {
+                {
+                    let _t = s.profile_turn(0).await;
+                    true
+                }
+            }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
@@ -408,7 +416,7 @@ mod tests {
         // A reader joined to a profile request does not hold profile requests back.
         let _reader = s.begin_demand();
         drop(b);
-        let turn = tokio::time::timeout(Duration::from_millis(500), s.profile_turn()).await;
+        let turn = tokio::time::timeout(Duration::from_millis(500), s.profile_turn(0)).await;
         assert!(turn.is_ok());
         drop(_reader);
         // While a profile is prefetched, background streams wait.

@@ -10,7 +10,7 @@
 //!
 //! Files: `tar` (streaming parser that keeps raw header bytes), `names` (name and link rules),
 //! `toc` (the shared TOC JSON and the normalised model), `toc_stream` (entries decoded one at a time
-//! against the limits), `footer` (the footer layouts), `writer`
+//! against the limits), `footer` (the footer layouts), `reorder` (start-up set first), `writer`
 //! (the parallel, reproducible pipeline), `reader` (TOC and chunk verification), `limits` (the
 //! bounds on every size a footer or TOC states), `error`.
 //!
@@ -34,6 +34,7 @@ mod footer;
 mod limits;
 mod names;
 mod reader;
+pub mod reorder;
 pub(crate) mod tar;
 #[cfg(test)]
 mod testtar;
@@ -48,7 +49,7 @@ pub use compression::{decoder, Compression};
 pub use error::FormatError;
 pub use limits::{Limits, MAX_CHUNK_CEILING, MAX_TOC_CEILING};
 pub use reader::{read_file, read_toc, read_toc_limited};
-pub use toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+pub use toc::{NO_PREFETCH_LANDMARK, PREFETCH_FIELD, PREFETCH_LANDMARK};
 
 use crate::oci::Digest;
 
@@ -136,7 +137,20 @@ pub fn write_layer<R: Read, W: Write>(
     opts: &WriteOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<WrittenLayer, FormatError> {
-    writer::write_layer(input, out, opts, progress)
+    writer::write_layer(input, out, opts, &[], progress)
+}
+
+/// Like [`write_layer`], for a tar whose start-up set already leads it (see [`reorder`]):
+/// `prefetch` names that set in access order, and the zstd:chunked TOC records it in
+/// [`PREFETCH_FIELD`] (an eStargz stream carries its landmark entry instead).
+pub fn write_layer_with_prefetch<R: Read, W: Write>(
+    input: R,
+    out: W,
+    opts: &WriteOptions,
+    prefetch: &[String],
+    progress: &mut dyn FnMut(u64),
+) -> Result<WrittenLayer, FormatError> {
+    writer::write_layer(input, out, opts, prefetch, progress)
 }
 
 /// The kind of a TOC entry.
@@ -203,7 +217,8 @@ pub struct TocEntry {
 pub struct Toc {
     pub format: LayerFormat,
     pub entries: Vec<TocEntry>,
-    /// Names of the entries to fetch first, in access order (eStargz prefetch landmark).
+    /// Names of the entries to fetch first, in access order: the entries before eStargz's
+    /// prefetch landmark, or zstd:chunked's [`PREFETCH_FIELD`] (files the TOC holds, each once).
     pub prefetch: Vec<String>,
 }
 

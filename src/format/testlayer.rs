@@ -77,7 +77,7 @@ pub(super) fn real(format: LayerFormat) -> Real {
     let (_, toc) = read_toc(Cursor::new(&blob), w.media_type, &w.annotations).unwrap();
     let tail = &blob[blob.len() - tail_len(format) as usize..];
     let position = parse_tail(format, tail, blob.len() as u64).unwrap();
-    let json = serde_json::from_slice(&toc::encode(format, &toc.entries).unwrap()).unwrap();
+    let json = serde_json::from_slice(&toc::encode(format, &toc.entries, &[]).unwrap()).unwrap();
     Real {
         format,
         blob,

@@ -288,6 +288,54 @@ fn estargz_prefetch_landmark_lists_the_entries_before_it() {
 }
 
 #[test]
+fn zstd_chunked_start_up_field_fills_prefetch_with_the_files_it_holds() {
+    let mut t = TestTar::default();
+    for n in ["a", "b", "c"] {
+        t.add(&file(n, n.as_bytes().to_vec()));
+    }
+    let tar = t.finish();
+    let o = opts(LayerFormat::ZstdChunked, 1024, 1);
+    let listed: Vec<String> = ["c", "a", "nope", "c", "../x"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut blob = Vec::new();
+    let w = write_layer_with_prefetch(&tar[..], &mut blob, &o, &listed, &mut |_| {}).unwrap();
+    let (_, toc) = read_toc(Cursor::new(&blob), w.media_type, &w.annotations).unwrap();
+    assert_eq!(toc.prefetch, ["c", "a"], "known files, once each, in order");
+    // The field is the only difference: the stream (and so the diff_id) is the same.
+    let (plain, pw) = write(&tar, &o);
+    assert_eq!(pw.diff_id, w.diff_id);
+    let (_, toc) = read_toc(Cursor::new(&plain), pw.media_type, &pw.annotations).unwrap();
+    assert!(toc.prefetch.is_empty());
+    // eStargz records its start-up set with the landmark, never with the field.
+    let mut blob = Vec::new();
+    let o = opts(LayerFormat::Estargz, 1024, 1);
+    let w = write_layer_with_prefetch(&tar[..], &mut blob, &o, &listed, &mut |_| {}).unwrap();
+    let (_, toc) = read_toc(Cursor::new(&blob), w.media_type, &w.annotations).unwrap();
+    assert!(toc.prefetch.is_empty());
+}
+
+#[test]
+fn a_hostile_start_up_field_is_bounded_or_ignored() {
+    let limits = Limits {
+        max_entries: 4,
+        ..Limits::default()
+    };
+    let many = format!(
+        r#"{{"version":1,"entries":[],"lazysnap.prefetch":[{}]}}"#,
+        ["\"a\""; 5].join(",")
+    );
+    let err = toc::decode_limited(LayerFormat::ZstdChunked, many.as_bytes(), 0, &limits);
+    assert!(err.is_err(), "more names than entries allowed is refused");
+    let odd = r#"{"version":1,"entries":[],"lazysnap.prefetch":["/etc/x","../../y",""]}"#;
+    let toc = toc::decode_limited(LayerFormat::ZstdChunked, odd.as_bytes(), 0, &limits).unwrap();
+    assert!(toc.prefetch.is_empty(), "names no entry has are dropped");
+    let wrong = r#"{"version":1,"entries":[],"lazysnap.prefetch":{"a":1}}"#;
+    assert!(toc::decode_limited(LayerFormat::ZstdChunked, wrong.as_bytes(), 0, &limits).is_err());
+}
+
+#[test]
 fn corrupt_chunk_is_never_served() {
     let mut t = TestTar::default();
     t.add(&file("f", (0..3000u32).map(|i| (i * 7) as u8).collect()));

@@ -75,6 +75,16 @@ impl TestTar {
             .extend(std::iter::repeat_n(0u8, padding(e.data.len() as u64)));
     }
 
+    /// A PAX global header holding `key=value`.
+    pub fn global(&mut self, key: &str, value: &[u8]) {
+        let rec = Self::pax_record(key, value);
+        let h = Self::header("GlobalHead", "", b'g', 0o644, rec.len() as u64);
+        self.out.extend_from_slice(&h);
+        let n = rec.len() as u64;
+        self.out.extend(rec);
+        self.out.extend(std::iter::repeat_n(0u8, padding(n)));
+    }
+
     pub fn finish(mut self) -> Vec<u8> {
         self.out.extend([0u8; 1024]);
         self.out

@@ -19,6 +19,9 @@ use crate::oci::Digest;
 pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
 /// Landmark file: prefetch nothing (eStargz).
 pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
+/// Top-level zstd:chunked TOC field (lazysnap's own; other readers ignore unknown fields): the
+/// names of the start-up set, in access order, which the writer put first in the layer.
+pub const PREFETCH_FIELD: &str = "lazysnap.prefetch";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -29,6 +32,13 @@ struct JsonToc {
     entries: Option<Vec<JsonEntry>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tar_split_digest: Option<String>,
+    /// [`PREFETCH_FIELD`] (zstd:chunked only; eStargz marks the set with its landmark).
+    #[serde(
+        rename = "lazysnap.prefetch",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    prefetch: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -99,7 +109,13 @@ fn ne(s: &str) -> Option<String> {
 }
 
 /// Encodes entries (with their chunks) as TOC JSON. Deterministic: same entries, same bytes.
-pub(crate) fn encode(format: LayerFormat, entries: &[TocEntry]) -> Result<Vec<u8>, FormatError> {
+/// `prefetch` (the start-up set) goes into [`PREFETCH_FIELD`] for zstd:chunked; eStargz records
+/// it with a landmark entry in the tar instead.
+pub(crate) fn encode(
+    format: LayerFormat,
+    entries: &[TocEntry],
+    prefetch: &[String],
+) -> Result<Vec<u8>, FormatError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut out = Vec::with_capacity(entries.len() + 16);
     for e in entries {
@@ -157,6 +173,10 @@ pub(crate) fn encode(format: LayerFormat, entries: &[TocEntry]) -> Result<Vec<u8
         version: Some(1),
         entries: Some(out),
         tar_split_digest: None,
+        prefetch: match format {
+            LayerFormat::ZstdChunked => prefetch.to_vec(),
+            LayerFormat::Estargz => Vec::new(),
+        },
     };
     serde_json::to_vec(&toc).map_err(|e| FormatError::Toc(format!("cannot encode: {e}")))
 }
@@ -246,6 +266,7 @@ pub(crate) fn decode_limited(
     }
     let mut entries = std::mem::take(&mut state.entries);
     let raw_chunks = std::mem::take(&mut state.raw_chunks);
+    let listed = std::mem::take(&mut state.prefetch);
     // The streaming state (the last regular file) is not needed past the parse.
     drop(state);
 
@@ -396,6 +417,19 @@ pub(crate) fn decode_limited(
     }
 
     let mut prefetch = Vec::new();
+    if format == LayerFormat::ZstdChunked && !listed.is_empty() {
+        // Only names of files the TOC holds, each once: the list is a hint, not content.
+        let files: std::collections::HashSet<&str> = entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Reg | EntryKind::Hardlink))
+            .map(|e| e.name.as_str())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        prefetch = listed
+            .into_iter()
+            .filter(|n| files.contains(n.as_str()) && seen.insert(n.clone()))
+            .collect();
+    }
     if format == LayerFormat::Estargz && !entries.iter().any(|e| e.name == NO_PREFETCH_LANDMARK) {
         if let Some(i) = entries.iter().position(|e| e.name == PREFETCH_LANDMARK) {
             prefetch = entries[..i].iter().map(|e| e.name.clone()).collect();

@@ -24,6 +24,8 @@ pub(super) struct Decoder<'l> {
     pub raw_chunks: Vec<(usize, RawChunk)>,
     /// Name and index of the last regular file (the file chunk entries continue).
     last_reg: Option<(String, usize)>,
+    /// Names from the TOC's start-up field ([`super::toc::PREFETCH_FIELD`]), normalised.
+    pub prefetch: Vec<String>,
     pub failure: Option<FormatError>,
 }
 
@@ -35,6 +37,7 @@ impl<'l> Decoder<'l> {
             entries: Vec::new(),
             raw_chunks: Vec::new(),
             last_reg: None,
+            prefetch: Vec::new(),
             failure: None,
         }
     }
@@ -257,6 +260,7 @@ impl<'de> serde::de::Visitor<'de> for TocSeed<'_, '_> {
             match key.as_ref() {
                 "version" => version = map.next_value::<Option<i64>>()?,
                 "entries" => map.next_value_seed(EntriesSeed(&mut *self.0))?,
+                super::toc::PREFETCH_FIELD => map.next_value_seed(PrefetchSeed(&mut *self.0))?,
                 _ => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -302,6 +306,53 @@ impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_, '_> {
                 let text = e.to_string();
                 self.0.failure = Some(e);
                 return Err(serde::de::Error::custom(text));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deserializes the start-up field: an array of names, each checked against the name limits and
+/// counted against the entry limit as it is read (a hostile list costs no more than its bytes).
+struct PrefetchSeed<'a, 'l>(&'a mut Decoder<'l>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for PrefetchSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for PrefetchSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of entry names")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let limits = self.0.limits;
+        let mut read = 0u64;
+        while let Some(name) = seq.next_element::<std::borrow::Cow<'de, str>>()? {
+            read += 1;
+            if read > limits.max_entries {
+                let e = FormatError::Toc(Limits::exceeded(
+                    "start-up names",
+                    read,
+                    limits.max_entries,
+                    "max_toc_entries",
+                ));
+                let text = e.to_string();
+                self.0.failure = Some(e);
+                return Err(serde::de::Error::custom(text));
+            }
+            // A name no entry could have is ignored: the list is only a hint.
+            let checked = limits
+                .check_name("start-up name", &name)
+                .and_then(|()| normalise_name(name.trim_start_matches('/')));
+            if let Ok(n) = checked {
+                self.0.prefetch.push(n);
             }
         }
         Ok(())

@@ -343,11 +343,12 @@ impl<W: Write> Pipeline<'_, W> {
     }
 }
 
-/// See [`super::write_layer`].
+/// See [`super::write_layer`]; `prefetch` names the start-up set the TOC records (zstd:chunked).
 pub(crate) fn write_layer<R: Read, W: Write>(
     input: R,
     out: W,
     opts: &WriteOptions,
+    prefetch: &[String],
     progress: &mut dyn FnMut(u64),
 ) -> Result<WrittenLayer, FormatError> {
     if opts.chunk_size == 0 || opts.chunk_size > (1 << 30) {
@@ -395,13 +396,14 @@ pub(crate) fn write_layer<R: Read, W: Write>(
         p.jobs = None;
         result.map(|count| (p, count))
     })?;
-    finish(pipeline, level, count)
+    finish(pipeline, level, count, prefetch)
 }
 
 fn finish<W: Write>(
     p: Pipeline<'_, W>,
     level: i32,
     count: u64,
+    prefetch: &[String],
 ) -> Result<WrittenLayer, FormatError> {
     let Pipeline {
         format,
@@ -410,7 +412,7 @@ fn finish<W: Write>(
         mut diff,
         ..
     } = p;
-    let json = super::toc::encode(format, &entries)?;
+    let json = super::toc::encode(format, &entries, prefetch)?;
     let mut annotations = BTreeMap::new();
     let toc_digest = match format {
         LayerFormat::ZstdChunked => {

@@ -1,8 +1,11 @@
 //! Mounting a whole image: resolve it, mount each layer (lazy layers as FUSE file systems over
 //! their TOC, plain layers fetched, verified and unpacked once), and compose them with overlayfs.
 //!
-//! Owns: the order of those steps, where their state lives under the root directory, and tearing
-//! everything down in reverse. Does not own: how a layer is served (`fs`, `fetch`, `cache`).
+//! Owns: the order of those steps, where their state lives under the root directory, finding the
+//! image's start-up profile (`profile`), and tearing everything down in reverse. Does not own: how
+//! a layer is served (`fs`, `fetch`, `cache`).
+
+mod profile;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +21,8 @@ use crate::format::{self, Toc};
 use crate::fs::{self, LayerMount, LayerSession, MountOptions, OverlayMount};
 use crate::oci::{self, Digest, ImageDocument, Platform, Reference};
 use crate::registry::{Client, ClientConfig};
+
+pub use profile::{from_file as profile_from_file, ProfileLookups, ProfileSource, SharedProfile};
 
 /// Why an image could not be mounted. Messages name the image or layer.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +66,11 @@ pub struct MountConfig {
     pub nosuid: bool,
     /// Mount the overlay `nodev`: a device node in the image cannot be opened through it.
     pub nodev: bool,
+    /// Where the image's start-up profile comes from; its chunks are fetched ahead of the
+    /// container's reads, before the TOC's prefetch set and background completion.
+    pub profile: ProfileSource,
+    /// Registry lookups of profiles, remembered per manifest digest (clones share them).
+    pub profiles: ProfileLookups,
 }
 
 impl MountConfig {
@@ -78,6 +88,8 @@ impl MountConfig {
             limits: format::Limits::default(),
             nosuid: true,
             nodev: true,
+            profile: ProfileSource::default(),
+            profiles: ProfileLookups::default(),
         }
     }
 
@@ -240,6 +252,10 @@ pub async fn mount_image_with_upper(
         Client::new(config.registry.clone()).map_err(|e| MountError::Image(e.to_string()))?;
     let (manifest_digest, manifest, image_config) =
         resolve(&client, reference, &config.platform).await?;
+    // Looked up while the layers' TOCs are read: it adds no round trip in series.
+    let profile = config
+        .profiles
+        .lookup(&config.profile, &client, reference, &manifest_digest);
     let cache = ChunkCache::open(CacheConfig {
         dir: config.root.join("cache"),
         disk_budget: config.disk_budget,
@@ -292,10 +308,13 @@ pub async fn mount_image_with_upper(
             let cache = cache.clone();
             let mount_dir = run_dir.path().join(format!("layer-{i}"));
             let session = &session;
+            let (profile, run_dir) = (&profile, run_dir.path());
             async move {
                 let place = LayerPlace {
                     session,
                     dir: &mount_dir,
+                    run_dir,
+                    profile,
                 };
                 prepare_layer(&client, reference, d, diff_id, &cache, place, config).await
             }
@@ -311,30 +330,8 @@ pub async fn mount_image_with_upper(
         lowers.push(p.dir);
         layer_info.push(p.info);
         match p.lazy {
-            Some((mount, fetcher, toc)) => {
-                let task_fetcher = fetcher.clone();
-                let background_fetch = config.background_fetch;
-                let task_cache = cache.clone();
-                let owner = pin_owner(run_dir.path(), &fetcher.blob());
-                background.push(tokio::spawn(async move {
-                    if !toc.prefetch.is_empty() {
-                        if let Err(e) = task_fetcher.prefetch(&toc, &toc.prefetch).await {
-                            tracing::warn!(layer = %task_fetcher.blob().short(), "prefetch failed: {e}");
-                        }
-                    }
-                    if !background_fetch {
-                        return;
-                    }
-                    // A layer being completed needs every chunk, and once complete it no longer
-                    // needs the registry: pin its chunks before fetching them, so eviction cannot
-                    // undo the work while it is mounted, whatever the disk budget.
-                    if let Err(e) = task_cache.pin(&owner, &task_fetcher.chunk_digests()) {
-                        tracing::warn!("cannot pin the layer's chunks: {e}");
-                    }
-                    if !task_fetcher.is_complete() {
-                        task_fetcher.complete_retrying().await;
-                    }
-                }));
+            Some((mount, fetcher, task)) => {
+                background.push(task.into_inner());
                 layers.push(Layer::Lazy {
                     _mount: mount,
                     fetcher,
@@ -465,14 +462,81 @@ pub(crate) async fn resolve(
 struct Prepared {
     dir: PathBuf,
     info: LayerInfo,
-    lazy: Option<(LayerMount, LayerFetcher, Arc<Toc>)>,
+    lazy: Option<(LayerMount, LayerFetcher, LayerTask)>,
 }
 
-/// Where a lazy layer goes: served by `session`, bind-mounted at `dir`.
+/// Where a lazy layer goes: served by `session`, bind-mounted at `dir` (in the mount's `run_dir`),
+/// its start-up profile from `profile`.
 #[derive(Clone, Copy)]
 struct LayerPlace<'a> {
     session: &'a Arc<LayerSession>,
     dir: &'a Path,
+    run_dir: &'a Path,
+    profile: &'a SharedProfile,
+}
+
+/// A lazy layer's fetching task, aborted if dropped before the mount owns it (another layer failed).
+struct LayerTask(Option<tokio::task::JoinHandle<()>>);
+
+impl LayerTask {
+    fn into_inner(mut self) -> tokio::task::JoinHandle<()> {
+        match self.0.take() {
+            Some(h) => h,
+            None => tokio::spawn(async {}),
+        }
+    }
+}
+
+impl Drop for LayerTask {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Starts what a lazy layer fetches on its own, in order: its chunks in the start-up profile
+/// (as soon as the profile is known), the TOC's prefetch set, then, with background fetch on,
+/// the rest of the layer.
+fn start_layer_task(
+    fetcher: &LayerFetcher,
+    toc: Arc<Toc>,
+    place: LayerPlace<'_>,
+    cache: &ChunkCache,
+    config: &MountConfig,
+) -> LayerTask {
+    let fetcher = fetcher.clone();
+    let background_fetch = config.background_fetch;
+    let cache = cache.clone();
+    let owner = pin_owner(place.run_dir, &fetcher.blob());
+    let profile = place.profile.clone();
+    LayerTask(Some(tokio::spawn(async move {
+        let layer = fetcher.blob().short();
+        if let Some(profile) = profile.await {
+            if let Some(accesses) = profile.layer(&fetcher.blob()) {
+                if let Err(e) = fetcher.prefetch_profile(&toc, accesses).await {
+                    tracing::warn!(%layer, "profile prefetch failed (reads fetch on demand): {e}");
+                }
+            }
+        }
+        if !toc.prefetch.is_empty() {
+            if let Err(e) = fetcher.prefetch(&toc, &toc.prefetch).await {
+                tracing::warn!(%layer, "prefetch failed: {e}");
+            }
+        }
+        if !background_fetch {
+            return;
+        }
+        // A layer being completed needs every chunk, and once complete it no longer needs the
+        // registry: pin its chunks before fetching them, so eviction cannot undo the work while
+        // it is mounted, whatever the disk budget.
+        if let Err(e) = cache.pin(&owner, &fetcher.chunk_digests()) {
+            tracing::warn!("cannot pin the layer's chunks: {e}");
+        }
+        if !fetcher.is_complete() {
+            fetcher.complete_retrying().await;
+        }
+    })))
 }
 
 async fn prepare_layer(
@@ -550,10 +614,11 @@ async fn prepare_layer(
             seconds: start.elapsed().as_secs_f64(),
         };
         tracing::info!(layer = %digest.short(), entries = toc.entries.len(), "mounted lazily");
+        let task = start_layer_task(&fetcher, toc, place, cache, config);
         return Ok(Prepared {
             dir: mount_dir.to_owned(),
             info,
-            lazy: Some((mount, fetcher, toc)),
+            lazy: Some((mount, fetcher, task)),
         });
     }
     let diff_id: Digest = diff_id

@@ -151,3 +151,55 @@ fn dates_are_rfc3339_utc_and_sort_as_strings() {
     assert_eq!(at(4_102_444_799, 0), "2099-12-31T23:59:59.000Z");
     assert!(at(1_709_164_799, 999) < at(1_709_164_800, 0));
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn arbitrary_entry() -> impl Strategy<Value = Value> {
+        (
+            prop::sample::select(vec![MEDIA_TYPE, "application/vnd.example.sbom.v1", ""]),
+            any::<[u8; 4]>(),
+            prop::option::of("[0-9:TZ.-]{0,24}"),
+            any::<bool>(),
+        )
+            .prop_map(|(artifact_type, seed, created, well_formed)| {
+                let mut e = entry(artifact_type, &Digest::of(&seed), created.as_deref());
+                if !well_formed {
+                    e["size"] = json!("large");
+                }
+                e
+            })
+    }
+
+    proptest! {
+        /// Any bytes: an error or a list, never a panic.
+        #[test]
+        fn indexes_of_any_bytes_are_read_without_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = profiles_in_index(&bytes);
+            let _ = updated_index(Some(&bytes), referrer_descriptor(&Digest::of(b"x"), 1, "t"));
+        }
+
+        /// An update lists the new profile as the only lazysnap one and keeps every other entry,
+        /// in order.
+        #[test]
+        fn an_update_keeps_others_and_lists_one_profile(entries in prop::collection::vec(arbitrary_entry(), 0..12)) {
+            let others: Vec<Value> = entries
+                .iter()
+                .filter(|e| e["artifactType"] != MEDIA_TYPE)
+                .cloned()
+                .collect();
+            let new = Digest::of(b"new");
+            let descriptor = referrer_descriptor(&new, 9, "2026-12-03T00:00:00.000Z");
+            let updated = updated_index(Some(&index(entries)), descriptor.clone()).unwrap();
+            let parsed: Value = serde_json::from_slice(&updated).unwrap();
+            let mut expected = others;
+            expected.push(descriptor);
+            prop_assert_eq!(&parsed["manifests"], &json!(expected));
+            let found = profiles_in_index(&updated).unwrap();
+            prop_assert_eq!(found.len(), 1);
+            prop_assert_eq!(newest(found).unwrap().digest, new);
+        }
+    }
+}

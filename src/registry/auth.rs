@@ -1,5 +1,6 @@
-//! Authentication: credentials from docker's `config.json`, `WWW-Authenticate` challenges, and
-//! the bearer token cache (per registry and scope, with expiry).
+//! Authentication: credentials from docker's `config.json` (its `auths`, or the credential helper
+//! it names: `helper`), `WWW-Authenticate` challenges, and the bearer token cache (per registry
+//! and scope, with expiry).
 //!
 //! Flow: requests go out anonymously (or with what an earlier challenge taught us); a 401 is
 //! answered once, with basic credentials (`Basic`) or a token fetched from the realm (`Bearer`).
@@ -49,9 +50,9 @@ pub(crate) struct DockerConfig {
     pub path: Option<PathBuf>,
     /// Credentials by normalised registry host.
     auths: HashMap<String, Credentials>,
-    /// A global credential helper, which this client does not run.
+    /// The credential helper for every registry without its own (`credsStore`).
     creds_store: Option<String>,
-    /// Per-registry credential helpers, which this client does not run.
+    /// Per-registry credential helpers (`credHelpers`), before `credsStore`.
     cred_helpers: HashMap<String, String>,
 }
 
@@ -178,7 +179,7 @@ impl DockerConfig {
         self.auths.get(&normalise_host(registry))
     }
 
-    /// The credential helper docker would run for `registry`, if any (unsupported here).
+    /// The credential helper docker would run for `registry`, if any.
     pub fn helper_for(&self, registry: &str) -> Option<&str> {
         self.cred_helpers
             .get(&normalise_host(registry))
@@ -300,8 +301,16 @@ pub(crate) struct AuthState {
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
     /// Registries that asked for basic credentials (sent up front from then on).
     basic: Mutex<HashSet<String>>,
-    /// Registries already warned about unsupported credential helpers.
-    warned: Mutex<HashSet<String>>,
+    /// What credential helpers answered, by registry, until when.
+    helped: Mutex<HashMap<String, Helped>>,
+}
+
+/// A credential helper's answer for one registry, kept a while so that a burst of requests runs
+/// the helper once, yet a rotated secret is picked up.
+#[derive(Debug)]
+struct Helped {
+    credentials: Option<Credentials>,
+    until: Instant,
 }
 
 /// One string for a set of scopes, as a cache key.
@@ -338,9 +347,50 @@ impl AuthState {
             .map(|b| b.contains(registry))
             .unwrap_or(false);
         if basic {
-            return config.credentials(registry).map(Credentials::basic_header);
+            return self.credentials(registry, config).map(|c| c.basic_header());
         }
         None
+    }
+
+    /// The credentials for `registry`: `config.json`'s own, else what its credential helper
+    /// answered last (while that answer is fresh).
+    pub fn credentials(&self, registry: &str, config: &DockerConfig) -> Option<Credentials> {
+        if let Some(c) = config.credentials(registry) {
+            return Some(c.clone());
+        }
+        let helped = self.helped.lock().ok()?;
+        helped
+            .get(registry)
+            .filter(|h| h.until > Instant::now())
+            .and_then(|h| h.credentials.clone())
+    }
+
+    /// The credential helper to run for `registry` now: one is configured, `config.json` has no
+    /// credentials of its own, and there is no fresh answer.
+    pub fn helper_due(&self, registry: &str, config: &DockerConfig) -> Option<String> {
+        if config.credentials(registry).is_some() {
+            return None;
+        }
+        let helper = config.helper_for(registry)?;
+        let fresh = self
+            .helped
+            .lock()
+            .map(|h| h.get(registry).is_some_and(|h| h.until > Instant::now()))
+            .unwrap_or(false);
+        (!fresh).then(|| helper.to_owned())
+    }
+
+    /// Keeps a credential helper's answer for `registry` for `ttl`.
+    pub fn store_helped(&self, registry: &str, credentials: Option<Credentials>, ttl: Duration) {
+        if let Ok(mut helped) = self.helped.lock() {
+            helped.insert(
+                registry.to_owned(),
+                Helped {
+                    credentials,
+                    until: Instant::now() + ttl,
+                },
+            );
+        }
     }
 
     pub fn store_token(
@@ -370,27 +420,6 @@ impl AuthState {
             .lock()
             .map(|mut b| b.insert(registry.to_owned()))
             .unwrap_or(false)
-    }
-
-    /// Warns once per registry that its credentials sit in a helper this client cannot run.
-    pub fn warn_helper(&self, registry: &str, config: &DockerConfig) {
-        let Some(helper) = config.helper_for(registry) else {
-            return;
-        };
-        let first = self
-            .warned
-            .lock()
-            .map(|mut w| w.insert(registry.to_owned()))
-            .unwrap_or(false);
-        if first {
-            tracing::warn!(
-                registry,
-                helper,
-                "docker config names credential helper `docker-credential-{helper}` for {registry}; \
-                 credential helpers are not supported, so requests go without credentials \
-                 (put `auths.{registry}.auth` in config.json instead)"
-            );
-        }
     }
 }
 

@@ -26,6 +26,10 @@ const RETRY_AFTER_CAP: Duration = Duration::from_secs(30);
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 /// Token responses are read up to this size.
 const TOKEN_BODY_LIMIT: usize = 1024 * 1024;
+/// How long a credential helper's answer is used before the helper is asked again.
+const HELPER_TTL: Duration = Duration::from_secs(300);
+/// How long after a failed credential helper it is tried again.
+const HELPER_RETRY: Duration = Duration::from_secs(30);
 
 /// A registry client (cheap to clone; clones share the connection pool and token cache).
 #[derive(Debug, Clone)]
@@ -177,12 +181,11 @@ impl Client {
         challenges: &[super::auth::Challenge],
     ) -> Result<bool, RegistryError> {
         let registry = req.reference.registry.as_str();
-        let credentials = self.inner.docker_config.credentials(registry);
-        if credentials.is_none() {
-            self.inner
-                .auth
-                .warn_helper(registry, &self.inner.docker_config);
-        }
+        self.run_credential_helper(registry).await;
+        let credentials = self
+            .inner
+            .auth
+            .credentials(registry, &self.inner.docker_config);
         if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
             let Some(realm) = bearer.params.get("realm") else {
                 return Err(RegistryError::Protocol {
@@ -213,6 +216,34 @@ impl Client {
         Ok(false)
     }
 
+    /// Asks `registry`'s credential helper, if `config.json` names one and its last answer is
+    /// stale. A helper that fails is logged (never its output) and the request goes without.
+    async fn run_credential_helper(&self, registry: &str) {
+        let inner = &self.inner;
+        let Some(helper) = inner.auth.helper_due(registry, &inner.docker_config) else {
+            return;
+        };
+        match super::helper::get(&helper, registry).await {
+            Ok(credentials) => {
+                tracing::debug!(
+                    registry,
+                    helper,
+                    found = credentials.is_some(),
+                    "credential helper answered"
+                );
+                inner.auth.store_helped(registry, credentials, HELPER_TTL);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    registry,
+                    helper,
+                    "credential helper failed, going without credentials: {e}"
+                );
+                inner.auth.store_helped(registry, None, HELPER_RETRY);
+            }
+        }
+    }
+
     /// GETs a bearer token from `realm` (with basic credentials when docker config has them).
     async fn fetch_token(
         &self,
@@ -234,8 +265,11 @@ impl Client {
                 query.append_pair("scope", scope);
             }
         }
-        let credentials = self.inner.docker_config.credentials(&reference.registry);
-        if let Some(c) = credentials {
+        let credentials = self
+            .inner
+            .auth
+            .credentials(&reference.registry, &self.inner.docker_config);
+        if let Some(c) = &credentials {
             url.query_pairs_mut().append_pair("account", &c.username);
         }
         let req = Request {
@@ -386,7 +420,7 @@ impl Client {
         if config.credentials(registry).is_some() {
             format!("the registry refused the credentials for {registry} from {file}; check them (docker login {registry})")
         } else if let Some(helper) = config.helper_for(registry) {
-            format!("credentials for {registry} are in credential helper {helper:?}, which is not supported; add auths.{registry:?}.auth to {file}")
+            format!("credentials for {registry} come from docker-credential-{helper} (named in {file}), and it had none the registry accepted; check them (docker login {registry})")
         } else {
             format!(
                 "no credentials for {registry} in {file}; log in first (docker login {registry})"

@@ -7,6 +7,7 @@
 //!
 //! - `client`: the HTTP core (authentication on 401, retries with backoff, error mapping);
 //! - `auth`: docker `config.json`, `WWW-Authenticate` challenges, the token cache;
+//! - `helper`: docker credential helpers (`docker-credential-NAME get`);
 //! - `pull`: manifests, blobs, ranges, HEAD; `push`: uploads, mounts, manifest PUT;
 //! - `referrers`: the artifacts whose `subject` is a manifest (referrers API and tag schema);
 //! - `verify`: the digest-checking blob stream.
@@ -14,6 +15,7 @@
 mod auth;
 mod client;
 mod error;
+mod helper;
 mod pull;
 mod push;
 mod referrers;

@@ -17,6 +17,7 @@ pub mod spec;
 pub mod user;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -78,6 +79,9 @@ pub struct RunOptions {
     /// lazysnapd's socket: used when something listens there, else the image is mounted
     /// in-process. `None`: always in-process.
     pub lazysnapd: Option<PathBuf>,
+    /// Kills the container (SIGKILL) when notified, and `run` returns as after any exit: how
+    /// `lazysnap profile record` ends a container that has gone quiet or ran out of time.
+    pub stop: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// What happened, for the person debugging a slow start (and for benchmarks, as JSON).
@@ -214,6 +218,9 @@ impl Container {
         let rootfs = self.dir.join("rootfs");
         let (digest, layers, config, served_by) = match daemon {
             Some(d) => {
+                if let crate::mount::ProfileSource::File(path) = &options.mount.profile {
+                    tracing::warn!(file = %path.display(), "a profile file is used by in-process mounts only: lazysnapd looks the image's profile up itself");
+                }
                 let root =
                     daemon::prepare_root(&d, reference, &options.mount, &self.id, &rootfs).await?;
                 let facts = (
@@ -284,7 +291,9 @@ impl Container {
             fetched: fetched_at_exec,
         });
 
-        let exit_code = signals.forward_until_exit(pid).await?;
+        let exit_code = signals
+            .forward_until_exit(pid, options.stop.as_deref())
+            .await?;
         Ok(RunReport {
             reference: reference.to_string(),
             served_by,
@@ -442,9 +451,22 @@ impl Signals {
         Ok(Self { rx, listeners })
     }
 
-    /// Waits for `pid` to exit, forwarding every signal caught so far and from now on.
-    async fn forward_until_exit(&mut self, pid: i32) -> Result<i32, RunError> {
+    /// Waits for `pid` to exit, forwarding every signal caught so far and from now on, and
+    /// killing it when `stop` is notified.
+    async fn forward_until_exit(
+        &mut self,
+        pid: i32,
+        stop: Option<&tokio::sync::Notify>,
+    ) -> Result<i32, RunError> {
         let mut exit = tokio::task::spawn_blocking(move || runc::wait_exit(pid));
+        let stopped = async {
+            match stop {
+                Some(stop) => stop.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stopped);
+        let mut stopping = false;
         loop {
             tokio::select! {
                 done = &mut exit => {
@@ -452,6 +474,11 @@ impl Signals {
                     return Ok(waited?);
                 }
                 Some(sig) = self.rx.recv() => runc::forward(pid, sig),
+                () = &mut stopped, if !stopping => {
+                    // The container's init: killing it ends its PID namespace, so every process.
+                    stopping = true;
+                    runc::forward(pid, nix::sys::signal::Signal::SIGKILL);
+                }
             }
         }
     }

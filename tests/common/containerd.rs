@@ -1,7 +1,11 @@
-//! A real containerd 1.6 (Debian's `containerd`) with its own config, root, state and socket in a
-//! temp dir, and proxy snapshotters pointing where the test says. Started by hand (PID 1 is not
-//! systemd), stopped by its PID in `Drop`, together with the shims it started for this socket and
-//! every mount left below its directories, so a failing test leaves nothing behind.
+//! A real containerd with its own config, root, state and socket in a temp dir, and proxy
+//! snapshotters pointing where the test says. Debian 12's containerd 1.6 by default; the
+//! environment variable `LAZYSNAP_CONTAINERD` names another release's binary directory (holding
+//! `containerd`, `ctr` and `containerd-shim-runc-v2`, as `scripts/containerd-versions.sh` unpacks
+//! Debian 13's 1.7 and unstable's 2.x), and the fixture writes the config that release reads
+//! (version 2 for 1.x, version 3 for 2.x). Started by hand (PID 1 is not systemd), stopped by its
+//! PID in `Drop`, together with the shims it started for this socket and every mount left below its
+//! directories, so a failing test leaves nothing behind.
 
 #![allow(dead_code)]
 
@@ -12,13 +16,240 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
-pub const CTR_BIN: &str = "/usr/bin/ctr";
+/// Debian's containerd, used when `LAZYSNAP_CONTAINERD` is unset.
+pub const DEFAULT_BIN_DIR: &str = "/usr/bin";
+/// The environment variable naming the containerd under test (its directory, or its binary).
+pub const CONTAINERD_ENV: &str = "LAZYSNAP_CONTAINERD";
 pub const CTR_REMOTE_BIN: &str = "/usr/bin/ctr-remote";
 /// How long containerd may take to answer `ctr version`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one `ctr` command may take before the test fails (a pull of a small image, a run).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The containerd release under test: its binaries and its version.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// Holds `containerd`, `ctr` and `containerd-shim-runc-v2` of one release: containerd and
+    /// ctr of different releases are never mixed, and this directory comes first on containerd's
+    /// `PATH` so it starts its own shim, not Debian's.
+    pub bin_dir: PathBuf,
+    /// `(major, minor)` from `containerd --version`.
+    pub version: (u32, u32),
+    /// `containerd --version`, for messages.
+    pub banner: String,
+}
+
+impl Release {
+    /// The release `LAZYSNAP_CONTAINERD` names, or Debian's.
+    pub fn under_test() -> Result<Self> {
+        let named = std::env::var_os(CONTAINERD_ENV).map(PathBuf::from);
+        let bin_dir = match named {
+            None => PathBuf::from(DEFAULT_BIN_DIR),
+            Some(p) if p.is_dir() => p,
+            Some(p) => p
+                .parent()
+                .with_context(|| format!("{CONTAINERD_ENV}={}: no directory", p.display()))?
+                .to_owned(),
+        };
+        let containerd = bin_dir.join("containerd");
+        anyhow::ensure!(
+            containerd.exists() && bin_dir.join("ctr").exists(),
+            "{} has no containerd and ctr: install Debian's containerd, or point {CONTAINERD_ENV} \
+             at a directory from scripts/containerd-versions.sh",
+            bin_dir.display()
+        );
+        let out = Command::new(&containerd)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {} --version", containerd.display()))?;
+        let banner = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let version = parse_version(&banner)
+            .with_context(|| format!("no version in `{banner}` of {}", containerd.display()))?;
+        Ok(Self {
+            bin_dir,
+            version,
+            banner,
+        })
+    }
+
+    pub fn containerd(&self) -> PathBuf {
+        self.bin_dir.join("containerd")
+    }
+
+    pub fn ctr(&self) -> PathBuf {
+        self.bin_dir.join("ctr")
+    }
+
+    /// containerd 2.x reads a version 3 config; 1.x a version 2 one.
+    pub fn is_v2(&self) -> bool {
+        self.version.0 >= 2
+    }
+}
+
+/// `(major, minor)` from `containerd github.com/containerd/containerd[/v2] 1.7.24~ds1 ...`.
+fn parse_version(banner: &str) -> Option<(u32, u32)> {
+    let word = banner.split_whitespace().nth(2)?;
+    let mut parts = word.trim_start_matches('v').split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()?;
+    Some((major, minor))
+}
+
+/// What the CRI plugin is set up with, when it is on.
+#[derive(Debug, Clone, Copy)]
+struct Cri<'a> {
+    /// `None`: the snapshotter setting comes from the shipped snippet.
+    snapshotter: Option<&'a str>,
+    sandbox_image: &'a str,
+}
+
+/// The config snippet `systemd/` ships for `release` (version 2 for 1.x, version 3 for 2.x),
+/// pointed at `lazysnapd` instead of `/run/lazysnap/lazysnapd.sock`, with the socket's directory
+/// as the exported root instead of `/var/lib/lazysnap`, without its `version` line (the fixture
+/// writes that): the CRI test starts containerd with exactly what operators install.
+pub fn shipped_snippet(release: &Release, lazysnapd: &Path) -> Result<String> {
+    let name = if release.is_v2() {
+        "containerd2-lazysnap.toml"
+    } else {
+        "containerd-lazysnap.toml"
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("systemd")
+        .join(name);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let want = if release.is_v2() { 3 } else { 2 };
+    anyhow::ensure!(
+        text.lines()
+            .any(|l| l.trim() == format!("version = {want}")),
+        "{} is not a version {want} config",
+        path.display()
+    );
+    const SHIPPED_ADDRESS: &str = "/run/lazysnap/lazysnapd.sock";
+    const SHIPPED_ROOT: &str = "/var/lib/lazysnap";
+    anyhow::ensure!(
+        text.contains(SHIPPED_ADDRESS),
+        "{} does not name {SHIPPED_ADDRESS}",
+        path.display()
+    );
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("version"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(SHIPPED_ADDRESS, &lazysnapd.to_string_lossy())
+        .replace(
+            &format!("\"{SHIPPED_ROOT}\""),
+            &format!("\"{}\"", lazysnapd.parent().unwrap_or(lazysnapd).display()),
+        )
+        + "\n")
+}
+
+/// containerd's config for `release`, everything under `d`, with `shipped` (a snippet's tables)
+/// appended. Top-level keys come before the first table.
+fn config_toml(
+    release: &Release,
+    d: &Path,
+    socket: &Path,
+    snapshotters: &[(&str, &Path)],
+    cri: Option<Cri<'_>>,
+    shipped: &str,
+) -> String {
+    let mut proxies = String::new();
+    for (name, address) in snapshotters {
+        proxies.push_str(&format!(
+            "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+            address.display()
+        ));
+    }
+    let cni = d.join("cni");
+    let mut top = String::new();
+    let mut plugins = String::new();
+    if release.is_v2() {
+        // containerd 2.x: CRI is split into an image service (`cri.v1.images`, which owns the
+        // snapshotter setting and the layer labels), a runtime (`cri.v1.runtime`) and the gRPC
+        // front (`grpc.v1.cri`, the stream server). NRI is on by default and listens on one
+        // machine-wide socket: off, so parallel tests do not fight over it.
+        plugins.push_str("[plugins.\"io.containerd.nri.v1.nri\"]\n  disable = true\n");
+        match cri {
+            None => top.push_str(
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \
+                 \"io.containerd.cri.v1.runtime\"]\n",
+            ),
+            Some(Cri {
+                snapshotter,
+                sandbox_image,
+            }) => {
+                if let Some(snapshotter) = snapshotter {
+                    plugins.push_str(&format!(
+                        "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"{snapshotter}\"\n  \
+                         disable_snapshot_annotations = false\n"
+                    ));
+                }
+                // `cni.bin_dirs` replaced `bin_dir` in 2.1.
+                let bin = if release.version >= (2, 1) {
+                    format!("bin_dirs = [\"{}/bin\"]", cni.display())
+                } else {
+                    format!("bin_dir = \"{}/bin\"", cni.display())
+                };
+                plugins.push_str(&format!(
+                    "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{sandbox_image}\"\n\
+                     [plugins.\"io.containerd.cri.v1.runtime\"]\n  restrict_oom_score_adj = true\n\
+                     [plugins.\"io.containerd.cri.v1.runtime\".cni]\n  {bin}\n  conf_dir = \"{cni}/conf\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  \
+                     stream_server_port = \"0\"\n",
+                    cni = cni.display()
+                ));
+            }
+        }
+    } else {
+        match cri {
+            None => top.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"),
+            Some(Cri {
+                snapshotter,
+                sandbox_image,
+            }) => {
+                plugins.push_str(&format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  \
+                     sandbox_image = \"{sandbox_image}\"\n  \
+                     stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{cni}/bin\"\n  \
+                     conf_dir = \"{cni}/conf\"\n",
+                    cni = cni.display()
+                ));
+                if let Some(snapshotter) = snapshotter {
+                    plugins.push_str(&format!(
+                        "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{snapshotter}\"\n  \
+                         disable_snapshot_annotations = false\n"
+                    ));
+                }
+            }
+        }
+    }
+    format!(
+        "version = {version}\n\
+         root = \"{root}\"\n\
+         state = \"{state}\"\n\
+         {top}\
+         [grpc]\n  address = \"{sock}\"\n\
+         [ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+         [debug]\n  address = \"{debug}\"\n  level = \"info\"\n\
+         [metrics]\n  address = \"\"\n\
+         [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n\
+         {plugins}{proxies}{shipped}",
+        version = if release.is_v2() { 3 } else { 2 },
+        root = d.join("root").display(),
+        state = d.join("state").display(),
+        sock = socket.display(),
+        debug = d.join("debug.sock").display(),
+        opt = d.join("opt").display(),
+    )
+}
 
 /// A running containerd.
 #[derive(Debug)]
@@ -29,6 +260,8 @@ pub struct TestContainerd {
     /// The containerd namespace the helpers use (unique per test process, so cgroups and
     /// container ids never collide with another containerd on the machine).
     pub namespace: String,
+    /// The release running.
+    pub release: Release,
     child: Child,
 }
 
@@ -36,7 +269,7 @@ impl TestContainerd {
     /// Starts containerd with `[proxy_plugins.NAME] type = "snapshot"` for each `(NAME, socket)`,
     /// and the CRI plugin off (the tests here talk to containerd's own API).
     pub fn start(snapshotters: &[(&str, &Path)]) -> Result<Self> {
-        Self::start_with(snapshotters, None)
+        Self::start_with(snapshotters, None, None)
     }
 
     /// Like [`Self::start`], with the CRI plugin on and using `snapshotter`, passing the layer
@@ -48,73 +281,67 @@ impl TestContainerd {
         snapshotter: &str,
         sandbox_image: &str,
     ) -> Result<Self> {
-        Self::start_with(snapshotters, Some((snapshotter, sandbox_image)))
+        let cri = Cri {
+            snapshotter: Some(snapshotter),
+            sandbox_image,
+        };
+        Self::start_with(snapshotters, Some(cri), None)
     }
 
-    fn start_with(snapshotters: &[(&str, &Path)], cri: Option<(&str, &str)>) -> Result<Self> {
-        anyhow::ensure!(
-            Path::new(CONTAINERD_BIN).exists(),
-            "{CONTAINERD_BIN} not found: install the Debian package containerd"
-        );
+    /// Like [`Self::start_cri`], with the snapshotter `lazysnap` at `lazysnapd` configured by the
+    /// snippet `systemd/` ships for this release ([`shipped_snippet`]): its proxy plugin, CRI
+    /// snapshotter and `disable_snapshot_annotations`, as an operator installs them.
+    pub fn start_cri_shipped(lazysnapd: &Path, sandbox_image: &str) -> Result<Self> {
+        let cri = Cri {
+            snapshotter: None,
+            sandbox_image,
+        };
+        Self::start_with(&[], Some(cri), Some(lazysnapd))
+    }
+
+    /// Like [`Self::start`], with the snapshotter `lazysnap` at `lazysnapd` configured by the
+    /// snippet `systemd/` ships for this release, and the CRI plugin off.
+    pub fn start_shipped(lazysnapd: &Path) -> Result<Self> {
+        Self::start_with(&[], None, Some(lazysnapd))
+    }
+
+    fn start_with(
+        snapshotters: &[(&str, &Path)],
+        cri: Option<Cri<'_>>,
+        shipped_for: Option<&Path>,
+    ) -> Result<Self> {
+        let release = Release::under_test()?;
         let dir = tempfile::Builder::new().prefix("lsctd-").tempdir()?;
         let d = dir.path();
         let socket = d.join("containerd.sock");
-        let mut proxies = String::new();
-        for (name, address) in snapshotters {
-            proxies.push_str(&format!(
-                "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
-                address.display()
-            ));
-        }
-        // Top-level keys must come before the first table.
-        let (top, cri) = match cri {
-            None => (
-                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
-                String::new(),
-            ),
-            Some((snapshotter, sandbox_image)) => ("", format!(
-                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  \
-                 sandbox_image = \"{sandbox_image}\"\n  \
-                 stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{snapshotter}\"\n  \
-                 disable_snapshot_annotations = false\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{cni}/bin\"\n  conf_dir = \"{cni}/conf\"\n",
-                cni = d.join("cni").display()
-            )),
+        let shipped = match shipped_for {
+            Some(lazysnapd) => shipped_snippet(&release, lazysnapd)?,
+            None => String::new(),
         };
-        let config = format!(
-            "version = 2\n\
-             root = \"{root}\"\n\
-             state = \"{state}\"\n\
-             {top}\
-             [grpc]\n  address = \"{sock}\"\n\
-             [ttrpc]\n  address = \"{sock}.ttrpc\"\n\
-             [debug]\n  address = \"{debug}\"\n  level = \"info\"\n\
-             [metrics]\n  address = \"\"\n\
-             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n\
-             {proxies}{cri}",
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = socket.display(),
-            debug = d.join("debug.sock").display(),
-            opt = d.join("opt").display(),
-        );
+        let config = config_toml(&release, d, &socket, snapshotters, cri, &shipped);
         let config_path = d.join("config.toml");
         std::fs::write(&config_path, config)?;
         let log = File::create(d.join("containerd.log"))?;
-        let child = Command::new(CONTAINERD_BIN)
+        // The release's own directory first, so containerd starts its own shim.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path = std::env::join_paths(
+            std::iter::once(release.bin_dir.clone()).chain(std::env::split_paths(&path)),
+        )?;
+        let child = Command::new(release.containerd())
             .arg("--config")
             .arg(&config_path)
+            .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("spawning {CONTAINERD_BIN}"))?;
+            .with_context(|| format!("spawning {}", release.containerd().display()))?;
         // From here on, Drop stops it whatever happens.
         let mut containerd = Self {
             dir,
             socket,
             namespace: format!("lazysnaptest{}", std::process::id()),
+            release,
             child,
         };
         containerd.wait_ready()?;
@@ -125,15 +352,35 @@ impl TestContainerd {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("containerd exited ({status}); its log:\n{}", self.log());
+                bail!(
+                    "{} exited ({status}); its log:\n{}",
+                    self.release.banner,
+                    self.log()
+                );
             }
             if self.socket.exists() {
-                let out = Command::new(CTR_BIN)
+                let out = Command::new(self.release.ctr())
                     .arg("-a")
                     .arg(&self.socket)
                     .arg("version")
                     .output()?;
                 if out.status.success() {
+                    // `Server:` then `  Version:  X.Y.Z...`: the daemon answering is the release
+                    // the test asked for, not one left on the machine.
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    let server = text
+                        .split("Server:")
+                        .nth(1)
+                        .and_then(|s| s.lines().find_map(|l| l.trim().strip_prefix("Version:")))
+                        .map(str::trim)
+                        .unwrap_or_default();
+                    let got = parse_version(&format!("containerd x {server}"));
+                    anyhow::ensure!(
+                        got == Some(self.release.version),
+                        "containerd on {} says version {server:?}, not {}",
+                        self.socket.display(),
+                        self.release.banner
+                    );
                     return Ok(());
                 }
             }
@@ -153,28 +400,28 @@ impl TestContainerd {
 
     /// `ctr -a SOCK -n NS ARGS...`; stdout, or an error with stderr and containerd's log tail.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        self.run_client(CTR_BIN, args, &[])
+        self.run_client(&self.release.ctr(), args, &[])
     }
 
     /// `ctr` with extra environment variables (ctr 1.6's `images mount` ignores its
     /// `--snapshotter` flag but honours `CONTAINERD_SNAPSHOTTER`).
     pub fn ctr_env(&self, env: &[(&str, &str)], args: &[&str]) -> Result<String> {
-        self.run_client(CTR_BIN, args, env)
+        self.run_client(&self.release.ctr(), args, env)
     }
 
     /// `ctr -a SOCK -n NAMESPACE ARGS...` in another namespace (CRI's is `k8s.io`).
     pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
-        self.run_client_in(namespace, CTR_BIN, args, &[])
+        self.run_client_in(namespace, &self.release.ctr(), args, &[])
     }
 
     /// `ctr-remote -a SOCK -n NS ARGS...` (stargz-snapshotter's ctr, for `image rpull`).
     pub fn ctr_remote(&self, args: &[&str]) -> Result<String> {
-        self.run_client(CTR_REMOTE_BIN, args, &[])
+        self.run_client(Path::new(CTR_REMOTE_BIN), args, &[])
     }
 
     /// `ctr-remote` in another namespace.
     pub fn ctr_remote_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
-        self.run_client_in(namespace, CTR_REMOTE_BIN, args, &[])
+        self.run_client_in(namespace, Path::new(CTR_REMOTE_BIN), args, &[])
     }
 
     /// `ctr run --rm --snapshotter SNAPSHOTTER REFERENCE ID ARGS...` in `namespace`: the
@@ -200,14 +447,14 @@ impl TestContainerd {
         bail!("{reference} on {snapshotter}: three runs printed nothing")
     }
 
-    fn run_client(&self, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
+    fn run_client(&self, bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
         self.run_client_in(&self.namespace, bin, args, env)
     }
 
     fn run_client_in(
         &self,
         namespace: &str,
-        bin: &str,
+        bin: &Path,
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<String> {
@@ -223,11 +470,21 @@ impl TestContainerd {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
             bail!(
-                "{bin} {args:?} failed: {stderr}\nstdout: {stdout}\ncontainerd log (last lines, newest first):\n{}",
+                "{} {args:?} failed: {stderr}\nstdout: {stdout}\ncontainerd log (last lines, newest first):\n{}",
+                bin.display(),
                 tail.join("\n")
             );
         }
         Ok(stdout)
+    }
+
+    /// The executables of the shims this containerd runs now (each must be its release's own:
+    /// a 1.6 shim under containerd 2.x is a setup error that happens to work until it does not).
+    pub fn shim_executables(&self) -> Vec<PathBuf> {
+        self.shim_pids()
+            .into_iter()
+            .filter_map(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
+            .collect()
     }
 
     /// PIDs of the shims this containerd started (their command line names its socket).
