@@ -264,9 +264,15 @@ impl Locator {
         manifest_digest: &str,
         digest: Digest,
     ) -> Result<Found, Fallback> {
+        // The image's profile is looked up while this layer's TOC is read (once per image); when
+        // the labels name the manifest's digest, while the manifest itself is fetched too.
+        let early = manifest_digest
+            .parse::<Digest>()
+            .ok()
+            .map(|d| self.profiles.lookup(client, &reference, d));
         let manifest = self.manifest(client, &reference, manifest_digest).await?;
-        // The image's profile is looked up while this layer's TOC is read (once per image).
-        let profile = self.profiles.lookup(client, &reference, manifest.digest);
+        let profile =
+            early.unwrap_or_else(|| self.profiles.lookup(client, &reference, manifest.digest));
         let descriptor = manifest.json["layers"]
             .as_array()
             .and_then(|layers| {
