@@ -340,7 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (i, layer) in report.layers.iter().enumerate() {
                 if let Some(s) = &layer.startup {
                     eprintln!(
-                        "layer {}/{} {}: start-up set of {} files ({}) first, from the {}{}{}",
+                        "layer {}/{} {}: start-up set of {} files ({}) first, from the {}{}{}{}",
                         i + 1,
                         report.layers.len(),
                         layer.digest.short(),
@@ -352,6 +352,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         },
                         if s.skipped > 0 {
                             format!(", {} names not movable", s.skipped)
+                        } else {
+                            String::new()
+                        },
+                        if s.sparse > 0 {
+                            format!(", {} sparsely read files left in place", s.sparse)
                         } else {
                             String::new()
                         },

@@ -30,7 +30,7 @@ pub use layout::{Layout, REF_NAME};
 pub use location::ImageLocation;
 pub use progress::human;
 pub use source::{SourceImage, SourceLayer};
-pub use startup::{StartupReport, StartupSource};
+pub use startup::{StartupReport, StartupSet, StartupSource};
 
 use crate::profile::Profile;
 
@@ -208,7 +208,7 @@ pub async fn convert(
     let total = source.layers.len();
     // Layers decompressed ahead of the loop (the ELF heuristic reads across all of them).
     let mut spooled: Vec<Option<layer::Spooled>> = (0..total).map(|_| None).collect();
-    let startup_sets: Vec<(Vec<String>, StartupSource)> = match &options.profile {
+    let startup_sets: Vec<(StartupSet, StartupSource)> = match &options.profile {
         Some(profile) => startup::from_profile(profile, &source.layers)
             .into_iter()
             .map(|names| (names, StartupSource::Profile))
@@ -248,7 +248,7 @@ pub async fn convert(
                 .map(|names| (names, StartupSource::Elf))
                 .collect()
         }
-        None => vec![(Vec::new(), StartupSource::Profile); total],
+        None => vec![(StartupSet::default(), StartupSource::Profile); total],
     };
 
     let mut reports = Vec::with_capacity(total);
@@ -338,6 +338,7 @@ pub async fn convert(
             .map_err(|e| {
                 ConvertError::Source(format!("layer {label}: conversion task failed: {e}"))
             })??;
+            let (plan, sparse) = plan;
             let moved = !plan.startup.is_empty() || !wanted_empty;
             tracing::info!(
                 layer = %label,
@@ -353,6 +354,7 @@ pub async fn convert(
                     files: plan.startup.len(),
                     bytes: plan.startup_bytes,
                     skipped: plan.skipped,
+                    sparse,
                     refused: plan.refused,
                 });
             }
