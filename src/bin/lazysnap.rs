@@ -317,7 +317,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(source) = profile {
                 let path = std::path::Path::new(&source);
-                options.profile = Some(if path.exists() {
+                let looks_like_file = source.starts_with('/')
+                    || source.starts_with("./")
+                    || source.ends_with(".json");
+                options.profile = Some(if path.exists() || looks_like_file {
                     read_profile(path)?
                 } else {
                     let reference: Reference = source.parse().with_context(|| {
