@@ -328,7 +328,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(source) = profile {
                 let path = std::path::Path::new(&source);
-                options.profile = Some(if path.exists() {
+                let looks_like_file = source.starts_with('/')
+                    || source.starts_with("./")
+                    || source.ends_with(".json");
+                options.profile = Some(if path.exists() || looks_like_file {
                     read_profile(path)?
                 } else {
                     let reference: Reference = source.parse().with_context(|| {
@@ -351,7 +354,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (i, layer) in report.layers.iter().enumerate() {
                 if let Some(s) = &layer.startup {
                     eprintln!(
-                        "layer {}/{} {}: start-up set of {} files ({}) first, from the {}{}{}",
+                        "layer {}/{} {}: start-up set of {} files ({}) first, from the {}{}{}{}",
                         i + 1,
                         report.layers.len(),
                         layer.digest.short(),
@@ -363,6 +366,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         },
                         if s.skipped > 0 {
                             format!(", {} names not movable", s.skipped)
+                        } else {
+                            String::new()
+                        },
+                        if s.sparse > 0 {
+                            format!(", {} sparsely read files left in place", s.sparse)
                         } else {
                             String::new()
                         },

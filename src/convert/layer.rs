@@ -10,7 +10,7 @@ use crate::format::reorder::{self, Plan, Symlinks, TarIndex};
 use crate::format::{self, FormatError, LayerFormat, WriteOptions, WrittenLayer};
 use crate::oci::{Digest, Hasher};
 
-use super::ConvertError;
+use super::{ConvertError, StartupSet};
 
 /// Rewrites the layer read from `stored` (compressed as it was stored) into `out`.
 ///
@@ -162,18 +162,20 @@ pub fn spool_layer(
     })
 }
 
-/// Writes a spooled layer with `wanted` (entry names, in access order) first; returns the layer
-/// and the plan that says what moved. With nothing to move the layer is written as it was.
+/// Writes a spooled layer with `wanted` (entry names, in access order; files start-up read only
+/// sparsely are left in place) first; returns the layer, the plan that says what moved, and how
+/// many files were left for being sparse. With nothing to move the layer is written as it was.
 pub fn write_spooled<W: Write>(
     spooled: Spooled,
-    wanted: &[String],
+    wanted: &StartupSet,
     drop_estargz_toc: bool,
     out: W,
     options: &WriteOptions,
     label: &str,
     progress: &mut dyn FnMut(u64),
-) -> Result<(WrittenLayer, Plan), ConvertError> {
-    let plan = reorder::plan(&spooled.index, wanted, options.format, drop_estargz_toc);
+) -> Result<(WrittenLayer, (Plan, usize)), ConvertError> {
+    let (names, sparse) = wanted.dense(&spooled.index, options.chunk_size);
+    let plan = reorder::plan(&spooled.index, &names, options.format, drop_estargz_toc);
     let written = format::write_layer_with_prefetch(
         plan.reader(spooled.file),
         out,
@@ -182,7 +184,7 @@ pub fn write_spooled<W: Write>(
         progress,
     )
     .map_err(|e| format_error(label, e))?;
-    Ok((written, plan))
+    Ok((written, (plan, sparse)))
 }
 
 /// Passes every byte read through to a file.

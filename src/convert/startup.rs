@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
+use crate::format::reorder::TarIndex;
 use crate::format::EntryKind;
 use crate::profile::Profile;
 
@@ -32,19 +33,70 @@ pub struct StartupReport {
     pub bytes: u64,
     /// Names asked for that the layer does not hold as a movable file.
     pub skipped: usize,
+    /// Files left in place because start-up read less than half of them.
+    pub sparse: usize,
     /// Why nothing moved, when nothing did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
 }
 
-/// Each source layer's start-up names from `profile`, in first-access order (empty where the
+/// One layer's start-up set: entry names in first-access order and, from a profile, how many
+/// distinct chunks of each start-up read.
+#[derive(Debug, Clone, Default)]
+pub struct StartupSet {
+    pub names: Vec<String>,
+    /// Distinct chunk offsets read, by name; a name missing here counts as wholly read (the ELF
+    /// heuristic's files, which the loader maps whole).
+    pub touched: HashMap<String, usize>,
+}
+
+impl StartupSet {
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The names worth moving: a file larger than one chunk of which start-up read less than half
+    /// (e.g. a few scattered pages of java's 57 MB `lib/modules`) stays where it is, since moving
+    /// it would make every mount prefetch all of it; the profile prefetch at mount fetches just its
+    /// read chunks instead. Returns the names kept and how many were left for being sparse.
+    pub fn dense(&self, index: &TarIndex, chunk_size: u64) -> (Vec<String>, usize) {
+        // Reads through every name of one content (hard links) count together.
+        let mut read: HashMap<&str, usize> = HashMap::new();
+        for (name, n) in &self.touched {
+            if let Some((content, _)) = index.file(name) {
+                *read.entry(content).or_default() += n;
+            }
+        }
+        let mut sparse = 0;
+        let kept = self
+            .names
+            .iter()
+            .filter(|name| {
+                if !self.touched.contains_key(*name) {
+                    return true;
+                }
+                let Some((content, size)) = index.file(name) else {
+                    return true; // not a file: the plan skips it
+                };
+                let chunks = read.get(content).copied().unwrap_or(0) as u64;
+                let keep = size <= chunk_size || chunks.saturating_mul(chunk_size) * 2 >= size;
+                sparse += usize::from(!keep);
+                keep
+            })
+            .cloned()
+            .collect();
+        (kept, sparse)
+    }
+}
+
+/// Each source layer's start-up set from `profile`, in first-access order (empty where the
 /// profile has nothing for the layer).
 ///
 /// A profile layer matches a source layer with the same blob digest (the profiled image itself),
 /// else the same `diff_id` (the same tar in another encoding); when the profile names exactly as
 /// many layers as the source has, the layers left unmatched pair up by position. Each profile
 /// layer is used once.
-pub fn from_profile(profile: &Profile, layers: &[SourceLayer]) -> Vec<Vec<String>> {
+pub fn from_profile(profile: &Profile, layers: &[SourceLayer]) -> Vec<StartupSet> {
     let mut used = vec![false; profile.layers.len()];
     let mut chosen: Vec<Option<usize>> = vec![None; layers.len()];
     let mut claim = |matches: &dyn Fn(usize, usize) -> bool, chosen: &mut Vec<Option<usize>>| {
@@ -72,14 +124,18 @@ pub fn from_profile(profile: &Profile, layers: &[SourceLayer]) -> Vec<Vec<String
     chosen
         .into_iter()
         .map(|p| {
-            let Some(p) = p else { return Vec::new() };
-            let mut seen = HashSet::new();
-            profile.layers[p]
-                .accesses
-                .iter()
-                .filter(|a| seen.insert(a.name.as_str()))
-                .map(|a| a.name.clone())
-                .collect()
+            let mut set = StartupSet::default();
+            let Some(p) = p else { return set };
+            let mut chunks: HashSet<(&str, u64)> = HashSet::new();
+            for a in &profile.layers[p].accesses {
+                if !set.touched.contains_key(&a.name) {
+                    set.names.push(a.name.clone());
+                }
+                if chunks.insert((a.name.as_str(), a.offset)) {
+                    *set.touched.entry(a.name.clone()).or_default() += 1;
+                }
+            }
+            set
         })
         .collect()
 }
@@ -295,7 +351,7 @@ impl<'a> Tree<'a> {
 /// started from (for the report).
 #[derive(Debug, Default)]
 pub struct ElfStartup {
-    pub sets: Vec<Vec<String>>,
+    pub sets: Vec<StartupSet>,
     pub program: Option<String>,
     pub files: usize,
 }
@@ -306,7 +362,7 @@ pub struct ElfStartup {
 /// the default directories), all resolved inside the image's merged tree.
 pub fn from_elf(config: &[u8], layers: &[&Spooled]) -> ElfStartup {
     let mut out = ElfStartup {
-        sets: vec![Vec::new(); layers.len()],
+        sets: vec![StartupSet::default(); layers.len()],
         ..ElfStartup::default()
     };
     let Some((argv0, path_var)) = entrypoint(config) else {
@@ -393,7 +449,7 @@ pub fn from_elf(config: &[u8], layers: &[&Spooled]) -> ElfStartup {
     }
     out.files = order.len();
     for (layer, name) in order {
-        out.sets[layer].push(name);
+        out.sets[layer].names.push(name);
     }
     out
 }

@@ -75,6 +75,25 @@ impl TarIndex {
         Some((payload_start, item.size))
     }
 
+    /// The regular file `name` names, through hard links (the last entry of a name wins): its
+    /// name and content size.
+    pub fn file<'a>(&'a self, name: &'a str) -> Option<(&'a str, u64)> {
+        let mut name = name;
+        for _ in 0..16 {
+            let item = self
+                .items
+                .iter()
+                .rev()
+                .find(|i| i.kind.is_some() && i.name == name)?;
+            match item.kind {
+                Some(EntryKind::Reg) => return Some((&item.name, item.size)),
+                Some(EntryKind::Hardlink) => name = &item.link,
+                _ => return None,
+            }
+        }
+        None
+    }
+
     fn push(&mut self, item: Item) {
         if item.kind.is_none() && self.items.iter().any(|i| i.kind.is_some()) {
             self.global_after_entry = true;
@@ -539,6 +558,22 @@ mod tests {
         let (same, plan) = reorder(&tar, &["nothing"], LayerFormat::Estargz);
         assert!(plan.startup.is_empty());
         assert_eq!(same, tar, "nothing moved: the stream is unchanged");
+    }
+
+    #[test]
+    fn an_estargz_sources_old_toc_entry_goes_when_anything_moves() {
+        let tar = Builder::new()
+            .file("a", b"1")
+            .file("b", b"2")
+            .file("stargz.index.json", b"{}")
+            .finish();
+        let mut spool = tempfile::tempfile().unwrap();
+        io::Write::write_all(&mut spool, &tar).unwrap();
+        let (index, _) = index(&tar[..]).unwrap();
+        let plan = plan(&index, &["b".to_owned()], LayerFormat::Estargz, true);
+        let mut out = Vec::new();
+        plan.reader(spool).read_to_end(&mut out).unwrap();
+        assert_eq!(names_of(&out), ["b", ".prefetch.landmark", "a"]);
     }
 
     #[test]
