@@ -311,7 +311,7 @@ impl<'a> Tree<'a> {
     fn ld_so_conf(&self) -> Vec<String> {
         let mut dirs = Vec::new();
         let mut files = vec!["/etc/ld.so.conf".to_owned()];
-        let mut read_files = 0;
+        let (mut read_files, mut includes) = (0, 0);
         while let Some(file) = files.pop() {
             read_files += 1;
             if read_files > MAX_CONF_DIRS {
@@ -331,7 +331,8 @@ impl<'a> Tree<'a> {
                 let line = line.split('#').next().unwrap_or("").trim();
                 if let Some(pattern) = line.strip_prefix("include") {
                     let pattern = pattern.trim();
-                    if file == "/etc/ld.so.conf" {
+                    includes += 1;
+                    if file == "/etc/ld.so.conf" && includes <= MAX_CONF_DIRS {
                         if let Some((dir, suffix)) = pattern.rsplit_once("/*") {
                             files.extend(self.list(dir, suffix).into_iter().rev());
                         } else if pattern.starts_with('/') {

@@ -44,6 +44,9 @@ struct Item {
 #[derive(Debug, Default)]
 pub struct TarIndex {
     items: Vec<Item>,
+    /// The last entry of each name (the one an unpacked layer keeps).
+    last: HashMap<String, usize>,
+    seen_entry: bool,
     /// A PAX global header after the first entry: it applies to what follows it, so the entries
     /// cannot be moved across it.
     global_after_entry: bool,
@@ -66,11 +69,10 @@ impl TarIndex {
     /// The stream range `[start, end)` of a regular file's payload, for reading a few of its
     /// bytes (the ELF heuristic); the last entry of that name wins, as in an unpacked layer.
     pub fn payload(&self, name: &str) -> Option<(u64, u64)> {
-        let item = self
-            .items
-            .iter()
-            .rev()
-            .find(|i| i.kind == Some(EntryKind::Reg) && i.name == name)?;
+        let item = &self.items[*self.last.get(name)?];
+        if item.kind != Some(EntryKind::Reg) {
+            return None;
+        }
         let payload_start = item.end - padding(item.size) as u64 - item.size;
         Some((payload_start, item.size))
     }
@@ -80,11 +82,7 @@ impl TarIndex {
     pub fn file<'a>(&'a self, name: &'a str) -> Option<(&'a str, u64)> {
         let mut name = name;
         for _ in 0..16 {
-            let item = self
-                .items
-                .iter()
-                .rev()
-                .find(|i| i.kind.is_some() && i.name == name)?;
+            let item = &self.items[*self.last.get(name)?];
             match item.kind {
                 Some(EntryKind::Reg) => return Some((&item.name, item.size)),
                 Some(EntryKind::Hardlink) => name = &item.link,
@@ -95,8 +93,12 @@ impl TarIndex {
     }
 
     fn push(&mut self, item: Item) {
-        if item.kind.is_none() && self.items.iter().any(|i| i.kind.is_some()) {
+        if item.kind.is_none() && self.seen_entry {
             self.global_after_entry = true;
+        }
+        if item.kind.is_some() {
+            self.seen_entry = true;
+            self.last.insert(item.name.clone(), self.items.len());
         }
         self.items.push(item);
     }
