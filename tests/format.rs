@@ -415,7 +415,6 @@ fn hostile_tars_are_rejected_naming_the_entry() {
         ("f('../x')", "\"../x\""),
         ("f('a/../../x')", "\"a/../../x\""),
         ("f('/abs')", "\"/abs\""),
-        ("l('a/l', '../../etc', tarfile.SYMTYPE)", "\"a/l\""),
         ("l('h', '../x', tarfile.LNKTYPE)", "\"h\""),
         ("l('h2', '/etc/passwd', tarfile.LNKTYPE)", "\"h2\""),
     ] {

@@ -5,6 +5,10 @@
 //! when a test fails.
 
 mod common;
+#[path = "common/containerd.rs"]
+mod containerd;
+#[path = "common/lazysnapd.rs"]
+mod lazysnapd;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileTypeExt;
@@ -514,63 +518,13 @@ fn python_starts_before_the_image_is_downloaded() -> Result<()> {
     root.assert_clean()
 }
 
-/// A lazysnapd of the test's own (`--root`, `--address` in a temp dir); stopped by SIGTERM and
-/// `lazysnapd --cleanup` (which also stops its layer host and unmounts every layer) on drop.
-struct Lazysnapd {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl Lazysnapd {
-    fn start() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let socket = dir.path().join("lazysnapd.sock");
-        let log = std::fs::File::create(dir.path().join("lazysnapd.log"))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_lazysnapd"))
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .arg("--address")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let mut me = Self { child, dir, socket };
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&me.socket).is_err() {
-            if me.child.try_wait()?.is_some() || start.elapsed() > Duration::from_secs(30) {
-                bail!("lazysnapd did not start: {}", me.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(me)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("lazysnapd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Lazysnapd {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let _ = self.child.wait();
-        let _ = Command::new(env!("CARGO_BIN_EXE_lazysnapd"))
-            .arg("--root")
-            .arg(self.dir.path().join("root"))
-            .arg("--cleanup")
-            .output();
-    }
-}
-
 #[test]
 fn with_lazysnapd_listening_the_root_comes_from_its_snapshots() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
     let lazy = busybox(&registry, work.path())?;
     let plain = busybox_plain(&registry, work.path())?;
-    let daemon = Lazysnapd::start()?;
+    let daemon = lazysnapd::Lazysnapd::start("")?;
     let root = Root::new()?;
     let socket = daemon.socket.to_str().context("path")?;
     let report = work.path().join("report.json");

@@ -180,22 +180,8 @@ mod tests {
 
     fn entry(name: &str, chunks: Vec<Chunk>) -> TocEntry {
         TocEntry {
-            name: name.into(),
-            kind: EntryKind::Reg,
-            size: 0,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            uname: String::new(),
-            gname: String::new(),
-            mtime: 0,
-            mtime_nsec: 0,
-            link_name: String::new(),
-            dev_major: 0,
-            dev_minor: 0,
-            xattrs: Default::default(),
-            digest: None,
             chunks,
+            ..TocEntry::new(name, EntryKind::Reg)
         }
     }
 

@@ -112,22 +112,10 @@ mod tests {
 
     fn entry(size: u64, digest: Option<Digest>, chunks: Vec<Chunk>) -> TocEntry {
         TocEntry {
-            name: "f".into(),
-            kind: EntryKind::Reg,
             size,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            uname: String::new(),
-            gname: String::new(),
-            mtime: 0,
-            mtime_nsec: 0,
-            link_name: String::new(),
-            dev_major: 0,
-            dev_minor: 0,
-            xattrs: Default::default(),
             digest,
             chunks,
+            ..TocEntry::new("f", EntryKind::Reg)
         }
     }
 

@@ -212,6 +212,31 @@ pub struct TocEntry {
     pub chunks: Vec<Chunk>,
 }
 
+impl TocEntry {
+    /// An entry of `kind` named `name` with nothing else set (root's, mode 0644, no content):
+    /// what writers and tests fill in.
+    pub fn new(name: &str, kind: EntryKind) -> Self {
+        Self {
+            name: name.to_owned(),
+            kind,
+            size: 0,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            uname: String::new(),
+            gname: String::new(),
+            mtime: 0,
+            mtime_nsec: 0,
+            link_name: String::new(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: BTreeMap::new(),
+            digest: None,
+            chunks: Vec::new(),
+        }
+    }
+}
+
 /// A layer's table of contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Toc {

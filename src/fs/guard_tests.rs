@@ -41,20 +41,7 @@ impl ChunkSource for Panicky {
 fn file(name: &str, data: &[u8]) -> TocEntry {
     let digest = Digest::of(data);
     TocEntry {
-        name: name.into(),
-        kind: EntryKind::Reg,
         size: data.len() as u64,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        uname: String::new(),
-        gname: String::new(),
-        mtime: 0,
-        mtime_nsec: 0,
-        link_name: String::new(),
-        dev_major: 0,
-        dev_minor: 0,
-        xattrs: Default::default(),
         digest: Some(digest),
         chunks: vec![Chunk {
             file_offset: 0,
@@ -65,6 +52,7 @@ fn file(name: &str, data: &[u8]) -> TocEntry {
             digest,
             zeros: false,
         }],
+        ..TocEntry::new(name, EntryKind::Reg)
     }
 }
 

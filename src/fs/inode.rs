@@ -283,22 +283,8 @@ mod tests {
 
     fn entry(name: &str, kind: EntryKind, link: &str) -> TocEntry {
         TocEntry {
-            name: name.into(),
-            kind,
-            size: 0,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            uname: String::new(),
-            gname: String::new(),
-            mtime: 0,
-            mtime_nsec: 0,
             link_name: link.into(),
-            dev_major: 0,
-            dev_minor: 0,
-            xattrs: Default::default(),
-            digest: None,
-            chunks: Vec::new(),
+            ..TocEntry::new(name, kind)
         }
     }
 

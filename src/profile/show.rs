@@ -268,22 +268,10 @@ mod tests {
         assert_eq!(without[0].files, vec!["bin/z", "lib/a", "gone"]);
         assert_eq!((without[0].accesses, without[0].bytes), (4, None));
         let entry = TocEntry {
-            name: "bin/z".into(),
-            kind: EntryKind::Reg,
             size: 300,
             mode: 0o755,
-            uid: 0,
-            gid: 0,
-            uname: String::new(),
-            gname: String::new(),
-            mtime: 0,
-            mtime_nsec: 0,
-            link_name: String::new(),
-            dev_major: 0,
-            dev_minor: 0,
-            xattrs: Default::default(),
-            digest: None,
             chunks: vec![a, b, c],
+            ..TocEntry::new("bin/z", EntryKind::Reg)
         };
         let toc = Toc {
             format: LayerFormat::ZstdChunked,

@@ -540,6 +540,7 @@ pub fn stop_child(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
+#[allow(unused_imports)] // each test file uses some of them
 pub use crate::common::{mounts_below, unmount_below, UnmountOnDrop};
 
 /// Runs `cmd` with piped output, killing it after `timeout`. Returns (success, stdout, stderr).
