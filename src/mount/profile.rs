@@ -3,20 +3,18 @@
 //!
 //! A profile is a hint, so finding one never fails a mount: whatever goes wrong (the registry,
 //! a document that is not JSON, too large, or recorded from another image) is logged once, counted
-//! in `lazysnap_profile_ignored_total`, and the mount goes on without it. Lookups in the registry
-//! are remembered per manifest digest for the life of the process ([`ProfileLookups`]): the
-//! second mount of an image asks nothing.
+//! in `lazysnap_profile_ignored_total`, and the mount goes on without it. Registry lookups are
+//! `profile::lookup`'s, shared with lazysnapd: one per image a minute.
 
-use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::future::FutureExt;
 
 use crate::metrics::METRICS;
 use crate::oci::{Digest, Reference};
-use crate::profile::store::StoreError;
+use crate::profile::lookup::{Lookup, Lookups};
 use crate::profile::{self, Profile, ProfileError};
 use crate::registry::Client;
 
@@ -47,33 +45,24 @@ impl std::str::FromStr for ProfileSource {
 }
 
 /// A lookup's result, shared by every mount of the image that asks while (or after) it runs.
-pub type SharedProfile = Shared<BoxFuture<'static, Option<Arc<Profile>>>>;
+pub type SharedProfile = Lookup;
 
-/// The most manifests whose lookup result a process remembers; older ones are asked again.
-const REMEMBERED: usize = 256;
 /// How long a registry lookup may take before the mount goes on without a profile: each layer's
 /// own fetching (TOC prefetch set, background completion) waits for the answer, and a profile
 /// that arrives later than this is of little use to a start-up anyway.
 pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Registry lookups by manifest digest, in flight or done; clones share them.
-#[derive(Clone, Default)]
+/// Registry lookups, in flight or done, kept a minute per image ([`Lookups`]); clones share them.
+#[derive(Debug, Clone)]
 pub struct ProfileLookups {
-    inner: Arc<Mutex<Remembered>>,
+    registry: Lookups,
 }
 
-#[derive(Default)]
-struct Remembered {
-    by_manifest: HashMap<Digest, SharedProfile>,
-    order: VecDeque<Digest>,
-}
-
-impl std::fmt::Debug for ProfileLookups {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.inner.lock().map_or(0, |r| r.by_manifest.len());
-        f.debug_struct("ProfileLookups")
-            .field("remembered", &n)
-            .finish()
+impl Default for ProfileLookups {
+    fn default() -> Self {
+        Self {
+            registry: Lookups::new(LOOKUP_TIMEOUT),
+        }
     }
 }
 
@@ -97,7 +86,7 @@ fn ignored(what: &str, reason: &'static str, detail: &dyn std::fmt::Display) {
 impl ProfileLookups {
     /// The profile of the image `manifest` (of `reference`) from `source`, as a future that is
     /// already running: await it once the layers' TOCs are known. A registry lookup is made
-    /// once per manifest digest in the process; a file is read now.
+    /// once per image a minute ([`Lookups`]); a file is read now.
     pub fn lookup(
         &self,
         source: &ProfileSource,
@@ -112,28 +101,7 @@ impl ProfileLookups {
                     .boxed()
                     .shared()
             }
-            ProfileSource::Registry => {
-                let mut remembered = self
-                    .inner
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Some(found) = remembered.by_manifest.get(manifest) {
-                    return found.clone();
-                }
-                let task =
-                    tokio::spawn(from_registry(client.clone(), reference.clone(), *manifest));
-                let shared = async move { task.await.ok().flatten().map(Arc::new) }
-                    .boxed()
-                    .shared();
-                remembered.by_manifest.insert(*manifest, shared.clone());
-                remembered.order.push_back(*manifest);
-                while remembered.order.len() > REMEMBERED {
-                    if let Some(old) = remembered.order.pop_front() {
-                        remembered.by_manifest.remove(&old);
-                    }
-                }
-                shared
-            }
+            ProfileSource::Registry => self.registry.lookup(client, reference, *manifest),
         }
     }
 }
@@ -184,48 +152,6 @@ fn checked(
         Err(e) => {
             METRICS.profile_lookups.with_label_values(&["error"]).inc();
             ignored(what, reason(&e), &e);
-            None
-        }
-    }
-}
-
-/// Why a profile in the registry was not used: the `reason` label of
-/// `lazysnap_profile_ignored_total`.
-fn store_reason(e: &StoreError) -> &'static str {
-    match e {
-        StoreError::Registry(_) | StoreError::Read { .. } => "unreachable",
-        StoreError::TooLarge { .. } => "too_large",
-        StoreError::Foreign { .. } => "foreign",
-        StoreError::Document { source, .. } => reason(source),
-        StoreError::Encode(_) | StoreError::Malformed { .. } => "invalid",
-    }
-}
-
-/// Looks the image's profile up among its referrers in the registry (both the referrers API and
-/// the `sha256-<hex>` tag, at once: finding none costs one round trip).
-async fn from_registry(client: Client, reference: Reference, manifest: Digest) -> Option<Profile> {
-    let what = format!("of {reference}@{manifest} in the registry");
-    let found = tokio::time::timeout(
-        LOOKUP_TIMEOUT,
-        profile::store::find(&client, &reference, &manifest),
-    )
-    .await;
-    let Ok(found) = found else {
-        METRICS.profile_lookups.with_label_values(&["error"]).inc();
-        let detail = format!("no answer within {LOOKUP_TIMEOUT:?}");
-        ignored(&what, "unreachable", &detail);
-        return None;
-    };
-    match found {
-        Ok(None) => {
-            METRICS.profile_lookups.with_label_values(&["none"]).inc();
-            tracing::debug!(image = %manifest, "no start-up profile in the registry");
-            None
-        }
-        Ok(Some(p)) => checked(&what, Ok(p), &manifest),
-        Err(e) => {
-            METRICS.profile_lookups.with_label_values(&["error"]).inc();
-            ignored(&what, store_reason(&e), &e);
             None
         }
     }

@@ -11,6 +11,7 @@
 //! Owns: the profile document (JSON, [`MEDIA_TYPE`]) and its bounds. Does not own: recording
 //! (the `fetch` access log), storage in the registry, or prefetching.
 
+pub mod lookup;
 pub mod record;
 pub mod show;
 pub mod store;

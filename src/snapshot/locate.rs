@@ -21,11 +21,11 @@ use serde_json::Value;
 
 use super::hosts::Hosts;
 use super::metrics::METRICS;
-use super::profiles::{Lookup, Profiles};
 use super::remote::{Fallback, RemoteLayer};
 use crate::fetch::Scheduler;
 use crate::format;
 use crate::oci::{self, Digest, Reference};
+use crate::profile::lookup::{Lookup, Lookups};
 use crate::registry::Client;
 
 /// Layers found ahead at once (each holds a connection or two and, after, its TOC).
@@ -88,7 +88,7 @@ pub(super) struct Locator {
     ahead: Mutex<HashMap<Key, Ahead>>,
     slots: Arc<tokio::sync::Semaphore>,
     /// Start-up profiles, looked up once per image manifest.
-    profiles: Profiles,
+    profiles: Lookups,
 }
 
 impl std::fmt::Debug for Locator {
@@ -132,7 +132,7 @@ impl Locator {
             manifests: Mutex::new(HashMap::new()),
             ahead: Mutex::new(HashMap::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(AHEAD_SLOTS)),
-            profiles: Profiles::new(timeout),
+            profiles: Lookups::new(timeout),
         }
     }
 

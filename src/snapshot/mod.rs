@@ -24,7 +24,6 @@ pub mod hosts;
 mod locate;
 mod metrics;
 mod mounts;
-mod profiles;
 mod remote;
 mod snapshotter;
 mod store;

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 
 use super::hosts::Hosts;
 use super::locate::{Found, Locator};
-use super::profiles::Lookup;
 use super::verify::{self, Expected, Verification};
 use super::{
     Usage, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
@@ -23,6 +22,7 @@ use super::{
 use crate::cache::ChunkCache;
 use crate::fetch::{FetchConfig, LayerFetcher};
 use crate::fs::{self, LayerMount, LayerSession, MountOptions};
+use crate::profile::lookup::Lookup;
 use crate::registry::{Client, ClientConfig};
 use crate::{format, inspect};
 

@@ -1,11 +1,9 @@
-//! Start-up profiles for lazysnapd's layers: the image's profile (an OCI artifact whose subject
-//! is the image manifest, see `profile::store`) is looked up once per manifest, as soon as the
-//! manifest is known and in parallel with the layers' TOC reads, and shared by all of the
-//! image's layers; each layer's part is fetched ahead of the container's reads when the layer is
-//! mounted (`remote`).
+//! Looking an image's start-up profile up in its registry, once per image: the lookup starts as
+//! soon as the manifest is known, runs in a task of its own (in parallel with the layers' TOC
+//! reads), and every layer of the image, in `lazysnap run`/`mount` or in lazysnapd, shares it.
 //!
-//! A profile is a hint: a lookup that fails, or finds a profile that is too large, broken or
-//! recorded from another image, is logged, counted (`lazysnap_profile_lookups_total`,
+//! A profile is a hint: a lookup that fails, times out, or finds a profile that is too large,
+//! broken or recorded from another image, is logged, counted (`lazysnap_profile_lookups_total`,
 //! `lazysnap_profile_ignored_total`) and ignored; the layer mounts as it would without one.
 //! Every chunk a profile names is still looked up in the layer's TOC and verified when fetched.
 
@@ -16,43 +14,46 @@ use std::time::{Duration, Instant};
 use futures_util::future::{BoxFuture, Shared};
 use futures_util::FutureExt;
 
+use super::store::{self, StoreError};
+use super::{Profile, ProfileError};
 use crate::metrics::METRICS;
 use crate::oci::{Digest, Reference};
-use crate::profile::store::{self, StoreError};
-use crate::profile::Profile;
 use crate::registry::Client;
 
 /// A lookup being made (or made): the profile, or none (none found, or ignored).
-pub(super) type Lookup = Shared<BoxFuture<'static, Option<Arc<Profile>>>>;
+pub type Lookup = Shared<BoxFuture<'static, Option<Arc<Profile>>>>;
 
 /// Lookups kept at once, and how long: one pull's layers share one (a profile may be replaced at
 /// any time, so not much longer).
-const MAX_KEPT: usize = 64;
+const MAX_KEPT: usize = 256;
 const KEEP: Duration = Duration::from_secs(60);
 
 /// Lookups by (registry, repository, manifest digest), with when each was started.
 type Kept = HashMap<(String, String, Digest), (Instant, Lookup)>;
 
-/// Profile lookups by (registry, repository, manifest digest).
-pub(super) struct Profiles {
-    /// Bounds one lookup (the read timeout, as for a TOC).
+/// Profile lookups by (registry, repository, manifest digest); clones share them. A profile
+/// found in one repository says nothing of another's, so the key names both.
+#[derive(Clone)]
+pub struct Lookups {
+    /// Bounds one lookup: a profile that arrives later is of little use to a start-up, and each
+    /// layer's own prefetch and background fetch wait for the answer.
     timeout: Duration,
-    kept: Mutex<Kept>,
+    kept: Arc<Mutex<Kept>>,
 }
 
-impl std::fmt::Debug for Profiles {
+impl std::fmt::Debug for Lookups {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Profiles")
+        f.debug_struct("Lookups")
             .field("kept", &self.lock().len())
             .finish_non_exhaustive()
     }
 }
 
-impl Profiles {
-    pub(super) fn new(timeout: Duration) -> Self {
+impl Lookups {
+    pub fn new(timeout: Duration) -> Self {
         Self {
             timeout,
-            kept: Mutex::new(HashMap::new()),
+            kept: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -65,12 +66,7 @@ impl Profiles {
     /// The profile lookup of image `manifest` in `reference`'s repository at the host `client`
     /// talks to: started now (in a task of its own, so it runs while the caller reads TOCs) unless
     /// one for the same manifest was started a moment ago. Must run inside a tokio runtime.
-    pub(super) fn lookup(
-        &self,
-        client: &Client,
-        reference: &Reference,
-        manifest: Digest,
-    ) -> Lookup {
+    pub fn lookup(&self, client: &Client, reference: &Reference, manifest: Digest) -> Lookup {
         let key = (
             reference.registry.clone(),
             reference.repository.clone(),
@@ -93,16 +89,20 @@ impl Profiles {
     }
 }
 
-/// The bounded label a lookup failure is counted under.
+/// The bounded label a lookup failure is counted under (`lazysnap_profile_ignored_total`).
 fn ignored_reason(e: &StoreError) -> &'static str {
     match e {
         StoreError::Registry(_) => "unreachable",
+        StoreError::Read { .. } => "unreadable",
+        StoreError::TooLarge { .. }
+        | StoreError::Document {
+            source: ProfileError::TooLarge(_),
+            ..
+        } => "too_large",
+        StoreError::Foreign { .. } => "foreign",
         StoreError::Encode(_) | StoreError::Document { .. } | StoreError::Malformed { .. } => {
             "invalid"
         }
-        StoreError::TooLarge { .. } => "too_large",
-        StoreError::Foreign { .. } => "foreign",
-        StoreError::Read { .. } => "unreadable",
     }
 }
 
