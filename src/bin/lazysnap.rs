@@ -135,6 +135,41 @@ struct RunArgs {
     /// Container name and hostname (default: generated).
     #[arg(long)]
     name: Option<String>,
+    #[command(flatten)]
+    container: ContainerArgs,
+    /// Fetch only what the container reads (and the prefetch set), not the rest of each layer.
+    #[arg(long)]
+    no_background_fetch: bool,
+    /// Seconds a read may wait for the registry before it fails with EIO.
+    #[arg(long, default_value_t = 30)]
+    read_timeout: u64,
+    #[arg(long)]
+    platform: Option<Platform>,
+    /// The image's start-up profile, whose chunks are fetched ahead of the reads: FILE (JSON,
+    /// as `lazysnap profile record --out` writes), or `none`. Default: look it up among the
+    /// image's referrers in its registry. A profile that cannot be used is logged and skipped.
+    #[arg(long, value_name = "FILE|none")]
+    profile: Option<ProfileSource>,
+    /// Also write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    report: Option<std::path::PathBuf>,
+    /// lazysnapd's socket: when it listens, the container's root comes from its snapshots (the
+    /// node's shared cache); otherwise the image is mounted in this process under --root.
+    #[arg(long, value_name = "SOCK", default_value = launcher::daemon::DEFAULT_SOCKET)]
+    lazysnapd: std::path::PathBuf,
+    /// Never ask lazysnapd; always mount in this process.
+    #[arg(long, conflicts_with = "lazysnapd")]
+    no_lazysnapd: bool,
+    /// The image: HOST[:PORT]/REPO[:TAG|@DIGEST]; the report names the digest that ran.
+    reference: Reference,
+    /// Command and arguments, replacing the image's Cmd.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// How the container runs, as `lazysnap run` and `lazysnap profile record` both take it.
+#[derive(Debug, clap::Args)]
+struct ContainerArgs {
     /// Set an environment variable (K=V), or pass K from this environment.
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     env: Vec<String>,
@@ -154,37 +189,49 @@ struct RunArgs {
     /// Replace the image's Entrypoint (and drop its Cmd); "" clears it.
     #[arg(long)]
     entrypoint: Option<String>,
-    /// Fetch only what the container reads (and the prefetch set), not the rest of each layer.
-    #[arg(long)]
-    no_background_fetch: bool,
-    /// Seconds a read may wait for the registry before it fails with EIO.
-    #[arg(long, default_value_t = 30)]
-    read_timeout: u64,
-    #[arg(long)]
-    platform: Option<Platform>,
-    /// The image's start-up profile, whose chunks are fetched ahead of the reads: FILE (JSON,
-    /// as `lazysnap profile record --out` writes), or `none`. Default: look it up among the
-    /// image's referrers in its registry. A profile that cannot be used is logged and skipped.
-    #[arg(long, value_name = "FILE|none")]
-    profile: Option<ProfileSource>,
-    /// Also write the report as JSON to FILE.
-    #[arg(long, value_name = "FILE")]
-    report: Option<std::path::PathBuf>,
     /// The runc binary.
     #[arg(long, default_value = "runc")]
     runc: std::path::PathBuf,
-    /// lazysnapd's socket: when it listens, the container's root comes from its snapshots (the
-    /// node's shared cache); otherwise the image is mounted in this process under --root.
-    #[arg(long, value_name = "SOCK", default_value = launcher::daemon::DEFAULT_SOCKET)]
-    lazysnapd: std::path::PathBuf,
-    /// Never ask lazysnapd; always mount in this process.
-    #[arg(long, conflicts_with = "lazysnapd")]
-    no_lazysnapd: bool,
-    /// The image: HOST[:PORT]/REPO[:TAG|@DIGEST]; the report names the digest that ran.
-    reference: Reference,
-    /// Command and arguments, replacing the image's Cmd.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<String>,
+}
+
+impl ContainerArgs {
+    /// The run options these flags and `command` ask for (mount, name and lazysnapd aside),
+    /// or what is wrong with them.
+    fn options(self, mount: MountConfig, command: Vec<String>) -> Result<RunOptions, String> {
+        let mut seccomp = true;
+        for opt in &self.security_opt {
+            match opt.as_str() {
+                "seccomp=unconfined" => seccomp = false,
+                "seccomp=default" => seccomp = true,
+                other => return Err(format!(
+                    "--security-opt {other}: not supported (seccomp=unconfined or seccomp=default)"
+                )),
+            }
+        }
+        Ok(RunOptions {
+            mount,
+            name: None,
+            overrides: launcher::spec::Overrides {
+                entrypoint: self.entrypoint,
+                command,
+                env: self.env,
+                working_dir: self.workdir,
+                user: self.user,
+            },
+            network: match self.net {
+                NetArg::Host => Network::Host,
+                NetArg::None => Network::None,
+            },
+            seccomp,
+            keep: false,
+            lazysnapd: None,
+            runc: launcher::runc::Runc {
+                binary: self.runc,
+                ..Default::default()
+            },
+            stop: None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -504,39 +551,17 @@ async fn run_container(
         args.platform,
         args.profile,
     );
-    let mut seccomp = true;
-    for opt in &args.security_opt {
-        match opt.as_str() {
-            "seccomp=unconfined" => seccomp = false,
-            "seccomp=default" => seccomp = true,
-            other => {
-                eprintln!("lazysnap: --security-opt {other}: not supported (seccomp=unconfined or seccomp=default)");
-                return ExitCode::from(launcher::EXIT_LAUNCHER_FAILED);
-            }
+    let options = match args.container.options(mount, args.command) {
+        Ok(options) => RunOptions {
+            name: args.name,
+            keep: args.keep,
+            lazysnapd: (!args.no_lazysnapd).then_some(args.lazysnapd),
+            ..options
+        },
+        Err(e) => {
+            eprintln!("lazysnap: {e}");
+            return ExitCode::from(launcher::EXIT_LAUNCHER_FAILED);
         }
-    }
-    let options = RunOptions {
-        mount,
-        name: args.name,
-        overrides: launcher::spec::Overrides {
-            entrypoint: args.entrypoint,
-            command: args.command,
-            env: args.env,
-            working_dir: args.workdir,
-            user: args.user,
-        },
-        network: match args.net {
-            NetArg::Host => Network::Host,
-            NetArg::None => Network::None,
-        },
-        seccomp,
-        keep: args.keep,
-        lazysnapd: (!args.no_lazysnapd).then_some(args.lazysnapd),
-        runc: launcher::runc::Runc {
-            binary: args.runc,
-            ..Default::default()
-        },
-        stop: None,
     };
     let reference = args.reference;
     let mut on_stage = |stage: Stage<'_>| match stage {

@@ -8,9 +8,9 @@ use lazysnap::mount;
 use lazysnap::oci::{Platform, Reference};
 use lazysnap::profile::{record, show, store};
 use lazysnap::registry::ClientConfig;
-use lazysnap::run::{self as launcher, spec::Network, RunOptions, Stage};
+use lazysnap::run::Stage;
 
-use super::{mount_config, NetArg};
+use super::{mount_config, ContainerArgs};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ProfileCommand {
@@ -54,29 +54,13 @@ pub(crate) struct RecordArgs {
     /// Stop this many seconds after recording began, whatever the container does.
     #[arg(long, default_value_t = 120)]
     time_limit: u64,
-    /// Set an environment variable (K=V), or pass K from this environment.
-    #[arg(short = 'e', long = "env", value_name = "K=V")]
-    env: Vec<String>,
-    /// Working directory inside the container.
-    #[arg(short = 'w', long = "workdir")]
-    workdir: Option<String>,
-    /// User: name, uid, name:group or uid:gid.
-    #[arg(short = 'u', long = "user")]
-    user: Option<String>,
-    /// Network: the host's, or a new namespace with only loopback.
-    #[arg(long, value_enum, default_value_t = NetArg::Host)]
-    net: NetArg,
-    /// Replace the image's Entrypoint (and drop its Cmd); "" clears it.
-    #[arg(long)]
-    entrypoint: Option<String>,
+    #[command(flatten)]
+    container: ContainerArgs,
     /// Seconds a read may wait for the registry before it fails with EIO.
     #[arg(long, default_value_t = 30)]
     read_timeout: u64,
     #[arg(long)]
     platform: Option<Platform>,
-    /// The runc binary.
-    #[arg(long, default_value = "runc")]
-    runc: std::path::PathBuf,
     reference: Reference,
     /// Command and arguments, replacing the image's Cmd.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -184,30 +168,12 @@ async fn record_profile(
         args.platform,
         Some(mount::ProfileSource::Off),
     );
+    let run = args
+        .container
+        .options(mount, args.command)
+        .map_err(anyhow::Error::msg)?;
     let options = record::RecordOptions {
-        run: RunOptions {
-            mount,
-            name: None,
-            overrides: launcher::spec::Overrides {
-                entrypoint: args.entrypoint,
-                command: args.command,
-                env: args.env,
-                working_dir: args.workdir,
-                user: args.user,
-            },
-            network: match args.net {
-                NetArg::Host => Network::Host,
-                NetArg::None => Network::None,
-            },
-            keep: false,
-            lazysnapd: None,
-            runc: launcher::runc::Runc {
-                binary: args.runc,
-                ..Default::default()
-            },
-            stop: None,
-            seccomp: true,
-        },
+        run,
         quiet: std::time::Duration::from_millis(args.quiet_ms),
         time_limit: std::time::Duration::from_secs(args.time_limit),
     };
