@@ -188,7 +188,7 @@ fn main() -> Result<()> {
         .to_string();
     let mut profiles = serde_json::Map::new();
     let mut rows = Vec::new();
-    for w in &workloads {
+    for (wi, w) in workloads.iter().enumerate() {
         let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); methods.len()];
         let mut bytes: Vec<Vec<u64>> = vec![Vec::new(); methods.len()];
         let mut requests: Vec<Vec<u64>> = vec![Vec::new(); methods.len()];
@@ -201,7 +201,7 @@ fn main() -> Result<()> {
             profiled: None,
         };
         if methods.iter().any(|m| m.ends_with("-profile")) {
-            let reference = w.profiled_reference(&registry.addr, &run_id);
+            let reference = w.profiled_reference(&registry.addr, wi, &run_id);
             let summary = profile(w, &registry.addr, &reference, &scratch.path().join(w.name))
                 .with_context(|| format!("{}: recording its profile", w.name))?;
             let (b, r) = registry.take_counts();
