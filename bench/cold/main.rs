@@ -75,6 +75,9 @@ struct Args {
     /// Build and push the workload images (cached), then exit without measuring.
     #[arg(long)]
     prepare_only: bool,
+    /// Write the table and chart (.md, .svg) again from the results in JSON, measuring nothing.
+    #[arg(long, value_name = "JSON")]
+    render: Option<PathBuf>,
 }
 
 /// Every method, in the order each round runs them.
@@ -116,6 +119,9 @@ fn main() -> Result<()> {
     // cargo bench passes `--bench`; the harness has no use for it.
     let argv = std::env::args().filter(|a| a != "--bench");
     let args = Args::parse_from(argv);
+    if let Some(json) = &args.render {
+        return render(json);
+    }
     if !nix::unistd::Uid::effective().is_root() {
         bail!("run as root: the benchmark makes a network namespace, mounts, and drops caches");
     }
@@ -376,6 +382,18 @@ fn oracle(
         fetched as f64 / 1e6
     );
     Ok(Row::new(w.name, "oracle", &[seconds], &[needed], &[1]))
+}
+
+/// `--render JSON`: the .md and .svg beside `json`, from its conditions and results.
+fn render(json: &Path) -> Result<()> {
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(json)?)
+        .with_context(|| format!("reading {}", json.display()))?;
+    let rows: Vec<Row> = serde_json::from_value(doc["results"].clone())?;
+    let table = report::markdown(&doc["conditions"], &rows);
+    std::fs::write(json.with_extension("md"), &table)?;
+    std::fs::write(json.with_extension("svg"), report::svg(&rows))?;
+    println!("{table}");
+    Ok(())
 }
 
 /// UTC date and time without a date crate.
