@@ -75,6 +75,9 @@ struct Args {
     /// Build and push the workload images (cached), then exit without measuring.
     #[arg(long)]
     prepare_only: bool,
+    /// Write the table and chart (.md, .svg) again from the results in JSON, measuring nothing.
+    #[arg(long, value_name = "JSON")]
+    render: Option<PathBuf>,
 }
 
 /// Every method, in the order each round runs them.
@@ -116,6 +119,9 @@ fn main() -> Result<()> {
     // cargo bench passes `--bench`; the harness has no use for it.
     let argv = std::env::args().filter(|a| a != "--bench");
     let args = Args::parse_from(argv);
+    if let Some(json) = &args.render {
+        return render(json);
+    }
     if !nix::unistd::Uid::effective().is_root() {
         bail!("run as root: the benchmark makes a network namespace, mounts, and drops caches");
     }
@@ -188,7 +194,7 @@ fn main() -> Result<()> {
         .to_string();
     let mut profiles = serde_json::Map::new();
     let mut rows = Vec::new();
-    for w in &workloads {
+    for (wi, w) in workloads.iter().enumerate() {
         let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); methods.len()];
         let mut bytes: Vec<Vec<u64>> = vec![Vec::new(); methods.len()];
         let mut requests: Vec<Vec<u64>> = vec![Vec::new(); methods.len()];
@@ -201,7 +207,7 @@ fn main() -> Result<()> {
             profiled: None,
         };
         if methods.iter().any(|m| m.ends_with("-profile")) {
-            let reference = w.profiled_reference(&registry.addr, &run_id);
+            let reference = w.profiled_reference(&registry.addr, wi, &run_id);
             let summary = profile(w, &registry.addr, &reference, &scratch.path().join(w.name))
                 .with_context(|| format!("{}: recording its profile", w.name))?;
             let (b, r) = registry.take_counts();
@@ -376,6 +382,18 @@ fn oracle(
         fetched as f64 / 1e6
     );
     Ok(Row::new(w.name, "oracle", &[seconds], &[needed], &[1]))
+}
+
+/// `--render JSON`: the .md and .svg beside `json`, from its conditions and results.
+fn render(json: &Path) -> Result<()> {
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(json)?)
+        .with_context(|| format!("reading {}", json.display()))?;
+    let rows: Vec<Row> = serde_json::from_value(doc["results"].clone())?;
+    let table = report::markdown(&doc["conditions"], &rows);
+    std::fs::write(json.with_extension("md"), &table)?;
+    std::fs::write(json.with_extension("svg"), report::svg(&rows))?;
+    println!("{table}");
+    Ok(())
 }
 
 /// UTC date and time without a date crate.

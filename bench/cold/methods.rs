@@ -61,7 +61,8 @@ pub fn time_until_ready(mut cmd: Command, ready: &str, start: Instant) -> Result
     let mut seen = Vec::new();
     let mut ready_at = None;
     while let Ok((at, line)) = rx.recv_timeout(Duration::from_secs(600)) {
-        if ready_at.is_none() && line.contains(ready) {
+        // lazysnap's own report lines (the reference, the fetch summary) are not the workload's.
+        if ready_at.is_none() && !line.starts_with("lazysnap:") && line.contains(ready) {
             ready_at = Some(at);
         }
         seen.push(line);

@@ -49,12 +49,17 @@ impl Image {
 }
 
 impl Workload {
-    /// `HOST/bench/profiled-WORKLOAD-RUN:lazy`: the converted image copied into a repository of
-    /// this workload and benchmark run alone, where its start-up profile is pushed. The image's
-    /// own repository never gets a profile, so the methods without one really have none; a new
-    /// repository per run keeps profiles of earlier runs (the registry's storage is cached) out.
-    pub fn profiled_reference(&self, addr: &str, run_id: &str) -> String {
-        format!("{addr}/bench/profiled-{}-{run_id}:lazy", self.name)
+    /// `HOST/bench/profiled-REPO-N-RUN:lazy` (N: the workload's index): the converted image
+    /// copied into a repository of this workload and benchmark run alone, where its start-up
+    /// profile is pushed. The image's own repository never gets a profile, so the methods without
+    /// one really have none; a new repository per run keeps profiles of earlier runs (the
+    /// registry's storage is cached) out. Not the workload's name: `lazysnap run` prints the
+    /// reference, and `python-hello` would match the ready line `hello` before the container ran.
+    pub fn profiled_reference(&self, addr: &str, index: usize, run_id: &str) -> String {
+        format!(
+            "{addr}/bench/profiled-{}-{index}-{run_id}:lazy",
+            self.image.repo()
+        )
     }
 }
 
