@@ -203,9 +203,11 @@ impl ContainerArgs {
             match opt.as_str() {
                 "seccomp=unconfined" => seccomp = false,
                 "seccomp=default" => seccomp = true,
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "--security-opt {other}: not supported (seccomp=unconfined or seccomp=default)"
-                )),
+                ))
+                }
             }
         }
         Ok(RunOptions {
