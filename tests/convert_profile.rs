@@ -401,10 +401,13 @@ fn a_mount_of_a_profiled_conversion_prefetches_the_start_up_set_in_one_request_p
         let on_demand = || scrape(&addr, "lazysnap_fetch_bytes_total{kind=\"on_demand\"}");
         if profiled {
             // The set arrives before anything reads it ...
+            // (Requests are counted when sent, bytes when they arrive: wait for both.)
             wait_until(Duration::from_secs(30), "the prefetch", || {
-                Ok(scrape(&addr, "lazysnap_fetch_requests_total{kind=\"prefetch\"}")? >= 2.0)
+                Ok(
+                    scrape(&addr, "lazysnap_fetch_requests_total{kind=\"prefetch\"}")? >= 2.0
+                        && prefetched()? > 0.0,
+                )
             })?;
-            ensure!(prefetched()? > 0.0);
             let requests = scrape(&addr, "lazysnap_fetch_requests_total{kind=\"prefetch\"}")?;
             std::thread::sleep(Duration::from_millis(300));
             ensure!(

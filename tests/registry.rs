@@ -40,6 +40,7 @@ fn client_with(dir: &Path, docker_config_dir: Option<PathBuf>, max_retries: u32)
         plain_http: false,
         docker_config_dir: Some(docker_config_dir.unwrap_or_else(|| dir.join("no-docker-config"))),
         max_retries,
+        ..Default::default()
     };
     Client::new(config).expect("client")
 }
@@ -336,7 +337,7 @@ async fn basic_auth_uses_docker_config_and_fails_clearly_without() -> anyhow::Re
     let registry = TestRegistry::start_with_htpasswd("alice", "s3cret")?;
     let dir = registry.dir.path();
     let good = docker_config(dir, &registry.addr, "alice", "s3cret")?;
-    let authed = client_with(dir, Some(good), 3);
+    let authed = client_with(dir, Some(good.clone()), 3);
     let (digest, data, manifest_digest) =
         push_image(&authed, &registry, "private/app:v1", 8).await?;
     let reference = registry.reference("private/app:v1")?;
@@ -348,6 +349,15 @@ async fn basic_auth_uses_docker_config_and_fails_clearly_without() -> anyhow::Re
         authed.get_blob(&reference, &digest).await?.as_ref(),
         &data[..]
     );
+
+    // A fresh client's first requests race: each gets its own 401, and each must answer it
+    // (not only the one that first learned the registry wants basic credentials).
+    let racing = client_with(dir, Some(good), 0);
+    let all =
+        futures_util::future::join_all((0..16).map(|_| racing.get_manifest(&reference))).await;
+    for got in all {
+        assert_eq!(got?.digest, manifest_digest);
+    }
 
     // `https://host` key form works too.
     let url_key = docker_config(

@@ -1065,6 +1065,156 @@ async fn run_pod(socket: &Path, image: &str, log_dir: &Path) -> Result<String> {
     result
 }
 
+/// The password of the private registry in the CRI proxy test: it must never reach a log.
+const PULL_SECRET_PASSWORD: &str = "s3cret-only-kubelet-knows";
+
+#[test]
+fn a_private_image_pulls_lazily_with_credentials_that_came_only_through_the_cri_proxy() -> Result<()>
+{
+    let open = TestRegistry::start()?;
+    let images = busybox_images(&open)?;
+    let pause = pause_image(&open, &images)?;
+    // The private image: the same busybox converted into a registry that wants a password,
+    // pushed with a docker config of the push's own. lazysnapd gets an empty one.
+    let private = TestRegistry::start_with_htpasswd("kube", PULL_SECRET_PASSWORD)?;
+    let push_config = tempfile::tempdir()?;
+    let auth = base64_basic("kube", PULL_SECRET_PASSWORD);
+    std::fs::write(
+        push_config.path().join("config.json"),
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"{auth}\"}}}}}}",
+            private.addr
+        ),
+    )?;
+    let reference = format!("{}/team/app:lazy", private.addr);
+    image::run(
+        Command::new(LAZYSNAP)
+            .env("DOCKER_CONFIG", push_config.path())
+            .args(["convert", &format!("oci:{}", images.layout), &reference]),
+    )?;
+    let anonymous = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!(
+            "http://{}/v2/team/app/manifests/lazy",
+            private.addr
+        ))
+        .output()?;
+    ensure!(
+        anonymous.stdout == b"401",
+        "the registry must refuse anonymous pulls: {:?}",
+        String::from_utf8_lossy(&anonymous.stdout)
+    );
+
+    // containerd's socket is known only once it runs, and containerd's config names lazysnapd's:
+    // the proxy dials a link made after containerd started (it dials at its first call).
+    let links = tempfile::tempdir()?;
+    let containerd_link = links.path().join("containerd.sock");
+    let no_docker_config = tempfile::tempdir()?;
+    let daemon = Lazysnapd::start_with(&format!(
+        "[registry]\ndocker_config_dir = \"{}\"\n[cri]\naddress = \"{}\"\ncontainerd_address = \"{}\"\n",
+        no_docker_config.path().display(),
+        links.path().join("cri.sock").display(),
+        containerd_link.display()
+    ))?;
+    let ctd = TestContainerd::start_cri_shipped(&daemon.socket, &pause)?;
+    std::os::unix::fs::symlink(&ctd.socket, &containerd_link)?;
+    let proxy = links.path().join("cri.sock");
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime
+        .block_on(async {
+            let mut client = cri_images(&proxy).await?;
+            let spec = k8s_cri::v1::ImageSpec {
+                image: reference.clone(),
+                ..Default::default()
+            };
+            let before = client
+                .image_status(k8s_cri::v1::ImageStatusRequest {
+                    image: Some(spec.clone()),
+                    verbose: false,
+                })
+                .await
+                .context("CRI ImageStatus through the proxy")?
+                .into_inner();
+            ensure!(before.image.is_none(), "image present before the pull");
+            client
+                .pull_image(k8s_cri::v1::PullImageRequest {
+                    image: Some(spec.clone()),
+                    auth: Some(k8s_cri::v1::AuthConfig {
+                        username: "kube".into(),
+                        password: PULL_SECRET_PASSWORD.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .context("CRI PullImage through the proxy")?;
+            let listed = client
+                .list_images(k8s_cri::v1::ListImagesRequest { filter: None })
+                .await?
+                .into_inner();
+            ensure!(
+                listed
+                    .images
+                    .iter()
+                    .any(|i| i.repo_tags.contains(&reference)),
+                "ListImages through the proxy misses {reference}"
+            );
+            anyhow::Ok(())
+        })
+        .with_context(|| format!("{}\ncontainerd:\n{}", daemon.log(), ctd.log()))?;
+
+    // Lazy: containerd downloaded no layer, lazysnapd mounted them with kubelet's credentials.
+    let manifest = image::run(Command::new("curl").args([
+        "-fsSL",
+        "-u",
+        &format!("kube:{PULL_SECRET_PASSWORD}"),
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{}/v2/team/app/manifests/lazy", private.addr),
+    ]))?;
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest)?;
+    let content = ctd.ctr_in("k8s.io", &["content", "ls", "-q"])?;
+    for layer in manifest["layers"].as_array().context("layers")? {
+        let digest = layer["digest"].as_str().context("layer digest")?;
+        ensure!(
+            !content.contains(digest),
+            "containerd downloaded layer {digest}:\n{content}\nlazysnapd log:\n{}",
+            daemon.log()
+        );
+    }
+    ensure!(
+        daemon.metric("lazysnap_cri_pulls_total{credentials=\"kept\"}")? == 1.0,
+        "{}",
+        daemon.metrics()?
+    );
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(lazy >= 1.0, "lazy layers: {lazy}\n{}", daemon.log());
+
+    // A pod (its sandbox from the open registry) runs the private image from lazy layers.
+    let logs = tempfile::tempdir()?;
+    let output = runtime
+        .block_on(run_pod(&ctd.socket, &reference, logs.path()))
+        .with_context(|| daemon.log())?;
+    ensure!(
+        output.starts_with("ok\n"),
+        "the pod's container printed\n{output}"
+    );
+    let log = daemon.log();
+    ensure!(
+        !log.contains(PULL_SECRET_PASSWORD) && !log.contains(&auth),
+        "the password reached lazysnapd's log:\n{log}"
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
+/// docker's `auth`: base64 of `user:password`.
+fn base64_basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
 #[test]
 fn a_hosts_toml_mirror_serves_lazy_layers_of_an_unreachable_registry() -> Result<()> {
     let mirror = TestRegistry::start()?;

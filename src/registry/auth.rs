@@ -16,9 +16,10 @@ use serde::Deserialize;
 
 use super::RegistryError;
 
-/// A user name and password (or identity token) for one registry.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) struct Credentials {
+/// A user name and password (or identity token) for one registry. Its `Debug` never shows the
+/// password; serialized only between lazysnapd's own processes, over a root-only socket.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Credentials {
     pub username: String,
     pub password: String,
 }
@@ -322,12 +323,13 @@ pub(crate) fn scope_key(scopes: &[String]) -> String {
 }
 
 impl AuthState {
-    /// The `Authorization` value to send to `registry` for `scopes`, if we know one.
+    /// The `Authorization` value to send to `registry` for `scopes`, if we know one; `credentials`
+    /// gives the basic credentials for a registry that asked for them.
     pub fn header_for(
         &self,
         registry: &str,
         scopes: &[String],
-        config: &DockerConfig,
+        credentials: impl FnOnce() -> Option<Credentials>,
     ) -> Option<String> {
         let key = (registry.to_owned(), scope_key(scopes));
         if let Ok(mut tokens) = self.tokens.lock() {
@@ -347,7 +349,7 @@ impl AuthState {
             .map(|b| b.contains(registry))
             .unwrap_or(false);
         if basic {
-            return self.credentials(registry, config).map(|c| c.basic_header());
+            return credentials().map(|c| c.basic_header());
         }
         None
     }
@@ -413,13 +415,11 @@ impl AuthState {
         }
     }
 
-    /// Remembers that `registry` wants basic credentials; false if it already knew (so the
-    /// credentials were sent and refused).
-    pub fn mark_basic(&self, registry: &str) -> bool {
-        self.basic
-            .lock()
-            .map(|mut b| b.insert(registry.to_owned()))
-            .unwrap_or(false)
+    /// Remembers that `registry` wants basic credentials, sent up front from then on.
+    pub fn mark_basic(&self, registry: &str) {
+        if let Ok(mut basic) = self.basic.lock() {
+            basic.insert(registry.to_owned());
+        }
     }
 }
 
@@ -524,15 +524,25 @@ mod tests {
         let push = vec!["repository:a:pull,push".to_owned()];
         state.store_token("r", &pull, "t1".into(), Some(300));
         assert_eq!(
-            state.header_for("r", &pull, &config).as_deref(),
+            state
+                .header_for("r", &pull, || config.credentials("r").cloned())
+                .as_deref(),
             Some("Bearer t1")
         );
-        assert_eq!(state.header_for("r", &push, &config), None);
-        assert_eq!(state.header_for("other", &pull, &config), None);
+        assert_eq!(
+            state.header_for("r", &push, || config.credentials("r").cloned()),
+            None
+        );
+        assert_eq!(
+            state.header_for("other", &pull, || config.credentials("r").cloned()),
+            None
+        );
         // A token shorter-lived than the margin is still kept for a moment, then dropped.
         state.store_token("r", &push, "t2".into(), Some(1));
         assert_eq!(
-            state.header_for("r", &push, &config).as_deref(),
+            state
+                .header_for("r", &push, || config.credentials("r").cloned())
+                .as_deref(),
             Some("Bearer t2")
         );
     }

@@ -11,7 +11,7 @@ use reqwest::header::{
 };
 use reqwest::{Method, Response, StatusCode, Url};
 
-use super::auth::{parse_challenges, AuthState, DockerConfig, TokenResponse};
+use super::auth::{parse_challenges, AuthState, Credentials, DockerConfig, TokenResponse};
 use super::error::describe_body;
 use super::{ClientConfig, RegistryError};
 use crate::oci::Reference;
@@ -151,7 +151,7 @@ impl Client {
             let authorization = if same_host {
                 self.inner
                     .auth
-                    .header_for(registry, &req.scopes, &self.inner.docker_config)
+                    .header_for(registry, &req.scopes, || self.credentials(req.reference))
             } else {
                 None
             };
@@ -168,24 +168,26 @@ impl Client {
                 .flat_map(parse_challenges)
                 .collect();
             tracing::debug!(registry, ?challenges, "401: authenticating");
-            if !self.authenticate(req, &challenges).await? {
+            if !self
+                .authenticate(req, &challenges, authorization.as_deref())
+                .await?
+            {
                 return Ok(response);
             }
         }
     }
 
-    /// Answers a challenge: true if there is something new to send.
+    /// Answers a challenge to a request that carried `sent`: true if there is something new to
+    /// send.
     async fn authenticate(
         &self,
         req: &Request<'_>,
         challenges: &[super::auth::Challenge],
+        sent: Option<&str>,
     ) -> Result<bool, RegistryError> {
         let registry = req.reference.registry.as_str();
-        self.run_credential_helper(registry).await;
-        let credentials = self
-            .inner
-            .auth
-            .credentials(registry, &self.inner.docker_config);
+        self.run_credential_helper(req.reference).await;
+        let credentials = self.credentials(req.reference);
         if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
             let Some(realm) = bearer.params.get("realm") else {
                 return Err(RegistryError::Protocol {
@@ -211,15 +213,47 @@ impl Client {
             return Ok(true);
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
-            return Ok(credentials.is_some() && self.inner.auth.mark_basic(registry));
+            let Some(credentials) = credentials else {
+                return Ok(false);
+            };
+            self.inner.auth.mark_basic(registry);
+            // Not "did we just learn it wants basic": requests racing on a new registry each get
+            // their 401, and all but the first would give up. Send again unless these very
+            // credentials were the ones refused.
+            return Ok(sent != Some(credentials.basic_header().as_str()));
         }
         Ok(false)
     }
 
-    /// Asks `registry`'s credential helper, if `config.json` names one and its last answer is
-    /// stale. A helper that fails is logged (never its output) and the request goes without.
-    async fn run_credential_helper(&self, registry: &str) {
+    /// The credentials for `reference`: what the pull of that repository gave (a pull secret),
+    /// else `config.json`'s own, else what its credential helper answered last.
+    fn credentials(&self, reference: &Reference) -> Option<Credentials> {
         let inner = &self.inner;
+        inner
+            .config
+            .pull_secrets
+            .get(&reference.registry, &reference.repository)
+            .or_else(|| {
+                inner
+                    .auth
+                    .credentials(&reference.registry, &inner.docker_config)
+            })
+    }
+
+    /// Asks the credential helper of `reference`'s registry, if `config.json` names one, no pull
+    /// secret covers the repository, and the helper's last answer is stale. A helper that fails
+    /// is logged (never its output) and the request goes without.
+    async fn run_credential_helper(&self, reference: &Reference) {
+        let inner = &self.inner;
+        let registry = reference.registry.as_str();
+        if inner
+            .config
+            .pull_secrets
+            .get(registry, &reference.repository)
+            .is_some()
+        {
+            return;
+        }
         let Some(helper) = inner.auth.helper_due(registry, &inner.docker_config) else {
             return;
         };
@@ -265,10 +299,7 @@ impl Client {
                 query.append_pair("scope", scope);
             }
         }
-        let credentials = self
-            .inner
-            .auth
-            .credentials(&reference.registry, &self.inner.docker_config);
+        let credentials = self.credentials(reference);
         if let Some(c) = &credentials {
             url.query_pairs_mut().append_pair("account", &c.username);
         }

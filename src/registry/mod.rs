@@ -10,6 +10,7 @@
 //! - `helper`: docker credential helpers (`docker-credential-NAME get`);
 //! - `pull`: manifests, blobs, ranges, HEAD; `push`: uploads, mounts, manifest PUT;
 //! - `referrers`: the artifacts whose `subject` is a manifest (referrers API and tag schema);
+//! - `secrets`: credentials handed over with a pull (kubelet's pull secrets), per repository;
 //! - `verify`: the digest-checking blob stream.
 
 mod auth;
@@ -19,15 +20,18 @@ mod helper;
 mod pull;
 mod push;
 mod referrers;
+mod secrets;
 mod verify;
 
 use std::path::PathBuf;
 
 use bytes::Bytes;
 
+pub use auth::Credentials;
 pub use client::Client;
 pub use error::RegistryError;
 pub use referrers::{referrers_tag, PushedReferrer, OCI_SUBJECT};
+pub use secrets::{PullSecret, PullSecrets, MAX_TTL as MAX_PULL_SECRET_TTL};
 
 use crate::oci::Digest;
 
@@ -40,6 +44,8 @@ pub struct ClientConfig {
     pub docker_config_dir: Option<PathBuf>,
     /// Retries after a 429, a 5xx or a connection error (with exponential backoff).
     pub max_retries: u32,
+    /// Credentials that pulls handed over (the CRI proxy's), shared by clients of this config.
+    pub pull_secrets: PullSecrets,
 }
 
 impl Default for ClientConfig {
@@ -48,6 +54,7 @@ impl Default for ClientConfig {
             plain_http: false,
             docker_config_dir: None,
             max_retries: 3,
+            pull_secrets: PullSecrets::default(),
         }
     }
 }

@@ -25,6 +25,11 @@
 //! max_retries = 3
 //! config_path = "/etc/containerd/certs.d"  # hosts.toml mirrors; default: none
 //!
+//! [cri]                                # kubelet's image service, proxied to containerd's
+//! address = ""                         # e.g. "/run/lazysnap/cri.sock"; empty: off
+//! containerd_address = "/run/containerd/containerd.sock"
+//! credentials_ttl_secs = 43200         # how long a PullImage's credentials are kept
+//!
 //! [limits]                             # what a layer's TOC may state (hostile images)
 //! max_toc_compressed_bytes = 67108864
 //! max_toc_json_bytes = 134217728
@@ -75,6 +80,43 @@ pub struct Config {
     pub fetch: FetchSection,
     pub registry: RegistrySection,
     pub limits: LimitsSection,
+    pub cri: CriSection,
+}
+
+/// The CRI image service proxy (kubelet's `--image-service-endpoint`): every call is forwarded
+/// to containerd's CRI, and the credentials of each PullImage (the pod's image pull secret) are
+/// kept for that repository's lazy layers, which containerd would not hand to a snapshotter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriSection {
+    /// The unix socket to serve the proxy on (mode 0600); empty: no proxy.
+    pub address: PathBuf,
+    /// containerd's socket, whose CRI plugin serves the calls.
+    pub containerd_address: PathBuf,
+    /// How long a PullImage's credentials are used for that repository's layers (a later pull
+    /// renews them); at most a week.
+    pub credentials_ttl_secs: u64,
+}
+
+impl Default for CriSection {
+    fn default() -> Self {
+        Self {
+            address: PathBuf::new(),
+            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
+            credentials_ttl_secs: 12 * 3600,
+        }
+    }
+}
+
+impl CriSection {
+    /// Where to serve the proxy, if it is on.
+    pub fn address(&self) -> Option<&Path> {
+        (!self.address.as_os_str().is_empty()).then_some(self.address.as_path())
+    }
+
+    pub fn credentials_ttl(&self) -> Duration {
+        Duration::from_secs(self.credentials_ttl_secs).min(crate::registry::MAX_PULL_SECRET_TTL)
+    }
 }
 
 /// Bounds on what a layer's footer and TOC may state, checked before memory is spent on them
@@ -172,6 +214,7 @@ impl Default for Config {
             fetch: FetchSection::default(),
             registry: RegistrySection::default(),
             limits: LimitsSection::default(),
+            cri: CriSection::default(),
         }
     }
 }
@@ -228,6 +271,10 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, String> {
         let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
         config.limits.to_format().validate()?;
+        if config.cri.address().is_some() && config.cri.address() == Some(config.address.as_path())
+        {
+            return Err("cri.address: must differ from address (the snapshots socket)".into());
+        }
         if config.fetch.read_timeout_secs == 0 {
             return Err("fetch.read_timeout_secs must be at least 1".into());
         }
@@ -275,6 +322,7 @@ impl Config {
                 plain_http: self.registry.plain_http,
                 docker_config_dir: self.registry.docker_config_dir.clone(),
                 max_retries: self.registry.max_retries,
+                pull_secrets: Default::default(),
             },
             fetch: FetchConfig {
                 max_request: self.fetch.max_request_bytes,

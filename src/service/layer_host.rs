@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{io, Config, ServiceError};
+use crate::registry::PullSecret;
 use crate::snapshot::{Fallback, LayerHost, LocalHost, RemoteLayer, Usage};
 
 /// The environment variable carrying the config (JSON) to a spawned layer host.
@@ -54,6 +55,10 @@ enum Request {
         layers: Vec<String>,
     },
     Mounted,
+    /// A pull's credentials (their `Debug` is redacted: requests are never logged whole).
+    RememberSecret {
+        secret: PullSecret,
+    },
     ReleaseStalePins {
         live: Vec<u64>,
     },
@@ -219,6 +224,10 @@ async fn handle(
             layers,
         } => {
             host.warm(image, manifest, layers).await;
+            Response::Done
+        }
+        Request::RememberSecret { secret } => {
+            host.remember_secret(secret).await;
             Response::Done
         }
         Request::Mounted => Response::Ids {
@@ -456,6 +465,20 @@ impl LayerHost for LayerHostClient {
             // Only a head start: each Prepare still finds its own layer if this did not.
             if let Err(e) = self.exchange(&request).await {
                 tracing::debug!("layer host did not start finding layers ahead: {e}");
+            }
+        }
+        .boxed()
+    }
+
+    fn remember_secret(&self, secret: PullSecret) -> BoxFuture<'_, ()> {
+        async move {
+            let (registry, repository) = (secret.registry.clone(), secret.repository.clone());
+            if let Err(e) = self.request(&Request::RememberSecret { secret }).await {
+                tracing::warn!(
+                    registry,
+                    repository,
+                    "layer host did not take a pull's credentials (its lazy layers may fall back): {e}"
+                );
             }
         }
         .boxed()

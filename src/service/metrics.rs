@@ -35,7 +35,8 @@ pub async fn serve(listener: tokio::net::TcpListener, host: Option<Arc<LayerHost
 }
 
 /// In-process: everything. With a layer host: this process's snapshot metrics (the data path's
-/// families here are idle and would duplicate the host's), then the host's page.
+/// families here are idle and would duplicate the host's) and the CRI proxy's, then the host's
+/// page.
 async fn render(host: Option<&LayerHostClient>) -> String {
     let Some(host) = host else {
         return crate::metrics::render();
@@ -44,7 +45,9 @@ async fn render(host: Option<&LayerHostClient>) -> String {
         .registry
         .gather()
         .into_iter()
-        .filter(|f| f.name().starts_with("lazysnap_snapshot_"))
+        .filter(|f| {
+            f.name().starts_with("lazysnap_snapshot_") || f.name().starts_with("lazysnap_cri_")
+        })
         .collect();
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&families, &mut out);

@@ -7,10 +7,12 @@
 //! semantics (`snapshot`).
 //!
 //! - `grpc`: the snapshots API over a [`Snapshotter`];
+//! - `cri`: the CRI image service proxy in front of containerd's (kubelet's pull secrets);
 //! - `layer_host`: the separate process serving lazy layers, and its client;
 //! - `config`: the TOML file; `metrics`: the endpoint.
 
 pub mod config;
+mod cri;
 mod grpc;
 pub mod layer_host;
 mod metrics;
@@ -86,7 +88,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
             let cache = open_cache(config)?;
             (Arc::new(LocalHost::new(config.remote(), cache)?), None)
         };
-    let snapshotter = Arc::new(Snapshotter::open(root, host)?);
+    let snapshotter = Arc::new(Snapshotter::open(root, host.clone())?);
     snapshotter.restore().await;
 
     let metrics = match config.metrics().map_err(|message| ServiceError::Config {
@@ -103,14 +105,56 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
         None => None,
     };
 
+    // One shutdown for both sockets.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let cri = match config.cri.address() {
+        Some(address) => {
+            let listener = bind(address, None)?;
+            tracing::info!(
+                address = %address.display(),
+                containerd = %config.cri.containerd_address.display(),
+                "CRI image service proxy serving"
+            );
+            let proxy = cri::ImageProxy::new(
+                &config.cri.containerd_address,
+                host.clone(),
+                config.cri.credentials_ttl(),
+            );
+            let served = Server::builder()
+                .add_service(proxy.service())
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), until_stopped());
+            let address = address.to_owned();
+            Some(tokio::spawn(async move {
+                if let Err(e) = served.await {
+                    tracing::error!(address = %address.display(), "CRI proxy stopped: {e}");
+                }
+                let _ = std::fs::remove_file(&address);
+            }))
+        }
+        None => None,
+    };
+
     let listener = bind(&config.address, socket_group)?;
     tracing::info!(address = %config.address.display(), root = %root.display(), "lazysnapd serving");
     let served = Server::builder()
         .add_service(containerd_snapshots::server(Arc::new(Grpc::new(
             snapshotter.clone(),
         ))))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            shutdown.await;
+            let _ = stop.send(true);
+        })
         .await;
+    let _ = stop.send(true);
+    if let Some(task) = cri {
+        let _ = task.await;
+    }
     if let Some(task) = metrics {
         task.abort();
     }

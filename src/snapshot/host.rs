@@ -17,6 +17,7 @@ use futures_util::FutureExt;
 use super::remote::{Fallback, Mounted, Remote};
 use super::{RemoteConfig, RemoteLayer, SnapshotError, Usage};
 use crate::cache::ChunkCache;
+use crate::registry::PullSecret;
 
 /// Pins of a lazy layer's chunks are owned by `snapshot/<id>`.
 pub const PIN_PREFIX: &str = "snapshot/";
@@ -33,6 +34,9 @@ pub trait LayerHost: Send + Sync + std::fmt::Debug + 'static {
     /// Starts finding `layers` (digests) of `image` in the background, so that their Prepare
     /// calls, which containerd makes one after another, find them ready. Returns at once.
     fn warm(&self, image: String, manifest: String, layers: Vec<String>) -> BoxFuture<'_, ()>;
+    /// Keeps the credentials a pull handed over (through the CRI proxy) for the layers of its
+    /// repository, before containerd's pull of that image asks for them.
+    fn remember_secret(&self, secret: PullSecret) -> BoxFuture<'_, ()>;
     /// Unmounts snapshot `id`'s layer, releases its pins and trims the cache to its budget.
     fn unmount(&self, id: u64) -> BoxFuture<'_, ()>;
     /// The snapshot ids whose layers are mounted now.
@@ -108,6 +112,11 @@ impl LayerHost for LocalHost {
 
     fn warm(&self, image: String, manifest: String, layers: Vec<String>) -> BoxFuture<'_, ()> {
         self.remote.warm(&image, &manifest, &layers);
+        async {}.boxed()
+    }
+
+    fn remember_secret(&self, secret: PullSecret) -> BoxFuture<'_, ()> {
+        self.remote.pull_secrets().remember(secret);
         async {}.boxed()
     }
 

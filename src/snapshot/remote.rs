@@ -273,6 +273,11 @@ impl Remote {
         self.config.enabled
     }
 
+    /// The credentials pulls handed over, which every registry client of this remote uses.
+    pub(super) fn pull_secrets(&self) -> &crate::registry::PullSecrets {
+        &self.config.registry.pull_secrets
+    }
+
     /// Starts finding `layers` of `image` ahead of their Prepare calls (see `locate`).
     pub(super) fn warm(&self, image: &str, manifest: &str, layers: &[String]) {
         if self.config.enabled {

@@ -228,6 +228,7 @@ pub fn push_image(registry: &TestRegistry, repo: &str, layers: &[Blob]) -> Resul
         plain_http: false,
         docker_config_dir: Some(registry.dir.path().join("no-docker-config")),
         max_retries: 1,
+        ..Default::default()
     })?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
