@@ -1,8 +1,9 @@
 //! A layer the lazy format cannot hold stays plain: `lazysnap convert` keeps its stored blob (same
 //! digest, so the manifest still verifies it), converts the other layers, and says which layer and
 //! why; the mounted image is then the same tree as `umoci unpack` of the source, byte names
-//! included. Here the layer holds file names and symlink targets that are not UTF-8 (Latin-1),
-//! which a JSON TOC cannot carry. Every mount and process is torn down by a guard.
+//! included, and a container that `lazysnap run` starts sees the same bytes. Here the layer holds
+//! file names and symlink targets that are not UTF-8 (Latin-1), which a JSON TOC cannot carry.
+//! Every mount, container and process is torn down by a guard.
 
 mod common;
 
@@ -10,9 +11,10 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use common::image::{self, LayoutBuilder};
+use common::image::{self, fixture, LayoutBuilder};
 use common::mount_process::MountProcess;
 use common::registry::TestRegistry;
+use common::run_root::Root;
 use common::tree;
 use common::{mounts_below, UnmountOnDrop};
 use serde_json::Value;
@@ -156,5 +158,101 @@ fn a_layer_with_names_a_toc_cannot_hold_stays_plain_and_mounts_as_umoci_unpacks_
         );
         ensure!(log.contains("unmounted"), "{log}");
     }
+    Ok(())
+}
+
+/// A shell command that prints, as bytes, the sorted names below `dir`, two files' contents and
+/// two symlink targets of [`image::latin1_tree`]: run by the container's busybox and by the host
+/// on `umoci unpack`'s tree, the outputs must be equal.
+fn byte_listing(dir: &str) -> String {
+    format!("cd {dir} && find . | LC_ALL=C sort && cat caf*.txt d*/inner* && readlink link* && readlink d*/up")
+}
+
+/// The uncompressed tar of the only layer of the OCI layout image `layout` (`DIR:TAG`).
+fn only_layer(layout: &str) -> Result<Vec<u8>> {
+    let (dir, tag) = layout.rsplit_once(':').context("layout:tag")?;
+    let blob = |digest: &str| -> Result<Vec<u8>> {
+        let hex = digest.trim_start_matches("sha256:");
+        Ok(std::fs::read(
+            Path::new(dir).join("blobs/sha256").join(hex),
+        )?)
+    };
+    let index: Value = serde_json::from_slice(&std::fs::read(Path::new(dir).join("index.json"))?)?;
+    let manifest = index["manifests"]
+        .as_array()
+        .context("manifests")?
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .context("the tag")?;
+    let manifest: Value =
+        serde_json::from_slice(&blob(manifest["digest"].as_str().context("digest")?)?)?;
+    let layers = manifest["layers"].as_array().context("layers")?;
+    ensure!(layers.len() == 1, "one layer: {manifest}");
+    image::decompress(&blob(layers[0]["digest"].as_str().context("digest")?)?)
+}
+
+#[test]
+fn lazysnap_run_sees_the_byte_names_of_a_layer_kept_plain() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let busybox = fixture(
+        "busybox-image.sh",
+        &[work.path().join("bb").to_str().context("path")?, "v1"],
+    )?;
+    let extra = work.path().join("extra");
+    image::latin1_tree(&extra.join("latin1"))?;
+    let layout = LayoutBuilder::new(&work.path().join("src"))?;
+    let desc = layout.image(&[only_layer(&busybox)?, image::tar_dir(&extra)?], "amd64")?;
+    layout.tags(&[("src", desc)])?;
+
+    // The oracle: the host's tools on umoci's unpack of the source.
+    let bundle = work.path().join("bundle");
+    image::run(
+        Command::new("umoci")
+            .args([
+                "unpack",
+                "--image",
+                &format!("{}:src", layout.dir.display()),
+            ])
+            .arg(&bundle),
+    )?;
+    let rootfs = bundle.join("rootfs/latin1");
+    let want = image::run(
+        Command::new("sh").args(["-c", &byte_listing(rootfs.to_str().context("path")?)]),
+    )?;
+    ensure!(
+        want.windows(4).any(|w| w == b"caf\xe9") && want.ends_with(b"../../\xfe/\xe9\n"),
+        "the oracle prints the byte names: {}",
+        want.escape_ascii()
+    );
+
+    let reference = format!("{}/latin1/run:v1", registry.addr);
+    let out = Command::new(BIN)
+        .args([
+            "convert",
+            &format!("oci:{}:src", layout.dir.display()),
+            &reference,
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && stderr.contains("layer 2/2") && stderr.contains("kept plain"),
+        "convert: {stderr}"
+    );
+
+    let root = Root::new()?;
+    let out = root.run(&[&reference, "--", "sh", "-c", &byte_listing("/latin1")])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.stdout == want,
+        "the container printed\n{}\nwant\n{}",
+        out.stdout.escape_ascii(),
+        want.escape_ascii()
+    );
+    root.assert_clean()?;
     Ok(())
 }
