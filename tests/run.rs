@@ -12,90 +12,19 @@ mod lazysnapd;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::image::{self, fixture, LayoutBuilder};
+use common::mounts_below;
 use common::registry::TestRegistry;
-use common::{mounts_below, unmount_below};
+use common::run_root::Root;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
-
-/// A state root for `lazysnap run`; whatever a failed test left mounted or running under it is
-/// removed on drop.
-struct Root {
-    dir: tempfile::TempDir,
-    runc_state: PathBuf,
-}
-
-impl Root {
-    fn new() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        Ok(Self {
-            dir,
-            runc_state: PathBuf::from("/run/lazysnap/runc"),
-        })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--root")
-            .arg(self.path())
-            .args(["run", "--no-lazysnapd"])
-            .args(args);
-        c.stdin(Stdio::null());
-        c
-    }
-
-    /// Runs `lazysnap run ARGS` to the end.
-    fn run(&self, args: &[&str]) -> Result<Output> {
-        let out = self.command(args).output()?;
-        eprintln!(
-            "lazysnap run {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(out)
-    }
-
-    /// Nothing left: no mount under the root, no container directory.
-    fn assert_clean(&self) -> Result<()> {
-        let left = mounts_below(self.path());
-        ensure!(left.is_empty(), "mounts left behind: {left:?}");
-        let containers = self.path().join("containers");
-        if containers.exists() {
-            let names: Vec<_> = std::fs::read_dir(&containers)?
-                .filter_map(|e| e.ok().map(|e| e.file_name()))
-                .collect();
-            ensure!(names.is_empty(), "container dirs left behind: {names:?}");
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(self.path().join("containers")) {
-            for e in entries.flatten() {
-                let _ = Command::new("runc")
-                    .arg("--root")
-                    .arg(&self.runc_state)
-                    .args(["delete", "--force"])
-                    .arg(e.file_name())
-                    .output();
-            }
-        }
-        unmount_below(self.path());
-    }
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -116,3 +116,66 @@ fn whiteouts_become_overlay_whiteouts_and_opaque_directories() -> Result<()> {
     assert_eq!(out, b"y");
     Ok(())
 }
+
+#[test]
+fn names_and_symlink_targets_that_are_not_utf8_unpack_byte_for_byte() -> Result<()> {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let work = tempfile::tempdir()?;
+    let source = work.path().join("source");
+    image::latin1_tree(&source)?;
+    let tar = image::tar_dir(&source)?;
+    let ours = work.path().join("ours");
+    let theirs = work.path().join("theirs");
+    std::fs::create_dir_all(&ours)?;
+    std::fs::create_dir_all(&theirs)?;
+    unpack_layer(&tar[..], &ours)?;
+    image::pipe(
+        Command::new("tar")
+            .args(["--same-owner", "-p", "--numeric-owner", "-xf", "-", "-C"])
+            .arg(&theirs),
+        &tar,
+    )?;
+    let want = tree::snapshot(&theirs)?;
+    assert!(
+        want.contains_key(r"caf\xe9.txt") && want.contains_key(r"d\xff/inner\xe9"),
+        "GNU tar kept the byte names: {:?}",
+        want.keys().collect::<Vec<_>>()
+    );
+    let differences = tree::differences(&want, &tree::snapshot(&ours)?);
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+    // The symlink target is stored as its bytes, never resolved.
+    let target = std::fs::read_link(ours.join(OsStr::from_bytes(b"d\xff/up")))?;
+    assert_eq!(target.as_os_str().as_bytes(), b"../../\xfe/\xe9");
+    let hard = std::fs::metadata(ours.join(OsStr::from_bytes(b"hard\xe9")))?;
+    assert_eq!(hard.nlink(), 2, "the hard link names the same file");
+    Ok(())
+}
+
+#[test]
+fn a_non_utf8_name_still_cannot_leave_the_directory() -> Result<()> {
+    let outside = tempfile::tempdir()?;
+    // `d\xe9` is a symlink out of the directory; a later entry below it must not be written.
+    let body = format!(
+        "add('d\\udce9', kind=tarfile.SYMTYPE, link='{}')\nadd('d\\udce9/pwned', b'x')",
+        outside.path().display()
+    );
+    let dir = tempfile::tempdir()?;
+    let err = unpack_layer(&image::python_tar_bytes(&body)?[..], dir.path())
+        .expect_err("must refuse to write through a symlink");
+    assert!(err.to_string().contains("symlink"), "{err}");
+    assert!(empty(outside.path()), "something was written outside");
+    for (body, entry) in [
+        ("add('\\udce9/../../escape', b'x')", "escape"),
+        (
+            "add('hl', kind=tarfile.LNKTYPE, link='\\udce9/../../etc/passwd')",
+            "hl",
+        ),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let err = unpack_layer(&image::python_tar_bytes(body)?[..], dir.path()).expect_err(body);
+        assert!(err.to_string().contains(entry), "{err}");
+        assert!(empty(dir.path()), "nothing unpacked for {body}");
+    }
+    Ok(())
+}

@@ -401,6 +401,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .count(),
             );
             for (i, layer) in report.layers.iter().enumerate() {
+                if let Some(reason) = &layer.kept_plain {
+                    eprintln!(
+                        "layer {}/{} {}: kept plain, not lazy (same blob as the source): {reason}",
+                        i + 1,
+                        report.layers.len(),
+                        layer.digest,
+                    );
+                }
                 if let Some(s) = &layer.startup {
                     eprintln!(
                         "layer {}/{} {}: start-up set of {} files ({}) first, from the {}{}{}{}",

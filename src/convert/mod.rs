@@ -5,6 +5,9 @@
 //! writer, digest checks), the new config and manifest, and the order of writes (blobs first,
 //! manifest last, so nothing half-written is ever named by a tag).
 //! Does not own: the layer byte layout (`format`) or the wire protocol (`registry`).
+//!
+//! A layer the lazy format cannot hold (a file name that is not UTF-8, say) is kept as it is
+//! stored, and the rest convert (`plain`); hostile input still fails the conversion.
 
 mod archive;
 mod destination;
@@ -12,7 +15,9 @@ mod elf;
 mod layer;
 mod layout;
 mod location;
+mod plain;
 mod progress;
+mod rewrite;
 mod source;
 pub mod startup;
 
@@ -73,6 +78,15 @@ impl From<oci::DigestError> for ConvertError {
 }
 
 impl ConvertError {
+    /// The reason, when the error says only that a layer cannot be written in the lazy format
+    /// (see [`FormatError::Unrepresentable`]): that layer may be kept plain instead.
+    pub fn unrepresentable(&self) -> Option<String> {
+        match self {
+            Self::Format { error, .. } if error.is_unrepresentable() => Some(error.to_string()),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, error: std::io::Error) -> Self {
         let context = context.into();
         if error.raw_os_error() == Some(28) {
@@ -150,6 +164,10 @@ pub struct LayerReport {
     pub passthrough: bool,
     /// `written`, `existed`, `mounted` or `uploaded`.
     pub outcome: &'static str,
+    /// Why the layer was kept plain (its stored blob, unchanged) instead of converted: something
+    /// in it the lazy format cannot hold, such as a file name that is not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_plain: Option<String>,
     pub seconds: f64,
     /// The start-up set written first, when the layer got one.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -209,6 +227,8 @@ pub async fn convert(
     let total = source.layers.len();
     // Layers decompressed ahead of the loop (the ELF heuristic reads across all of them).
     let mut spooled: Vec<Option<layer::Spooled>> = (0..total).map(|_| None).collect();
+    // Layers found ahead of the loop to be kept plain, with the reason.
+    let mut kept_plain: Vec<Option<String>> = vec![None; total];
     let startup_sets: Vec<(StartupSet, StartupSource)> = match &options.profile {
         Some(profile) => startup::from_profile(profile, &source.layers)
             .into_iter()
@@ -222,15 +242,19 @@ pub async fn convert(
                 let stored = source.open_layer(layer).await?;
                 let spool = dest.new_spool()?;
                 let diff_id = layer.diff_id;
-                spooled[i] = Some(
-                    tokio::task::spawn_blocking(move || {
-                        layer::spool_layer(stored, &diff_id, spool, &label)
-                    })
-                    .await
-                    .map_err(|e| ConvertError::Source(format!("spool task failed: {e}")))??,
-                );
+                let spooled_layer = tokio::task::spawn_blocking(move || {
+                    layer::spool_layer(stored, &diff_id, spool, &label)
+                })
+                .await
+                .map_err(|e| ConvertError::Source(format!("spool task failed: {e}")))?;
+                match spooled_layer {
+                    Ok(s) => spooled[i] = Some(s),
+                    Err(e) => kept_plain[i] = Some(e.unrepresentable().ok_or(e)?),
+                }
             }
             let config = source.config.clone();
+            // A layer kept plain is left out of the heuristic (it can hold no start-up set): a
+            // program found only there is not found, which costs a start-up set, nothing more.
             let (found, back) = tokio::task::spawn_blocking(move || {
                 let refs: Vec<&layer::Spooled> = spooled.iter().flatten().collect();
                 (startup::from_elf(&config, &refs), spooled)
@@ -238,14 +262,17 @@ pub async fn convert(
             .await
             .map_err(|e| ConvertError::Source(format!("ELF heuristic task failed: {e}")))?;
             spooled = back;
+            let present: Vec<usize> = (0..total).filter(|&i| spooled[i].is_some()).collect();
+            let mut sets = vec![StartupSet::default(); total];
+            for (set, i) in found.sets.into_iter().zip(present) {
+                sets[i] = set;
+            }
             tracing::info!(
                 program = found.program.as_deref().unwrap_or("(none)"),
                 files = found.files,
                 "start-up set from the entrypoint's ELF headers"
             );
-            found
-                .sets
-                .into_iter()
+            sets.into_iter()
                 .map(|names| (names, StartupSource::Elf))
                 .collect()
         }
@@ -271,6 +298,7 @@ pub async fn convert(
             && layer.digest.is_some()
             && wanted.is_empty();
         let mut startup_report = None;
+        let mut plain_reason = kept_plain[i].take().filter(|_| !passthrough);
         let (file, written) = if passthrough {
             // Already lazy in this format: the stored blob is the result. Copy it (verified) only
             // if the destination lacks it.
@@ -293,103 +321,39 @@ pub async fn convert(
                 entries: 0,
             };
             (file, written)
-        } else if !wanted.is_empty() || spooled[i].is_some() {
-            let pre = spooled[i].take();
-            let stored = match pre {
-                Some(_) => None,
-                None => Some((source.open_layer(layer).await?, dest.new_spool()?)),
-            };
-            let mut out = dest.new_blob()?;
-            let options = write_options.clone();
-            let diff_id = layer.diff_id;
-            let task_label = label.clone();
-            let wanted = wanted.clone();
-            let wanted_empty = wanted.is_empty();
-            let drop_toc = layer::carries_estargz_toc(lazy.as_ref());
-            let (out, written, plan) = tokio::task::spawn_blocking(move || {
-                let mut progress = progress::LayerProgress::new(i + 1, total, &task_label);
-                let mut seen = 0;
-                let spooled = match (pre, stored) {
-                    (Some(pre), _) => pre,
-                    (None, Some((stored, spool))) => {
-                        layer::spool_layer(stored, &diff_id, spool, &task_label)?
-                    }
-                    (None, None) => {
-                        return Err(ConvertError::Source(format!(
-                            "layer {task_label}: nothing to convert"
-                        )))
-                    }
-                };
-                let (written, plan) = layer::write_spooled(
-                    spooled,
-                    &wanted,
-                    drop_toc,
-                    std::io::BufWriter::with_capacity(1 << 20, out.as_file_mut()),
-                    &options,
-                    &task_label,
-                    &mut |n| {
-                        seen = n;
-                        progress.update(n);
-                    },
-                )?;
-                progress.finish(seen, "converted");
-                Ok::<_, ConvertError>((out, written, plan))
-            })
-            .await
-            .map_err(|e| {
-                ConvertError::Source(format!("layer {label}: conversion task failed: {e}"))
-            })??;
-            let (plan, sparse) = plan;
-            let moved = !plan.startup.is_empty() || !wanted_empty;
-            tracing::info!(
-                layer = %label,
-                files = plan.startup.len(),
-                bytes = plan.startup_bytes,
-                skipped = plan.skipped,
-                refused = plan.refused.as_deref().unwrap_or(""),
-                "start-up set written first"
-            );
-            if moved {
-                startup_report = Some(StartupReport {
-                    source: *startup_source,
-                    files: plan.startup.len(),
-                    bytes: plan.startup_bytes,
-                    skipped: plan.skipped,
-                    sparse,
-                    refused: plan.refused,
-                });
-            }
-            (Some(out), written)
+        } else if plain_reason.is_some() {
+            plain::keep(&source, layer, &dest, &label).await?
         } else {
-            let stored = source.open_layer(layer).await?;
-            let mut out = dest.new_blob()?;
-            let options = write_options.clone();
-            let diff_id = layer.diff_id;
-            let task_label = label.clone();
-            let (out, written) = tokio::task::spawn_blocking(move || {
-                let mut progress = progress::LayerProgress::new(i + 1, total, &task_label);
-                let mut seen = 0;
-                let file = out.as_file_mut();
-                let written = convert_layer(
-                    stored,
-                    &diff_id,
-                    std::io::BufWriter::with_capacity(1 << 20, file),
-                    &options,
-                    &task_label,
-                    &mut |n| {
-                        seen = n;
-                        progress.update(n);
-                    },
-                )?;
-                progress.finish(seen, "converted");
-                Ok::<_, ConvertError>((out, written))
-            })
-            .await
-            .map_err(|e| {
-                ConvertError::Source(format!("layer {label}: conversion task failed: {e}"))
-            })??;
-            (Some(out), written)
+            let job = rewrite::Job {
+                index: i,
+                total,
+                label: &label,
+                wanted,
+                startup_source: *startup_source,
+                spooled: spooled[i].take(),
+                drop_estargz_toc: layer::carries_estargz_toc(lazy.as_ref()),
+            };
+            match rewrite::rewrite(&source, layer, &dest, &write_options, job).await {
+                Ok((out, written, report)) => {
+                    startup_report = report;
+                    (Some(out), written)
+                }
+                // A layer the lazy format cannot hold (and nothing worse) is kept as it is stored.
+                Err(e) => {
+                    plain_reason = Some(e.unrepresentable().ok_or(e)?);
+                    plain::keep(&source, layer, &dest, &label).await?
+                }
+            }
         };
+        if let Some(reason) = &plain_reason {
+            // The report carries the reason; `lazysnap convert` prints it.
+            tracing::info!(
+                layer = i + 1,
+                digest = %written.digest,
+                reason = %reason,
+                "layer kept plain (not lazy): the format cannot hold it"
+            );
+        }
         tracing::info!(layer = %label, digest = %written.digest, size = written.size, "layer ready");
         diff_ids.push(written.diff_id);
         if let Some(previous) = pending.take() {
@@ -416,6 +380,7 @@ pub async fn convert(
                 media_type: written.media_type.to_owned(),
                 passthrough,
                 outcome,
+                kept_plain: plain_reason,
                 seconds: layer_start.elapsed().as_secs_f64(),
                 startup: startup_report,
             };

@@ -13,6 +13,12 @@ pub enum FormatError {
     #[error("entry {name:?}: {reason}")]
     Entry { name: String, reason: String },
 
+    /// A valid tar entry that a lazy layer's TOC cannot hold (a name or link target that is not
+    /// UTF-8, which JSON cannot carry; a time outside the years RFC 3339 can write). Unlike
+    /// [`FormatError::Entry`] the layer is fine as a plain layer: `convert` keeps it plain.
+    #[error("entry {name:?}: {reason} (a lazy layer's TOC cannot hold it)")]
+    Unrepresentable { name: String, reason: String },
+
     /// The tar stream ended inside a header or a payload.
     #[error("tar stream truncated: {detail} (entry {name:?}); the layer is incomplete")]
     Truncated { name: String, detail: String },
@@ -68,6 +74,12 @@ pub enum FormatError {
 }
 
 impl FormatError {
+    /// Whether the error says only that the layer cannot be written in a lazy format, and the
+    /// same layer kept plain is valid (as opposed to hostile, corrupt or truncated input).
+    pub fn is_unrepresentable(&self) -> bool {
+        matches!(self, Self::Unrepresentable { .. })
+    }
+
     pub(crate) fn entry(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Entry {
             name: name.into(),

@@ -102,7 +102,8 @@ impl Limits {
     }
 
     /// Checks a name's (or link target's) length and depth.
-    pub(crate) fn check_name(&self, what: &str, name: &str) -> Result<(), String> {
+    pub(crate) fn check_name(&self, what: &str, name: impl AsRef<[u8]>) -> Result<(), String> {
+        let name = name.as_ref();
         if name.len() > self.max_name_len {
             return Err(Self::exceeded(
                 &format!("{what} length"),
@@ -112,8 +113,8 @@ impl Limits {
             ));
         }
         let depth = name
-            .split('/')
-            .filter(|c| !c.is_empty() && *c != ".")
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
             .count();
         if depth > self.max_depth {
             return Err(Self::exceeded(

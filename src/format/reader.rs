@@ -105,7 +105,7 @@ pub(crate) fn parse_toc(
                     Some(TarItem::Global(_)) => continue,
                     Some(TarItem::Entry(e)) => e,
                 };
-                if entry.meta.name != ESTARGZ_TOC_NAME {
+                if entry.meta.name != ESTARGZ_TOC_NAME.as_bytes() {
                     tar.skip_payload(entry.size + padding(entry.size) as u64)?;
                     continue;
                 }

@@ -127,11 +127,15 @@ pub fn index<R: Read>(r: R) -> Result<(TarIndex, Symlinks), FormatError> {
                 size: 0,
             }),
             TarItem::Entry(e) => {
+                // The index feeds a lazy writer: a name its TOC cannot hold stops it here.
+                e.meta.check_toc()?;
+                let name = e.meta.toc_name()?.to_owned();
+                let target = e.meta.toc_link_name()?.to_owned();
                 tar.skip_payload(e.size + padding(e.size) as u64)?;
                 let link = match e.meta.kind {
-                    EntryKind::Hardlink => e.meta.link_name,
+                    EntryKind::Hardlink => target,
                     EntryKind::Symlink => {
-                        symlinks.insert(e.meta.name.clone(), e.meta.link_name);
+                        symlinks.insert(name.clone(), target);
                         String::new()
                     }
                     _ => String::new(),
@@ -139,7 +143,7 @@ pub fn index<R: Read>(r: R) -> Result<(TarIndex, Symlinks), FormatError> {
                 index.push(Item {
                     start,
                     end: tar.offset(),
-                    name: e.meta.name,
+                    name,
                     kind: Some(e.meta.kind),
                     link,
                     size: e.size,

@@ -6,6 +6,11 @@
 //! PAX `g` records (passed through, not applied), GNU `L`/`K` long names. GNU sparse files are
 //! rejected. Names are checked here: absolute names, `..` components, escaping hard links and
 //! escaping relative symlinks are errors that name the entry.
+//!
+//! Names and link targets are bytes, as tar stores them: the plain-layer unpacker creates them
+//! byte for byte. What only a TOC cannot hold (a name that is not UTF-8, a time outside years
+//! 0000-9999) is not an error here; writers ask [`EntryMeta::toc_name`] and
+//! [`EntryMeta::check_toc`], which answer [`FormatError::Unrepresentable`].
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -14,7 +19,8 @@ use base64::Engine as _;
 
 use super::error::FormatError;
 use super::limits::{Limits, MAX_XATTR_NAME};
-use super::names::{check_hardlink, check_symlink, normalise_name};
+pub(crate) use super::names::shown;
+use super::names::{check_hardlink_bytes, check_symlink_bytes, normalise_name_bytes};
 use super::EntryKind;
 
 pub(crate) const BLOCK: usize = 512;
@@ -27,8 +33,8 @@ const MAX_EXT_SIZE: u64 = 16 << 20;
 /// What one entry of the archive says about itself, after extension records are applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct EntryMeta {
-    /// Normalised name (no leading `./` or `/`, no trailing `/`; the root is `""`).
-    pub name: String,
+    /// Normalised name (no leading `./` or `/`, no trailing `/`; the root is empty), as bytes.
+    pub name: Vec<u8>,
     pub kind: EntryKind,
     pub mode: u32,
     pub uid: u32,
@@ -37,11 +43,54 @@ pub(crate) struct EntryMeta {
     pub gname: String,
     pub mtime: i64,
     pub mtime_nsec: u32,
-    /// Symlink target (verbatim) or hard link target (normalised).
-    pub link_name: String,
+    /// Symlink target (verbatim) or hard link target (normalised), as bytes.
+    pub link_name: Vec<u8>,
     pub dev_major: u32,
     pub dev_minor: u32,
     pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+impl EntryMeta {
+    /// The name for messages (see [`shown`]).
+    pub fn shown_name(&self) -> String {
+        shown(&self.name)
+    }
+
+    /// The name as a TOC records it: text, or [`FormatError::Unrepresentable`].
+    pub fn toc_name(&self) -> Result<&str, FormatError> {
+        std::str::from_utf8(&self.name)
+            .map_err(|_| self.unrepresentable("name is not valid UTF-8".into()))
+    }
+
+    /// The link target as a TOC records it: text, or [`FormatError::Unrepresentable`].
+    pub fn toc_link_name(&self) -> Result<&str, FormatError> {
+        std::str::from_utf8(&self.link_name).map_err(|_| {
+            self.unrepresentable(format!(
+                "link target {:?} is not valid UTF-8",
+                shown(&self.link_name)
+            ))
+        })
+    }
+
+    /// Checks everything about the entry that a TOC (JSON with RFC 3339 times) must be able to
+    /// hold: the name, the link target and the modification time.
+    pub fn check_toc(&self) -> Result<(), FormatError> {
+        self.toc_name()?;
+        self.toc_link_name()?;
+        if !(MIN_TIME..=MAX_TIME).contains(&self.mtime) {
+            return Err(
+                self.unrepresentable(format!("mtime {} is outside years 0000-9999", self.mtime))
+            );
+        }
+        Ok(())
+    }
+
+    fn unrepresentable(&self, reason: String) -> FormatError {
+        FormatError::Unrepresentable {
+            name: self.shown_name(),
+            reason,
+        }
+    }
 }
 
 /// One parsed entry: its raw header blocks (extension records included) and payload length.
@@ -230,7 +279,7 @@ impl<R: Read> TarParser<R> {
             }
             raw.extend_from_slice(&block);
             let entry = self.build(&block, typeflag, size, &pax, long_name, long_link, raw)?;
-            self.last = entry.meta.name.clone();
+            self.last = entry.meta.shown_name();
             return Ok(Some(TarItem::Entry(entry)));
         }
     }
@@ -264,16 +313,14 @@ impl<R: Read> TarParser<R> {
                 n.to_vec()
             }
         };
-        let display = String::from_utf8_lossy(&name_bytes).into_owned();
+        let display = shown(&name_bytes);
         let err = |reason: String| FormatError::entry(display.clone(), reason);
-        let raw_name = String::from_utf8(name_bytes.clone())
-            .map_err(|_| err("name is not valid UTF-8 (not representable in a TOC)".into()))?;
-        if raw_name.contains('\0') {
+        if name_bytes.contains(&0) {
             return Err(err("name contains a NUL byte".into()));
         }
         // The same bounds the TOC reader applies: a layer converted here must load lazily.
         let limits = Limits::default();
-        limits.check_name("name", &raw_name).map_err(|r| {
+        limits.check_name("name", &name_bytes).map_err(|r| {
             let shown: String = display.chars().take(200).collect();
             FormatError::entry(shown, r)
         })?;
@@ -289,9 +336,7 @@ impl<R: Read> TarParser<R> {
         } else {
             cstr(&block[157..257]).to_vec()
         };
-        let link_raw = String::from_utf8(link_bytes).map_err(|_| {
-            err("link target is not valid UTF-8 (not representable in a TOC)".into())
-        })?;
+        let link_raw = link_bytes;
         if link_raw.len() > limits.max_name_len {
             return Err(err(Limits::exceeded(
                 "link target length",
@@ -303,7 +348,7 @@ impl<R: Read> TarParser<R> {
 
         let kind = match typeflag {
             b'0' | b'7' => EntryKind::Reg,
-            0 if raw_name.ends_with('/') => EntryKind::Dir,
+            0 if name_bytes.ends_with(b"/") => EntryKind::Dir,
             0 => EntryKind::Reg,
             b'1' => EntryKind::Hardlink,
             b'2' => EntryKind::Symlink,
@@ -318,14 +363,14 @@ impl<R: Read> TarParser<R> {
                 )))
             }
         };
-        let name = normalise_name(&raw_name).map_err(err)?;
+        let name = normalise_name_bytes(&name_bytes).map_err(err)?;
         let link_name = match kind {
-            EntryKind::Hardlink => check_hardlink(&link_raw).map_err(err)?,
+            EntryKind::Hardlink => check_hardlink_bytes(&link_raw).map_err(err)?,
             EntryKind::Symlink => {
-                check_symlink(&link_raw).map_err(err)?;
+                check_symlink_bytes(&link_raw).map_err(err)?;
                 link_raw
             }
-            _ => String::new(),
+            _ => Vec::new(),
         };
 
         let num = |range: std::ops::Range<usize>, what: &str| -> Result<i64, FormatError> {
@@ -392,11 +437,6 @@ impl<R: Read> TarParser<R> {
         }
         if let Some((secs, nsec)) = pax_mtime {
             (mtime, mtime_nsec) = (secs, nsec);
-        }
-        if !(MIN_TIME..=MAX_TIME).contains(&mtime) {
-            return Err(err(format!(
-                "mtime {mtime} is outside years 0000-9999 (not representable in a TOC)"
-            )));
         }
         for (k, v) in pax {
             if let Some(enc) = k.strip_prefix("LIBARCHIVE.xattr.") {
@@ -628,174 +668,5 @@ pub(crate) fn put_octal(field: &mut [u8], v: u64) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::format::testtar::{TestEntry, TestTar};
-
-    fn entries(data: &[u8]) -> Result<Vec<(EntryMeta, Vec<u8>)>, FormatError> {
-        let mut p = TarParser::new(data);
-        let mut v = Vec::new();
-        while let Some(item) = p.next_item()? {
-            if let TarItem::Entry(e) = item {
-                let mut buf = vec![0u8; e.size as usize];
-                p.read_payload(&mut buf)?;
-                let mut pad = vec![0u8; padding(e.size)];
-                p.read_payload(&mut pad)?;
-                v.push((e.meta, buf));
-            }
-        }
-        Ok(v)
-    }
-
-    fn file(name: &str, data: &[u8]) -> TestEntry {
-        TestEntry {
-            name: name.into(),
-            typeflag: b'0',
-            mode: 0o644,
-            link: String::new(),
-            data: data.into(),
-            xattrs: vec![],
-        }
-    }
-
-    #[test]
-    fn parses_pax_long_names_and_xattrs() {
-        let long = format!("{}/ünïcode-{}", "d".repeat(120), "x".repeat(50));
-        let mut t = TestTar::default();
-        let mut e = file(&format!("./{long}"), b"hello");
-        e.xattrs.push(("user.k".into(), vec![0, 1, 2, 255]));
-        t.add(&e);
-        let got = entries(&t.finish()).unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].0.name, long);
-        assert_eq!(got[0].0.xattrs.get("user.k").unwrap(), &vec![0, 1, 2, 255]);
-        assert_eq!(got[0].1, b"hello");
-        assert_eq!((got[0].0.uid, got[0].0.mtime), (1000, 1_700_000_000));
-    }
-
-    #[test]
-    fn rejects_hostile_names_naming_the_entry() {
-        for (e, want) in [
-            (file("../x", b""), "\"../x\""),
-            (file("/abs", b""), "\"/abs\""),
-            (file("a/../../b", b""), "a/../../b"),
-            (
-                TestEntry {
-                    typeflag: b'1',
-                    link: "../../etc/passwd".into(),
-                    ..file("hl", b"")
-                },
-                "\"hl\"",
-            ),
-            (
-                TestEntry {
-                    typeflag: b'1',
-                    link: "/etc/passwd".into(),
-                    ..file("hl2", b"")
-                },
-                "\"hl2\"",
-            ),
-        ] {
-            let mut t = TestTar::default();
-            t.add(&e);
-            let err = entries(&t.finish()).unwrap_err().to_string();
-            assert!(err.contains(want), "{err}");
-        }
-        // Every symlink target is data, kept as written: inside, absolute, or climbing above the
-        // root (where `..` stays at the root in the container).
-        let mut t = TestTar::default();
-        t.add(&TestEntry {
-            typeflag: b'2',
-            link: "../x".into(),
-            ..file("a/sl", b"")
-        });
-        t.add(&TestEntry {
-            typeflag: b'2',
-            link: "/../../etc".into(),
-            ..file("b/sl", b"")
-        });
-        t.add(&TestEntry {
-            typeflag: b'2',
-            link: "../../../../etc/x".into(),
-            ..file("c/d/sl", b"")
-        });
-        let got = entries(&t.finish()).unwrap();
-        assert_eq!(got.len(), 3);
-        assert_eq!(got[2].0.link_name, "../../../../etc/x");
-    }
-
-    #[test]
-    fn truncation_and_bad_checksum_are_errors() {
-        let mut t = TestTar::default();
-        t.add(&file("f", &[7u8; 1000]));
-        let full = t.finish();
-        for cut in [100, 600, 1100] {
-            let err = entries(&full[..cut]).unwrap_err();
-            assert!(matches!(err, FormatError::Truncated { .. }), "{err}");
-        }
-        let mut bad = full.clone();
-        bad[10] ^= 1;
-        let err = entries(&bad).unwrap_err();
-        assert!(matches!(err, FormatError::Checksum { .. }), "{err}");
-        assert!(err.to_string().contains("\"f"), "{err}");
-    }
-
-    #[test]
-    fn base256_fields_and_unrepresentable_times() {
-        let mut t = TestTar::default();
-        t.add(&file("f", b""));
-        let mut data = t.finish();
-        let set = |data: &mut Vec<u8>, mtime: [u8; 12]| {
-            data[136..148].copy_from_slice(&mtime);
-            data[148..156].fill(b' ');
-            let sum: u64 = data[..512].iter().map(|&b| u64::from(b)).sum();
-            data[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        };
-        let mut ok = [0u8; 12];
-        ok[0] = 0x80;
-        ok[8..].copy_from_slice(&1_700_000_000u32.to_be_bytes());
-        set(&mut data, ok);
-        assert_eq!(entries(&data).unwrap()[0].0.mtime, 1_700_000_000);
-        let mut huge = [0u8; 12];
-        huge[0] = 0x80;
-        huge[4] = 0x7f;
-        set(&mut data, huge);
-        let err = entries(&data).unwrap_err().to_string();
-        assert!(
-            err.contains("\"f\"") && err.contains("outside years"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn numeric_fields() {
-        assert_eq!(parse_numeric(b"0000644\0"), Some(0o644));
-        assert_eq!(parse_numeric(b"  644 \0"), Some(0o644));
-        assert_eq!(parse_numeric(b"\0\0\0"), Some(0));
-        let mut b256 = [0u8; 12];
-        b256[0] = 0x80;
-        b256[11] = 5;
-        b256[10] = 1;
-        assert_eq!(parse_numeric(&b256), Some(261));
-        let neg = [0xffu8; 12];
-        assert_eq!(parse_numeric(&neg), Some(-1));
-        assert_eq!(parse_pax_time("1.5"), Some((1, 500_000_000)));
-        assert_eq!(parse_pax_time("-1.25"), Some((-2, 750_000_000)));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn parser_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..3000)) {
-            let _ = entries(&data);
-        }
-
-        #[test]
-        fn parser_never_panics_on_mutated_headers(pos in 0usize..1536, val in proptest::num::u8::ANY) {
-            let mut t = TestTar::default();
-            t.add(&file(&"n".repeat(150), b"abc"));
-            let mut data = t.finish();
-            if pos < data.len() { data[pos] = val; }
-            let _ = entries(&data);
-        }
-    }
-}
+#[path = "tar_tests.rs"]
+mod tests;

@@ -435,3 +435,70 @@ fn hostile_input_is_rejected_by_the_writer() {
     .unwrap_err();
     assert!(err.to_string().contains("\"../evil\""), "{err}");
 }
+
+/// A tar (GNU headers holding the raw bytes, unchecked) of one regular file `name`, and a
+/// symlink to `target` when given.
+fn byte_name_tar(name: &[u8], target: Option<&[u8]>) -> Vec<u8> {
+    let mut b = ::tar::Builder::new(Vec::new());
+    let mut header = |kind, field: &[u8], link: &[u8], data: &[u8]| {
+        let mut h = ::tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.name[..field.len()].copy_from_slice(field);
+        gnu.linkname[..link.len()].copy_from_slice(link);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    header(::tar::EntryType::Regular, name, b"", b"hello");
+    if let Some(target) = target {
+        header(::tar::EntryType::Symlink, b"sl", target, b"");
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn a_name_a_toc_cannot_hold_is_parsed_as_bytes_and_refused_as_unrepresentable() {
+    let tar = byte_name_tar(b"./d/caf\xe9.txt", Some(b"../\xfe"));
+    let mut parser = super::tar::TarParser::new(&tar[..]);
+    let mut metas = Vec::new();
+    while let Some(item) = parser.next_item().unwrap() {
+        if let super::tar::TarItem::Entry(e) = item {
+            parser
+                .skip_payload(e.size + super::tar::padding(e.size) as u64)
+                .unwrap();
+            metas.push(e.meta);
+        }
+    }
+    assert_eq!(metas[0].name, b"d/caf\xe9.txt");
+    assert_eq!(metas[1].link_name, b"../\xfe");
+    let err = metas[0].toc_name().unwrap_err();
+    assert!(err.is_unrepresentable(), "{err}");
+    assert!(err.to_string().contains(r"d/caf\\xe9.txt"), "{err}");
+    assert!(metas[1].check_toc().unwrap_err().is_unrepresentable());
+
+    for format in [LayerFormat::ZstdChunked, LayerFormat::Estargz] {
+        for tar in [
+            byte_name_tar(b"caf\xe9.txt", None),
+            byte_name_tar(b"ok", Some(b"caf\xe9.txt")),
+        ] {
+            let err =
+                write_layer(&tar[..], Vec::new(), &opts(format, 1024, 1), &mut |_| {}).unwrap_err();
+            assert!(err.is_unrepresentable(), "{format:?}: {err}");
+        }
+    }
+    // Hostile stays hostile, not unrepresentable.
+    let hostile = byte_name_tar(b"\xe9/../../x", None);
+    let err = write_layer(
+        &hostile[..],
+        Vec::new(),
+        &opts(LayerFormat::ZstdChunked, 1024, 1),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        !err.is_unrepresentable() && err.to_string().contains(".."),
+        "{err}"
+    );
+}

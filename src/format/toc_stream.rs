@@ -349,7 +349,7 @@ impl<'de> serde::de::Visitor<'de> for PrefetchSeed<'_, '_> {
             }
             // A name no entry could have is ignored: the list is only a hint.
             let checked = limits
-                .check_name("start-up name", &name)
+                .check_name("start-up name", name.as_bytes())
                 .and_then(|()| normalise_name(name.trim_start_matches('/')));
             if let Ok(n) = checked {
                 self.0.prefetch.push(n);

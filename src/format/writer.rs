@@ -272,11 +272,15 @@ impl<W: Write> Pipeline<'_, W> {
             count += 1;
             self.push_header(&entry.raw)?;
             let m = entry.meta;
+            // What the TOC cannot hold fails the layer as `Unrepresentable`, before any of its
+            // bytes count: the caller may keep the layer plain instead.
+            m.check_toc()?;
+            let (name, link_name) = (m.toc_name()?.to_owned(), m.toc_link_name()?.to_owned());
             let size = entry.size;
             let idx = self.entries.len();
             let is_reg = m.kind == EntryKind::Reg;
             self.entries.push(TocEntry {
-                name: m.name,
+                name,
                 kind: m.kind,
                 size: if is_reg { size } else { 0 },
                 mode: m.mode,
@@ -286,7 +290,7 @@ impl<W: Write> Pipeline<'_, W> {
                 gname: m.gname,
                 mtime: m.mtime,
                 mtime_nsec: m.mtime_nsec,
-                link_name: m.link_name,
+                link_name,
                 dev_major: m.dev_major,
                 dev_minor: m.dev_minor,
                 xattrs: m.xattrs,

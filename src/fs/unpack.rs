@@ -8,6 +8,11 @@
 //! `O_NOFOLLOW | O_DIRECTORY` from a descriptor of the target directory, and every entry is created
 //! relative to its parent's descriptor, so no path is ever resolved through a symlink.
 //!
+//! Names and link targets are bytes from the tar to the system call (`OsStr`, never `str`): a
+//! layer may name a file `caf\xe9.txt` (Latin-1), which no lazy TOC can hold, so such a layer
+//! stays plain and this is the path that must create it exactly. A symlink target is data and is
+//! stored as its bytes are.
+//!
 //! Extended attributes in the `trusted.` namespace are never written from a tar. overlayfs keeps
 //! its own state there (`trusted.overlay.opaque`, `…redirect`, `…metacopy`, `…origin`) and reads it
 //! from every lower layer: a layer that could write it would hide or redirect directories of the
@@ -16,9 +21,10 @@
 //! attribute it writes is the opaque mark of an OCI `.wh..wh..opq` entry. Other namespaces
 //! (`security.capability`, `user.*`) are written as containerd writes them.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -53,8 +59,8 @@ pub struct Unpacked {
     pub bytes: u64,
 }
 
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
-const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// The namespace no layer may write (overlayfs's own state lives there).
 const TRUSTED_PREFIX: &str = "trusted.";
 /// The kernel's `PATH_MAX`: a longer name cannot be created by any unpacker that opens paths
@@ -70,7 +76,7 @@ fn writable_xattrs<'a>(
         let trusted = k.starts_with(TRUSTED_PREFIX);
         if trusted {
             *dropped += 1;
-            tracing::debug!(entry = %meta.name, xattr = %k, "not writing a trusted.* attribute from a layer");
+            tracing::debug!(entry = %meta.shown_name(), xattr = %k, "not writing a trusted.* attribute from a layer");
         }
         !trusted
     })
@@ -99,8 +105,9 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
         };
         let meta = entry.meta;
         let name = meta.name.clone();
+        let shown = meta.shown_name();
         let fail = |message: String| UnpackError::Entry {
-            name: name.clone(),
+            name: shown.clone(),
             message,
         };
         stats.entries += 1;
@@ -117,13 +124,19 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
         if name.is_empty() {
             dirs.push(meta);
         } else {
-            let (parent_path, base) = name.rsplit_once('/').unwrap_or(("", name.as_str()));
+            let (parent_path, base) = split_last(&name);
             let parent = open_dir(&root, parent_path, true).map_err(&fail)?;
-            if base == OPAQUE_MARKER {
+            if base.as_bytes() == OPAQUE_MARKER {
                 set_xattr(&parent, None, "trusted.overlay.opaque", b"y")
                     .map_err(|e| fail(format!("marking the directory opaque: {e}")))?;
-            } else if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
-                remove(&parent, hidden).map_err(|e| fail(format!("replacing {hidden}: {e}")))?;
+            } else if let Some(hidden) = base.as_bytes().strip_prefix(WHITEOUT_PREFIX) {
+                let hidden = OsStr::from_bytes(hidden);
+                remove(&parent, hidden).map_err(|e| {
+                    fail(format!(
+                        "replacing {}: {e}",
+                        hidden.as_bytes().escape_ascii()
+                    ))
+                })?;
                 mknodat(&parent, hidden, SFlag::S_IFCHR, Mode::empty(), 0)
                     .map_err(|e| fail(format!("creating the whiteout: {e}")))?;
             } else {
@@ -166,21 +179,22 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
                     }
                     EntryKind::Symlink => {
                         remove(&parent, base).map_err(|e| fail(format!("replacing: {e}")))?;
-                        symlinkat(meta.link_name.as_str(), &parent, base)
+                        symlinkat(OsStr::from_bytes(&meta.link_name), &parent, base)
                             .map_err(|e| fail(format!("symlink: {e}")))?;
                         chown_at(&parent, base, &meta).map_err(|e| fail(format!("chown: {e}")))?;
                         set_times(&parent, base, &meta).map_err(|e| fail(format!("times: {e}")))?;
                     }
                     EntryKind::Hardlink => {
-                        let (target_parent, target_base) = meta
-                            .link_name
-                            .rsplit_once('/')
-                            .unwrap_or(("", meta.link_name.as_str()));
+                        let (target_parent, target_base) = split_last(&meta.link_name);
                         let from = open_dir(&root, target_parent, false)
                             .map_err(|m| fail(format!("hard link target: {m}")))?;
                         remove(&parent, base).map_err(|e| fail(format!("replacing: {e}")))?;
-                        linkat(&from, target_base, &parent, base, AtFlags::empty())
-                            .map_err(|e| fail(format!("hard link to {:?}: {e}", meta.link_name)))?;
+                        linkat(&from, target_base, &parent, base, AtFlags::empty()).map_err(
+                            |e| {
+                                let target = crate::format::tar::shown(&meta.link_name);
+                                fail(format!("hard link to {target:?}: {e}"))
+                            },
+                        )?;
                     }
                     EntryKind::Char | EntryKind::Block | EntryKind::Fifo => {
                         remove(&parent, base).map_err(|e| fail(format!("replacing: {e}")))?;
@@ -227,11 +241,12 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
     }
     // Deepest first, so setting a parent's time is not undone by its children.
     dirs.sort_by_key(|m| {
-        std::cmp::Reverse(m.name.matches('/').count() + usize::from(!m.name.is_empty()))
+        let slashes = m.name.iter().filter(|&&b| b == b'/').count();
+        std::cmp::Reverse(slashes + usize::from(!m.name.is_empty()))
     });
     for meta in dirs {
         let fail = |message: String| UnpackError::Entry {
-            name: meta.name.clone(),
+            name: meta.shown_name(),
             message,
         };
         let fd = open_dir(&root, &meta.name, false).map_err(&fail)?;
@@ -258,17 +273,27 @@ pub fn unpack_layer<R: Read>(tar: R, dir: &Path) -> Result<Unpacked, UnpackError
     Ok(stats)
 }
 
+/// `a/b/c` → (`a/b`, `c`); a name without `/` has the root (empty) as its parent.
+fn split_last(name: &[u8]) -> (&[u8], &OsStr) {
+    match name.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&name[..i], OsStr::from_bytes(&name[i + 1..])),
+        None => (&[], OsStr::from_bytes(name)),
+    }
+}
+
 /// Opens directory `path` below `root` one component at a time, never following a symlink;
 /// with `create`, missing directories are made (mode 0755, as an unpacker would).
-fn open_dir(root: &OwnedFd, path: &str, create: bool) -> Result<OwnedFd, String> {
+fn open_dir(root: &OwnedFd, path: &[u8], create: bool) -> Result<OwnedFd, String> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
     let mut fd = root.try_clone().map_err(|e| e.to_string())?;
-    let mut walked = String::new();
-    for component in path.split('/').filter(|c| !c.is_empty()) {
+    let mut walked = Vec::new();
+    for component in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
         if !walked.is_empty() {
-            walked.push('/');
+            walked.push(b'/');
         }
-        walked.push_str(component);
+        walked.extend_from_slice(component);
+        let walked = crate::format::tar::shown(&walked);
+        let component = OsStr::from_bytes(component);
         let next = match openat(&fd, component, flags, Mode::empty()) {
             Ok(next) => next,
             Err(Errno::ENOENT) if create => {
@@ -290,7 +315,7 @@ fn open_dir(root: &OwnedFd, path: &str, create: bool) -> Result<OwnedFd, String>
 }
 
 /// Sets an entry's owner without following it (a symlink's own owner, not its target's).
-fn chown_at(parent: &OwnedFd, name: &str, meta: &EntryMeta) -> Result<(), Errno> {
+fn chown_at(parent: &OwnedFd, name: &OsStr, meta: &EntryMeta) -> Result<(), Errno> {
     fchownat(
         parent,
         name,
@@ -300,14 +325,14 @@ fn chown_at(parent: &OwnedFd, name: &str, meta: &EntryMeta) -> Result<(), Errno>
     )
 }
 
-fn is_dir(parent: &OwnedFd, name: &str) -> bool {
+fn is_dir(parent: &OwnedFd, name: &OsStr) -> bool {
     nix::sys::stat::fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|st| {
         SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR
     })
 }
 
 /// Removes `name` if present (an empty directory too), so a later entry replaces an earlier one.
-fn remove(parent: &OwnedFd, name: &str) -> Result<(), Errno> {
+fn remove(parent: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
     match unlinkat(parent, name, UnlinkatFlags::NoRemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => Ok(()),
         Err(Errno::EISDIR) => unlinkat(parent, name, UnlinkatFlags::RemoveDir),
@@ -320,7 +345,7 @@ fn times(meta: &EntryMeta) -> (TimeSpec, TimeSpec) {
     (t, t)
 }
 
-fn set_times(parent: &OwnedFd, name: &str, meta: &EntryMeta) -> Result<(), Errno> {
+fn set_times(parent: &OwnedFd, name: &OsStr, meta: &EntryMeta) -> Result<(), Errno> {
     let (atime, mtime) = times(meta);
     utimensat(
         parent,
@@ -332,7 +357,7 @@ fn set_times(parent: &OwnedFd, name: &str, meta: &EntryMeta) -> Result<(), Errno
 }
 
 /// Sets an xattr on `fd` itself, or on `name` inside directory `fd` without following it.
-fn set_xattr(fd: &impl AsFd, name: Option<&str>, key: &str, value: &[u8]) -> std::io::Result<()> {
+fn set_xattr(fd: &impl AsFd, name: Option<&OsStr>, key: &str, value: &[u8]) -> std::io::Result<()> {
     let key = CString::new(key)?;
     let raw = fd.as_fd().as_raw_fd();
     let rc = match name {
@@ -342,7 +367,9 @@ fn set_xattr(fd: &impl AsFd, name: Option<&str>, key: &str, value: &[u8]) -> std
             nix::libc::fsetxattr(raw, key.as_ptr(), value.as_ptr().cast(), value.len(), 0)
         },
         Some(name) => {
-            let path = CString::new(format!("/proc/self/fd/{raw}/{name}"))?;
+            let mut path = format!("/proc/self/fd/{raw}/").into_bytes();
+            path.extend_from_slice(name.as_bytes());
+            let path = CString::new(path)?;
             // SAFETY: as above; `lsetxattr` does not follow a final symlink, and `/proc/self/fd/N`
             // names the directory `raw` refers to, so no other path is resolved.
             unsafe {

@@ -286,6 +286,28 @@ pub fn sample_tree(root: &Path, seed: u8) -> Result<()> {
     Ok(())
 }
 
+/// A tree whose names are not UTF-8 (Latin-1 bytes), which no lazy TOC can hold: a file, a
+/// directory and a file in it, a name over 100 bytes (a PAX `path` record of raw bytes), a hard
+/// link, and symlinks whose targets are not UTF-8 either (one dangling, one climbing).
+pub fn latin1_tree(root: &Path) -> Result<()> {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let at = |name: &[u8]| root.join(OsStr::from_bytes(name));
+    fs::create_dir_all(at(b"d\xff"))?;
+    fs::write(at(b"caf\xe9.txt"), b"latin-1 name\n")?;
+    fs::write(at(b"d\xff/inner\xe9"), b"inside a latin-1 directory\n")?;
+    let mut long = b"x".repeat(150);
+    long.extend_from_slice(b"\xe9.bin");
+    fs::write(at(&long), b"a long latin-1 name\n")?;
+    fs::hard_link(at(b"caf\xe9.txt"), at(b"hard\xe9"))?;
+    std::os::unix::fs::symlink(OsStr::from_bytes(b"caf\xe9.txt"), at(b"link\xe9"))?;
+    std::os::unix::fs::symlink(OsStr::from_bytes(b"../../\xfe/\xe9"), at(b"d\xff/up"))?;
+    run(Command::new("touch")
+        .args(["-h", "-d", "2022-02-03 04:05:06"])
+        .arg(at(b"link\xe9")))?;
+    Ok(())
+}
+
 /// A layer over [`sample_tree`] with a whiteout and an opaque directory.
 pub fn whiteout_tree(root: &Path) -> Result<()> {
     fs::create_dir_all(root.join("etc"))?;
@@ -301,6 +323,18 @@ pub fn whiteout_tree(root: &Path) -> Result<()> {
 pub fn python_tar(body: &str) -> Result<Vec<u8>> {
     let script = format!(
         "import io, sys, tarfile\nbuf = io.BytesIO()\nt = tarfile.open(fileobj=buf, mode='w', format=tarfile.PAX_FORMAT)\n\
+         def add(name, data=b'', kind=tarfile.REGTYPE, link=''):\n    i = tarfile.TarInfo(name); i.type = kind; i.linkname = link; i.size = len(data)\n    t.addfile(i, io.BytesIO(data))\n\
+         {body}\nt.close()\nsys.stdout.buffer.write(buf.getvalue())\n"
+    );
+    run(Command::new("python3").args(["-c", &script]))
+}
+
+/// [`python_tar`] with names and link targets written as raw bytes: a lone surrogate
+/// `\udcXX` in `body` is the byte `0xXX` (Python's `surrogateescape`), so `'caf\udce9'` is
+/// `caf\xe9`, a name that is not UTF-8.
+pub fn python_tar_bytes(body: &str) -> Result<Vec<u8>> {
+    let script = format!(
+        "import io, sys, tarfile\nbuf = io.BytesIO()\nt = tarfile.open(fileobj=buf, mode='w', format=tarfile.GNU_FORMAT, encoding='utf-8', errors='surrogateescape')\n\
          def add(name, data=b'', kind=tarfile.REGTYPE, link=''):\n    i = tarfile.TarInfo(name); i.type = kind; i.linkname = link; i.size = len(data)\n    t.addfile(i, io.BytesIO(data))\n\
          {body}\nt.close()\nsys.stdout.buffer.write(buf.getvalue())\n"
     );

@@ -8,6 +8,7 @@ pub mod image;
 pub mod mount_process;
 pub mod referrers;
 pub mod registry;
+pub mod run_root;
 pub mod tree;
 
 /// Mount points at or below `dir` (from this process's mountinfo), deepest first.

@@ -30,7 +30,17 @@ pub struct Node {
     pub hard_link_of: Option<String>,
 }
 
-/// Every entry below `root` (not `root` itself), by relative path.
+/// A name as a key: itself when it is UTF-8, else every byte outside printable ASCII escaped
+/// (`caf\xe9.txt`), so two byte names never compare equal by a lossy conversion.
+pub fn name_key(name: &std::ffi::OsStr) -> String {
+    let bytes = name.as_bytes();
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => bytes.escape_ascii().to_string(),
+    }
+}
+
+/// Every entry below `root` (not `root` itself), by relative path (see [`name_key`]).
 pub fn snapshot(root: &Path) -> Result<BTreeMap<String, Node>> {
     let mut out = BTreeMap::new();
     let mut first_name: BTreeMap<(u64, u64), String> = BTreeMap::new();
@@ -42,7 +52,7 @@ pub fn snapshot(root: &Path) -> Result<BTreeMap<String, Node>> {
             .collect::<Result<_, _>>()?;
         names.sort();
         for path in names {
-            let rel = path.strip_prefix(root)?.to_string_lossy().into_owned();
+            let rel = name_key(path.strip_prefix(root)?.as_os_str());
             let meta = std::fs::symlink_metadata(&path)
                 .with_context(|| format!("lstat {}", path.display()))?;
             let ft = meta.file_type();
@@ -88,7 +98,7 @@ pub fn snapshot(root: &Path) -> Result<BTreeMap<String, Node>> {
                 },
                 link: ft
                     .is_symlink()
-                    .then(|| std::fs::read_link(&path).map(|l| l.to_string_lossy().into_owned()))
+                    .then(|| std::fs::read_link(&path).map(|l| name_key(l.as_os_str())))
                     .transpose()?,
                 rdev: (ft.is_char_device() || ft.is_block_device())
                     .then(|| (major(meta.rdev()), minor(meta.rdev()))),
