@@ -36,6 +36,8 @@ struct Lazysnapd {
     dir: tempfile::TempDir,
     socket: PathBuf,
     metrics_addr: String,
+    /// A directory put first on its PATH (credential helpers).
+    path_first: Option<PathBuf>,
 }
 
 impl Lazysnapd {
@@ -45,6 +47,11 @@ impl Lazysnapd {
 
     /// Starts with `extra` appended to the config file (TOML tables).
     fn start_with(extra: &str) -> Result<Self> {
+        Self::start_with_path(extra, None)
+    }
+
+    /// [`Self::start_with`], with `path_first` first on its PATH (and its layer host's).
+    fn start_with_path(extra: &str, path_first: Option<&Path>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("lssd-").tempdir()?;
         let socket = dir.path().join("lazysnapd.sock");
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);
@@ -57,23 +64,32 @@ impl Lazysnapd {
                 socket.display()
             ),
         )?;
-        let child = Self::spawn(dir.path())?;
+        let child = Self::spawn(dir.path(), path_first)?;
         let mut daemon = Self {
             child,
             dir,
             socket,
             metrics_addr,
+            path_first: path_first.map(Path::to_owned),
         };
         daemon.wait_serving()?;
         Ok(daemon)
     }
 
-    fn spawn(dir: &Path) -> Result<Child> {
+    fn spawn(dir: &Path, path_first: Option<&Path>) -> Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("lazysnapd.log"))?;
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path = std::env::join_paths(
+            path_first
+                .map(Path::to_owned)
+                .into_iter()
+                .chain(std::env::split_paths(&path)),
+        )?;
         Command::new(LAZYSNAPD)
+            .env("PATH", path)
             .arg("--config")
             .arg(dir.join("lazysnapd.toml"))
             .env("LAZYSNAP_LOG", "info,lazysnap=debug")
@@ -107,7 +123,7 @@ impl Lazysnapd {
         stop_child(&mut self.child, Duration::from_secs(20));
         let status = self.child.wait()?;
         ensure!(status.success(), "lazysnapd exit {status}: {}", self.log());
-        self.child = Self::spawn(self.dir.path())?;
+        self.child = Self::spawn(self.dir.path(), self.path_first.as_deref())?;
         self.wait_serving()
     }
 
@@ -115,7 +131,7 @@ impl Lazysnapd {
     /// then started again: the layers must be mounted again from the records.
     fn restart_cold(&mut self) -> Result<()> {
         self.stop_in_place()?;
-        self.child = Self::spawn(self.dir.path())?;
+        self.child = Self::spawn(self.dir.path(), self.path_first.as_deref())?;
         self.wait_serving()
     }
 
@@ -1074,36 +1090,8 @@ fn a_private_image_pulls_lazily_with_credentials_that_came_only_through_the_cri_
     let open = TestRegistry::start()?;
     let images = busybox_images(&open)?;
     let pause = pause_image(&open, &images)?;
-    // The private image: the same busybox converted into a registry that wants a password,
-    // pushed with a docker config of the push's own. lazysnapd gets an empty one.
-    let private = TestRegistry::start_with_htpasswd("kube", PULL_SECRET_PASSWORD)?;
-    let push_config = tempfile::tempdir()?;
-    let auth = base64_basic("kube", PULL_SECRET_PASSWORD);
-    std::fs::write(
-        push_config.path().join("config.json"),
-        format!(
-            "{{\"auths\": {{\"{}\": {{\"auth\": \"{auth}\"}}}}}}",
-            private.addr
-        ),
-    )?;
-    let reference = format!("{}/team/app:lazy", private.addr);
-    image::run(
-        Command::new(LAZYSNAP)
-            .env("DOCKER_CONFIG", push_config.path())
-            .args(["convert", &format!("oci:{}", images.layout), &reference]),
-    )?;
-    let anonymous = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg(format!(
-            "http://{}/v2/team/app/manifests/lazy",
-            private.addr
-        ))
-        .output()?;
-    ensure!(
-        anonymous.stdout == b"401",
-        "the registry must refuse anonymous pulls: {:?}",
-        String::from_utf8_lossy(&anonymous.stdout)
-    );
+    let private = PrivateImage::push(&images)?;
+    let (reference, auth) = (private.reference.clone(), private.auth.clone());
 
     // containerd's socket is known only once it runs, and containerd's config names lazysnapd's:
     // the proxy dials a link made after containerd started (it dials at its first call).
@@ -1165,31 +1153,12 @@ fn a_private_image_pulls_lazily_with_credentials_that_came_only_through_the_cri_
         .with_context(|| format!("{}\ncontainerd:\n{}", daemon.log(), ctd.log()))?;
 
     // Lazy: containerd downloaded no layer, lazysnapd mounted them with kubelet's credentials.
-    let manifest = image::run(Command::new("curl").args([
-        "-fsSL",
-        "-u",
-        &format!("kube:{PULL_SECRET_PASSWORD}"),
-        "-H",
-        "Accept: application/vnd.oci.image.manifest.v1+json",
-        &format!("http://{}/v2/team/app/manifests/lazy", private.addr),
-    ]))?;
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest)?;
-    let content = ctd.ctr_in("k8s.io", &["content", "ls", "-q"])?;
-    for layer in manifest["layers"].as_array().context("layers")? {
-        let digest = layer["digest"].as_str().context("layer digest")?;
-        ensure!(
-            !content.contains(digest),
-            "containerd downloaded layer {digest}:\n{content}\nlazysnapd log:\n{}",
-            daemon.log()
-        );
-    }
+    private.ensure_lazy(&ctd, &daemon)?;
     ensure!(
         daemon.metric("lazysnap_cri_pulls_total{credentials=\"kept\"}")? == 1.0,
         "{}",
         daemon.metrics()?
     );
-    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
-    ensure!(lazy >= 1.0, "lazy layers: {lazy}\n{}", daemon.log());
 
     // A pod (its sandbox from the open registry) runs the private image from lazy layers.
     let logs = tempfile::tempdir()?;
@@ -1204,6 +1173,169 @@ fn a_private_image_pulls_lazily_with_credentials_that_came_only_through_the_cri_
     ensure!(
         !log.contains(PULL_SECRET_PASSWORD) && !log.contains(&auth),
         "the password reached lazysnapd's log:\n{log}"
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
+/// The busybox image converted into a registry that wants a password (htpasswd), pushed with a
+/// docker config of the push's own.
+struct PrivateImage {
+    registry: TestRegistry,
+    reference: String,
+    /// docker's `auth` of its user and password.
+    auth: String,
+}
+
+impl PrivateImage {
+    fn push(images: &Images) -> Result<Self> {
+        let registry = TestRegistry::start_with_htpasswd("kube", PULL_SECRET_PASSWORD)?;
+        let push_config = tempfile::tempdir()?;
+        let auth = base64_basic("kube", PULL_SECRET_PASSWORD);
+        let config = serde_json::json!({"auths": {registry.addr.clone(): {"auth": auth}}});
+        std::fs::write(
+            push_config.path().join("config.json"),
+            serde_json::to_vec(&config)?,
+        )?;
+        let reference = format!("{}/team/app:lazy", registry.addr);
+        image::run(
+            Command::new(LAZYSNAP)
+                .env("DOCKER_CONFIG", push_config.path())
+                .args(["convert", &format!("oci:{}", images.layout), &reference]),
+        )?;
+        let anonymous = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!(
+                "http://{}/v2/team/app/manifests/lazy",
+                registry.addr
+            ))
+            .output()?;
+        ensure!(
+            anonymous.stdout == b"401",
+            "the registry must refuse anonymous pulls: {:?}",
+            String::from_utf8_lossy(&anonymous.stdout)
+        );
+        Ok(Self {
+            registry,
+            reference,
+            auth,
+        })
+    }
+
+    /// containerd holds no layer blob of the image in its content store, and lazysnapd mounted
+    /// lazy layers.
+    fn ensure_lazy(&self, ctd: &TestContainerd, daemon: &Lazysnapd) -> Result<()> {
+        let manifest = image::run(Command::new("curl").args([
+            "-fsSL",
+            "-u",
+            &format!("kube:{PULL_SECRET_PASSWORD}"),
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{}/v2/team/app/manifests/lazy", self.registry.addr),
+        ]))?;
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest)?;
+        let content = ctd.ctr_in("k8s.io", &["content", "ls", "-q"])?;
+        for layer in manifest["layers"].as_array().context("layers")? {
+            let digest = layer["digest"].as_str().context("layer digest")?;
+            ensure!(
+                !content.contains(digest),
+                "containerd downloaded layer {digest}:\n{content}\nlazysnapd log:\n{}",
+                daemon.log()
+            );
+        }
+        let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+        ensure!(lazy >= 1.0, "lazy layers: {lazy}\n{}", daemon.log());
+        Ok(())
+    }
+}
+
+#[test]
+fn a_private_image_pulls_lazily_through_cri_with_credentials_from_a_credential_helper() -> Result<()>
+{
+    let open = TestRegistry::start()?;
+    let images = busybox_images(&open)?;
+    let pause = pause_image(&open, &images)?;
+    let private = PrivateImage::push(&images)?;
+    // lazysnapd's docker config names a helper (credsStore) and holds no credentials; the
+    // helper, a script of the test's own, answers for the private registry only.
+    let work = tempfile::tempdir()?;
+    let helpers = work.path().join("bin");
+    std::fs::create_dir_all(&helpers)?;
+    let asked = work.path().join("helper.log");
+    let helper = helpers.join("docker-credential-lstest");
+    let answer = serde_json::json!({
+        "ServerURL": private.registry.addr,
+        "Username": "kube",
+        "Secret": PULL_SECRET_PASSWORD,
+    });
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread -r server\necho \"$1 $server\" >> {asked}\n\
+             if [ \"$server\" = \"{addr}\" ]; then echo '{answer}'\n\
+             else echo 'credentials not found in native keychain'; exit 1; fi\n",
+            asked = asked.display(),
+            addr = private.registry.addr
+        ),
+    )?;
+    std::fs::set_permissions(
+        &helper,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )?;
+    let docker_config = work.path().join("docker");
+    std::fs::create_dir_all(&docker_config)?;
+    std::fs::write(
+        docker_config.join("config.json"),
+        r#"{"credsStore": "lstest"}"#,
+    )?;
+    let daemon = Lazysnapd::start_with_path(
+        &format!(
+            "[registry]\ndocker_config_dir = \"{}\"\n",
+            docker_config.display()
+        ),
+        Some(&helpers),
+    )?;
+    let ctd = TestContainerd::start_cri_shipped(&daemon.socket, &pause)?;
+    // containerd gets the credentials with the pull, straight (no proxy): lazysnapd has only
+    // its helper.
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime
+        .block_on(async {
+            cri_images(&ctd.socket)
+                .await?
+                .pull_image(k8s_cri::v1::PullImageRequest {
+                    image: Some(k8s_cri::v1::ImageSpec {
+                        image: private.reference.clone(),
+                        ..Default::default()
+                    }),
+                    auth: Some(k8s_cri::v1::AuthConfig {
+                        auth: private.auth.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .context("CRI PullImage")?;
+            anyhow::Ok(())
+        })
+        .with_context(|| daemon.log())?;
+    private.ensure_lazy(&ctd, &daemon)?;
+    let asked = std::fs::read_to_string(&asked).unwrap_or_default();
+    ensure!(
+        asked.contains(&format!("get {}", private.registry.addr)),
+        "the helper was asked: {asked:?}"
+    );
+    let logs = tempfile::tempdir()?;
+    let output = runtime
+        .block_on(run_pod(&ctd.socket, &private.reference, logs.path()))
+        .with_context(|| daemon.log())?;
+    ensure!(
+        output.starts_with("ok\n"),
+        "the pod's container printed\n{output}"
+    );
+    ensure!(
+        !daemon.log().contains(PULL_SECRET_PASSWORD),
+        "the password reached lazysnapd's log"
     );
     drop(ctd);
     daemon.stop()
