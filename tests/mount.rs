@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::image::{self, LayoutBuilder};
-use common::mount_process::MountProcess;
+use common::mount_process::{ensure_mount_equals, MountProcess};
 use common::registry::TestRegistry;
 use common::scrape;
 use common::tree;
@@ -106,22 +106,7 @@ fn mounted_images_equal_umoci_unpack_in_both_formats_and_plain_gzip() -> Result<
     for (i, reference) in [&zstd, &estargz, &plain].into_iter().enumerate() {
         let root = work.path().join(format!("root-{i}"));
         let target = work.path().join(format!("mnt-{i}"));
-        let process = MountProcess::start(&root, reference, &target, &[])?;
-        let got = tree::snapshot(&target)?;
-        let differences = tree::differences(&want, &got);
-        ensure!(
-            differences.is_empty(),
-            "{reference}: {} differences:\n{}",
-            differences.len(),
-            differences.join("\n")
-        );
-        let log = process.stop()?;
-        ensure!(
-            mounts_below(&root).is_empty(),
-            "{reference}: left mounted: {:?}",
-            mounts_below(&root)
-        );
-        ensure!(log.contains("unmounted"), "{log}");
+        ensure_mount_equals(&root, reference, &target, &want)?;
     }
     Ok(())
 }

@@ -12,11 +12,11 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use common::image::{self, fixture, LayoutBuilder};
-use common::mount_process::MountProcess;
+use common::mount_process::ensure_mount_equals;
 use common::registry::TestRegistry;
 use common::run_root::Root;
 use common::tree;
-use common::{mounts_below, UnmountOnDrop};
+use common::UnmountOnDrop;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
@@ -141,22 +141,7 @@ fn a_layer_with_names_a_toc_cannot_hold_stays_plain_and_mounts_as_umoci_unpacks_
 
         let root = work.path().join(format!("root-{name}"));
         let target = work.path().join(format!("mnt-{name}"));
-        let process = MountProcess::start(&root, &reference, &target, &[])?;
-        let got = tree::snapshot(&target)?;
-        let differences = tree::differences(&want, &got);
-        ensure!(
-            differences.is_empty(),
-            "{reference}: {} differences:\n{}",
-            differences.len(),
-            differences.join("\n")
-        );
-        let log = process.stop()?;
-        ensure!(
-            mounts_below(&root).is_empty(),
-            "{reference}: left mounted: {:?}",
-            mounts_below(&root)
-        );
-        ensure!(log.contains("unmounted"), "{log}");
+        ensure_mount_equals(&root, &reference, &target, &want)?;
     }
     Ok(())
 }

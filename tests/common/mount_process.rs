@@ -123,3 +123,27 @@ impl Drop for MountProcess {
         unmount_below(&self.root);
     }
 }
+
+/// Mounts `reference` at `target` (own `root`), requires the merged tree to equal `want` (an
+/// independent unpack), then a clean stop: nothing left mounted below `root`, `unmounted` logged.
+pub fn ensure_mount_equals(
+    root: &Path,
+    reference: &str,
+    target: &Path,
+    want: &std::collections::BTreeMap<String, super::tree::Node>,
+) -> Result<()> {
+    let process = MountProcess::start(root, reference, target, &[])?;
+    let got = super::tree::snapshot(target)?;
+    let differences = super::tree::differences(want, &got);
+    ensure!(
+        differences.is_empty(),
+        "{reference}: {} differences:\n{}",
+        differences.len(),
+        differences.join("\n")
+    );
+    let log = process.stop()?;
+    let left = super::mounts_below(root);
+    ensure!(left.is_empty(), "{reference}: left mounted: {left:?}");
+    ensure!(log.contains("unmounted"), "{log}");
+    Ok(())
+}
