@@ -4,6 +4,7 @@
 //! ```text
 //! bench/coldstart [--quick] [--rate 100mbit] [--rtt-ms 20] [--runs N] [--out FILE]
 //!                  [--workload NAME]... [--skip METHOD]... [--containerd DIR|BINARY] [--prepare-only]
+//!                  [--lazysnapd-config FILE] [--render JSON]
 //! ```
 //!
 //! The registry runs in a network namespace made for the run, behind a veth pair shaped with
@@ -75,6 +76,10 @@ struct Args {
     /// Build and push the workload images (cached), then exit without measuring.
     #[arg(long)]
     prepare_only: bool,
+    /// lazysnapd's config file for the `lazysnap` methods (default: none, all defaults); named in
+    /// the conditions with its contents.
+    #[arg(long, value_name = "FILE")]
+    lazysnapd_config: Option<PathBuf>,
     /// Write the table and chart (.md, .svg) again from the results in JSON, measuring nothing.
     #[arg(long, value_name = "JSON")]
     render: Option<PathBuf>,
@@ -93,6 +98,7 @@ const METHODS: [&str; 5] = [
 struct Setup<'a> {
     addr: &'a str,
     lazysnapd: Option<&'a Path>,
+    lazysnapd_config: Option<&'a Path>,
     containerd: &'a ContainerdBin,
     /// The workload's image in its own repository, with a profile pushed.
     profiled: Option<String>,
@@ -203,6 +209,7 @@ fn main() -> Result<()> {
         let mut setup = Setup {
             addr: &registry.addr,
             lazysnapd: lazysnapd.as_deref(),
+            lazysnapd_config: args.lazysnapd_config.as_deref(),
             containerd: &containerd,
             profiled: None,
         };
@@ -267,6 +274,10 @@ fn main() -> Result<()> {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "date": chrono_free_now(),
         "lazysnap_run": "--no-background-fetch --net none",
+        "lazysnapd_config": args
+            .lazysnapd_config
+            .as_ref()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default()),
         "profiles": profiles,
     });
     let doc = json!({ "conditions": conditions, "results": rows });
@@ -323,7 +334,11 @@ fn measure(
                 profiled()?
             };
             let lazysnapd = setup.lazysnapd.context("no lazysnapd binary")?;
-            let daemon = methods::Lazysnapd::start(lazysnapd, &dir.join("lazysnapd"))?;
+            let daemon = methods::Lazysnapd::start(
+                lazysnapd,
+                setup.lazysnapd_config,
+                &dir.join("lazysnapd"),
+            )?;
             let containerd = Containerd::start(
                 setup.containerd,
                 &dir.join("containerd"),

@@ -418,11 +418,17 @@ pub struct Lazysnapd {
 }
 
 impl Lazysnapd {
-    pub fn start(binary: &Path, dir: &Path) -> Result<Self> {
+    /// Started with `config` (a lazysnapd config file) if given; `--root` and `--address`
+    /// override it.
+    pub fn start(binary: &Path, config: Option<&Path>, dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("lazysnapd.sock");
         let log = std::fs::File::create(dir.join("lazysnapd.log"))?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .arg("--root")
             .arg(dir.join("root"))
             .arg("--address")
