@@ -1169,6 +1169,53 @@ fn a_private_image_pulls_lazily_with_credentials_that_came_only_through_the_cri_
         output.starts_with("ok\n"),
         "the pod's container printed\n{output}"
     );
+
+    // A pull with a wrong secret fails, and must not take the working one's place: the next
+    // lazy mount of the repository (another tag, pulled straight from containerd's CRI with the
+    // right credentials, which lazysnapd never sees) still finds the layers.
+    let other = private.convert(&images, "estargz", "other")?;
+    let lazy_before = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    runtime.block_on(async {
+        let wrong = cri_images(&proxy)
+            .await?
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
+                    image: reference.clone(),
+                    ..Default::default()
+                }),
+                auth: Some(k8s_cri::v1::AuthConfig {
+                    username: "kube".into(),
+                    password: "wrong".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await;
+        ensure!(wrong.is_err(), "a pull with a wrong password succeeded");
+        cri_images(&ctd.socket)
+            .await?
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
+                    image: other.clone(),
+                    ..Default::default()
+                }),
+                auth: Some(k8s_cri::v1::AuthConfig {
+                    auth: auth.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .context("CRI PullImage of the other tag, straight to containerd")?;
+        anyhow::Ok(())
+    })?;
+    private.ensure_lazy_tag(&ctd, &daemon, "other")?;
+    let lazy_after = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(
+        lazy_after > lazy_before,
+        "the other tag's layers were not mounted lazily ({lazy_before} then {lazy_after}):\n{}",
+        daemon.log()
+    );
     let log = daemon.log();
     ensure!(
         !log.contains(PULL_SECRET_PASSWORD) && !log.contains(&auth),
@@ -1185,6 +1232,8 @@ struct PrivateImage {
     reference: String,
     /// docker's `auth` of its user and password.
     auth: String,
+    /// The docker config the pushes use.
+    push_config: tempfile::TempDir,
 }
 
 impl PrivateImage {
@@ -1198,16 +1247,18 @@ impl PrivateImage {
             serde_json::to_vec(&config)?,
         )?;
         let reference = format!("{}/team/app:lazy", registry.addr);
-        image::run(
-            Command::new(LAZYSNAP)
-                .env("DOCKER_CONFIG", push_config.path())
-                .args(["convert", &format!("oci:{}", images.layout), &reference]),
-        )?;
+        let private = Self {
+            registry,
+            reference,
+            auth,
+            push_config,
+        };
+        private.convert(images, "zstd-chunked", "lazy")?;
         let anonymous = Command::new("curl")
             .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
             .arg(format!(
                 "http://{}/v2/team/app/manifests/lazy",
-                registry.addr
+                private.registry.addr
             ))
             .output()?;
         ensure!(
@@ -1215,23 +1266,37 @@ impl PrivateImage {
             "the registry must refuse anonymous pulls: {:?}",
             String::from_utf8_lossy(&anonymous.stdout)
         );
-        Ok(Self {
-            registry,
-            reference,
-            auth,
-        })
+        Ok(private)
+    }
+
+    /// Converts the busybox image to `format` as `team/app:TAG`; returns its reference.
+    fn convert(&self, images: &Images, format: &str, tag: &str) -> Result<String> {
+        let reference = format!("{}/team/app:{tag}", self.registry.addr);
+        image::run(
+            Command::new(LAZYSNAP)
+                .env("DOCKER_CONFIG", self.push_config.path())
+                .args(["convert", "--format", format])
+                .arg(format!("oci:{}", images.layout))
+                .arg(&reference),
+        )?;
+        Ok(reference)
     }
 
     /// containerd holds no layer blob of the image in its content store, and lazysnapd mounted
     /// lazy layers.
     fn ensure_lazy(&self, ctd: &TestContainerd, daemon: &Lazysnapd) -> Result<()> {
+        self.ensure_lazy_tag(ctd, daemon, "lazy")
+    }
+
+    /// [`Self::ensure_lazy`] for `team/app:TAG`.
+    fn ensure_lazy_tag(&self, ctd: &TestContainerd, daemon: &Lazysnapd, tag: &str) -> Result<()> {
         let manifest = image::run(Command::new("curl").args([
             "-fsSL",
             "-u",
             &format!("kube:{PULL_SECRET_PASSWORD}"),
             "-H",
             "Accept: application/vnd.oci.image.manifest.v1+json",
-            &format!("http://{}/v2/team/app/manifests/lazy", self.registry.addr),
+            &format!("http://{}/v2/team/app/manifests/{tag}", self.registry.addr),
         ]))?;
         let manifest: serde_json::Value = serde_json::from_slice(&manifest)?;
         let content = ctd.ctr_in("k8s.io", &["content", "ls", "-q"])?;

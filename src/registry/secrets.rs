@@ -82,6 +82,20 @@ impl PullSecrets {
         (k.until > Instant::now()).then(|| k.credentials.clone())
     }
 
+    /// The whole secret kept for `registry`/`repository`, with the time it has left, while it is
+    /// fresh (to hand it on again).
+    pub fn secret(&self, registry: &str, repository: &str) -> Option<PullSecret> {
+        let kept = self.lock();
+        let k = kept.get(&(registry.to_owned(), repository.to_owned()))?;
+        let left = k.until.checked_duration_since(Instant::now())?;
+        (!left.is_zero()).then(|| PullSecret {
+            registry: registry.to_owned(),
+            repository: repository.to_owned(),
+            credentials: k.credentials.clone(),
+            ttl_secs: left.as_secs().max(1),
+        })
+    }
+
     /// How many repositories have a secret now (expired ones included until the next
     /// `remember`); for tests and metrics.
     pub fn len(&self) -> usize {
@@ -139,6 +153,20 @@ mod tests {
         ));
         assert_eq!(s.get("r.example", "team/app"), Some(creds("b")));
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn a_kept_secret_is_handed_on_with_the_time_it_has_left() {
+        let s = PullSecrets::default();
+        s.remember(secret("r.example", "app", "a", Duration::from_secs(60)));
+        let again = s.secret("r.example", "app").unwrap();
+        assert_eq!(again.credentials, creds("a"));
+        assert!(
+            again.ttl_secs <= 60 && again.ttl_secs >= 58,
+            "{}",
+            again.ttl_secs
+        );
+        assert_eq!(s.secret("r.example", "other"), None);
     }
 
     #[test]

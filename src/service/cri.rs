@@ -23,7 +23,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use prometheus::{IntCounterVec, Opts};
 
 use crate::oci::Reference;
-use crate::registry::{Credentials, PullSecret};
+use crate::registry::{Credentials, PullSecret, PullSecrets};
 use crate::snapshot::LayerHost;
 
 /// Longest `auth` field (base64 of `user:password`) decoded.
@@ -56,6 +56,10 @@ pub struct ImageProxy {
     upstream: ImageServiceClient<Channel>,
     host: Arc<dyn LayerHost>,
     ttl: Duration,
+    /// The credentials of each repository's last pull that containerd completed: what the layer
+    /// host gets back when a later pull with other credentials fails, so that a pull with a wrong
+    /// secret (another tenant's, say) does not break the lazy layers of those that work.
+    succeeded: PullSecrets,
 }
 
 impl ImageProxy {
@@ -71,6 +75,7 @@ impl ImageProxy {
             upstream: ImageServiceClient::new(channel),
             host,
             ttl,
+            succeeded: PullSecrets::default(),
         }
     }
 
@@ -150,19 +155,34 @@ impl cri::image_service_server::ImageService for ImageProxy {
         &self,
         request: Request<cri::PullImageRequest>,
     ) -> Result<Response<cri::PullImageResponse>, Status> {
-        if let Some(secret) = secret_of(request.get_ref(), self.ttl) {
+        let Some(secret) = secret_of(request.get_ref(), self.ttl) else {
+            PULLS.with_label_values(&["none"]).inc();
+            return self.upstream().pull_image(forward(request)).await;
+        };
+        tracing::info!(
+            registry = secret.registry,
+            repository = secret.repository,
+            "CRI pull: keeping its credentials for the image's lazy layers"
+        );
+        PULLS.with_label_values(&["kept"]).inc();
+        // Before containerd's pull: its Prepare calls look the layers up with them.
+        self.host.remember_secret(secret.clone()).await;
+        let pulled = self.upstream().pull_image(forward(request)).await;
+        if pulled.is_ok() {
+            self.succeeded.remember(secret);
+        } else if let Some(previous) = self
+            .succeeded
+            .secret(&secret.registry, &secret.repository)
+            .filter(|p| p.credentials != secret.credentials)
+        {
             tracing::info!(
                 registry = secret.registry,
                 repository = secret.repository,
-                "CRI pull: keeping its credentials for the image's lazy layers"
+                "CRI pull failed: the layer host keeps the credentials of the last pull that worked"
             );
-            PULLS.with_label_values(&["kept"]).inc();
-            // Before containerd's pull: its Prepare calls look the layers up with them.
-            self.host.remember_secret(secret).await;
-        } else {
-            PULLS.with_label_values(&["none"]).inc();
+            self.host.remember_secret(previous).await;
         }
-        self.upstream().pull_image(forward(request)).await
+        pulled
     }
 
     async fn remove_image(
