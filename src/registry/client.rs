@@ -186,8 +186,13 @@ impl Client {
         sent: Option<&str>,
     ) -> Result<bool, RegistryError> {
         let registry = req.reference.registry.as_str();
-        self.run_credential_helper(req.reference).await;
-        let credentials = self.credentials(req.reference);
+        let credentials = match self.credentials(req.reference) {
+            Some(known) => Some(known),
+            None => {
+                self.run_credential_helper(registry).await;
+                self.credentials(req.reference)
+            }
+        };
         if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
             let Some(realm) = bearer.params.get("realm") else {
                 return Err(RegistryError::Protocol {
@@ -240,20 +245,10 @@ impl Client {
             })
     }
 
-    /// Asks the credential helper of `reference`'s registry, if `config.json` names one, no pull
-    /// secret covers the repository, and the helper's last answer is stale. A helper that fails
-    /// is logged (never its output) and the request goes without.
-    async fn run_credential_helper(&self, reference: &Reference) {
+    /// Asks `registry`'s credential helper, if `config.json` names one and its last answer is
+    /// stale. A helper that fails is logged (never its output) and the request goes without.
+    async fn run_credential_helper(&self, registry: &str) {
         let inner = &self.inner;
-        let registry = reference.registry.as_str();
-        if inner
-            .config
-            .pull_secrets
-            .get(registry, &reference.repository)
-            .is_some()
-        {
-            return;
-        }
         let Some(helper) = inner.auth.helper_due(registry, &inner.docker_config) else {
             return;
         };

@@ -77,23 +77,27 @@ impl PullSecrets {
 
     /// The credentials a pull gave for `registry`/`repository`, while they are fresh.
     pub fn get(&self, registry: &str, repository: &str) -> Option<Credentials> {
-        let kept = self.lock();
-        let k = kept.get(&(registry.to_owned(), repository.to_owned()))?;
-        (k.until > Instant::now()).then(|| k.credentials.clone())
+        self.fresh(registry, repository).map(|(c, _)| c)
     }
 
     /// The whole secret kept for `registry`/`repository`, with the time it has left, while it is
     /// fresh (to hand it on again).
     pub fn secret(&self, registry: &str, repository: &str) -> Option<PullSecret> {
+        let (credentials, left) = self.fresh(registry, repository)?;
+        Some(PullSecret {
+            registry: registry.to_owned(),
+            repository: repository.to_owned(),
+            credentials,
+            ttl_secs: left.as_secs().max(1),
+        })
+    }
+
+    /// The credentials kept for `registry`/`repository` and the time they have left, if any.
+    fn fresh(&self, registry: &str, repository: &str) -> Option<(Credentials, Duration)> {
         let kept = self.lock();
         let k = kept.get(&(registry.to_owned(), repository.to_owned()))?;
         let left = k.until.checked_duration_since(Instant::now())?;
-        (!left.is_zero()).then(|| PullSecret {
-            registry: registry.to_owned(),
-            repository: repository.to_owned(),
-            credentials: k.credentials.clone(),
-            ttl_secs: left.as_secs().max(1),
-        })
+        (!left.is_zero()).then(|| (k.credentials.clone(), left))
     }
 
     /// How many repositories have a secret now (expired ones included until the next

@@ -106,13 +106,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
     };
 
     // One shutdown for both sockets.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }
-    };
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let cri = match config.cri.address() {
         Some(address) => {
             let listener = bind(address, None)?;
@@ -128,7 +122,9 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
             );
             let served = Server::builder()
                 .add_service(proxy.service())
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), until_stopped());
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                });
             let address = address.to_owned();
             Some(tokio::spawn(async move {
                 if let Err(e) = served.await {
