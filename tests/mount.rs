@@ -59,17 +59,8 @@ fn mounted_images_equal_umoci_unpack_in_both_formats_and_plain_gzip() -> Result<
     let src = format!("oci:{}:src", layout.dir.display());
 
     // The oracle: umoci's own unpack of the source image.
-    let bundle = work.path().join("bundle");
-    image::run(
-        Command::new("umoci")
-            .args([
-                "unpack",
-                "--image",
-                &format!("{}:src", layout.dir.display()),
-            ])
-            .arg(&bundle),
-    )?;
-    let mut want = tree::snapshot(&bundle.join("rootfs"))?;
+    let rootfs = image::umoci_unpack(&layout.dir, "src", &work.path().join("bundle"))?;
+    let mut want = tree::snapshot(&rootfs)?;
     // umoci 0.4.7 drops an extended attribute whose value is empty; GNU tar's extraction and
     // containerd's applier keep it (`SCHILY.xattr.user.empty=`), and so must every mount.
     want.get_mut("etc/hostname")

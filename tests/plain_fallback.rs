@@ -51,17 +51,8 @@ fn a_layer_with_names_a_toc_cannot_hold_stays_plain_and_mounts_as_umoci_unpacks_
     let (layout, source_digests) = latin1_layout(&work.path().join("src"))?;
 
     // The oracle: umoci's own unpack of the source image.
-    let bundle = work.path().join("bundle");
-    image::run(
-        Command::new("umoci")
-            .args([
-                "unpack",
-                "--image",
-                &format!("{}:src", layout.dir.display()),
-            ])
-            .arg(&bundle),
-    )?;
-    let mut want = tree::snapshot(&bundle.join("rootfs"))?;
+    let rootfs = image::umoci_unpack(&layout.dir, "src", &work.path().join("bundle"))?;
+    let mut want = tree::snapshot(&rootfs)?;
     // umoci 0.4.7 drops an extended attribute whose value is empty (see tests/mount.rs).
     for name in ["etc/hostname", "etc/hostname.hard"] {
         want.get_mut(name)
@@ -191,17 +182,8 @@ fn lazysnap_run_sees_the_byte_names_of_a_layer_kept_plain() -> Result<()> {
     layout.tags(&[("src", desc)])?;
 
     // The oracle: the host's tools on umoci's unpack of the source.
-    let bundle = work.path().join("bundle");
-    image::run(
-        Command::new("umoci")
-            .args([
-                "unpack",
-                "--image",
-                &format!("{}:src", layout.dir.display()),
-            ])
-            .arg(&bundle),
-    )?;
-    let rootfs = bundle.join("rootfs/latin1");
+    let rootfs =
+        image::umoci_unpack(&layout.dir, "src", &work.path().join("bundle"))?.join("latin1");
     let want = image::run(
         Command::new("sh").args(["-c", &byte_listing(rootfs.to_str().context("path")?)]),
     )?;

@@ -20,6 +20,18 @@ pub fn digest_of(bytes: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(bytes))
 }
 
+/// The oracle tree: `umoci unpack` of `layout_dir:tag` into `bundle`; returns its rootfs.
+pub fn umoci_unpack(layout_dir: &Path, tag: &str, bundle: &Path) -> Result<PathBuf> {
+    run(Command::new("umoci")
+        .args([
+            "unpack",
+            "--image",
+            &format!("{}:{tag}", layout_dir.display()),
+        ])
+        .arg(bundle))?;
+    Ok(bundle.join("rootfs"))
+}
+
 /// Runs a command, failing with its stderr if it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> Result<Vec<u8>> {
     let out = cmd
