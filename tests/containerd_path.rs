@@ -415,7 +415,8 @@ fn a_pulled_images_profile_is_fetched_before_the_container_reads_it() -> Result<
 /// Not a check: where the time of a cold start through containerd goes, next to `lazysnap run`
 /// (`cargo test --test containerd_path -- --ignored --nocapture breakdown`). Uses the busybox
 /// image above, or `LAZYSNAP_BREAKDOWN_LAYOUT=DIR:TAG` (e.g. the python image of
-/// `tests/fixtures/debian-image.sh --packages python3`) with `LAZYSNAP_BREAKDOWN_CMD`.
+/// `tests/fixtures/debian-image.sh --packages python3`) with `LAZYSNAP_BREAKDOWN_CMD`;
+/// `LAZYSNAP_BREAKDOWN_PROFILE=1` records and pushes the command's start-up profile first.
 #[test]
 #[ignore]
 fn breakdown() -> Result<()> {
@@ -444,6 +445,20 @@ fn breakdown() -> Result<()> {
     let proxy = DelayProxy::start(&registry.addr, Duration::from_millis(rtt_ms / 2))?;
     let reference = format!("{}/{repo}", proxy.addr);
     let args: Vec<&str> = command.split(' ').collect();
+    // `LAZYSNAP_BREAKDOWN_PROFILE=1`: record and push a start-up profile of the command first.
+    if std::env::var_os("LAZYSNAP_BREAKDOWN_PROFILE").is_some() {
+        let root = work.path().join("record-root");
+        let guard = UnmountOnDrop(root.clone());
+        image::run(
+            Command::new(LAZYSNAP)
+                .arg("--root")
+                .arg(&root)
+                .args(["profile", "record", "--push", "--net", "none", "--quiet-ms", "500"])
+                .arg(format!("{}/{repo}", registry.addr))
+                .args(&args),
+        )?;
+        drop(guard);
+    }
 
     for round in 0..2 {
         let daemon = Lazysnapd::start("background = false\n")?;

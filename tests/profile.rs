@@ -4,11 +4,14 @@
 //! overlayfs and runc; `lazysnap profile show`.
 
 mod common;
+#[path = "common/delayproxy.rs"]
+mod delayproxy;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use common::referrers::ReferrersProxy;
 use common::registry::TestRegistry;
+use delayproxy::DelayProxy;
 use lazysnap::oci::{Digest, Reference, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST};
 use lazysnap::profile::store::{self, StoreError};
 use lazysnap::profile::{Access, LayerProfile, Profile, MAX_BYTES, MEDIA_TYPE};
@@ -203,6 +206,117 @@ async fn a_profile_round_trips_through_the_referrers_tag() -> Result<()> {
     Ok(())
 }
 
+/// The requests a proxy saw, as "METHOD PATH" without the query.
+fn seen(proxy: &DelayProxy) -> Vec<String> {
+    let mut lines: Vec<String> = proxy
+        .requests()
+        .into_iter()
+        .map(|r| r.line.split('?').next().unwrap_or_default().to_owned())
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Fails on main of 2026-12-02: finding a profile took three round trips (index, artifact
+/// manifest, document) on the path to a container's first read.
+#[tokio::test]
+async fn a_profile_is_found_in_one_round_trip_from_the_tag_and_two_from_the_api() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let client = client(&registry);
+
+    // Referrers tag (docker-registry 2.8): the entry embeds the manifest, which embeds the document.
+    let proxy = DelayProxy::start(&registry.addr, std::time::Duration::ZERO)?;
+    let reference: Reference = format!("{}/app:v1", proxy.addr).parse()?;
+    let image = push_image(&client, &reference, 1).await?;
+    let profile = profile_of(image, 40);
+    store::push(&client, &reference, &profile).await?;
+    proxy.clear();
+    assert_eq!(store::find(&client, &reference, &image).await?, Some(profile));
+    let tag = format!("GET /v2/app/manifests/sha256-{}", image.hex());
+    let api = format!("GET /v2/app/referrers/{image}");
+    assert_eq!(seen(&proxy), vec![tag.clone(), api.clone()]);
+
+    // The referrers API: its index has no `data`, the artifact manifest still embeds the document.
+    let api_proxy = ReferrersProxy::start(&registry.addr)?;
+    let proxy = DelayProxy::start(&api_proxy.addr, std::time::Duration::ZERO)?;
+    let reference: Reference = format!("{}/app:v2", proxy.addr).parse()?;
+    let image = push_image(&client, &reference, 2).await?;
+    let profile = profile_of(image, 40);
+    let artifact = store::push(&client, &reference, &profile).await?;
+    proxy.clear();
+    assert_eq!(store::find(&client, &reference, &image).await?, Some(profile));
+    let mut want = vec![
+        format!("GET /v2/app/manifests/sha256-{}", image.hex()),
+        format!("GET /v2/app/manifests/{artifact}"),
+        format!("GET /v2/app/referrers/{image}"),
+    ];
+    want.sort();
+    assert_eq!(seen(&proxy), want);
+
+    // A document too large to embed is fetched as a blob, and still found.
+    let reference = registry.reference("app:v3")?;
+    let image = push_image(&client, &reference, 3).await?;
+    let large = profile_of(image, 2000);
+    assert!(large.encode()?.len() as u64 > store::MAX_EMBEDDED);
+    store::push(&client, &reference, &large).await?;
+    assert_eq!(store::find(&client, &reference, &image).await?, Some(large));
+    Ok(())
+}
+
+/// Embedded bytes are only a shortcut: bytes that are not what their descriptor names are passed
+/// over and the content is fetched by digest, so a rewritten index cannot slip in another profile.
+#[tokio::test]
+async fn embedded_bytes_that_do_not_match_their_digest_are_passed_over() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let client = client(&registry);
+    let reference = registry.reference("app:v1")?;
+    let image = push_image(&client, &reference, 1).await?;
+    let genuine = profile_of(image, 3);
+    let artifact = store::push(&client, &reference, &genuine).await?;
+    let entry = tag_index(&client, &reference, &image)
+        .await
+        .context("tag")?["manifests"][0]
+        .clone();
+    assert!(entry["data"].is_string(), "the tag's entry embeds nothing: {entry}");
+
+    // The entry names the genuine artifact but embeds another manifest: one whose document is an
+    // impostor profile of the same image.
+    let impostor = profile_of(image, 7).encode()?;
+    let genuine_manifest = client.get_manifest(&reference.with_digest(artifact)).await?;
+    let mut forged: Value = serde_json::from_slice(&genuine_manifest.bytes)?;
+    let b64 = |b: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(b)
+    };
+    forged["layers"][0]["data"] = json!(b64(&impostor));
+    let forged_bytes = serde_json::to_vec(&forged)?;
+    let mut lying = entry.clone();
+    lying["data"] = json!(b64(&forged_bytes));
+    write_tag_index(&client, &reference, &image, vec![lying]).await?;
+    assert_eq!(store::find(&client, &reference, &image).await?, Some(genuine.clone()));
+
+    // The forged manifest pushed under its own digest: its document's `data` is not the document
+    // its descriptor names, so the blob is read.
+    let forged_digest = Digest::of(&forged_bytes);
+    client
+        .push_manifest(
+            &Reference {
+                tag: None,
+                ..reference.with_digest(forged_digest)
+            },
+            MEDIA_TYPE_OCI_MANIFEST,
+            Bytes::from(forged_bytes.clone()),
+        )
+        .await?;
+    let mut honest_entry = entry.clone();
+    honest_entry["digest"] = json!(forged_digest.to_string());
+    honest_entry["size"] = json!(forged_bytes.len());
+    honest_entry["data"] = json!(b64(&forged_bytes));
+    write_tag_index(&client, &reference, &image, vec![honest_entry]).await?;
+    assert_eq!(store::find(&client, &reference, &image).await?, Some(genuine));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_second_push_replaces_the_first_and_other_artifacts_are_kept() -> Result<()> {
     let registry = TestRegistry::start()?;
@@ -393,10 +507,15 @@ async fn a_listed_profile_that_is_gone_is_passed_over() -> Result<()> {
     let image = push_image(&client, &reference, 1).await?;
     let older_profile = profile_of(image, 2);
     let older = store::push(&client, &reference, &older_profile).await?;
-    let older_entry = tag_index(&client, &reference, &image)
+    // An entry as other tools write it: the manifest is fetched, so its absence shows.
+    let mut older_entry = tag_index(&client, &reference, &image)
         .await
         .context("tag")?["manifests"][0]
         .clone();
+    older_entry
+        .as_object_mut()
+        .context("entry")?
+        .remove("data");
     let newer_profile = profile_of(image, 7);
     let newer = push_artifact_by_hand(
         &client,
@@ -431,6 +550,16 @@ async fn a_listed_profile_that_is_gone_is_passed_over() -> Result<()> {
     // Both gone: none, not an error.
     delete_manifest(&registry, "app", &older.to_string())?;
     assert_eq!(store::find(&client, &reference, &image).await?, None);
+    // An entry that embeds its manifest and document (as `push` writes it) still vouches for
+    // them, by digest, when the artifact is gone and the tag's index still lists it.
+    let second = push_image(&client, &registry.reference("app:v2")?, 2).await?;
+    let embedded_profile = profile_of(second, 4);
+    let artifact = store::push(&client, &reference, &embedded_profile).await?;
+    delete_manifest(&registry, "app", &artifact.to_string())?;
+    assert_eq!(
+        store::find(&client, &reference, &second).await?,
+        Some(embedded_profile)
+    );
     Ok(())
 }
 

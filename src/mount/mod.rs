@@ -250,6 +250,9 @@ pub async fn mount_image_with_upper(
     })?;
     let client =
         Client::new(config.registry.clone()).map_err(|e| MountError::Image(e.to_string()))?;
+    // Connections for the TOC reads and the profile lookup that follow the manifest side by
+    // side, opened while it is fetched.
+    client.preconnect(reference, PRECONNECT);
     let (manifest_digest, manifest, image_config) =
         resolve(&client, reference, &config.platform).await?;
     // Looked up while the layers' TOCs are read: it adds no round trip in series.
@@ -370,6 +373,9 @@ pub async fn mount_image_with_upper(
 
 /// Mount directories under `ROOT/run`, and so the first part of this module's pin owners.
 const MOUNT_DIR_PREFIX: &str = "mount-";
+/// Connections opened while the manifest is fetched: typical images have a few layers, whose
+/// TOCs are read at once, beside the profile lookup's two requests.
+const PRECONNECT: usize = 4;
 
 /// Pins are owned by `<mount directory name>/<layer hex>`, so a mount releases its own and a
 /// crashed process's pins can be recognised by their missing mount directory.

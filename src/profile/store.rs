@@ -11,6 +11,14 @@
 //! asks both at once, so finding none costs one round trip, and reads the newest lazysnap profile
 //! with every size bounded and every byte checked against its digest.
 //!
+//! A profile is found at mount, on the path to a container's first read, so it is carried inline
+//! too (OCI 1.1 descriptors' `data`, base64 of the very bytes the descriptor names): the artifact
+//! manifest embeds the document, and the referrers tag's entry embeds the artifact manifest. With
+//! the tag, one request finds the profile; with the API, two (the registry builds that index
+//! without `data`); three before. Embedded bytes are used only when they match the descriptor's
+//! digest and size, else the blob is fetched as other readers of the artifact do; the blob is
+//! always pushed.
+//!
 //! Owns: the artifact layout and the referrers bookkeeping. Does not own: the document
 //! (`profile`), the HTTP (`registry`), or what a mount does with a profile.
 
@@ -31,8 +39,12 @@ pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 pub const EMPTY_BLOB: &[u8] = b"{}";
 /// The annotation that dates an artifact; the newest profile of an image wins.
 pub const CREATED: &str = "org.opencontainers.image.created";
-/// The largest artifact manifest read: ours are well under 1 KiB.
+/// The largest artifact manifest read: ours are under 1 KiB, plus the document they embed.
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 10;
+/// The largest document embedded in its artifact manifest: base64 of it stays within
+/// [`MAX_MANIFEST_BYTES`], which earlier lazysnap releases read too. Holds ~250 accesses
+/// (python-import's profile is ~190); a larger document is only in its blob.
+pub const MAX_EMBEDDED: u64 = 46 << 10;
 /// The most listed profiles [`find`] reads when the newer ones are gone from the registry.
 const MAX_TRIED: usize = 4;
 
@@ -143,7 +155,9 @@ pub async fn find(
         None => {}
     }
     // A listed profile whose manifest or document is gone (deleted, collected) is stale: the
-    // next older one is tried, a few at most.
+    // next older one is tried, a few at most. (An entry that embeds its manifest and document is
+    // read from the listing alone: deleting a profile means removing it from the tag's index,
+    // as the referrers tag schema asks of whoever deletes a referrer.)
     for referrer in newest_first(candidates).iter().take(MAX_TRIED) {
         match read_profile(client, reference, manifest, referrer).await {
             Err(StoreError::Registry(RegistryError::NotFound { .. })) => {
@@ -188,17 +202,17 @@ pub async fn push(
         &subject_type,
         &image,
         &document_digest,
-        document.len() as u64,
+        &document,
         &created,
     );
-    let size = manifest.len() as u64;
+    let manifest_bytes = Bytes::from(manifest);
     let pushed = client
-        .push_referrer(reference, MEDIA_TYPE_OCI_MANIFEST, Bytes::from(manifest))
+        .push_referrer(reference, MEDIA_TYPE_OCI_MANIFEST, manifest_bytes.clone())
         .await?;
     if pushed.subject_indexed {
         tracing::debug!(artifact = %pushed.digest, "the registry indexed the subject");
     } else {
-        let descriptor = referrer_descriptor(&pushed.digest, size, &created);
+        let descriptor = referrer_descriptor(&pushed.digest, &manifest_bytes, &created);
         update_tag_index(client, reference, &profile.image, descriptor).await?;
     }
     tracing::info!(artifact = %pushed.digest, image = %profile.image, accesses = profile.accesses(), "profile pushed");
@@ -212,6 +226,8 @@ struct Referrer {
     size: u64,
     /// The `created` annotation (RFC 3339, UTC), empty if absent.
     created: String,
+    /// The artifact manifest itself, when the entry embeds it (`data`) and it verified.
+    manifest: Option<Vec<u8>>,
 }
 
 /// `reference`'s repository, by digest only.
@@ -300,10 +316,13 @@ fn profiles_in_index(bytes: &[u8]) -> Result<Vec<Referrer>, String> {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned();
+            let data = entry.get("data").and_then(Value::as_str);
+            let manifest = embedded(data, &digest, size, MAX_MANIFEST_BYTES);
             Some(Referrer {
                 digest,
                 size,
                 created,
+                manifest,
             })
         })();
         match parsed {
@@ -349,15 +368,22 @@ async fn read_profile(
     if referrer.size > MAX_MANIFEST_BYTES {
         return Err(too_large("manifest", referrer.size, MAX_MANIFEST_BYTES));
     }
-    let fetched = client.get_manifest(&by_digest(reference, artifact)).await?;
-    if fetched.bytes.len() as u64 > MAX_MANIFEST_BYTES {
+    let fetched;
+    let manifest_bytes: &[u8] = match &referrer.manifest {
+        Some(embedded) => embedded,
+        None => {
+            fetched = client.get_manifest(&by_digest(reference, artifact)).await?;
+            &fetched.bytes
+        }
+    };
+    if manifest_bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return Err(too_large(
             "manifest",
-            fetched.bytes.len() as u64,
+            manifest_bytes.len() as u64,
             MAX_MANIFEST_BYTES,
         ));
     }
-    let parsed: ArtifactManifest = serde_json::from_slice(&fetched.bytes)
+    let parsed: ArtifactManifest = serde_json::from_slice(manifest_bytes)
         .map_err(|e| malformed(format!("its manifest is not an OCI image manifest: {e}")))?;
     if parsed.artifact_type.as_deref() != Some(MEDIA_TYPE) {
         return Err(malformed(format!(
@@ -388,19 +414,25 @@ async fn read_profile(
     if layer.size > MAX_BYTES {
         return Err(too_large("document", layer.size, MAX_BYTES));
     }
-    let reader = client
-        .blob_reader_sized(reference, &layer.digest, layer.size)
-        .await?;
-    let mut document = Vec::with_capacity(layer.size as usize);
-    reader
-        .take(MAX_BYTES + 1)
-        .read_to_end(&mut document)
-        .await
-        .map_err(|source| StoreError::Read {
-            reference: reference.to_string(),
-            artifact,
-            source,
-        })?;
+    let document = match embedded(layer.data.as_deref(), &layer.digest, layer.size, MAX_BYTES) {
+        Some(document) => document,
+        None => {
+            let reader = client
+                .blob_reader_sized(reference, &layer.digest, layer.size)
+                .await?;
+            let mut document = Vec::with_capacity(layer.size as usize);
+            reader
+                .take(MAX_BYTES + 1)
+                .read_to_end(&mut document)
+                .await
+                .map_err(|source| StoreError::Read {
+                    reference: reference.to_string(),
+                    artifact,
+                    source,
+                })?;
+            document
+        }
+    };
     let profile = Profile::decode(&document).map_err(|source| StoreError::Document {
         reference: reference.to_string(),
         artifact,
@@ -434,16 +466,53 @@ struct Descriptor {
     media_type: String,
     digest: Digest,
     size: u64,
+    /// The content itself, base64 (OCI 1.1), when embedded.
+    data: Option<String>,
 }
 
-/// The artifact manifest: empty config, the document as its one layer, the image as subject.
+/// The bytes a descriptor embeds (`data`), if it embeds any, they are at most `limit` long
+/// (checked on the base64 text before decoding it) and they are exactly `size` bytes of digest
+/// `digest`. Anything else is passed over (and the content fetched by digest instead): a
+/// descriptor's digest is what vouches for it, never its `data`.
+fn embedded(data: Option<&str>, digest: &Digest, size: u64, limit: u64) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let data = data?;
+    if size > limit || data.len() as u64 > limit.div_ceil(3) * 4 {
+        tracing::debug!(%digest, "embedded data past its bound; fetching by digest");
+        return None;
+    }
+    match base64::engine::general_purpose::STANDARD.decode(data) {
+        Ok(bytes) if bytes.len() as u64 == size && Digest::of(&bytes) == *digest => Some(bytes),
+        _ => {
+            tracing::warn!(%digest, "embedded data does not match its descriptor; ignoring it and fetching by digest");
+            None
+        }
+    }
+}
+
+/// `bytes` as a descriptor's `data` (base64), when they are at most `limit` long.
+fn embed(bytes: &[u8], limit: u64) -> Option<String> {
+    use base64::Engine as _;
+    (bytes.len() as u64 <= limit).then(|| base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// The artifact manifest: empty config, the document as its one layer (embedded when it is at
+/// most [`MAX_EMBEDDED`] bytes), the image as subject.
 fn artifact_manifest(
     subject_type: &str,
     image: &FetchedManifest,
-    document: &Digest,
-    document_size: u64,
+    document_digest: &Digest,
+    document: &[u8],
     created: &str,
 ) -> Vec<u8> {
+    let mut layer = json!({
+        "mediaType": MEDIA_TYPE,
+        "digest": document_digest.to_string(),
+        "size": document.len(),
+    });
+    if let Some(data) = embed(document, MAX_EMBEDDED) {
+        layer["data"] = json!(data);
+    }
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_TYPE_OCI_MANIFEST,
@@ -454,11 +523,7 @@ fn artifact_manifest(
             "size": EMPTY_BLOB.len(),
             "data": "e30=",
         },
-        "layers": [{
-            "mediaType": MEDIA_TYPE,
-            "digest": document.to_string(),
-            "size": document_size,
-        }],
+        "layers": [layer],
         "subject": {
             "mediaType": subject_type,
             "digest": image.digest.to_string(),
@@ -471,15 +536,19 @@ fn artifact_manifest(
 }
 
 /// The descriptor of a pushed profile in a referrers index: the manifest's `artifactType` and
-/// annotations copied, as the referrers schema asks.
-fn referrer_descriptor(digest: &Digest, size: u64, created: &str) -> Value {
-    json!({
+/// annotations copied, as the referrers schema asks, and the manifest itself embedded.
+fn referrer_descriptor(digest: &Digest, manifest: &[u8], created: &str) -> Value {
+    let mut descriptor = json!({
         "mediaType": MEDIA_TYPE_OCI_MANIFEST,
         "digest": digest.to_string(),
-        "size": size,
+        "size": manifest.len(),
         "artifactType": MEDIA_TYPE,
         "annotations": { CREATED: created },
-    })
+    });
+    if let Some(data) = embed(manifest, MAX_MANIFEST_BYTES) {
+        descriptor["data"] = json!(data);
+    }
+    descriptor
 }
 
 /// Read-modify-write of the referrers tag of `subject`: a missing tag starts an empty index.

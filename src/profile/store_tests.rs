@@ -98,11 +98,31 @@ fn unreadable_indexes_are_errors_and_unreadable_entries_are_passed_over() {
 }
 
 #[test]
+fn embedded_data_is_used_only_when_it_is_what_its_descriptor_names() {
+    let bytes = b"the profile document".to_vec();
+    let (digest, size) = (Digest::of(&bytes), bytes.len() as u64);
+    let data = embed(&bytes, 1024).unwrap();
+    assert_eq!(embedded(Some(&data), &digest, size, 1024), Some(bytes.clone()));
+    // Other bytes under the same digest, a wrong size, past the bound, not base64, none at all.
+    let other = embed(b"another document!!!!", 1024).unwrap();
+    assert_eq!(embedded(Some(&other), &digest, size, 1024), None);
+    assert_eq!(embedded(Some(&data), &digest, size + 1, 1024), None);
+    assert_eq!(embedded(Some(&data), &digest, size, size - 1), None);
+    assert_eq!(embedded(Some("not base64!"), &digest, size, 1024), None);
+    assert_eq!(embedded(None, &digest, size, 1024), None);
+    // A long text is refused before it is decoded, whatever size the descriptor claims.
+    let long = "A".repeat(4096);
+    assert_eq!(embedded(Some(&long), &digest, 10, 1024), None);
+    assert_eq!(embed(&bytes, size - 1), None);
+}
+
+#[test]
 fn the_tag_index_keeps_other_artifacts_and_replaces_an_older_profile() {
-    let (sig, old, new) = (Digest::of(b"sig"), Digest::of(b"old"), Digest::of(b"new"));
+    let manifest = br#"{"artifact":1}"#.repeat(50);
+    let (sig, old, new) = (Digest::of(b"sig"), Digest::of(b"old"), Digest::of(&manifest));
     let sig_entry = entry("application/vnd.example.signature.v1", &sig, Some("x"));
     let existing = index(vec![sig_entry.clone(), entry(MEDIA_TYPE, &old, None)]);
-    let descriptor = referrer_descriptor(&new, 700, "2026-12-03T01:00:00.000Z");
+    let descriptor = referrer_descriptor(&new, &manifest, "2026-12-03T01:00:00.000Z");
     let updated = updated_index(Some(&existing), descriptor.clone()).unwrap();
     let parsed: Value = serde_json::from_slice(&updated).unwrap();
     assert_eq!(parsed["mediaType"], MEDIA_TYPE_OCI_INDEX);
@@ -114,7 +134,8 @@ fn the_tag_index_keeps_other_artifacts_and_replaces_an_older_profile() {
         vec![Referrer {
             digest: new,
             size: 700,
-            created: "2026-12-03T01:00:00.000Z".into()
+            created: "2026-12-03T01:00:00.000Z".into(),
+            manifest: Some(manifest),
         }]
     );
     // No tag yet: a new index with the one entry.
@@ -132,7 +153,7 @@ fn the_artifact_manifest_has_the_referrers_layout() {
         bytes: Bytes::from_static(b"image"),
     };
     let doc = Digest::of(b"doc");
-    let bytes = artifact_manifest(MEDIA_TYPE_OCI_MANIFEST, &image, &doc, 3, "2026");
+    let bytes = artifact_manifest(MEDIA_TYPE_OCI_MANIFEST, &image, &doc, b"doc", "2026");
     let m: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(m["artifactType"], MEDIA_TYPE);
     assert_eq!(m["config"]["mediaType"], EMPTY_MEDIA_TYPE);
@@ -144,8 +165,17 @@ fn the_artifact_manifest_has_the_referrers_layout() {
     assert_eq!(m["layers"][0]["digest"], doc.to_string());
     assert_eq!(m["subject"]["digest"], image.digest.to_string());
     assert_eq!(m["subject"]["size"], 5);
+    // The document rides along (base64 of "doc"), up to the embedding bound.
+    assert_eq!(m["layers"][0]["data"], "ZG9j");
     let parsed: ArtifactManifest = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(parsed.subject.unwrap().digest, image.digest);
+    let big = vec![b'x'; MAX_EMBEDDED as usize + 1];
+    let bytes = artifact_manifest(MEDIA_TYPE_OCI_MANIFEST, &image, &Digest::of(&big), &big, "t");
+    let m: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!(m["layers"][0].get("data").is_none());
+    let fits = vec![b'x'; MAX_EMBEDDED as usize];
+    let bytes = artifact_manifest(MEDIA_TYPE_OCI_MANIFEST, &image, &Digest::of(&fits), &fits, "t");
+    assert!(bytes.len() as u64 <= MAX_MANIFEST_BYTES, "{}", bytes.len());
 }
 
 #[test]
@@ -187,7 +217,7 @@ mod properties {
         #[test]
         fn indexes_of_any_bytes_are_read_without_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = profiles_in_index(&bytes);
-            let _ = updated_index(Some(&bytes), referrer_descriptor(&Digest::of(b"x"), 1, "t"));
+            let _ = updated_index(Some(&bytes), referrer_descriptor(&Digest::of(b"x"), b"x", "t"));
         }
 
         /// An update lists the new profile as the only lazysnap one and keeps every other entry,
@@ -200,7 +230,7 @@ mod properties {
                 .cloned()
                 .collect();
             let new = Digest::of(b"new");
-            let descriptor = referrer_descriptor(&new, 9, "2026-12-03T00:00:00.000Z");
+            let descriptor = referrer_descriptor(&new, b"not new", "2026-12-03T00:00:00.000Z");
             let updated = updated_index(Some(&index(entries)), descriptor.clone()).unwrap();
             let parsed: Value = serde_json::from_slice(&updated).unwrap();
             let mut expected = others;

@@ -31,6 +31,10 @@ const HELPER_TTL: Duration = Duration::from_secs(300);
 /// How long after a failed credential helper it is tried again.
 const HELPER_RETRY: Duration = Duration::from_secs(30);
 
+/// How long a [`Client::preconnect`] request may take: past this the connection would come
+/// too late to save anything.
+const PRECONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A registry client (cheap to clone; clones share the connection pool and token cache).
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -116,6 +120,32 @@ impl Client {
                 auth: AuthState::default(),
             }),
         })
+    }
+
+    /// Opens up to `connections` connections to `reference`'s registry now, in the background,
+    /// so that the requests a mount is about to make side by side (TOCs, the profile lookup, its
+    /// prefetch) find them open instead of each paying a TCP (and TLS) handshake first, a round
+    /// trip or two on the path to a container's first read. Each is an unauthenticated `GET /v2/`
+    /// (the API version check: a 401 is as good an answer), its body read up to 4 KiB so that
+    /// the connection goes back to the pool, its result ignored. Must run inside a tokio runtime.
+    pub fn preconnect(&self, reference: &Reference, connections: usize) {
+        let Ok(url) = self.url(reference, "").and_then(|u| {
+            u.join("/v2/").map_err(|e| RegistryError::Protocol {
+                reference: reference.to_string(),
+                detail: e.to_string(),
+            })
+        }) else {
+            return;
+        };
+        for _ in 0..connections {
+            let (http, url) = (self.inner.http.clone(), url.clone());
+            tokio::spawn(async move {
+                let sent = http.get(url).timeout(PRECONNECT_TIMEOUT).send().await;
+                if let Ok(response) = sent {
+                    let _ = read_limited(response, 4096).await;
+                }
+            });
+        }
     }
 
     /// `http(s)://<host>/v2/<repo>/<rest>` for `reference`'s registry.

@@ -37,6 +37,8 @@ const MAX_AHEAD: usize = 128;
 const AHEAD_TTL: Duration = Duration::from_secs(600);
 /// Manifests kept at once, and how long: long enough for one pull to prepare all its layers.
 const MAX_MANIFESTS: usize = 64;
+/// The most connections opened ahead for one image (see [`Locator::preconnect`]).
+const PRECONNECT: usize = 6;
 const MANIFEST_TTL: Duration = Duration::from_secs(60);
 
 /// A lazy layer found at one host: where, its blob size, layout and verified TOC, and the
@@ -199,7 +201,30 @@ impl Locator {
         }
         if started > 0 {
             tracing::debug!(image, layers = started, "finding the image's layers ahead");
+            self.preconnect(image, started);
         }
+    }
+
+    /// Opens connections to the first host to try for `image` while its manifest is fetched: one
+    /// per layer whose TOC is about to be read at once, plus two for the profile lookup (API and
+    /// tag), at most [`PRECONNECT`].
+    fn preconnect(&self, image: &str, layers: usize) {
+        let Ok(reference) = image.parse::<Reference>() else {
+            return;
+        };
+        let Some(host) = self.hosts.candidates(&reference.registry).into_iter().next() else {
+            return;
+        };
+        let client = if host.plain_http {
+            &self.plain_client
+        } else {
+            &self.client
+        };
+        let at = Reference {
+            registry: host.host.clone(),
+            ..reference
+        };
+        client.preconnect(&at, (layers + 2).min(PRECONNECT));
     }
 
     /// Finds `layer`: taken from what [`Self::warm`] started if it did, else found now.
