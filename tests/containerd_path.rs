@@ -453,7 +453,15 @@ fn breakdown() -> Result<()> {
             Command::new(LAZYSNAP)
                 .arg("--root")
                 .arg(&root)
-                .args(["profile", "record", "--push", "--net", "none", "--quiet-ms", "500"])
+                .args([
+                    "profile",
+                    "record",
+                    "--push",
+                    "--net",
+                    "none",
+                    "--quiet-ms",
+                    "500",
+                ])
                 .arg(format!("{}/{repo}", registry.addr))
                 .args(&args),
         )?;

@@ -231,7 +231,10 @@ async fn a_profile_is_found_in_one_round_trip_from_the_tag_and_two_from_the_api(
     let profile = profile_of(image, 40);
     store::push(&client, &reference, &profile).await?;
     proxy.clear();
-    assert_eq!(store::find(&client, &reference, &image).await?, Some(profile));
+    assert_eq!(
+        store::find(&client, &reference, &image).await?,
+        Some(profile)
+    );
     let tag = format!("GET /v2/app/manifests/sha256-{}", image.hex());
     let api = format!("GET /v2/app/referrers/{image}");
     assert_eq!(seen(&proxy), vec![tag.clone(), api.clone()]);
@@ -244,7 +247,10 @@ async fn a_profile_is_found_in_one_round_trip_from_the_tag_and_two_from_the_api(
     let profile = profile_of(image, 40);
     let artifact = store::push(&client, &reference, &profile).await?;
     proxy.clear();
-    assert_eq!(store::find(&client, &reference, &image).await?, Some(profile));
+    assert_eq!(
+        store::find(&client, &reference, &image).await?,
+        Some(profile)
+    );
     let mut want = vec![
         format!("GET /v2/app/manifests/sha256-{}", image.hex()),
         format!("GET /v2/app/manifests/{artifact}"),
@@ -277,12 +283,17 @@ async fn embedded_bytes_that_do_not_match_their_digest_are_passed_over() -> Resu
         .await
         .context("tag")?["manifests"][0]
         .clone();
-    assert!(entry["data"].is_string(), "the tag's entry embeds nothing: {entry}");
+    assert!(
+        entry["data"].is_string(),
+        "the tag's entry embeds nothing: {entry}"
+    );
 
     // The entry names the genuine artifact but embeds another manifest: one whose document is an
     // impostor profile of the same image.
     let impostor = profile_of(image, 7).encode()?;
-    let genuine_manifest = client.get_manifest(&reference.with_digest(artifact)).await?;
+    let genuine_manifest = client
+        .get_manifest(&reference.with_digest(artifact))
+        .await?;
     let mut forged: Value = serde_json::from_slice(&genuine_manifest.bytes)?;
     let b64 = |b: &[u8]| {
         use base64::Engine as _;
@@ -293,7 +304,10 @@ async fn embedded_bytes_that_do_not_match_their_digest_are_passed_over() -> Resu
     let mut lying = entry.clone();
     lying["data"] = json!(b64(&forged_bytes));
     write_tag_index(&client, &reference, &image, vec![lying]).await?;
-    assert_eq!(store::find(&client, &reference, &image).await?, Some(genuine.clone()));
+    assert_eq!(
+        store::find(&client, &reference, &image).await?,
+        Some(genuine.clone())
+    );
 
     // The forged manifest pushed under its own digest: its document's `data` is not the document
     // its descriptor names, so the blob is read.
@@ -313,7 +327,10 @@ async fn embedded_bytes_that_do_not_match_their_digest_are_passed_over() -> Resu
     honest_entry["size"] = json!(forged_bytes.len());
     honest_entry["data"] = json!(b64(&forged_bytes));
     write_tag_index(&client, &reference, &image, vec![honest_entry]).await?;
-    assert_eq!(store::find(&client, &reference, &image).await?, Some(genuine));
+    assert_eq!(
+        store::find(&client, &reference, &image).await?,
+        Some(genuine)
+    );
     Ok(())
 }
 
@@ -512,10 +529,7 @@ async fn a_listed_profile_that_is_gone_is_passed_over() -> Result<()> {
         .await
         .context("tag")?["manifests"][0]
         .clone();
-    older_entry
-        .as_object_mut()
-        .context("entry")?
-        .remove("data");
+    older_entry.as_object_mut().context("entry")?.remove("data");
     let newer_profile = profile_of(image, 7);
     let newer = push_artifact_by_hand(
         &client,

@@ -3,6 +3,8 @@
 //! a small in-test proxy that plays token server).
 
 mod common;
+#[path = "common/delayproxy.rs"]
+mod delayproxy;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -194,6 +196,42 @@ async fn range_reads_return_exactly_the_bytes_asked_for() -> anyhow::Result<()> 
         .unwrap_err();
     assert!(matches!(err, RegistryError::NotFound { .. }), "{err}");
     assert_eq!(err.code(), Some("BLOB_UNKNOWN"), "{err}");
+    Ok(())
+}
+
+/// Connections opened ahead go back to the pool: the requests that follow side by side pay no
+/// handshake of their own (counted at a proxy that sees every connection).
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_opened_ahead_serve_the_requests_that_follow() -> anyhow::Result<()> {
+    let registry = TestRegistry::start()?;
+    let (digest, data, _) = push_image(&client(&registry), &registry, "app:v1", 2).await?;
+    let proxy = delayproxy::DelayProxy::start(&registry.addr, Duration::from_millis(10))?;
+    let reference: Reference = format!("{}/app:v1", proxy.addr).parse()?;
+    let client = client(&registry);
+    client.preconnect(&reference, 3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while proxy.requests().len() < 3 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            proxy.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(proxy.requests().iter().all(|r| r.line == "GET /v2/"));
+    // The answers are on their way back (one way); then the connections are idle in the pool.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(proxy.connections(), 3);
+    let reads =
+        (0..3u64).map(|i| client.get_blob_range(&reference, &digest, i * 100..i * 100 + 50));
+    for (i, got) in futures_util::future::try_join_all(reads)
+        .await?
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(got.as_ref(), &data[i * 100..i * 100 + 50]);
+    }
+    assert_eq!(proxy.connections(), 3, "{:?}", proxy.requests());
     Ok(())
 }
 

@@ -198,13 +198,7 @@ pub async fn push(
     config?;
     layer?;
     let created = rfc3339(SystemTime::now());
-    let manifest = artifact_manifest(
-        &subject_type,
-        &image,
-        &document_digest,
-        &document,
-        &created,
-    );
+    let manifest = artifact_manifest(&subject_type, &image, &document_digest, &document, &created);
     let manifest_bytes = Bytes::from(manifest);
     let pushed = client
         .push_referrer(reference, MEDIA_TYPE_OCI_MANIFEST, manifest_bytes.clone())

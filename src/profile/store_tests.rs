@@ -102,7 +102,10 @@ fn embedded_data_is_used_only_when_it_is_what_its_descriptor_names() {
     let bytes = b"the profile document".to_vec();
     let (digest, size) = (Digest::of(&bytes), bytes.len() as u64);
     let data = embed(&bytes, 1024).unwrap();
-    assert_eq!(embedded(Some(&data), &digest, size, 1024), Some(bytes.clone()));
+    assert_eq!(
+        embedded(Some(&data), &digest, size, 1024),
+        Some(bytes.clone())
+    );
     // Other bytes under the same digest, a wrong size, past the bound, not base64, none at all.
     let other = embed(b"another document!!!!", 1024).unwrap();
     assert_eq!(embedded(Some(&other), &digest, size, 1024), None);
@@ -119,7 +122,11 @@ fn embedded_data_is_used_only_when_it_is_what_its_descriptor_names() {
 #[test]
 fn the_tag_index_keeps_other_artifacts_and_replaces_an_older_profile() {
     let manifest = br#"{"artifact":1}"#.repeat(50);
-    let (sig, old, new) = (Digest::of(b"sig"), Digest::of(b"old"), Digest::of(&manifest));
+    let (sig, old, new) = (
+        Digest::of(b"sig"),
+        Digest::of(b"old"),
+        Digest::of(&manifest),
+    );
     let sig_entry = entry("application/vnd.example.signature.v1", &sig, Some("x"));
     let existing = index(vec![sig_entry.clone(), entry(MEDIA_TYPE, &old, None)]);
     let descriptor = referrer_descriptor(&new, &manifest, "2026-12-03T01:00:00.000Z");
@@ -170,11 +177,23 @@ fn the_artifact_manifest_has_the_referrers_layout() {
     let parsed: ArtifactManifest = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(parsed.subject.unwrap().digest, image.digest);
     let big = vec![b'x'; MAX_EMBEDDED as usize + 1];
-    let bytes = artifact_manifest(MEDIA_TYPE_OCI_MANIFEST, &image, &Digest::of(&big), &big, "t");
+    let bytes = artifact_manifest(
+        MEDIA_TYPE_OCI_MANIFEST,
+        &image,
+        &Digest::of(&big),
+        &big,
+        "t",
+    );
     let m: Value = serde_json::from_slice(&bytes).unwrap();
     assert!(m["layers"][0].get("data").is_none());
     let fits = vec![b'x'; MAX_EMBEDDED as usize];
-    let bytes = artifact_manifest(MEDIA_TYPE_OCI_MANIFEST, &image, &Digest::of(&fits), &fits, "t");
+    let bytes = artifact_manifest(
+        MEDIA_TYPE_OCI_MANIFEST,
+        &image,
+        &Digest::of(&fits),
+        &fits,
+        "t",
+    );
     assert!(bytes.len() as u64 <= MAX_MANIFEST_BYTES, "{}", bytes.len());
 }
 

@@ -212,7 +212,12 @@ impl Locator {
         let Ok(reference) = image.parse::<Reference>() else {
             return;
         };
-        let Some(host) = self.hosts.candidates(&reference.registry).into_iter().next() else {
+        let Some(host) = self
+            .hosts
+            .candidates(&reference.registry)
+            .into_iter()
+            .next()
+        else {
             return;
         };
         let client = if host.plain_http {

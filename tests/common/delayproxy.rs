@@ -55,6 +55,8 @@ struct State {
     one_way: Mutex<Duration>,
     stop: AtomicBool,
     requests: Mutex<Vec<Request>>,
+    /// Connections accepted so far.
+    connections: std::sync::atomic::AtomicU64,
 }
 
 /// A running proxy; `addr` is `127.0.0.1:PORT`.
@@ -77,6 +79,7 @@ impl DelayProxy {
             one_way: Mutex::new(one_way),
             stop: AtomicBool::new(false),
             requests: Mutex::new(Vec::new()),
+            connections: std::sync::atomic::AtomicU64::new(0),
         });
         let upstream = upstream.to_owned();
         let st = state.clone();
@@ -84,6 +87,7 @@ impl DelayProxy {
             while !st.stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
+                        st.connections.fetch_add(1, Ordering::Relaxed);
                         let (st, upstream) = (st.clone(), upstream.clone());
                         std::thread::spawn(move || connection(client, &upstream, st));
                     }
@@ -109,6 +113,11 @@ impl DelayProxy {
     /// Every request so far, in the order they reached the proxy.
     pub fn requests(&self) -> Vec<Request> {
         self.state.requests.lock().unwrap().clone()
+    }
+
+    /// How many connections clients opened so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::Relaxed)
     }
 
     /// Forgets the requests so far (e.g. the pushes that set a test up).
