@@ -174,6 +174,45 @@ fn on_demand_reads_survive(name: &str, fault: Fault) -> Result<()> {
     Ok(())
 }
 
+/// Fails on main of 2026-12-03 (EIO at the read timeout): a reader waited for its whole range
+/// request, read-ahead included, so a registry that stalls after the first half of an answer
+/// failed a read whose own bytes had come. Reading `data/small-a` asks for it and, as read-ahead,
+/// `data/small-b` and `etc/hostname` behind it; the proxy sends the first half of that and stalls.
+#[test]
+fn a_read_is_answered_once_its_own_bytes_are_in_while_the_read_ahead_stalls() -> Result<()> {
+    let setup = Setup::new("early")?;
+    let process = setup.mount(&["--no-background-fetch"])?;
+    let files = files();
+    setup.proxy.set(Fault::StallBody);
+    read_checked(&setup.path("data/small-a"), &files[1].1)
+        .with_context(|| format!("small-a, its bytes in the first half: {}", process.log()))?;
+    ensure!(setup.proxy.faulted() == 1, "one stalled request");
+    // Answered at once, not by the kernel's retry after a first read timed out (the chunk is
+    // cached as soon as it verifies, so a retry would find it too).
+    let log = process.log();
+    ensure!(
+        !log.lines().any(|l| l.contains("file=data/small-a")),
+        "a read of small-a failed before one succeeded: {log}"
+    );
+    // The read-ahead's bytes never came: a read of them fails at the deadline, no wrong byte.
+    let err = match read_checked(&setup.path("data/small-b"), &files[2].1) {
+        Ok(()) => bail!("small-b was read although its bytes were stalled"),
+        Err(e) => e,
+    };
+    ensure!(err.raw_os_error() == Some(EIO), "expected EIO, got {err}");
+    ensure!(
+        setup.proxy.faulted() == 1,
+        "small-b's read joined the stalled request instead of asking again"
+    );
+    setup.proxy.set(Fault::None);
+    std::thread::sleep(Duration::from_millis(500));
+    for (file, data) in files {
+        read_checked(&setup.path(file), &data).with_context(|| file.to_owned())?;
+    }
+    drop(process);
+    Ok(())
+}
+
 #[test]
 fn a_flipped_byte_is_never_served_and_reads_recover() -> Result<()> {
     on_demand_reads_survive("flip", Fault::Flip)

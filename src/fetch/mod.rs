@@ -13,6 +13,7 @@ mod access;
 mod local;
 mod plan;
 mod profile;
+mod request;
 mod schedule;
 mod stall;
 mod turns;
@@ -37,6 +38,7 @@ use crate::registry::Client;
 pub use access::AccessLog;
 pub use plan::{plan_ranges, Span};
 pub use profile::{plan_profile, ProfilePrefetch};
+use request::EarlyChunk;
 pub use schedule::{
     DemandGuard, DemandRequest, ProfileGuard, ScheduleConfig, Scheduler, StreamSlot,
 };
@@ -214,7 +216,10 @@ type SharedRange = Shared<BoxFuture<'static, RangeResult>>;
 struct Inflight {
     /// Which request this is: only its own task removes its entries.
     id: u64,
+    /// The whole request: every chunk it verified, or why it failed.
     range: SharedRange,
+    /// This chunk alone, as soon as its bytes are in and verified (see [`request`]).
+    early: EarlyChunk,
 }
 
 /// Serves one layer's chunks from the cache, or from its registry blob.
@@ -236,6 +241,10 @@ struct Inner {
     /// Chunks being fetched, by digest: a second reader joins the first one's request.
     inflight: Mutex<HashMap<Digest, Inflight>>,
     next_request: AtomicU64,
+    /// The range requests running now, by id: a reader is answered as soon as its chunk is in,
+    /// so a request may still be reading its read-ahead when the layer is unmounted
+    /// ([`LayerFetcher::abort_requests`]).
+    requests: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     stats: FetchStats,
     /// Where passthrough files are prepared; none outside a runtime (no passthrough then).
     runtime: Option<tokio::runtime::Handle>,
@@ -311,6 +320,7 @@ impl LayerFetcher {
                 chunks,
                 inflight: Mutex::new(HashMap::new()),
                 next_request: AtomicU64::new(0),
+                requests: Mutex::new(HashMap::new()),
                 stats: FetchStats::default(),
                 runtime: tokio::runtime::Handle::try_current().ok(),
                 preparing: Mutex::new(HashSet::new()),
@@ -531,6 +541,14 @@ impl LayerFetcher {
         Ok(())
     }
 
+    /// Stops every range request still running (their readers get an error; what they verified
+    /// is cached): for an unmount, so that nothing of the layer outlives it.
+    pub fn abort_requests(&self) {
+        for (_, request) in lock(&self.inner.requests).drain() {
+            request.abort();
+        }
+    }
+
     /// Starts the fetch of one planned range and registers its chunks as in flight.
     fn start_range(&self, span: Span, kind: Kind) -> SharedRange {
         let mut inflight = lock(&self.inner.inflight);
@@ -547,6 +565,7 @@ impl LayerFetcher {
     ) -> SharedRange {
         let inner = self.inner.clone();
         let digests: Vec<Digest> = span.chunks.iter().map(|c| c.digest).collect();
+        let (senders, early) = request::early_chunks(span.chunks.len());
         let id = inner.next_request.fetch_add(1, Ordering::Relaxed);
         let limit = inner.config.deadline;
         let deadline = tokio::time::Instant::now() + limit;
@@ -558,8 +577,10 @@ impl LayerFetcher {
         let task = async move {
             // Dropping the request at the deadline closes its connection: a stalled registry
             // holds no reader, and no socket, past it.
-            let result = tokio::time::timeout_at(deadline, fetch_span(&inner, &span, kind)).await;
+            let fetched = request::fetch_span(&inner, &span, kind, senders);
+            let result = tokio::time::timeout_at(deadline, fetched).await;
             drop(on_wire);
+            lock(&inner.requests).remove(&id);
             let (result, grace) = match result {
                 Ok(Ok(map)) => {
                     forget(&inner, &span.chunks, id);
@@ -586,7 +607,13 @@ impl LayerFetcher {
             });
             result
         };
-        let handle = tokio::spawn(task);
+        // Registered under the lock the task takes to unregister itself: never in that order.
+        let handle = {
+            let mut requests = lock(&self.inner.requests);
+            let handle = tokio::spawn(task);
+            requests.insert(id, handle.abort_handle());
+            handle
+        };
         let shared = async move {
             handle
                 .await
@@ -594,12 +621,13 @@ impl LayerFetcher {
         }
         .boxed()
         .shared();
-        for d in digests {
+        for (d, early) in digests.into_iter().zip(early) {
             inflight.insert(
                 d,
                 Inflight {
                     id,
                     range: shared.clone(),
+                    early,
                 },
             );
         }
@@ -637,88 +665,6 @@ impl Inner {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// One range GET, then every chunk in it decoded, verified and cached.
-async fn fetch_span(inner: &Inner, span: &Span, kind: Kind) -> RangeResult {
-    let layer = inner.blob.short();
-    let started = std::time::Instant::now();
-    METRICS
-        .fetch_requests
-        .with_label_values(&[kind.label()])
-        .inc();
-    let bytes = inner
-        .client
-        .get_blob_range(&inner.reference, &inner.blob, span.start..span.end)
-        .await
-        .map_err(|e| {
-            ChunkError(format!(
-                "layer {layer}: range {}-{}: {e}",
-                span.start, span.end
-            ))
-        })?;
-    inner.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let (counter, requests) = match kind {
-        Kind::OnDemand => (
-            &inner.stats.on_demand_bytes,
-            &inner.stats.on_demand_requests,
-        ),
-        Kind::Prefetch => (&inner.stats.prefetch_bytes, &inner.stats.prefetch_requests),
-        Kind::Profile => (&inner.stats.profile_bytes, &inner.stats.profile_requests),
-    };
-    counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    requests.fetch_add(1, Ordering::Relaxed);
-    inner.record(kind.label(), bytes.len() as u64);
-    // One line per request: what a trace of start-up's round trips is made from.
-    tracing::debug!(layer = %layer, kind = kind.label(), start = span.start, end = span.end, chunks = span.chunks.len(), ms = started.elapsed().as_millis() as u64, "range request answered");
-    let format = inner.format;
-    let chunks = span.chunks.clone();
-    let start = span.start;
-    // Decompression and hashing are CPU work: keep them off the async workers.
-    let decoded = tokio::task::spawn_blocking(move || {
-        chunks
-            .iter()
-            .map(|c| {
-                let from = (c.compressed_start - start) as usize;
-                let to = (c.compressed_end - start) as usize;
-                let data = bytes.get(from..to).ok_or_else(|| {
-                    format!("chunk at {} lies outside the response", c.compressed_start)
-                })?;
-                format::decode_chunk(format, c, data)
-                    .map(|d| (c.digest, Bytes::from(d)))
-                    .map_err(|e| e.to_string())
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|e| ChunkError(format!("layer {layer}: decode task failed: {e}")))?;
-    let mut out = HashMap::with_capacity(decoded.len());
-    let mut first_error = None;
-    for d in decoded {
-        match d {
-            Ok((digest, data)) => {
-                if let Err(e) = inner.cache.put(&digest, data.clone()) {
-                    tracing::warn!(layer = %layer, chunk = %digest.short(), "cannot cache a verified chunk: {e}");
-                }
-                out.insert(digest, data);
-            }
-            Err(e) => {
-                inner.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
-                METRICS.verify_failures.inc();
-                tracing::warn!(layer = %layer, "chunk failed verification, dropped: {e}");
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    METRICS
-        .fetch_seconds
-        .observe(started.elapsed().as_secs_f64());
-    if out.is_empty() {
-        if let Some(e) = first_error {
-            return Err(ChunkError(format!("layer {layer}: {e}")));
-        }
-    }
-    Ok(Arc::new(out))
 }
 
 impl ChunkSource for LayerFetcher {
@@ -762,17 +708,32 @@ impl ChunkSource for LayerFetcher {
                 Err(e) => tracing::warn!(chunk = %chunk.digest.short(), "cache read failed, fetching: {e}"),
             }
             let _demand = inner.config.scheduler.begin_demand();
-            let range = {
+            let (range, early) = {
                 let mut inflight = lock(&inner.inflight);
-                match inflight.get(&chunk.digest).map(|f| f.range.clone()) {
-                    Some(shared) => shared,
+                match inflight.get(&chunk.digest) {
+                    Some(f) => (f.range.clone(), f.early.clone()),
                     None => {
                         let held = |d: &Digest| inflight.contains_key(d) || inner.cache.contains(d);
                         let span = plan::span_around(&inner.chunks, &chunk, &inner.config, held);
-                        this.start_range_locked(&mut inflight, span, Kind::OnDemand)
+                        let range = this.start_range_locked(&mut inflight, span, Kind::OnDemand);
+                        // The span starts with this chunk, so it was just registered.
+                        let Some(early) = inflight.get(&chunk.digest).map(|f| f.early.clone())
+                        else {
+                            return Err(ChunkError(format!(
+                                "layer {}: chunk {} was planned but is not in flight",
+                                inner.blob.short(),
+                                chunk.digest
+                            )));
+                        };
+                        (range, early)
                     }
                 }
             };
+            // The chunk as soon as its own bytes are in, not when the read-ahead riding along
+            // with it is; else (it failed, or the request did) the request's verdict below.
+            if let Some(data) = early.await {
+                return Ok(data);
+            }
             let map = range.await?;
             match map.get(&chunk.digest) {
                 Some(data) => Ok(data.clone()),

@@ -190,12 +190,20 @@ impl ImageMount {
         })
     }
 
-    /// Unmounts the overlay and every layer, and removes the mount points. Every step is tried
-    /// even if an earlier one failed; the first failure is reported.
-    pub fn unmount(mut self) -> Result<(), MountError> {
+    /// Stops the background fetches and the range requests still reading read-ahead.
+    fn stop_fetching(&mut self) {
         for task in self.background.drain(..) {
             task.abort();
         }
+        for fetcher in self.fetchers() {
+            fetcher.abort_requests();
+        }
+    }
+
+    /// Unmounts the overlay and every layer, and removes the mount points. Every step is tried
+    /// even if an earlier one failed; the first failure is reported.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        self.stop_fetching();
         let mut first = None;
         if let Some(overlay) = self.overlay.take() {
             if let Err(e) = overlay.unmount() {
@@ -220,9 +228,7 @@ impl ImageMount {
 
 impl Drop for ImageMount {
     fn drop(&mut self) {
-        for task in self.background.drain(..) {
-            task.abort();
-        }
+        self.stop_fetching();
     }
 }
 

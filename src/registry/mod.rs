@@ -19,6 +19,7 @@ mod error;
 mod helper;
 mod pull;
 mod push;
+mod range;
 mod referrers;
 mod secrets;
 mod verify;
@@ -30,6 +31,7 @@ use bytes::Bytes;
 pub use auth::Credentials;
 pub use client::Client;
 pub use error::RegistryError;
+pub use range::RangeBody;
 pub use referrers::{referrers_tag, PushedReferrer, OCI_SUBJECT};
 pub use secrets::{PullSecret, PullSecrets, MAX_TTL as MAX_PULL_SECRET_TTL};
 

@@ -1,13 +1,9 @@
 //! Reading: manifests (verified), whole blobs (verified), blob streams (verified at EOF), single
 //! `Range` reads and HEAD.
 
-use std::ops::Range;
-
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
-};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, Response, StatusCode};
 
 use super::client::{pull_scope, read_limited, Body, Request, Target};
@@ -27,33 +23,6 @@ pub const WHOLE_BLOB_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// The header registries name a manifest's or blob's digest in.
 pub(crate) const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
-
-/// `bytes FIRST-LAST/TOTAL` (TOTAL may be `*`) → `(FIRST, LAST)`, when well formed.
-fn parse_content_range(value: &str) -> Option<(u64, u64)> {
-    let rest = value.trim().strip_prefix("bytes ")?;
-    let (span, total) = rest.split_once('/')?;
-    let (first, last) = span.trim().split_once('-')?;
-    let (first, last): (u64, u64) = (first.parse().ok()?, last.parse().ok()?);
-    let total = total.trim();
-    if first > last || (total != "*" && total.parse::<u64>().ok()? <= last) {
-        return None;
-    }
-    Some((first, last))
-}
-
-/// Reads a body of up to `cap` bytes: `None` as soon as a read would take it past `cap` (the rest
-/// is never read, so at most one read of the connection's buffer arrives beyond `cap`), else the
-/// bytes, which may be fewer than `cap`.
-async fn read_capped(mut response: Response, cap: usize) -> Result<Option<Bytes>, reqwest::Error> {
-    let mut out = Vec::with_capacity(cap.min(16 << 20));
-    while let Some(chunk) = response.chunk().await? {
-        if out.len() + chunk.len() > cap {
-            return Ok(None);
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(Some(Bytes::from(out)))
-}
 
 /// The `Docker-Content-Digest` of a response, if present and readable.
 pub(crate) fn content_digest(headers: &HeaderMap) -> Option<Result<Digest, String>> {
@@ -170,7 +139,7 @@ impl Client {
     }
 
     /// Starts a blob GET (following redirects to storage) and checks for 200.
-    async fn blob_response(
+    pub(crate) async fn blob_response(
         &self,
         reference: &Reference,
         digest: &Digest,
@@ -288,118 +257,6 @@ impl Client {
         Ok(Box::pin(
             VerifyingReader::new(reader, *digest, reference.to_string()).with_size(size),
         ))
-    }
-
-    /// GET `range` of a blob with one `Range` request.
-    #[tracing::instrument(level = "debug", skip_all, fields(reference = %reference, digest = %digest, start = range.start, end = range.end))]
-    pub async fn get_blob_range(
-        &self,
-        reference: &Reference,
-        digest: &Digest,
-        range: Range<u64>,
-    ) -> Result<Bytes, RegistryError> {
-        let fail = |detail: String| RegistryError::Range {
-            reference: reference.to_string(),
-            digest: *digest,
-            start: range.start,
-            end: range.end,
-            detail,
-        };
-        if range.start >= range.end {
-            return Err(fail("empty range".to_owned()));
-        }
-        let mut headers = HeaderMap::new();
-        let value = format!("bytes={}-{}", range.start, range.end - 1);
-        headers.insert(
-            RANGE,
-            HeaderValue::from_str(&value).map_err(|e| fail(e.to_string()))?,
-        );
-        let response = self.blob_response(reference, digest, headers).await?;
-        match response.status() {
-            StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                let total = response
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.rsplit('/').next())
-                    .map(str::to_owned);
-                let size = total.map_or_else(String::new, |t| format!(" of {t} bytes"));
-                return Err(fail(format!(
-                    "range not satisfiable (HTTP 416): beyond the end of the blob{size}"
-                )));
-            }
-            // A range covering the whole blob may be answered with the whole blob.
-            StatusCode::OK if range.start == 0 && response.content_length() == Some(range.end) => {}
-            StatusCode::OK => {
-                return Err(fail(
-                    "the registry ignored the Range header and sent the whole blob".to_owned(),
-                ));
-            }
-            _ => {
-                return Err(self
-                    .error_for(response, reference, Target::Blob, &format!("blob {digest}"))
-                    .await)
-            }
-        }
-        let wanted = range.end - range.start;
-        if response.status() == StatusCode::PARTIAL_CONTENT {
-            let content_range = response
-                .headers()
-                .get(CONTENT_RANGE)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-            match content_range.as_deref().map(parse_content_range) {
-                Some(Some((first, last))) if first == range.start && last == range.end - 1 => {}
-                Some(Some((first, last))) if first == range.start && last < range.end - 1 => {
-                    return Err(fail(format!(
-                        "the registry sent bytes {first}-{last} only (the range runs past the end \
-                         of the blob?)"
-                    )));
-                }
-                Some(_) => {
-                    let shown: String =
-                        content_range.unwrap_or_default().chars().take(80).collect();
-                    return Err(fail(format!(
-                        "the registry answered with Content-Range {shown:?}, not the range asked for"
-                    )));
-                }
-                None => {
-                    return Err(fail(
-                        "the registry answered 206 without a Content-Range header".to_owned(),
-                    ))
-                }
-            }
-        }
-        if let Some(len) = response.content_length().filter(|&len| len != wanted) {
-            return Err(fail(format!(
-                "the registry announces a body of {len} bytes for a range of {wanted}"
-            )));
-        }
-        // Read at most what was asked for: a body that runs on is cut off and refused, never
-        // buffered.
-        let cap = usize::try_from(wanted)
-            .map_err(|_| fail(format!("{wanted} bytes is too large to hold in memory")))?;
-        let bytes =
-            read_capped(response, cap)
-                .await
-                .map_err(|source| RegistryError::Transport {
-                    reference: reference.to_string(),
-                    context: format!(
-                        "reading bytes {}..{} of blob {digest}",
-                        range.start, range.end
-                    ),
-                    error: source,
-                })?;
-        match bytes {
-            Some(bytes) if bytes.len() == cap => Ok(bytes),
-            Some(bytes) => Err(fail(format!(
-                "got {} bytes instead of {wanted} (the range runs past the end of the blob?)",
-                bytes.len()
-            ))),
-            None => Err(fail(format!(
-                "the registry sent more than the {wanted} bytes asked for; the read was stopped"
-            ))),
-        }
     }
 
     /// HEAD a blob: its size if the registry has it.

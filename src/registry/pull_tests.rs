@@ -6,7 +6,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::*;
+use crate::registry::range::parse_content_range;
 use crate::registry::ClientConfig;
+use std::ops::Range;
 
 /// A one-connection HTTP server on loopback that answers any request with `head` and then up
 /// to `body_len` bytes of body; yields how many body bytes it managed to write before the
