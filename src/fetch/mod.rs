@@ -542,11 +542,14 @@ impl LayerFetcher {
     }
 
     /// Stops every range request still running (their readers get an error; what they verified
-    /// is cached): for an unmount, so that nothing of the layer outlives it.
-    pub fn abort_requests(&self) {
-        for (_, request) in lock(&self.inner.requests).drain() {
+    /// is cached), for an unmount, and returns their handles: a request is gone, and its hold on
+    /// the cache with it, once its handle `is_finished`.
+    pub fn abort_requests(&self) -> Vec<tokio::task::AbortHandle> {
+        let requests: Vec<_> = lock(&self.inner.requests).drain().map(|(_, h)| h).collect();
+        for request in &requests {
             request.abort();
         }
+        requests
     }
 
     /// Starts the fetch of one planned range and registers its chunks as in flight.

@@ -190,13 +190,22 @@ impl ImageMount {
         })
     }
 
-    /// Stops the background fetches and the range requests still reading read-ahead.
+    /// Stops the background fetches and the range requests still reading read-ahead, and waits
+    /// (up to [`STOP_WAIT`]) until they are gone: a task is dropped by the runtime only after its
+    /// abort, and until then it holds the cache, which a mount of the same root in this process
+    /// could not open again.
     fn stop_fetching(&mut self) {
+        let mut stopped: Vec<tokio::task::AbortHandle> = Vec::new();
         for task in self.background.drain(..) {
             task.abort();
+            stopped.push(task.abort_handle());
         }
         for fetcher in self.fetchers() {
-            fetcher.abort_requests();
+            stopped.extend(fetcher.abort_requests());
+        }
+        let deadline = Instant::now() + STOP_WAIT;
+        while stopped.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -379,6 +388,9 @@ pub async fn mount_image_with_upper(
 
 /// Mount directories under `ROOT/run`, and so the first part of this module's pin owners.
 const MOUNT_DIR_PREFIX: &str = "mount-";
+/// How long an unmount waits for its aborted fetch tasks to be dropped (they are within a
+/// millisecond on a multi-threaded runtime; on a single-threaded one, the wait runs out).
+const STOP_WAIT: Duration = Duration::from_secs(1);
 /// Connections opened while the manifest is fetched: typical images have a few layers, whose
 /// TOCs are read at once, beside the profile lookup's two requests.
 const PRECONNECT: usize = 4;
