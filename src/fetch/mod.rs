@@ -13,7 +13,6 @@ mod access;
 mod local;
 mod plan;
 mod profile;
-mod readahead;
 mod request;
 mod schedule;
 mod stall;
@@ -126,9 +125,8 @@ pub struct FetchConfig {
     pub max_request: u64,
     /// Largest gap of already-held or non-chunk bytes (tar headers) a coalesced request spans.
     pub max_gap: u64,
-    /// How far a miss reads ahead into *other* files (small neighbours, likely read next) at
-    /// first; each layer then adapts it to what its read-ahead was worth (`readahead`). The rest
-    /// of the missed file itself may come along up to `max_request`.
+    /// How far a miss reads ahead into *other* files (small neighbours, likely read next); the
+    /// rest of the missed file itself may come along up to `max_request`.
     pub max_neighbours: u64,
     /// How long one range request may take from its start before it is abandoned (the HTTP
     /// request dropped) and every reader waiting for it gets an error; also how long a background
@@ -242,8 +240,6 @@ struct Inner {
     chunks: Vec<Chunk>,
     /// Chunks being fetched, by digest: a second reader joins the first one's request.
     inflight: Mutex<HashMap<Digest, Inflight>>,
-    /// How far this layer's misses read ahead into other files.
-    readahead: readahead::ReadAhead,
     next_request: AtomicU64,
     /// The range requests running now, by id: a reader is answered as soon as its chunk is in,
     /// so a request may still be reading its read-ahead when the layer is unmounted
@@ -311,7 +307,6 @@ impl LayerFetcher {
             .set(blob_size as i64);
         // A layer is mounted to be read: its container's start-up goes before any stream.
         config.scheduler.touch();
-        let window = config.max_neighbours;
         let access = config.access.as_ref().map(|log| log.layer(blob, toc));
         Self {
             inner: Arc::new(Inner {
@@ -324,7 +319,6 @@ impl LayerFetcher {
                 config,
                 chunks,
                 inflight: Mutex::new(HashMap::new()),
-                readahead: readahead::ReadAhead::new(window),
                 next_request: AtomicU64::new(0),
                 requests: Mutex::new(HashMap::new()),
                 stats: FetchStats::default(),
@@ -707,7 +701,6 @@ impl ChunkSource for LayerFetcher {
                     needed.bytes += chunk.compressed_end - chunk.compressed_start;
                 }
             }
-            inner.readahead.note_read(&chunk.digest);
             match inner.cache.get(&chunk.digest) {
                 Ok(Some(data)) => {
                     inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -724,10 +717,7 @@ impl ChunkSource for LayerFetcher {
                     Some(f) => (f.range.clone(), f.early.clone()),
                     None => {
                         let held = |d: &Digest| inflight.contains_key(d) || inner.cache.contains(d);
-                        let window = inner.readahead.window();
-                        let span =
-                            plan::span_around(&inner.chunks, &chunk, &inner.config, window, held);
-                        inner.readahead.note_miss(&chunk, &span.chunks);
+                        let span = plan::span_around(&inner.chunks, &chunk, &inner.config, held);
                         let range = this.start_range_locked(&mut inflight, span, Kind::OnDemand);
                         // The span starts with this chunk, so it was just registered.
                         let Some(early) = inflight.get(&chunk.digest).map(|f| f.early.clone())

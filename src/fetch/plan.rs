@@ -39,13 +39,11 @@ pub fn plan_ranges(chunks: &[Chunk], max_request: u64, max_gap: u64) -> Vec<Span
 
 /// The request for an on-demand miss of `wanted`: `wanted` plus the chunks that follow it in the
 /// blob and are not `held` (cached or already on their way): read-ahead of the rest of the file
-/// (within the configured request size) and of small neighbouring files (within `neighbours`
-/// bytes, the layer's read-ahead window: see `readahead`).
+/// and of small neighbouring files, within the configured request size.
 pub fn span_around(
     chunks: &[Chunk],
     wanted: &Chunk,
     config: &FetchConfig,
-    neighbours: u64,
     held: impl Fn(&Digest) -> bool,
 ) -> Span {
     let at = chunks.partition_point(|c| {
@@ -63,7 +61,7 @@ pub fn span_around(
         // A chunk at file offset 0 starts another file: neighbours ride along only within the
         // smaller read-ahead budget, the missed file's own later chunks within the request size.
         let limit = if c.file_offset == 0 {
-            neighbours.min(config.max_request)
+            config.max_neighbours.min(config.max_request)
         } else {
             config.max_request
         };
@@ -131,9 +129,7 @@ mod tests {
         ];
         let held = chunks[1].digest;
         let starts = |config: &FetchConfig| -> Vec<u64> {
-            let span = span_around(&chunks, &chunks[0], config, config.max_neighbours, |d| {
-                *d == held
-            });
+            let span = span_around(&chunks, &chunks[0], config, |d| *d == held);
             span.chunks.iter().map(|c| c.compressed_start).collect()
         };
         // A held chunk leaves a 100-byte hole: spanned when the gap allows it, up to the limit.
@@ -179,14 +175,14 @@ mod tests {
             max_neighbours: 300,
             ..FetchConfig::default()
         };
-        let span = span_around(&small, &small[0], &config, config.max_neighbours, |_| false);
+        let span = span_around(&small, &small[0], &config, |_| false);
         assert_eq!(
             (span.start, span.end),
             (0, 300),
             "the missed file and two neighbours"
         );
         let big: Vec<Chunk> = (0..10).map(|i| chunk(i * 100, i * 100 + 100)).collect();
-        let span = span_around(&big, &big[0], &config, config.max_neighbours, |_| false);
+        let span = span_around(&big, &big[0], &config, |_| false);
         assert_eq!(
             (span.start, span.end),
             (0, 1000),
