@@ -19,7 +19,7 @@ use futures_util::future::{BoxFuture, Shared};
 use futures_util::FutureExt;
 use serde_json::Value;
 
-use super::hosts::Hosts;
+use super::hosts::{Host, Hosts};
 use super::metrics::METRICS;
 use super::remote::{Fallback, RemoteLayer};
 use crate::fetch::Scheduler;
@@ -220,6 +220,13 @@ impl Locator {
         else {
             return;
         };
+        let (client, at) = self.at_host(&host, &reference);
+        client.preconnect(&at, (layers + 2).min(PRECONNECT));
+    }
+
+    /// The client that speaks to `host` (plain HTTP or not, as `hosts.toml` says) and
+    /// `reference` as found there.
+    fn at_host(&self, host: &Host, reference: &Reference) -> (&Client, Reference) {
         let client = if host.plain_http {
             &self.plain_client
         } else {
@@ -227,9 +234,9 @@ impl Locator {
         };
         let at = Reference {
             registry: host.host.clone(),
-            ..reference
+            ..reference.clone()
         };
-        client.preconnect(&at, (layers + 2).min(PRECONNECT));
+        (client, at)
     }
 
     /// Finds `layer`: taken from what [`Self::warm`] started if it did, else found now.
@@ -265,15 +272,7 @@ impl Locator {
             .map_err(|e| Fallback::new("labels", format!("layer {}: {e}", layer.layer)))?;
         let mut failure = None;
         for host in self.hosts.candidates(&reference.registry) {
-            let at = Reference {
-                registry: host.host.clone(),
-                ..reference.clone()
-            };
-            let client = if host.plain_http {
-                &self.plain_client
-            } else {
-                &self.client
-            };
+            let (client, at) = self.at_host(&host, &reference);
             match self.locate(client, at, &layer.manifest, digest).await {
                 Ok(found) => return Ok(found),
                 Err(f) if matches!(f.reason, "registry" | "toc") => {
