@@ -81,35 +81,40 @@ pub(super) async fn fetch_span(
     let mut out = HashMap::with_capacity(span.chunks.len());
     let mut first_error = None;
     let mut first_ms = None;
-    loop {
-        let piece = body.next().await.map_err(failed)?;
-        if let Some(piece) = &piece {
-            received.extend_from_slice(piece);
-            counter.fetch_add(piece.len() as u64, Ordering::Relaxed);
-            inner.record(kind.label(), piece.len() as u64);
-        }
-        let mut ready = Vec::new();
-        while let Some((c, _)) = pending.peek() {
-            let (from, to) = (
-                c.compressed_start - span.start,
-                c.compressed_end - span.start,
-            );
-            if to as usize > received.len() {
-                break;
+    let streamed: Result<(), ChunkError> = async {
+        loop {
+            let piece = body.next().await.map_err(failed)?;
+            if let Some(piece) = &piece {
+                received.extend_from_slice(piece);
+                counter.fetch_add(piece.len() as u64, Ordering::Relaxed);
             }
-            let data = Bytes::copy_from_slice(&received[from as usize..to as usize]);
-            if let Some((c, tx)) = pending.next() {
-                ready.push((c.clone(), data, tx));
+            let mut ready = Vec::new();
+            while let Some((c, _)) = pending.peek() {
+                let (from, to) = (
+                    c.compressed_start - span.start,
+                    c.compressed_end - span.start,
+                );
+                if to as usize > received.len() {
+                    break;
+                }
+                let data = Bytes::copy_from_slice(&received[from as usize..to as usize]);
+                if let Some((c, tx)) = pending.next() {
+                    ready.push((c.clone(), data, tx));
+                }
             }
-        }
-        if !ready.is_empty() {
-            first_ms.get_or_insert(started.elapsed().as_millis() as u64);
-            deliver(inner, ready, &mut out, &mut first_error).await?;
-        }
-        if piece.is_none() {
-            break;
+            if !ready.is_empty() {
+                first_ms.get_or_insert(started.elapsed().as_millis() as u64);
+                deliver(inner, ready, &mut out, &mut first_error).await?;
+            }
+            if piece.is_none() {
+                return Ok(());
+            }
         }
     }
+    .await;
+    // The node's metrics once per request (they are labelled, so not per piece of the body).
+    inner.record(kind.label(), received.len() as u64);
+    streamed?;
     // Planning puts every chunk inside its span; one that is not cannot be verified.
     if let Some((c, _)) = pending.next() {
         first_error.get_or_insert(format!(
