@@ -28,9 +28,11 @@ pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
 /// Annotation keys that declare a layer lazy: dropped from a layer kept plain, so no reader takes
 /// it for a lazy layer of a format it was not written in.
-const LAZY_ANNOTATIONS: [&str; 6] = [
+const LAZY_ANNOTATIONS: [&str; 8] = [
     format::ANNOTATION_ZSTD_CHECKSUM,
     format::ANNOTATION_ZSTD_POSITION,
+    format::ANNOTATION_LABEL_ZSTD_CHECKSUM,
+    format::ANNOTATION_LABEL_ZSTD_POSITION,
     format::ANNOTATION_ZSTD_TARSPLIT_POSITION,
     format::ANNOTATION_ZSTD_CHECKSUM_OLD,
     format::ANNOTATION_ZSTD_POSITION_OLD,

@@ -64,6 +64,15 @@ pub const ANNOTATION_ZSTD_TARSPLIT_POSITION: &str =
 pub const ANNOTATION_ZSTD_CHECKSUM_OLD: &str = "io.containers.zstd-chunked.manifest-checksum";
 /// The older key of the TOC position (podman 4.3 / skopeo 1.9).
 pub const ANNOTATION_ZSTD_POSITION_OLD: &str = "io.containers.zstd-chunked.manifest-position";
+/// lazysnap's copy of [`ANNOTATION_ZSTD_CHECKSUM`] on the layers it writes. containerd hands a
+/// layer descriptor's `containerd.io/snapshot/` annotations to the snapshotter as Prepare labels
+/// (as it does eStargz's TOC digest), so lazysnapd can start reading the TOC before it has the
+/// manifest; the manifest must then pin the same TOC (see `snapshot::locate`).
+pub const ANNOTATION_LABEL_ZSTD_CHECKSUM: &str =
+    "containerd.io/snapshot/lazysnap/zstd-chunked.manifest-checksum";
+/// lazysnap's copy of [`ANNOTATION_ZSTD_POSITION`], for the same reason.
+pub const ANNOTATION_LABEL_ZSTD_POSITION: &str =
+    "containerd.io/snapshot/lazysnap/zstd-chunked.manifest-position";
 /// eStargz annotation: sha256 of the uncompressed TOC JSON.
 pub const ANNOTATION_ESTARGZ_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// eStargz annotation: the layer's uncompressed size.

@@ -20,7 +20,8 @@ use super::error::FormatError;
 use super::tar::{padding, ustar_file_header, TarItem, TarParser};
 use super::{
     footer, Chunk, EntryKind, LayerFormat, TocEntry, WriteOptions, WrittenLayer,
-    ANNOTATION_ESTARGZ_TOC_DIGEST, ANNOTATION_ESTARGZ_UNCOMPRESSED_SIZE, ANNOTATION_ZSTD_CHECKSUM,
+    ANNOTATION_ESTARGZ_TOC_DIGEST, ANNOTATION_ESTARGZ_UNCOMPRESSED_SIZE,
+    ANNOTATION_LABEL_ZSTD_CHECKSUM, ANNOTATION_LABEL_ZSTD_POSITION, ANNOTATION_ZSTD_CHECKSUM,
     ANNOTATION_ZSTD_POSITION, ESTARGZ_TOC_NAME, MEDIA_TYPE_GZIP, MEDIA_TYPE_ZSTD,
 };
 use crate::oci::{Digest, Hasher, HashingWriter};
@@ -428,11 +429,15 @@ fn finish<W: Write>(
             let tail = footer::zstd_footer(offset, compressed.len() as u64, json.len() as u64);
             out.write_all(&footer::skippable_header(tail.len())?)?;
             out.write_all(&tail)?;
-            annotations.insert(ANNOTATION_ZSTD_CHECKSUM.to_owned(), digest.to_string());
-            annotations.insert(
-                ANNOTATION_ZSTD_POSITION.to_owned(),
-                format!("{offset}:{}:{}:1", compressed.len(), json.len()),
-            );
+            let position = format!("{offset}:{}:{}:1", compressed.len(), json.len());
+            for (key, value) in [
+                (ANNOTATION_ZSTD_CHECKSUM, digest.to_string()),
+                (ANNOTATION_LABEL_ZSTD_CHECKSUM, digest.to_string()),
+                (ANNOTATION_ZSTD_POSITION, position.clone()),
+                (ANNOTATION_LABEL_ZSTD_POSITION, position),
+            ] {
+                annotations.insert(key.to_owned(), value);
+            }
             digest
         }
         LayerFormat::Estargz => {

@@ -10,6 +10,12 @@
 //! there. The manifest is fetched once per image and shared (single flight, kept a while), so a
 //! pull fetches it once, not once per layer. Nothing is trusted more for having been found early:
 //! the same checks run, in the same order, and what a Prepare gets is what it would have found.
+//!
+//! A layer found is also a layer whose start-up profile can be fetched: its fetcher is made, and
+//! the profile's chunks for it requested, as soon as its TOC is read ([`StartupPrefetch`]), not
+//! when its Prepare comes. A pull's layers are found side by side but prepared one after another,
+//! so the layers above the first would otherwise leave the link idle while the ones below are
+//! mounted; what is fetched early is only what the profile names, each chunk verified and cached.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +28,8 @@ use serde_json::Value;
 use super::hosts::{Host, Hosts};
 use super::metrics::METRICS;
 use super::remote::{Fallback, RemoteLayer};
-use crate::fetch::Scheduler;
+use crate::cache::ChunkCache;
+use crate::fetch::{FetchConfig, LayerFetcher};
 use crate::format;
 use crate::oci::{self, Digest, Reference};
 use crate::profile::lookup::{Lookup, Lookups};
@@ -41,18 +48,73 @@ const MAX_MANIFESTS: usize = 64;
 const PRECONNECT: usize = 6;
 const MANIFEST_TTL: Duration = Duration::from_secs(60);
 
-/// A lazy layer found at one host: where, its blob size, layout and verified TOC, and the
-/// lookup of its image's start-up profile (started before the TOC was read).
+/// A lazy layer found at one host: where, its layout and verified TOC, the fetcher its mount
+/// will read through, and the prefetch of its image's start-up profile (already started).
 #[derive(Clone)]
 pub(super) struct Found {
-    pub client: Client,
     /// The reference at the host that answered (a mirror, or the image's own registry).
     pub reference: Reference,
     pub digest: Digest,
-    pub size: u64,
     pub lazy: format::LazyLayer,
     pub toc: Arc<format::Toc>,
-    pub profile: Lookup,
+    pub fetcher: LayerFetcher,
+    pub startup: StartupPrefetch,
+}
+
+/// The prefetch of a layer's part of its image's start-up profile, started when the layer is
+/// found. The mount's background work waits for it before it fetches anything else; unmounting
+/// aborts it. A layer found ahead whose Prepare never comes lets it run out: it fetches at most
+/// the profile's (bounded) part for the layer, into the shared cache.
+#[derive(Clone)]
+pub(super) struct StartupPrefetch {
+    abort: tokio::task::AbortHandle,
+    done: Shared<BoxFuture<'static, ()>>,
+}
+
+impl StartupPrefetch {
+    /// Waits for `profile` (looked up while the TOC was read), then fetches what it names for
+    /// this layer, with the node's profile requests. Must run inside a tokio runtime.
+    fn start(fetcher: LayerFetcher, toc: Arc<format::Toc>, profile: Lookup) -> Self {
+        let task = tokio::spawn(async move {
+            let Some(profile) = profile.await else {
+                return;
+            };
+            let Some(part) = profile.layer(&fetcher.blob()) else {
+                return;
+            };
+            let layer = fetcher.blob().short();
+            match fetcher.prefetch_profile(&toc, part).await {
+                Ok(done) => tracing::info!(
+                    %layer,
+                    fetched = done.fetched,
+                    held = done.held,
+                    unknown = done.unknown,
+                    requests = done.requests,
+                    bytes = done.bytes,
+                    "start-up profile prefetched"
+                ),
+                Err(e) => tracing::warn!(%layer, "start-up profile prefetch failed: {e}"),
+            }
+        });
+        let abort = task.abort_handle();
+        Self {
+            abort,
+            done: async move {
+                let _ = task.await;
+            }
+            .boxed()
+            .shared(),
+        }
+    }
+
+    /// Resolves once the prefetch has ended (done, failed, found nothing to do, or aborted).
+    pub(super) fn finished(&self) -> Shared<BoxFuture<'static, ()>> {
+        self.done.clone()
+    }
+
+    pub(super) fn abort(&self) {
+        self.abort.abort();
+    }
 }
 
 /// An image manifest and its digest (what its start-up profile is found by).
@@ -81,7 +143,9 @@ pub(super) struct Locator {
     plain_client: Client,
     hosts: Hosts,
     limits: format::Limits,
-    scheduler: Scheduler,
+    /// What a found layer's fetcher reads into, and how (its deadline is the read timeout).
+    cache: ChunkCache,
+    fetch: FetchConfig,
     /// Bounds one layer found ahead (the read timeout, as for a layer found at its Prepare).
     timeout: Duration,
     /// By (registry, repository, tag or digest): manifests fetched, or being fetched.
@@ -121,7 +185,8 @@ impl Locator {
         plain_client: Client,
         hosts: Hosts,
         limits: format::Limits,
-        scheduler: Scheduler,
+        cache: ChunkCache,
+        fetch: FetchConfig,
         timeout: Duration,
     ) -> Self {
         Self {
@@ -129,7 +194,8 @@ impl Locator {
             plain_client,
             hosts,
             limits,
-            scheduler,
+            cache,
+            fetch,
             timeout,
             manifests: Mutex::new(HashMap::new()),
             ahead: Mutex::new(HashMap::new()),
@@ -154,6 +220,7 @@ impl Locator {
                 layer: digest.clone(),
                 compressed_chain: String::new(),
                 expected: None,
+                toc_hint: None,
             };
             let k = key(&layer);
             if ahead.contains_key(&k) {
@@ -273,7 +340,8 @@ impl Locator {
         let mut failure = None;
         for host in self.hosts.candidates(&reference.registry) {
             let (client, at) = self.at_host(&host, &reference);
-            match self.locate(client, at, &layer.manifest, digest).await {
+            let hint = layer.toc_hint.as_ref().and_then(|h| h.layer());
+            match self.locate(client, at, &layer.manifest, digest, hint).await {
                 Ok(found) => return Ok(found),
                 Err(f) if matches!(f.reason, "registry" | "toc") => {
                     tracing::debug!(host = %host.host, reason = f.reason, "{}", f.message);
@@ -285,13 +353,18 @@ impl Locator {
         Err(failure.unwrap_or_else(|| Fallback::new("registry", "no host to try")))
     }
 
-    /// Finds the layer `digest` of `reference`'s manifest at one host and reads its TOC.
+    /// Finds the layer `digest` of `reference`'s manifest at one host and reads its TOC. With a
+    /// `hint` (where the labels say the TOC lies), the TOC is read while the manifest is fetched,
+    /// and kept only if the manifest's descriptor pins that same TOC; otherwise it is read again
+    /// as the descriptor says. The TOC is checked against the hint's digest before it is parsed,
+    /// as against the descriptor's.
     async fn locate(
         &self,
         client: &Client,
         reference: Reference,
         manifest_digest: &str,
         digest: Digest,
+        hint: Option<format::LazyLayer>,
     ) -> Result<Found, Fallback> {
         // The image's profile is looked up while this layer's TOC is read (once per image); when
         // the labels name the manifest's digest, while the manifest itself is fetched too.
@@ -299,7 +372,18 @@ impl Locator {
             .parse::<Digest>()
             .ok()
             .map(|d| self.profiles.lookup(client, &reference, d));
-        let manifest = self.manifest(client, &reference, manifest_digest).await?;
+        let early_toc = async {
+            match &hint {
+                // The blob's size comes with the manifest: checked below, before use.
+                Some(h) => Some(self.read_toc(client, &reference, digest, h, u64::MAX).await),
+                None => None,
+            }
+        };
+        let (manifest, early_toc) = tokio::join!(
+            self.manifest(client, &reference, manifest_digest),
+            early_toc
+        );
+        let manifest = manifest?;
         let profile =
             early.unwrap_or_else(|| self.profiles.lookup(client, &reference, manifest.digest));
         let descriptor = manifest.json["layers"]
@@ -327,27 +411,69 @@ impl Locator {
                 ),
             )
         })?;
-        let at = &reference;
-        // One range read when the descriptor states the TOC's position (lazysnap's and
-        // zstd:chunked's annotations), two (footer, then TOC) otherwise.
+        let confirmed = early_toc.and_then(|toc| {
+            let end = lazy.toc_position.map(|p| p.offset.saturating_add(p.compressed_len));
+            let pinned = hint.as_ref() == Some(&lazy) && end.is_some_and(|e| e <= size);
+            if !pinned {
+                tracing::debug!(layer = %digest.short(), "the labels' TOC is not the one the manifest pins: read again");
+            }
+            pinned.then_some(toc).and_then(Result::ok)
+        });
+        let toc = match confirmed {
+            Some(toc) => toc,
+            None => {
+                self.read_toc(client, &reference, digest, &lazy, size)
+                    .await?
+            }
+        };
+        let toc = Arc::new(toc);
+        let fetcher = LayerFetcher::new(
+            client.clone(),
+            reference.clone(),
+            digest,
+            size,
+            &toc,
+            self.cache.clone(),
+            self.fetch.clone(),
+        );
+        let startup = StartupPrefetch::start(fetcher.clone(), toc.clone(), profile);
+        Ok(Found {
+            reference,
+            digest,
+            lazy,
+            toc,
+            fetcher,
+            startup,
+        })
+    }
+
+    /// Reads and checks the TOC of `lazy`, the layer `digest` (`size` bytes) at `reference`: one
+    /// range read when the TOC's position is stated (lazysnap's and zstd:chunked's annotations),
+    /// two (footer, then TOC) otherwise.
+    async fn read_toc(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        digest: Digest,
+        lazy: &format::LazyLayer,
+        size: u64,
+    ) -> Result<format::Toc, Fallback> {
         let read = |start: u64, end: u64| async move {
             client
-                .get_blob_range(at, &digest, start..end)
+                .get_blob_range(reference, &digest, start..end)
                 .await
                 .map(|b| b.to_vec())
         };
-        let toc = crate::fetch::read_toc(&digest, &lazy, size, &self.limits, &self.scheduler, read)
-            .await
-            .map_err(|e| Fallback::new("toc", e))?;
-        Ok(Found {
-            client: client.clone(),
-            reference,
-            digest,
-            size,
+        crate::fetch::read_toc(
+            &digest,
             lazy,
-            toc: Arc::new(toc),
-            profile,
-        })
+            size,
+            &self.limits,
+            &self.fetch.scheduler,
+            read,
+        )
+        .await
+        .map_err(|e| Fallback::new("toc", e))
     }
 
     /// The image manifest, fetched once for every layer of a pull: by `digest` (and so verified)

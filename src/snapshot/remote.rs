@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::hosts::Hosts;
-use super::locate::{Found, Locator};
+use super::locate::{Found, Locator, StartupPrefetch};
 use super::verify::{self, Expected, Verification};
 use super::{
     Usage, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
@@ -22,7 +22,6 @@ use super::{
 use crate::cache::ChunkCache;
 use crate::fetch::{FetchConfig, LayerFetcher};
 use crate::fs::{self, LayerMount, LayerSession, MountOptions};
-use crate::profile::lookup::Lookup;
 use crate::registry::{Client, ClientConfig};
 use crate::{format, inspect};
 
@@ -87,6 +86,41 @@ pub struct RemoteLayer {
     /// then hashes it during background completion and writes the verdict).
     #[serde(default)]
     pub expected: Option<Expected>,
+    /// Where the layer's TOC lies and its digest, when the Prepare's labels say (containerd
+    /// passes lazysnap's `containerd.io/snapshot/lazysnap/...` layer annotations on): a head
+    /// start, not a fact. The TOC is read while the manifest is fetched and used only if the
+    /// manifest's descriptor pins the same TOC (see `locate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toc_hint: Option<TocHint>,
+}
+
+/// A zstd:chunked TOC's digest and position as labels state them (the annotations' text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TocHint {
+    pub checksum: String,
+    pub position: String,
+}
+
+impl TocHint {
+    fn from_labels(labels: &HashMap<String, String>) -> Option<Self> {
+        Some(Self {
+            checksum: labels.get(format::ANNOTATION_LABEL_ZSTD_CHECKSUM)?.clone(),
+            position: labels.get(format::ANNOTATION_LABEL_ZSTD_POSITION)?.clone(),
+        })
+    }
+
+    /// The layer as the hint describes it: zstd:chunked with a stated position, or `None` for a
+    /// hint that does not parse.
+    pub fn layer(&self) -> Option<format::LazyLayer> {
+        let annotations = [
+            (format::ANNOTATION_ZSTD_CHECKSUM, &self.checksum),
+            (format::ANNOTATION_ZSTD_POSITION, &self.position),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.clone()))
+        .collect();
+        format::detect(format::MEDIA_TYPE_ZSTD, &annotations).filter(|l| l.toc_position.is_some())
+    }
 }
 
 /// Why a layer is not mounted lazily. `reason` is a bounded metric label.
@@ -142,6 +176,7 @@ impl RemoteLayer {
                 layer,
                 compressed_chain: String::new(),
                 expected: None,
+                toc_hint: TocHint::from_labels(labels),
             }),
             _ => Err(Fallback::new(
                 "no_labels",
@@ -172,17 +207,26 @@ pub fn image_layers(labels: &HashMap<String, String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A mounted lazy layer: its FUSE session and its background fetch (stopped when dropped, before
-/// the unmount).
-#[derive(Debug)]
+/// A mounted lazy layer: its FUSE session, its start-up prefetch and its background fetch (both
+/// stopped when dropped, before the unmount).
 pub(super) struct Mounted {
     background: tokio::task::JoinHandle<()>,
+    startup: StartupPrefetch,
     _mount: LayerMount,
     pub(super) pin_owner: String,
 }
 
+impl std::fmt::Debug for Mounted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounted")
+            .field("pin_owner", &self.pin_owner)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
+        self.startup.abort();
         self.background.abort();
     }
 }
@@ -237,7 +281,12 @@ impl Remote {
             client_for(true)?,
             Hosts::new(config.hosts_dir.clone()),
             config.limits,
-            config.fetch.scheduler.clone(),
+            cache.clone(),
+            // A range request lives as long as a read may wait for it (see `FetchConfig`).
+            FetchConfig {
+                deadline: config.fs.read_timeout,
+                ..config.fetch.clone()
+            },
             config.fs.read_timeout,
         );
         Ok(Self {
@@ -318,28 +367,14 @@ impl Remote {
     ) -> Result<(Mounted, Usage), Fallback> {
         let started = std::time::Instant::now();
         let Found {
-            client,
             reference,
             digest,
-            size,
             lazy,
             toc,
-            profile,
+            fetcher,
+            startup,
         } = self.locator.find(layer).await?;
         let found_in = started.elapsed();
-        let fetcher = LayerFetcher::new(
-            client,
-            reference.clone(),
-            digest,
-            size,
-            &toc,
-            self.cache.clone(),
-            // A range request lives as long as a read may wait for it (see `FetchConfig`).
-            FetchConfig {
-                deadline: self.config.fs.read_timeout,
-                ..self.config.fetch.clone()
-            },
-        );
         let session = self.session().map_err(|e| Fallback::new("mount", e))?;
         let mount = fs::mount_layer(
             &session,
@@ -371,7 +406,7 @@ impl Remote {
         let background = tokio::spawn(background(
             fetcher,
             toc,
-            profile,
+            startup.clone(),
             self.cache.clone(),
             pin_owner.clone(),
             self.config.background_fetch,
@@ -380,6 +415,7 @@ impl Remote {
         Ok((
             Mounted {
                 background,
+                startup,
                 _mount: mount,
                 pin_owner,
             },
@@ -388,38 +424,22 @@ impl Remote {
     }
 }
 
-/// The image's start-up profile's part for this layer first (if the image has a profile), then
-/// the TOC's prefetch set; then, if asked, the whole layer, pinned so eviction cannot undo it while
+/// The image's start-up profile's part for this layer first (started when the layer was found;
+/// waited for here), then the TOC's prefetch set; then, if asked, the whole layer, pinned so eviction cannot undo it while
 /// it is mounted (once complete it no longer needs the registry). With `verify`, the whole blob is
 /// streamed even if every chunk is cached, and the verdict on its uncompressed digest is written
 /// for the snapshot mounted at the given `fs` dir.
 async fn background(
     fetcher: LayerFetcher,
     toc: Arc<format::Toc>,
-    profile: Lookup,
+    startup: StartupPrefetch,
     cache: ChunkCache,
     owner: String,
     complete: bool,
     verify: Option<(Expected, std::path::PathBuf)>,
 ) {
     let layer = fetcher.blob().short();
-    // Started before the TOC was read: usually answered by now.
-    if let Some(profile) = profile.await {
-        if let Some(part) = profile.layer(&fetcher.blob()) {
-            match fetcher.prefetch_profile(&toc, part).await {
-                Ok(done) => tracing::info!(
-                    %layer,
-                    fetched = done.fetched,
-                    held = done.held,
-                    unknown = done.unknown,
-                    requests = done.requests,
-                    bytes = done.bytes,
-                    "start-up profile prefetched"
-                ),
-                Err(e) => tracing::warn!(%layer, "start-up profile prefetch failed: {e}"),
-            }
-        }
-    }
+    startup.finished().await;
     if !toc.prefetch.is_empty() {
         if let Err(e) = fetcher.prefetch(&toc, &toc.prefetch).await {
             tracing::warn!(%layer, "prefetch failed: {e}");
@@ -476,6 +496,44 @@ mod tests {
         labels.remove(LABEL_LAYER_DIGEST);
         let fallback = RemoteLayer::from_labels(&labels).unwrap_err();
         assert_eq!(fallback.reason, "no_labels");
+    }
+
+    #[test]
+    fn a_toc_hint_needs_both_labels_and_a_position_that_parses() {
+        let digest = "sha256:".to_owned() + &"ab".repeat(32);
+        let mut labels: HashMap<String, String> = [
+            (LABEL_IMAGE_REF, "127.0.0.1:5000/app:v1"),
+            (LABEL_LAYER_DIGEST, "sha256:bb"),
+            (format::ANNOTATION_LABEL_ZSTD_CHECKSUM, digest.as_str()),
+            (format::ANNOTATION_LABEL_ZSTD_POSITION, "100:20:80:1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let hint = RemoteLayer::from_labels(&labels).unwrap().toc_hint.unwrap();
+        let layer = hint.layer().unwrap();
+        assert_eq!(layer.format, format::LayerFormat::ZstdChunked);
+        assert_eq!(layer.toc_digest.to_string(), digest);
+        let position = layer.toc_position.unwrap();
+        assert_eq!(
+            (
+                position.offset,
+                position.compressed_len,
+                position.uncompressed_len
+            ),
+            (100, 20, 80)
+        );
+        labels.insert(
+            format::ANNOTATION_LABEL_ZSTD_POSITION.to_owned(),
+            "100:20".to_owned(),
+        );
+        let hint = RemoteLayer::from_labels(&labels).unwrap().toc_hint.unwrap();
+        assert!(hint.layer().is_none(), "a position that does not parse");
+        labels.remove(format::ANNOTATION_LABEL_ZSTD_CHECKSUM);
+        assert!(RemoteLayer::from_labels(&labels)
+            .unwrap()
+            .toc_hint
+            .is_none());
     }
 
     #[test]

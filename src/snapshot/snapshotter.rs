@@ -211,7 +211,12 @@ impl Snapshotter {
         }
         // containerd prepares the image's layers one after another: have them all found now, so
         // that each later Prepare finds its layer ready instead of paying its round trips.
-        let layers = remote::image_layers(labels);
+        let mut layers = remote::image_layers(labels);
+        if layer.toc_hint.is_some() {
+            // Found by its own Prepare instead, which reads the TOC the labels locate while the
+            // manifest is fetched: a round trip sooner than finding it ahead from the manifest.
+            layers.retain(|d| *d != layer.layer);
+        }
         if !layers.is_empty() {
             self.host
                 .warm(layer.image.clone(), layer.manifest.clone(), layers)
@@ -458,6 +463,7 @@ mod tests {
             layer: layer.into(),
             compressed_chain: String::new(),
             expected: None,
+            toc_hint: None,
         };
         let remote = verify::with_facts(store, target, "", remote).unwrap();
         store

@@ -280,6 +280,7 @@ fn a_verdict_is_recorded_once_and_survives_a_reopen() {
         layer: "sha256:00".into(),
         compressed_chain: "sha256:11".into(),
         expected: None,
+        toc_hint: None,
     };
     store
         .insert_committed(
