@@ -3,6 +3,8 @@
 //! is torn down by a guard, even when the test fails.
 
 mod common;
+#[path = "common/delayproxy.rs"]
+mod delayproxy;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -311,6 +313,46 @@ async fn concurrent_readers_of_one_chunk_share_one_request() -> Result<()> {
         })
         .sum();
     assert_eq!(requests, 1, "eight readers of one chunk, one range request");
+    mounted.unmount()?;
+    assert!(mounts_below(work.path()).is_empty());
+    Ok(())
+}
+
+/// The image config is fetched while the layers' TOCs are read, not before them: no lazy layer
+/// needs it. At a proxy adding 50 ms each way, the config request and the first TOC read go out
+/// in the same round trip after the manifest (in series they were a round trip apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_config_is_fetched_beside_the_layers_tocs() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
+    let (reference, _, _) = lazy_sample(&registry, work.path(), "beside")?;
+    let one_way = Duration::from_millis(50);
+    let proxy = delayproxy::DelayProxy::start(&registry.addr, one_way)?;
+    let via = reference.replacen(&registry.addr, &proxy.addr, 1);
+    let target = work.path().join("mnt");
+    let mounted = mount_in_process(&via, &work.path().join("root"), &target).await?;
+    let requests = proxy.requests();
+    let log = || format!("{requests:#?}");
+    let config = requests
+        .iter()
+        .find(|r| r.range.is_none() && r.blob().is_some())
+        .map(|r| r.at)
+        .with_context(log)?;
+    let toc = requests
+        .iter()
+        .find(|r| r.range.is_some())
+        .map(|r| r.at)
+        .with_context(log)?;
+    ensure!(
+        toc < config + one_way && config < toc + one_way,
+        "the config was asked for at {config:?}, the first TOC at {toc:?}: not side by side\n{}",
+        log()
+    );
+    assert_eq!(
+        read_in_thread(target.join("etc/hostname")).await?,
+        b"host1\n"
+    );
     mounted.unmount()?;
     assert!(mounts_below(work.path()).is_empty());
     Ok(())

@@ -80,6 +80,11 @@ struct Args {
     /// the conditions with its contents.
     #[arg(long, value_name = "FILE")]
     lazysnapd_config: Option<PathBuf>,
+    /// An option for `lazysnap convert` when the lazy images are made (repeat the flag; e.g.
+    /// `--convert-arg=--startup-elf`): measures what a conversion option buys. Named in the
+    /// conditions.
+    #[arg(long = "convert-arg", value_name = "ARG", allow_hyphen_values = true)]
+    convert_args: Vec<String>,
     /// Write the table and chart (.md, .svg) again from the results in JSON, measuring nothing.
     #[arg(long, value_name = "JSON")]
     render: Option<PathBuf>,
@@ -159,6 +164,7 @@ fn main() -> Result<()> {
         &workloads,
         &registry.addr,
         Path::new(LAZYSNAP),
+        &args.convert_args,
         repo_root,
         &cache,
     )?;
@@ -274,6 +280,7 @@ fn main() -> Result<()> {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "date": chrono_free_now(),
         "lazysnap_run": "--no-background-fetch --net none",
+        "convert_args": args.convert_args,
         "lazysnapd_config": args
             .lazysnapd_config
             .as_ref()

@@ -177,12 +177,14 @@ fn big_sparse(fixtures: &Path, cache: &Path, out: &Path) -> Result<String> {
     Ok(format!("{}:v1", cached.display()))
 }
 
-/// Pushes every image the workloads need, plain and converted, to the registry at `addr`
-/// (skipped by the registry when already there: pushes and conversion are reproducible).
+/// Pushes every image the workloads need, plain and converted (with `convert_args`), to the
+/// registry at `addr` (skipped by the registry when already there: pushes and conversion are
+/// reproducible).
 pub fn publish(
     workloads: &[Workload],
     addr: &str,
     lazysnap: &Path,
+    convert_args: &[String],
     repo_root: &Path,
     cache: &Path,
 ) -> Result<()> {
@@ -202,6 +204,7 @@ pub fn publish(
         )?;
         run(Command::new(lazysnap)
             .arg("convert")
+            .args(convert_args)
             .arg(&plain)
             .arg(w.image.reference(addr, "lazy")))?;
         eprintln!("coldstart: published {plain} and :lazy");

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::try_join_all;
+use futures_util::future::{try_join_all, BoxFuture, Shared};
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -268,8 +269,28 @@ pub async fn mount_image_with_upper(
     // Connections for the TOC reads and the profile lookup that follow the manifest side by
     // side, opened while it is fetched.
     client.preconnect(reference, PRECONNECT);
-    let (manifest_digest, manifest, image_config) =
-        resolve(&client, reference, &config.platform).await?;
+    let (manifest_digest, manifest) =
+        resolve_manifest(&client, reference, &config.platform).await?;
+    // Fetched while the layers' TOCs are read: lazy layers do not need it, only plain layers
+    // (their diff_ids) and what the container runs.
+    let image_config: ImageConfig = {
+        let (client, reference, platform) =
+            (client.clone(), reference.clone(), config.platform.clone());
+        let manifest = manifest.clone();
+        // Spawned, so it goes out now: a shared future only runs once something awaits it.
+        let task = tokio::spawn(async move {
+            fetch_config(&client, &reference, &manifest, &platform)
+                .await
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        });
+        async move {
+            task.await
+                .map_err(|e| format!("fetching the image config: {e}"))?
+        }
+        .boxed()
+        .shared()
+    };
     // Looked up while the layers' TOCs are read: it adds no round trip in series.
     let profile = config
         .profiles
@@ -306,39 +327,40 @@ pub async fn mount_image_with_upper(
         .map_err(|e| MountError::Image(e.to_string()))?;
 
     let descriptors = manifest["layers"].as_array().cloned().unwrap_or_default();
+    // Every layer at once: a lazy layer costs two small range reads, so the image mounts in
+    // about one round trip whatever its size.
+    let prepared = try_join_all(descriptors.iter().enumerate().map(|(i, d)| {
+        let client = client.clone();
+        let cache = cache.clone();
+        let mount_dir = run_dir.path().join(format!("layer-{i}"));
+        let session = &session;
+        let (profile, run_dir) = (&profile, run_dir.path());
+        let diff_id = DiffId {
+            config: &image_config,
+            index: i,
+        };
+        async move {
+            let place = LayerPlace {
+                session,
+                dir: &mount_dir,
+                run_dir,
+                profile,
+            };
+            prepare_layer(&client, reference, d, diff_id, &cache, place, config).await
+        }
+    }))
+    .await?;
+    let image_config = image_config.await.map_err(MountError::Image)?;
     let diff_ids = image_config
         .pointer("/rootfs/diff_ids")
         .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    if diff_ids.len() != descriptors.len() {
+        .map_or(0, Vec::len);
+    if diff_ids != descriptors.len() {
         return Err(MountError::Image(format!(
-            "{reference}: the manifest has {} layers but the config {} diff_ids",
+            "{reference}: the manifest has {} layers but the config {diff_ids} diff_ids",
             descriptors.len(),
-            diff_ids.len()
         )));
     }
-    // Every layer at once: a lazy layer costs two small range reads, so the image mounts in
-    // about one round trip whatever its size.
-    let prepared = try_join_all(descriptors.iter().zip(&diff_ids).enumerate().map(
-        |(i, (d, diff_id))| {
-            let client = client.clone();
-            let cache = cache.clone();
-            let mount_dir = run_dir.path().join(format!("layer-{i}"));
-            let session = &session;
-            let (profile, run_dir) = (&profile, run_dir.path());
-            async move {
-                let place = LayerPlace {
-                    session,
-                    dir: &mount_dir,
-                    run_dir,
-                    profile,
-                };
-                prepare_layer(&client, reference, d, diff_id, &cache, place, config).await
-            }
-        },
-    ))
-    .await?;
 
     let mut layers = Vec::new();
     let mut lowers = Vec::new();
@@ -380,7 +402,7 @@ pub async fn mount_image_with_upper(
         run_dir: Some(run_dir),
         cache: Some(cache),
         manifest_digest,
-        config: image_config,
+        config: (*image_config).clone(),
         layer_info,
         seconds: start.elapsed().as_secs_f64(),
     })
@@ -436,12 +458,47 @@ fn release_stale_pins(cache: &ChunkCache, run: &Path) {
     }
 }
 
+/// The image config, fetched once per mount while the layers are prepared (see [`DiffId`]); its
+/// error as text, so that every layer waiting on it can have it.
+type ImageConfig = Shared<BoxFuture<'static, Result<Arc<Value>, String>>>;
+
+/// Where a layer's `diff_id` comes from: the image config being fetched, at the layer's index.
+/// Only a plain layer waits for it.
+#[derive(Clone, Copy)]
+struct DiffId<'a> {
+    config: &'a ImageConfig,
+    index: usize,
+}
+
+impl DiffId<'_> {
+    async fn get(self) -> Result<Value, MountError> {
+        let config = self.config.clone().await.map_err(MountError::Image)?;
+        Ok(config
+            .pointer("/rootfs/diff_ids")
+            .and_then(Value::as_array)
+            .and_then(|ids| ids.get(self.index))
+            .cloned()
+            .unwrap_or(Value::Null))
+    }
+}
+
 /// The manifest (chosen for `platform` from an index) and config of `reference`.
 pub(crate) async fn resolve(
     client: &Client,
     reference: &Reference,
     platform: &Platform,
 ) -> Result<(Digest, Value, Value), MountError> {
+    let (digest, manifest) = resolve_manifest(client, reference, platform).await?;
+    let config = fetch_config(client, reference, &manifest, platform).await?;
+    Ok((digest, manifest, config))
+}
+
+/// The manifest of `reference` (chosen for `platform` from an index) and its digest.
+async fn resolve_manifest(
+    client: &Client,
+    reference: &Reference,
+    platform: &Platform,
+) -> Result<(Digest, Value), MountError> {
     // Callers name the image in their context; registry errors name the reference themselves.
     let image = |e: &dyn std::fmt::Display| MountError::Image(e.to_string());
     let mut fetched = client
@@ -459,6 +516,17 @@ pub(crate) async fn resolve(
             .map_err(|e| image(&e))?;
     }
     let manifest: Value = serde_json::from_slice(&fetched.bytes).map_err(|e| image(&e))?;
+    Ok((fetched.digest, manifest))
+}
+
+/// The config `manifest` names, checked against `platform`.
+async fn fetch_config(
+    client: &Client,
+    reference: &Reference,
+    manifest: &Value,
+    platform: &Platform,
+) -> Result<Value, MountError> {
+    let image = |e: &dyn std::fmt::Display| MountError::Image(e.to_string());
     let config_digest: Digest = manifest
         .pointer("/config/digest")
         .and_then(Value::as_str)
@@ -480,7 +548,7 @@ pub(crate) async fn resolve(
             )));
         }
     }
-    Ok((fetched.digest, manifest, config))
+    Ok(config)
 }
 
 struct Prepared {
@@ -567,7 +635,7 @@ async fn prepare_layer(
     client: &Client,
     reference: &Reference,
     descriptor: &Value,
-    diff_id: &Value,
+    diff_id: DiffId<'_>,
     cache: &ChunkCache,
     place: LayerPlace<'_>,
     config: &MountConfig,
@@ -646,6 +714,8 @@ async fn prepare_layer(
         });
     }
     let diff_id: Digest = diff_id
+        .get()
+        .await?
         .as_str()
         .unwrap_or_default()
         .parse()
