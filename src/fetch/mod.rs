@@ -50,7 +50,7 @@ use stall::StallGuard;
 /// `[start, end)` of the blob, from a registry or a local file. The TOC's stated sizes are checked
 /// against `limits` before it is read, and its content while it is decoded, which waits for a
 /// turn from `scheduler`.
-pub async fn read_toc<F, Fut, E>(
+pub async fn read_toc<F, Fut, B, E>(
     blob: &Digest,
     lazy: &LazyLayer,
     size: u64,
@@ -60,7 +60,8 @@ pub async fn read_toc<F, Fut, E>(
 ) -> Result<Toc, FetchError>
 where
     F: Fn(u64, u64) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<u8>, E>>,
+    Fut: std::future::Future<Output = Result<B, E>>,
+    B: AsRef<[u8]> + Send + 'static,
     E: std::fmt::Display,
 {
     let fail = |message: String| FetchError::Layer {
@@ -74,7 +75,7 @@ where
             let tail = read(size - tail_len, size)
                 .await
                 .map_err(|e| fail(format!("reading the footer: {e}")))?;
-            format::parse_tail(lazy.format, &tail, size).map_err(|e| fail(e.to_string()))?
+            format::parse_tail(lazy.format, tail.as_ref(), size).map_err(|e| fail(e.to_string()))?
         }
     };
     // The annotation's position is as untrusted as the footer's: bound it before the read.
@@ -98,10 +99,26 @@ where
     // (they serve every layer's reads), and in turns, so hostile TOCs hold bounded memory.
     let _turn = scheduler.toc_decode().await;
     let (lazy, limits) = (lazy.clone(), *limits);
-    tokio::task::spawn_blocking(move || format::parse_toc_limited(&lazy, position, &raw, &limits))
-        .await
-        .map_err(|e| fail(format!("decoding the TOC: {e}")))?
-        .map_err(|e| fail(e.to_string()))
+    tokio::task::spawn_blocking(move || {
+        format::parse_toc_limited(&lazy, position, raw.as_ref(), &limits)
+    })
+    .await
+    .map_err(|e| fail(format!("decoding the TOC: {e}")))?
+    .map_err(|e| fail(e.to_string()))
+}
+
+/// [`read_toc`] of the layer `blob` at `reference`, by range reads from its registry.
+pub async fn read_toc_at(
+    client: &Client,
+    reference: &Reference,
+    blob: &Digest,
+    lazy: &LazyLayer,
+    size: u64,
+    limits: &format::Limits,
+    scheduler: &Scheduler,
+) -> Result<Toc, FetchError> {
+    let read = |start: u64, end: u64| client.get_blob_range(reference, blob, start..end);
+    read_toc(blob, lazy, size, limits, scheduler, read).await
 }
 
 /// The first delay before a failed background completion is tried again; doubled per failure.

@@ -655,20 +655,15 @@ async fn prepare_layer(
         .unwrap_or_default();
     let annotations = oci::string_map(descriptor.get("annotations"));
     if let Some(lazy) = format::detect(media_type, &annotations) {
-        let read = |start: u64, end: u64| async move {
-            client
-                .get_blob_range(reference, &digest, start..end)
-                .await
-                .map(|b| b.to_vec())
-        };
         let toc = Arc::new(
-            crate::fetch::read_toc(
+            crate::fetch::read_toc_at(
+                client,
+                reference,
                 &digest,
                 &lazy,
                 size,
                 &config.limits,
                 &config.fetch.scheduler,
-                read,
             )
             .await
             .map_err(|e| MountError::Image(e.to_string()))?,

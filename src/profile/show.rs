@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::{Profile, ProfileError, MAX_BYTES};
-use crate::fetch::read_toc;
+use crate::fetch::read_toc_at;
 use crate::format::{self, Chunk, Toc};
 use crate::mount::{self, MountError};
 use crate::oci::{self, Digest, Platform, Reference};
@@ -207,14 +207,9 @@ pub async fn layer_tocs(
             continue;
         };
         let size = d["size"].as_u64().unwrap_or(0);
-        let read = |start: u64, end: u64| async move {
-            client
-                .get_blob_range(reference, &digest, start..end)
-                .await
-                .map(|b| b.to_vec())
-        };
         let limits = format::Limits::default();
-        match read_toc(&digest, &lazy, size, &limits, &Default::default(), read).await {
+        let scheduler = Default::default();
+        match read_toc_at(client, reference, &digest, &lazy, size, &limits, &scheduler).await {
             Ok(toc) => {
                 tocs.insert(digest, toc);
             }

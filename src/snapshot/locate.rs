@@ -458,19 +458,14 @@ impl Locator {
         lazy: &format::LazyLayer,
         size: u64,
     ) -> Result<format::Toc, Fallback> {
-        let read = |start: u64, end: u64| async move {
-            client
-                .get_blob_range(reference, &digest, start..end)
-                .await
-                .map(|b| b.to_vec())
-        };
-        crate::fetch::read_toc(
+        crate::fetch::read_toc_at(
+            client,
+            reference,
             &digest,
             lazy,
             size,
             &self.limits,
             &self.fetch.scheduler,
-            read,
         )
         .await
         .map_err(|e| Fallback::new("toc", e))

@@ -425,10 +425,10 @@ impl Remote {
 }
 
 /// The image's start-up profile's part for this layer first (started when the layer was found;
-/// waited for here), then the TOC's prefetch set; then, if asked, the whole layer, pinned so eviction cannot undo it while
-/// it is mounted (once complete it no longer needs the registry). With `verify`, the whole blob is
-/// streamed even if every chunk is cached, and the verdict on its uncompressed digest is written
-/// for the snapshot mounted at the given `fs` dir.
+/// waited for here), then the TOC's prefetch set; then, if asked, the whole layer, pinned so
+/// eviction cannot undo it while it is mounted (once complete it no longer needs the registry).
+/// With `verify`, the whole blob is streamed even if every chunk is cached, and the verdict on its
+/// uncompressed digest is written for the snapshot mounted at the given `fs` dir.
 async fn background(
     fetcher: LayerFetcher,
     toc: Arc<format::Toc>,
