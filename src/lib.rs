@@ -7,6 +7,7 @@
 //! snapshotter; `run` starts a container on a lazily mounted image.
 pub mod cache;
 pub mod convert;
+pub mod elf;
 pub mod fetch;
 pub mod format;
 pub mod fs;

@@ -49,6 +49,10 @@ pub struct Metrics {
     /// Profile entries at prefetch, by result: `fetched`, `held` (cached or already on their way),
     /// `unknown` (the layer's TOC has no such chunk: ignored).
     pub profile_chunks: IntCounterVec,
+    /// ELF objects the loader prefetch met, by result: `parsed` (its headers were read),
+    /// `found` (a loader or library it names was found in the image and is being fetched),
+    /// `missing` (one it names is not in the image).
+    pub loader_objects: IntCounterVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -173,6 +177,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Start-up profile entries at prefetch, by result.",
             &["result"],
         ),
+        loader_objects: counter_vec(
+            "loader_objects_total",
+            "ELF objects the loader prefetch met, by result.",
+            &["result"],
+        ),
     };
     let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
         Box::new(m.fetch_bytes.clone()),
@@ -192,6 +201,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.profile_lookups.clone()),
         Box::new(m.profile_ignored.clone()),
         Box::new(m.profile_chunks.clone()),
+        Box::new(m.loader_objects.clone()),
     ];
     for c in collectors {
         m.registry.register(c).expect("metric names are unique");

@@ -11,7 +11,6 @@
 
 mod archive;
 mod destination;
-mod elf;
 mod layer;
 mod layout;
 mod location;

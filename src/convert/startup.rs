@@ -1,11 +1,12 @@
 //! Start-up sets: which files of each layer a container reads first, so the conversion can put
 //! them first and record them in the TOC. From a recorded profile ([`from_profile`]) or, with no
-//! recording, from the image's entrypoint and the libraries it links ([`super::elf`]).
+//! recording, from the image's entrypoint and the libraries it links ([`crate::elf`]).
 
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
+use crate::elf::{library_paths, Node};
 use crate::format::reorder::TarIndex;
 use crate::format::EntryKind;
 use crate::profile::Profile;
@@ -142,16 +143,12 @@ pub fn from_profile(profile: &Profile, layers: &[SourceLayer]) -> Vec<StartupSet
 
 /// The most files (the program, its interpreter, libraries) an ELF start-up set holds.
 const MAX_OBJECTS: usize = 256;
-/// The most symlinks followed resolving one path (Linux's own limit).
-const MAX_HOPS: usize = 40;
 /// The most `#!` interpreters followed from a script entrypoint.
 const MAX_SHEBANGS: usize = 4;
 /// The most bytes of `/etc/ld.so.conf` (and each included file) read.
 const MAX_CONF: usize = 64 << 10;
 /// The most library directories taken from `ld.so.conf`.
 const MAX_CONF_DIRS: usize = 64;
-/// Where the loader looks after `DT_RUNPATH` and `ld.so.conf`.
-const DEFAULT_DIRS: [&str; 4] = ["/lib64", "/usr/lib64", "/lib", "/usr/lib"];
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// One layer's entries as the merged tree needs them.
@@ -227,43 +224,17 @@ impl<'a> Tree<'a> {
     /// Resolves an absolute or root-relative path, following symlinks inside the tree; returns the
     /// layer and name of the regular file (or hard link) it ends at.
     fn resolve(&self, path: &str) -> Option<(usize, String)> {
-        let mut pending: std::collections::VecDeque<String> =
-            path.split('/').map(str::to_owned).collect();
-        let mut at: Vec<String> = Vec::new();
-        let mut hops = 0;
-        while let Some(part) = pending.pop_front() {
-            match part.as_str() {
-                "" | "." => continue,
-                ".." => {
-                    at.pop();
-                    continue;
+        crate::elf::resolve(path, |name| {
+            let (layer, kind, _) = self.entry(name)?;
+            let node = match kind {
+                EntryKind::Reg | EntryKind::Hardlink => Node::File,
+                EntryKind::Symlink => {
+                    Node::Symlink(self.layers[layer].spooled.symlinks.get(name)?.clone())
                 }
-                _ => {}
-            }
-            at.push(part);
-            let name = at.join("/");
-            let (_, kind, _) = self.entry(&name)?;
-            if kind == EntryKind::Symlink {
-                hops += 1;
-                if hops > MAX_HOPS {
-                    return None;
-                }
-                let layer = self.entry(&name)?.0;
-                let target = self.layers[layer].spooled.symlinks.get(&name)?;
-                at.pop();
-                if target.starts_with('/') {
-                    at.clear();
-                }
-                for part in target.split('/').rev() {
-                    pending.push_front(part.to_owned());
-                }
-            }
-        }
-        let name = at.join("/");
-        match self.entry(&name)? {
-            (layer, EntryKind::Reg | EntryKind::Hardlink, _) => Some((layer, name)),
-            _ => None,
-        }
+                _ => Node::Other,
+            };
+            Some((layer, node))
+        })
     }
 
     /// Up to `len` bytes at `offset` of the file `name` of `layer` (a hard link reads its target).
@@ -421,7 +392,7 @@ pub fn from_elf(config: &[u8], layers: &[&Spooled]) -> ElfStartup {
             continue;
         };
         let read = |offset: u64, len: usize| tree.read(*layer, name, offset, len);
-        let Some(info) = super::elf::parse(&read, size) else {
+        let Some(info) = crate::elf::parse(&read, size) else {
             continue;
         };
         let origin = format!("/{}", name.rsplit_once('/').map_or("", |(d, _)| d));
@@ -430,17 +401,11 @@ pub fn from_elf(config: &[u8], layers: &[&Spooled]) -> ElfStartup {
             found.extend(tree.resolve(interp));
         }
         for lib in &info.needed {
-            let hit = if lib.contains('/') {
-                tree.resolve(lib)
-            } else {
-                info.search
+            found.extend(
+                library_paths(&info, lib, &origin, &conf_dirs)
                     .iter()
-                    .map(|d| d.replace("$ORIGIN", &origin).replace("${ORIGIN}", &origin))
-                    .chain(conf_dirs.iter().cloned())
-                    .chain(DEFAULT_DIRS.iter().map(|d| (*d).to_owned()))
-                    .find_map(|d| tree.resolve(&format!("{}/{lib}", d.trim_end_matches('/'))))
-            };
-            found.extend(hit);
+                    .find_map(|p| tree.resolve(p)),
+            );
         }
         for f in found {
             if seen.insert(f.clone()) {

@@ -10,6 +10,7 @@
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
 mod access;
+mod loader;
 mod local;
 mod plan;
 mod profile;
@@ -36,6 +37,7 @@ use crate::oci::{Digest, Reference};
 use crate::registry::Client;
 
 pub use access::AccessLog;
+pub use loader::LoaderPrefetch;
 pub use plan::{plan_ranges, Span};
 pub use profile::{plan_profile, ProfilePrefetch};
 use request::EarlyChunk;
@@ -155,6 +157,11 @@ pub struct FetchConfig {
     pub scheduler: Scheduler,
     /// Where to note every chunk read (`lazysnap profile record`); none otherwise.
     pub access: Option<AccessLog>,
+    /// Whether mounts give their fetchers a [`LoaderPrefetch`] (see [`Self::loader`]).
+    pub loader_prefetch: bool,
+    /// The image's loader prefetch, placed at this layer ([`LoaderPrefetch::at`]): the
+    /// libraries a program links are fetched as soon as a read reaches its head. None: off.
+    pub loader: Option<LoaderPrefetch>,
 }
 
 impl Default for FetchConfig {
@@ -166,6 +173,8 @@ impl Default for FetchConfig {
             deadline: Duration::from_secs(30),
             scheduler: Scheduler::default(),
             access: None,
+            loader_prefetch: true,
+            loader: None,
         }
     }
 }
@@ -281,6 +290,8 @@ struct Inner {
     uncompressed: Mutex<Option<Result<Digest, String>>>,
     /// This layer's part of [`FetchConfig::access`], when recording.
     access: Option<Arc<access::LayerLog>>,
+    /// This layer's part of [`FetchConfig::loader`].
+    loader: Option<loader::LoaderLayer>,
 }
 
 /// The distinct compressed frames reads needed, and their total size.
@@ -306,7 +317,7 @@ impl LayerFetcher {
         reference: Reference,
         blob: Digest,
         blob_size: u64,
-        toc: &Toc,
+        toc: &Arc<Toc>,
         cache: ChunkCache,
         config: FetchConfig,
     ) -> Self {
@@ -326,7 +337,11 @@ impl LayerFetcher {
         config.scheduler.touch();
         let access = config.access.as_ref().map(|log| log.layer(blob, toc));
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
+                loader: config
+                    .loader
+                    .as_ref()
+                    .map(|l| l.layer(blob, toc, me.clone())),
                 client,
                 reference,
                 blob,
@@ -722,6 +737,9 @@ impl ChunkSource for LayerFetcher {
                 Ok(Some(data)) => {
                     inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                     METRICS.cache_hits.inc();
+                    if let Some(loader) = &inner.loader {
+                        loader.note(&chunk);
+                    }
                     return Ok(data);
                 }
                 Ok(None) => METRICS.cache_misses.inc(),
@@ -749,6 +767,10 @@ impl ChunkSource for LayerFetcher {
                     }
                 }
             };
+            // Noted once the read's own request is planned, so that the loader prefetch joins it.
+            if let Some(loader) = &inner.loader {
+                loader.note(&chunk);
+            }
             // The chunk as soon as its own bytes are in, not when the read-ahead riding along
             // with it is; else (it failed, or the request did) the request's verdict below.
             if let Some(data) = early.await {

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::cache::{CacheConfig, ChunkCache};
-use crate::fetch::{FetchConfig, LayerFetcher};
+use crate::fetch::{FetchConfig, LayerFetcher, LoaderPrefetch};
 use crate::format::{self, Toc};
 use crate::fs::{self, LayerMount, LayerSession, MountOptions, OverlayMount};
 use crate::oci::{self, Digest, ImageDocument, Platform, Reference};
@@ -327,6 +327,7 @@ pub async fn mount_image_with_upper(
         .map_err(|e| MountError::Image(e.to_string()))?;
 
     let descriptors = manifest["layers"].as_array().cloned().unwrap_or_default();
+    let loader = LoaderPrefetch::new();
     // Every layer at once: a lazy layer costs two small range reads, so the image mounts in
     // about one round trip whatever its size.
     let prepared = try_join_all(descriptors.iter().enumerate().map(|(i, d)| {
@@ -335,6 +336,7 @@ pub async fn mount_image_with_upper(
         let mount_dir = run_dir.path().join(format!("layer-{i}"));
         let session = &session;
         let (profile, run_dir) = (&profile, run_dir.path());
+        let loader = loader.at(i);
         let diff_id = DiffId {
             config: &image_config,
             index: i,
@@ -345,6 +347,7 @@ pub async fn mount_image_with_upper(
                 dir: &mount_dir,
                 run_dir,
                 profile,
+                loader: &loader,
             };
             prepare_layer(&client, reference, d, diff_id, &cache, place, config).await
         }
@@ -565,6 +568,8 @@ struct LayerPlace<'a> {
     dir: &'a Path,
     run_dir: &'a Path,
     profile: &'a SharedProfile,
+    /// The image's loader prefetch, at this layer's position.
+    loader: &'a LoaderPrefetch,
 }
 
 /// A lazy layer's fetching task, aborted if dropped before the mount owns it (another layer failed).
@@ -678,6 +683,7 @@ async fn prepare_layer(
             // A range request lives as long as a read may wait for it (see `FetchConfig`).
             FetchConfig {
                 deadline: config.fs.read_timeout,
+                loader: config.fetch.loader_prefetch.then(|| place.loader.clone()),
                 ..config.fetch.clone()
             },
         );

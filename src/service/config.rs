@@ -18,6 +18,7 @@
 //! read_timeout_secs = 30
 //! max_request_bytes = 4194304
 //! fuse_threads = 2
+//! loader_prefetch = true               # fetch the libraries a program links when it starts
 //!
 //! [registry]
 //! plain_http = false                   # loopback registries always get plain HTTP
@@ -189,6 +190,8 @@ pub struct FetchSection {
     pub max_request_bytes: u64,
     /// FUSE event-loop threads per layer.
     pub fuse_threads: usize,
+    /// When a read reaches an ELF program's head, fetch its loader and libraries at once.
+    pub loader_prefetch: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +240,7 @@ impl Default for FetchSection {
             read_timeout_secs: fs.read_timeout.as_secs(),
             max_request_bytes: FetchConfig::default().max_request,
             fuse_threads: fs.threads,
+            loader_prefetch: FetchConfig::default().loader_prefetch,
         }
     }
 }
@@ -326,6 +330,7 @@ impl Config {
             },
             fetch: FetchConfig {
                 max_request: self.fetch.max_request_bytes,
+                loader_prefetch: self.fetch.loader_prefetch,
                 ..FetchConfig::default()
             },
             fs: MountOptions {

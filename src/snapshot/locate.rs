@@ -29,7 +29,7 @@ use super::hosts::{Host, Hosts};
 use super::metrics::METRICS;
 use super::remote::{Fallback, RemoteLayer};
 use crate::cache::ChunkCache;
-use crate::fetch::{FetchConfig, LayerFetcher};
+use crate::fetch::{FetchConfig, LayerFetcher, LoaderPrefetch};
 use crate::format;
 use crate::oci::{self, Digest, Reference};
 use crate::profile::lookup::{Lookup, Lookups};
@@ -117,10 +117,12 @@ impl StartupPrefetch {
     }
 }
 
-/// An image manifest and its digest (what its start-up profile is found by).
+/// An image manifest and its digest (what its start-up profile is found by), and the loader
+/// prefetch its layers share.
 struct Manifest {
     digest: Digest,
     json: Value,
+    loader: LoaderPrefetch,
 }
 
 type Pending<T> = Shared<BoxFuture<'static, Result<T, Fallback>>>;
@@ -386,12 +388,13 @@ impl Locator {
         let manifest = manifest?;
         let profile =
             early.unwrap_or_else(|| self.profiles.lookup(client, &reference, manifest.digest));
-        let descriptor = manifest.json["layers"]
+        let (position, descriptor) = manifest.json["layers"]
             .as_array()
             .and_then(|layers| {
                 layers
                     .iter()
-                    .find(|d| d["digest"].as_str() == Some(digest.to_string().as_str()))
+                    .enumerate()
+                    .find(|(_, d)| d["digest"].as_str() == Some(digest.to_string().as_str()))
             })
             .ok_or_else(|| {
                 Fallback::new(
@@ -434,7 +437,13 @@ impl Locator {
             size,
             &toc,
             self.cache.clone(),
-            self.fetch.clone(),
+            FetchConfig {
+                loader: self
+                    .fetch
+                    .loader_prefetch
+                    .then(|| manifest.loader.at(position)),
+                ..self.fetch.clone()
+            },
         );
         let startup = StartupPrefetch::start(fetcher.clone(), toc.clone(), profile);
         Ok(Found {
@@ -557,5 +566,6 @@ async fn fetch_manifest(
     Ok(Arc::new(Manifest {
         digest: fetched.digest,
         json,
+        loader: LoaderPrefetch::new(),
     }))
 }

@@ -1,6 +1,10 @@
 //! Just enough of ELF to find what a dynamically linked program loads before `main`: its program
 //! interpreter (`PT_INTERP`, the dynamic loader), the libraries it names (`DT_NEEDED`) and where it
-//! says to look for them (`DT_RUNPATH`, `DT_RPATH`).
+//! says to look for them (`DT_RUNPATH`, `DT_RPATH`); and how the loader finds those files in an
+//! image's tree ([`resolve`], [`library_paths`]).
+//!
+//! Used twice: `convert --startup-elf` puts an entrypoint's libraries first in its layers, and
+//! lazysnap's fetchers prefetch the libraries of a program as soon as it starts (`fetch::loader`).
 //!
 //! The bytes come from an image, so they are hostile until proven otherwise: every offset, count
 //! and size is checked against the file and against small fixed bounds before anything is read,
@@ -36,6 +40,11 @@ const DT_STRTAB: u64 = 5;
 const DT_STRSZ: u64 = 10;
 const DT_RPATH: u64 = 15;
 const DT_RUNPATH: u64 = 29;
+
+/// The most symlinks followed resolving one path (Linux's own limit).
+pub const MAX_HOPS: usize = 40;
+/// Where the loader looks after `DT_RUNPATH` and `ld.so.conf`.
+pub const DEFAULT_DIRS: [&str; 4] = ["/lib64", "/usr/lib64", "/lib", "/usr/lib"];
 
 /// Reads `len` bytes at `offset` of the file; `None` if they are not all there.
 pub type ReadAt<'a> = dyn Fn(u64, usize) -> Option<Vec<u8>> + 'a;
@@ -214,6 +223,76 @@ pub fn parse(read: &ReadAt<'_>, size: u64) -> Option<ElfInfo> {
             .collect();
     }
     Some(info)
+}
+
+/// One name of a tree, as path resolution sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    /// A regular file (or a hard link to one): where resolution ends.
+    File,
+    /// A symbolic link and its target.
+    Symlink(String),
+    /// A directory, or anything else.
+    Other,
+}
+
+/// Resolves the absolute or root-relative `path` in a tree that `entry` describes (root-relative
+/// names, no symlink followed, `None` for a name the tree lacks or hides), following symlinks
+/// inside that tree, never on the host: a link's target is data. Returns where the regular file
+/// it ends at lies (what `entry` said with it) and its name; `None` past [`MAX_HOPS`] links.
+pub fn resolve<L>(path: &str, entry: impl Fn(&str) -> Option<(L, Node)>) -> Option<(L, String)> {
+    let mut pending: std::collections::VecDeque<String> =
+        path.split('/').map(str::to_owned).collect();
+    let mut at: Vec<String> = Vec::new();
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        match part.as_str() {
+            "" | "." => continue,
+            ".." => {
+                at.pop();
+                continue;
+            }
+            _ => {}
+        }
+        at.push(part);
+        if let (_, Node::Symlink(target)) = entry(&at.join("/"))? {
+            hops += 1;
+            if hops > MAX_HOPS {
+                return None;
+            }
+            at.pop();
+            if target.starts_with('/') {
+                at.clear();
+            }
+            for part in target.split('/').rev() {
+                pending.push_front(part.to_owned());
+            }
+        }
+    }
+    let name = at.join("/");
+    match entry(&name)? {
+        (found, Node::File) => Some((found, name)),
+        _ => None,
+    }
+}
+
+/// Where the loader looks for the library `lib` that the object `origin_dir/…` (described by
+/// `info`) needs, in order: `lib` itself when it has a slash, else `DT_RUNPATH`/`DT_RPATH` (with
+/// `$ORIGIN` expanded), then `dirs` (`ld.so.conf`'s, or a fixed list), then [`DEFAULT_DIRS`].
+pub fn library_paths(info: &ElfInfo, lib: &str, origin_dir: &str, dirs: &[String]) -> Vec<String> {
+    if lib.contains('/') {
+        return vec![lib.to_owned()];
+    }
+    info.search
+        .iter()
+        .map(|d| {
+            d.replace("$ORIGIN", origin_dir)
+                .replace("${ORIGIN}", origin_dir)
+        })
+        .chain(dirs.iter().cloned())
+        .chain(DEFAULT_DIRS.iter().map(|d| (*d).to_owned()))
+        .map(|d| format!("{}/{lib}", d.trim_end_matches('/')))
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,359 @@
+//! The dynamic loader's reads, fetched before it asks for them.
+//!
+//! Without a start-up profile, a program starts as a chain of misses, one round trip each: the
+//! kernel reads the program's head, then the loader reads its dynamic section and each library it
+//! links, one after another, and each library's own (python3: the interpreter, its second chunk,
+//! libm, libz, libexpat, libc). When a read reaches the first chunk of a file that may be an ELF
+//! object, this module parses its headers ([`crate::elf`]), finds the loader and the libraries it
+//! names in the image's merged tree (every layer of the image, top first; symlinks followed as
+//! data, inside the tree), and fetches at once what the loader reads of each: the chunks holding
+//! its headers, dynamic section and strings; then does the same for those libraries. The chain's
+//! round trips overlap instead of adding up.
+//!
+//! A hint, and bounded: at most [`MAX_OBJECTS`] objects per image, [`MAX_ROUNDS`] fetches of at
+//! most [`MAX_CHUNKS_PER_ROUND`] chunks per object, each chunk verified as every chunk is. An
+//! image's headers can only make its own layers' chunks be fetched. Whiteouts of a file are
+//! honoured, opaque directories are not: a library an upper layer hides that way costs its
+//! fetched bytes, nothing else. The fetches count as `prefetch` bytes; they are not reads, so a
+//! recorded profile does not list them.
+//!
+//! Owns: finding an image's libraries from the ELF objects its reads reach. Does not own: ELF
+//! parsing and path resolution ([`crate::elf`]), range requests (the fetcher).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use bytes::Bytes;
+
+use super::plan::plan_ranges;
+use super::{lock, Inner, Kind, LayerFetcher, SharedRange};
+use crate::elf::{self, ElfInfo, Node};
+use crate::format::{Chunk, EntryKind, Toc, TocEntry};
+use crate::fs::ChunkError;
+use crate::metrics::METRICS;
+use crate::oci::Digest;
+
+/// The most objects (programs, loaders, libraries) examined for one image.
+pub const MAX_OBJECTS: usize = 256;
+/// The most fetches one object's headers may take (header, program headers, dynamic section,
+/// strings: four in the worst case).
+pub const MAX_ROUNDS: usize = 6;
+/// The most chunks one round may fetch (a header range spans one or two).
+pub const MAX_CHUNKS_PER_ROUND: usize = 4;
+/// The smallest file that can hold an ELF header.
+const MIN_ELF: u64 = 52;
+/// Where the loader finds libraries on the distributions images are built from: the multiarch
+/// directories (Debian, Ubuntu: named by `ld.so.conf.d`, which this does not read) and
+/// `/usr/local/lib`; [`elf::DEFAULT_DIRS`] follow.
+const LIBRARY_DIRS: [&str; 5] = [
+    "/usr/local/lib",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+];
+
+/// One image's loader prefetch, shared by the fetchers of its layers (cheap to clone); each
+/// fetcher gets it through [`super::FetchConfig::loader`], placed with [`Self::at`].
+#[derive(Clone, Default)]
+pub struct LoaderPrefetch {
+    image: Arc<Image>,
+    /// Where the layer of the fetcher made with this lies in the image (0: bottom).
+    position: usize,
+}
+
+impl std::fmt::Debug for LoaderPrefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoaderPrefetch")
+            .field("position", &self.position)
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct Image {
+    /// The image's layers that have a fetcher, with their positions.
+    layers: Mutex<Vec<(usize, Arc<LayerView>)>>,
+    /// Objects examined (or being examined), by layer blob and entry.
+    examined: Mutex<HashSet<(Digest, usize)>>,
+}
+
+/// One layer as the loader prefetch sees it.
+struct LayerView {
+    blob: Digest,
+    toc: Arc<Toc>,
+    fetcher: Weak<Inner>,
+    /// The first chunk of each file that may be an ELF object, to the file's entry.
+    heads: HashMap<Digest, usize>,
+    /// Entry indices sorted by name, made at the first lookup (not on the mount's path).
+    by_name: OnceLock<Vec<u32>>,
+}
+
+/// A fetcher's part: its image, and its layer there.
+pub(super) struct LoaderLayer {
+    image: Arc<Image>,
+    view: Arc<LayerView>,
+}
+
+impl LoaderPrefetch {
+    /// A new image's.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The same image's, for the layer at `position` (0: bottom).
+    pub fn at(&self, position: usize) -> Self {
+        Self {
+            image: self.image.clone(),
+            position,
+        }
+    }
+
+    /// Registers a fetcher's layer.
+    pub(super) fn layer(&self, blob: Digest, toc: &Arc<Toc>, fetcher: Weak<Inner>) -> LoaderLayer {
+        let heads = toc
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| may_be_elf(e))
+            .filter_map(|(i, e)| Some((e.chunks.first()?.digest, i)))
+            .collect();
+        let view = Arc::new(LayerView {
+            blob,
+            toc: toc.clone(),
+            fetcher,
+            heads,
+            by_name: OnceLock::new(),
+        });
+        lock(&self.image.layers).push((self.position, view.clone()));
+        LoaderLayer {
+            image: self.image.clone(),
+            view,
+        }
+    }
+}
+
+/// A regular file whose first chunk is real content, big enough for an ELF header, executable or
+/// named like a shared object.
+fn may_be_elf(e: &TocEntry) -> bool {
+    matches!(e.kind, EntryKind::Reg | EntryKind::Hardlink)
+        && e.size >= MIN_ELF
+        && e.chunks
+            .first()
+            .is_some_and(|c| c.file_offset == 0 && !c.zeros)
+        && (e.mode & 0o111 != 0 || e.name.contains(".so"))
+}
+
+impl LoaderLayer {
+    /// A read asked for `chunk`: if it starts a file that may be an ELF object, examine it.
+    pub(super) fn note(&self, chunk: &Chunk) {
+        if let Some(&entry) = self.view.heads.get(&chunk.digest) {
+            examine(&self.image, &self.view, entry);
+        }
+    }
+}
+
+/// Starts examining `entry` of `view` unless it was (or the image's bound is reached).
+fn examine(image: &Arc<Image>, view: &Arc<LayerView>, entry: usize) {
+    {
+        let mut examined = lock(&image.examined);
+        if examined.len() >= MAX_OBJECTS || !examined.insert((view.blob, entry)) {
+            return;
+        }
+    }
+    let (image, view) = (image.clone(), view.clone());
+    tokio::spawn(async move {
+        let Some(info) = headers(&view, entry).await else {
+            return;
+        };
+        METRICS.loader_objects.with_label_values(&["parsed"]).inc();
+        let name = &view.toc.entries[entry].name;
+        let origin = format!("/{}", name.rsplit_once('/').map_or("", |(d, _)| d));
+        let dirs: Vec<String> = LIBRARY_DIRS.iter().map(|d| (*d).to_owned()).collect();
+        let mut wanted: Vec<Vec<String>> = info.interp.iter().map(|i| vec![i.clone()]).collect();
+        wanted.extend(
+            info.needed
+                .iter()
+                .map(|lib| elf::library_paths(&info, lib, &origin, &dirs)),
+        );
+        let tree = Tree::of(&image);
+        for paths in wanted {
+            match paths.iter().find_map(|p| tree.resolve(p)) {
+                Some(((layer, object), _)) => {
+                    METRICS.loader_objects.with_label_values(&["found"]).inc();
+                    examine(&image, &tree.layers[layer], object);
+                }
+                None => METRICS.loader_objects.with_label_values(&["missing"]).inc(),
+            }
+        }
+    });
+}
+
+/// The ELF headers of `entry`, its chunks fetched as the parser asks for them.
+async fn headers(view: &LayerView, entry: usize) -> Option<ElfInfo> {
+    let e = &view.toc.entries[entry];
+    let fetcher = LayerFetcher {
+        inner: view.fetcher.upgrade()?,
+    };
+    let mut have: HashMap<u64, Bytes> = HashMap::new();
+    for _ in 0..MAX_ROUNDS {
+        let mut missing = match parse_with(e, &have) {
+            Ok(info) => return Some(info),
+            Err(missing) => missing,
+        };
+        missing.sort_by_key(|c| c.file_offset);
+        missing.dedup_by_key(|c| c.file_offset);
+        if missing.is_empty() || missing.len() > MAX_CHUNKS_PER_ROUND {
+            return None;
+        }
+        let data = fetcher.fetch_unread(&missing).await.ok()?;
+        have.extend(missing.iter().map(|c| c.file_offset).zip(data));
+    }
+    None
+}
+
+/// Parses `e`'s headers from the chunks in `have`, or says which chunks the parser missed
+/// (none: not a well-formed ELF object).
+fn parse_with(e: &TocEntry, have: &HashMap<u64, Bytes>) -> Result<ElfInfo, Vec<Chunk>> {
+    let missing = RefCell::new(Vec::new());
+    let read = |offset: u64, len: usize| read_at(e, have, &missing, offset, len);
+    elf::parse(&read, e.size).ok_or_else(|| missing.take())
+}
+
+/// `len` bytes at `offset` of `e` from the chunks in `have`; the chunks it lacks are added to
+/// `missing` (zero runs never are: headers are not in one).
+fn read_at(
+    e: &TocEntry,
+    have: &HashMap<u64, Bytes>,
+    missing: &RefCell<Vec<Chunk>>,
+    offset: u64,
+    len: usize,
+) -> Option<Vec<u8>> {
+    let end = offset
+        .checked_add(len as u64)
+        .filter(|&end| end <= e.size)?;
+    let mut out = Vec::with_capacity(len);
+    let mut complete = true;
+    for c in &e.chunks {
+        let c_end = c.file_offset.saturating_add(c.size);
+        if c_end <= offset || c.file_offset >= end {
+            continue;
+        }
+        match have.get(&c.file_offset) {
+            Some(data) if complete && !c.zeros => {
+                let from = offset.max(c.file_offset) - c.file_offset;
+                let to = end.min(c_end) - c.file_offset;
+                out.extend_from_slice(data.get(from as usize..to as usize)?);
+            }
+            _ if c.zeros => return None,
+            Some(_) => {}
+            None => {
+                complete = false;
+                missing.borrow_mut().push(c.clone());
+            }
+        }
+    }
+    (complete && out.len() == len).then_some(out)
+}
+
+/// The image's layers stacked, top first, as path resolution sees them.
+struct Tree {
+    layers: Vec<Arc<LayerView>>,
+}
+
+impl Tree {
+    fn of(image: &Image) -> Self {
+        let mut layers = lock(&image.layers).clone();
+        layers.sort_by(|a, b| b.0.cmp(&a.0));
+        Self {
+            layers: layers.into_iter().map(|(_, v)| v).collect(),
+        }
+    }
+
+    /// Resolves `path`: which layer (index in `self.layers`) and entry the file is.
+    fn resolve(&self, path: &str) -> Option<((usize, usize), String)> {
+        elf::resolve(path, |name| self.entry(name))
+    }
+
+    /// The topmost entry named `name`, unless a layer above it whites it out.
+    fn entry(&self, name: &str) -> Option<((usize, usize), Node)> {
+        let whiteout = match name.rsplit_once('/') {
+            Some((dir, base)) => format!("{dir}/.wh.{base}"),
+            None => format!(".wh.{name}"),
+        };
+        for (i, view) in self.layers.iter().enumerate() {
+            if let Some(at) = view.find(name) {
+                let e = &view.toc.entries[at];
+                let node = match e.kind {
+                    EntryKind::Reg | EntryKind::Hardlink => Node::File,
+                    EntryKind::Symlink => Node::Symlink(e.link_name.clone()),
+                    _ => Node::Other,
+                };
+                return Some(((i, at), node));
+            }
+            if view.find(&whiteout).is_some() {
+                return None;
+            }
+        }
+        None
+    }
+}
+
+impl LayerView {
+    fn find(&self, name: &str) -> Option<usize> {
+        let entries = &self.toc.entries;
+        let by_name = self.by_name.get_or_init(|| {
+            let mut order: Vec<u32> = (0..entries.len() as u32).collect();
+            order.sort_by(|&a, &b| entries[a as usize].name.cmp(&entries[b as usize].name));
+            order
+        });
+        by_name
+            .binary_search_by(|&i| entries[i as usize].name.as_str().cmp(name))
+            .ok()
+            .map(|at| by_name[at] as usize)
+    }
+}
+
+impl LayerFetcher {
+    /// The verified bytes of `chunks`, from the cache, requests in flight, or new range requests
+    /// (counted as prefetch), without noting them as reads: no read asked for them.
+    async fn fetch_unread(&self, chunks: &[Chunk]) -> Result<Vec<Bytes>, ChunkError> {
+        let inner = &self.inner;
+        let mut out: Vec<Option<Bytes>> = chunks
+            .iter()
+            .map(|c| inner.cache.get(&c.digest).ok().flatten())
+            .collect();
+        let mut waits: Vec<(usize, SharedRange)> = Vec::new();
+        {
+            let mut inflight = lock(&inner.inflight);
+            let mut plan: Vec<Chunk> = Vec::new();
+            for (i, c) in chunks.iter().enumerate().filter(|(i, _)| out[*i].is_none()) {
+                match inflight.get(&c.digest) {
+                    Some(f) => waits.push((i, f.range.clone())),
+                    None if !plan.iter().any(|p| p.digest == c.digest) => plan.push(c.clone()),
+                    None => {}
+                }
+            }
+            plan.sort_by_key(|c| (c.compressed_start, c.inner_offset));
+            for span in plan_ranges(&plan, inner.config.max_request, inner.config.max_gap) {
+                let digests: Vec<Digest> = span.chunks.iter().map(|c| c.digest).collect();
+                let range = self.start_range_locked(&mut inflight, span, Kind::Prefetch);
+                for (i, c) in chunks.iter().enumerate() {
+                    if out[i].is_none() && digests.contains(&c.digest) {
+                        waits.push((i, range.clone()));
+                    }
+                }
+            }
+        }
+        for (i, range) in waits {
+            out[i] = range.await?.get(&chunks[i].digest).cloned();
+        }
+        out.into_iter()
+            .zip(chunks)
+            .map(|(data, c)| {
+                data.ok_or_else(|| ChunkError(format!("chunk {} failed verification", c.digest)))
+            })
+            .collect()
+    }
+}

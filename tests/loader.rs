@@ -1,0 +1,206 @@
+//! The loader prefetch with real parts: a real registry, kernel FUSE and overlayfs, and the host's
+//! own `ls` and the libraries it links (the oracle for their bytes). Reading a program's head
+//! must fetch its loader and libraries, found in other layers through the image's symlinks,
+//! before anything reads them; a library an upper layer whites out must not be fetched; a file
+//! with an ELF magic and junk headers must cost nothing. Every mount is torn down by a guard.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use common::image::{self, LayoutBuilder};
+use common::registry::TestRegistry;
+use common::{mounts_below, UnmountOnDrop};
+use lazysnap::fetch::LayerFetcher;
+use lazysnap::mount::{self, MountConfig};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
+const LIB_DIR: &str = "usr/lib/x86_64-linux-gnu";
+/// What the host's `/usr/bin/ls` links (Debian 12): the loader finds each in the image.
+const FOUND: [&str; 3] = ["ld-linux-x86-64.so.2", "libc.so.6", "libselinux.so.1"];
+/// What libselinux links, which the top layer whites out.
+const HIDDEN: &str = "libpcre2-8.so.0";
+
+fn host_lib(name: &str) -> std::path::PathBuf {
+    Path::new("/lib/x86_64-linux-gnu").join(name)
+}
+
+/// Three layers: the loader and libraries at the bottom (reached through merged-/usr symlinks,
+/// as Debian lays them out), a library in the middle, and at the top `ls`, a whiteout of the
+/// middle layer's library, and a file with an ELF magic and junk after it.
+fn image_layout(dir: &Path) -> Result<LayoutBuilder> {
+    let trees = tempfile::tempdir()?;
+    let (bottom, middle, top) = (
+        trees.path().join("bottom"),
+        trees.path().join("middle"),
+        trees.path().join("top"),
+    );
+    std::fs::create_dir_all(bottom.join(LIB_DIR))?;
+    std::fs::create_dir_all(bottom.join("usr/lib64"))?;
+    std::os::unix::fs::symlink("usr/lib", bottom.join("lib"))?;
+    std::os::unix::fs::symlink("usr/lib64", bottom.join("lib64"))?;
+    std::os::unix::fs::symlink(
+        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        bottom.join("usr/lib64/ld-linux-x86-64.so.2"),
+    )?;
+    for lib in FOUND {
+        std::fs::copy(host_lib(lib), bottom.join(LIB_DIR).join(lib))?;
+    }
+    std::fs::create_dir_all(middle.join(LIB_DIR))?;
+    std::fs::copy(host_lib(HIDDEN), middle.join(LIB_DIR).join(HIDDEN))?;
+    std::fs::create_dir_all(top.join("usr/bin"))?;
+    std::fs::create_dir_all(top.join(LIB_DIR))?;
+    std::fs::create_dir_all(top.join("etc"))?;
+    std::fs::copy("/usr/bin/ls", top.join("usr/bin/ls"))?;
+    std::fs::write(top.join(LIB_DIR).join(format!(".wh.{HIDDEN}")), b"")?;
+    let mut junk = b"\x7fELF\x02\x01\x01".to_vec();
+    junk.extend(image::noise(8192, 7));
+    std::fs::write(top.join("usr/bin/junk"), &junk)?;
+    Command::new("chmod")
+        .args(["755"])
+        .arg(top.join("usr/bin/junk"))
+        .status()?;
+    std::fs::write(top.join("etc/hostname"), b"loader\n")?;
+    let layout = LayoutBuilder::new(dir)?;
+    let tars = [
+        image::tar_dir(&bottom)?,
+        image::tar_dir(&middle)?,
+        image::tar_dir(&top)?,
+    ];
+    let desc = layout.image(&tars, "amd64")?;
+    layout.tags(&[("src", desc)])?;
+    Ok(layout)
+}
+
+/// The first `len` bytes of `path`, read in a blocking thread (the FUSE server runs on ours).
+async fn head(path: std::path::PathBuf, len: usize) -> Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        std::fs::File::open(&path)?.read_exact(&mut buf)?;
+        Ok(buf)
+    })
+    .await?
+}
+
+async fn read(path: std::path::PathBuf) -> Result<Vec<u8>> {
+    Ok(tokio::task::spawn_blocking(move || std::fs::read(path)).await??)
+}
+
+fn load(
+    fetcher: &LayerFetcher,
+    what: fn(&lazysnap::fetch::FetchStats) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    what(fetcher.stats()).load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reading_a_programs_head_fetches_its_loader_and_libraries_from_the_layers_below(
+) -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
+    let layout = image_layout(&work.path().join("src"))?;
+    let reference = format!("{}/sample/loader:v1", registry.addr);
+    image::run(
+        Command::new(BIN)
+            .args(["convert", "--format", "zstd-chunked"])
+            .arg(format!("oci:{}:src", layout.dir.display()))
+            .arg(&reference),
+    )?;
+
+    let target = work.path().join("mnt");
+    std::fs::create_dir_all(&target)?;
+    let mut config = MountConfig::new(work.path().join("root"));
+    config.background_fetch = false;
+    let mounted = mount::mount_image(&reference.parse()?, &target, &config).await?;
+    let layers: Vec<&LayerFetcher> = mounted.fetchers().collect();
+    ensure!(layers.len() == 3, "three lazy layers");
+    let (bottom, middle, top) = (layers[0], layers[1], layers[2]);
+    ensure!(bottom.stats().bytes() == 0, "nothing fetched at mount");
+
+    // The kernel's first read of a program at exec: its head, nothing below it.
+    let ls = std::fs::read("/usr/bin/ls")?;
+    assert_eq!(head(target.join("usr/bin/ls"), 4096).await?, ls[..4096]);
+    let start = Instant::now();
+    while !bottom.is_complete() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the loader and libraries were not fetched after the program's head was read: \
+             bottom layer {} bytes fetched",
+            bottom.stats().bytes()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(
+        load(bottom, |s| &s.on_demand_bytes) == 0 && load(bottom, |s| &s.prefetch_bytes) > 0,
+        "the bottom layer's libraries came as prefetch, before any read"
+    );
+    assert_eq!(
+        middle.stats().bytes(),
+        0,
+        "a library the top layer whites out is not fetched"
+    );
+    for lib in FOUND {
+        assert_eq!(
+            read(target.join(LIB_DIR).join(lib)).await?,
+            std::fs::read(host_lib(lib))?,
+            "{lib} reads as the host's copy"
+        );
+    }
+    assert_eq!(
+        load(bottom, |s| &s.on_demand_requests),
+        0,
+        "the libraries were read from the cache"
+    );
+
+    // Junk after an ELF magic: parsed, refused, nothing else fetched; the mount serves on.
+    let before = bottom.stats().bytes() + middle.stats().bytes();
+    let junk = read(target.join("usr/bin/junk")).await?;
+    ensure!(junk.starts_with(b"\x7fELF"), "the junk file reads back");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(bottom.stats().bytes() + middle.stats().bytes(), before);
+    assert_eq!(read(target.join("etc/hostname")).await?, b"loader\n");
+    ensure!(top.stats().bytes() > 0, "the top layer was read");
+    mounted.unmount()?;
+    ensure!(mounts_below(work.path()).is_empty(), "no mount left");
+    Ok(())
+}
+
+/// Off (`[fetch] loader_prefetch = false`), a program's head fetches nothing below it: the
+/// control for the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_loader_prefetch_off_a_programs_head_fetches_nothing_else() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let _cleanup = UnmountOnDrop(work.path().to_owned());
+    let layout = image_layout(&work.path().join("src"))?;
+    let reference = format!("{}/sample/loader-off:v1", registry.addr);
+    image::run(
+        Command::new(BIN)
+            .args(["convert", "--format", "zstd-chunked"])
+            .arg(format!("oci:{}:src", layout.dir.display()))
+            .arg(&reference),
+    )?;
+    let target = work.path().join("mnt");
+    std::fs::create_dir_all(&target)?;
+    let mut config = MountConfig::new(work.path().join("root"));
+    config.background_fetch = false;
+    config.fetch.loader_prefetch = false;
+    let mounted = mount::mount_image(&reference.parse()?, &target, &config).await?;
+    let bottom = mounted.fetchers().next().context("a lazy layer")?;
+    head(target.join("usr/bin/ls"), 4096).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        bottom.stats().bytes(),
+        0,
+        "nothing below the program fetched"
+    );
+    mounted.unmount()?;
+    ensure!(mounts_below(work.path()).is_empty(), "no mount left");
+    Ok(())
+}
