@@ -100,9 +100,8 @@ struct Segment {
     filesz: u64,
 }
 
-/// Parses the headers of the ELF file of `size` bytes that `read` reads. `None` for anything that
-/// is not a well-formed ELF file within the bounds above.
-pub fn parse(read: &ReadAt<'_>, size: u64) -> Option<ElfInfo> {
+/// The ELF header's layout and the program headers of the file of `size` bytes `read` reads.
+fn segments(read: &ReadAt<'_>, size: u64) -> Option<(Layout, Vec<Segment>)> {
     let ident = read(0, 64.min(size as usize))?;
     if ident.len() < 52 || ident.get(0..4)? != b"\x7fELF" {
         return None;
@@ -157,22 +156,50 @@ pub fn parse(read: &ReadAt<'_>, size: u64) -> Option<ElfInfo> {
             filesz,
         });
     }
-    let in_file = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= size);
-    let string_at = |offset: u64, limit: u64| -> Option<String> {
-        let len = (MAX_STRING as u64)
-            .min(limit)
-            .min(size.checked_sub(offset)?);
-        let bytes = read(offset, len as usize)?;
-        let end = bytes.iter().position(|&b| b == 0)?;
-        let s = std::str::from_utf8(&bytes[..end]).ok()?;
-        (!s.is_empty()).then(|| s.to_owned())
-    };
-    let mut info = ElfInfo::default();
-    if let Some(interp) = segments.iter().find(|s| s.kind == PT_INTERP) {
-        if in_file(interp.offset, interp.filesz) {
-            info.interp = string_at(interp.offset, interp.filesz);
-        }
+    Some((l, segments))
+}
+
+/// The NUL-terminated string at `offset`, at most `limit` (and [`MAX_STRING`]) bytes, inside the
+/// file; `None` if empty, unterminated or not UTF-8.
+fn string_at(read: &ReadAt<'_>, size: u64, offset: u64, limit: u64) -> Option<String> {
+    let len = (MAX_STRING as u64)
+        .min(limit)
+        .min(size.checked_sub(offset)?);
+    let bytes = read(offset, len as usize)?;
+    let end = bytes.iter().position(|&b| b == 0)?;
+    let s = std::str::from_utf8(&bytes[..end]).ok()?;
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+fn in_file(size: u64, offset: u64, len: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= size)
+}
+
+fn interp_of(read: &ReadAt<'_>, size: u64, segments: &[Segment]) -> Option<String> {
+    let interp = segments.iter().find(|s| s.kind == PT_INTERP)?;
+    if !in_file(size, interp.offset, interp.filesz) {
+        return None;
     }
+    string_at(read, size, interp.offset, interp.filesz)
+}
+
+/// The program interpreter alone (`PT_INTERP`): it needs only the ELF and program headers, the
+/// first bytes of a program, so the loader can be fetched before the dynamic section is in.
+pub fn interpreter(read: &ReadAt<'_>, size: u64) -> Option<String> {
+    let (_, segments) = segments(read, size)?;
+    interp_of(read, size, &segments)
+}
+
+/// Parses the headers of the ELF file of `size` bytes that `read` reads. `None` for anything that
+/// is not a well-formed ELF file within the bounds above.
+pub fn parse(read: &ReadAt<'_>, size: u64) -> Option<ElfInfo> {
+    let (l, segments) = segments(read, size)?;
+    let in_file = |offset: u64, len: u64| in_file(size, offset, len);
+    let string_at = |offset: u64, limit: u64| string_at(read, size, offset, limit);
+    let mut info = ElfInfo {
+        interp: interp_of(read, size, &segments),
+        ..ElfInfo::default()
+    };
     let Some(dynamic) = segments.iter().find(|s| s.kind == PT_DYNAMIC) else {
         return Some(info);
     };

@@ -41,6 +41,8 @@ pub const MAX_OBJECTS: usize = 256;
 pub const MAX_ROUNDS: usize = 6;
 /// The most chunks one round may fetch (a header range spans one or two).
 pub const MAX_CHUNKS_PER_ROUND: usize = 4;
+/// What the dynamic loader reads before any library: fetched with the loader.
+const LD_SO_CACHE: &str = "/etc/ld.so.cache";
 /// The smallest file that can hold an ELF header.
 const MIN_ELF: u64 = 52;
 /// Where the loader finds libraries on the distributions images are built from: the multiarch
@@ -164,6 +166,15 @@ fn examine(image: &Arc<Image>, view: &Arc<LayerView>, entry: usize) {
     }
     let (image, view) = (image.clone(), view.clone());
     tokio::spawn(async move {
+        // The loader and its cache first: they need only the program's head, which the read
+        // that got here brings, not the dynamic section that may lie in a later chunk.
+        let interp = interpreter(&view, entry).await;
+        if let Some(interp) = &interp {
+            fetch_first(
+                &image,
+                &[vec![interp.clone()], vec![LD_SO_CACHE.to_owned()]],
+            );
+        }
         let Some(info) = headers(&view, entry).await else {
             return;
         };
@@ -171,23 +182,51 @@ fn examine(image: &Arc<Image>, view: &Arc<LayerView>, entry: usize) {
         let name = &view.toc.entries[entry].name;
         let origin = format!("/{}", name.rsplit_once('/').map_or("", |(d, _)| d));
         let dirs: Vec<String> = LIBRARY_DIRS.iter().map(|d| (*d).to_owned()).collect();
-        let mut wanted: Vec<Vec<String>> = info.interp.iter().map(|i| vec![i.clone()]).collect();
+        let mut wanted: Vec<Vec<String>> = info
+            .interp
+            .iter()
+            .filter(|i| interp.as_ref() != Some(*i))
+            .map(|i| vec![i.clone()])
+            .collect();
         wanted.extend(
             info.needed
                 .iter()
                 .map(|lib| elf::library_paths(&info, lib, &origin, &dirs)),
         );
-        let tree = Tree::of(&image);
-        for paths in wanted {
-            match paths.iter().find_map(|p| tree.resolve(p)) {
-                Some(((layer, object), _)) => {
-                    METRICS.loader_objects.with_label_values(&["found"]).inc();
-                    examine(&image, &tree.layers[layer], object);
-                }
-                None => METRICS.loader_objects.with_label_values(&["missing"]).inc(),
-            }
-        }
+        fetch_first(&image, &wanted);
     });
+}
+
+/// For each list of candidate paths, examines (so fetches the head of) the first that resolves
+/// in the image.
+fn fetch_first(image: &Arc<Image>, wanted: &[Vec<String>]) {
+    let tree = Tree::of(image);
+    for paths in wanted {
+        match paths.iter().find_map(|p| tree.resolve(p)) {
+            Some(((layer, object), _)) => {
+                METRICS.loader_objects.with_label_values(&["found"]).inc();
+                examine(image, &tree.layers[layer], object);
+            }
+            None => METRICS.loader_objects.with_label_values(&["missing"]).inc(),
+        }
+    }
+}
+
+/// The program interpreter of `entry`, from its first chunk alone.
+async fn interpreter(view: &LayerView, entry: usize) -> Option<String> {
+    let e = &view.toc.entries[entry];
+    let first = e.chunks.first()?.clone();
+    let fetcher = LayerFetcher {
+        inner: view.fetcher.upgrade()?,
+    };
+    let data = fetcher
+        .fetch_unread(std::slice::from_ref(&first))
+        .await
+        .ok()?;
+    let have: HashMap<u64, Bytes> = [(first.file_offset, data.into_iter().next()?)].into();
+    let missing = RefCell::new(Vec::new());
+    let read = |offset: u64, len: usize| read_at(e, &have, &missing, offset, len);
+    elf::interpreter(&read, e.size)
 }
 
 /// The ELF headers of `entry`, its chunks fetched as the parser asks for them.

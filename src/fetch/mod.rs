@@ -10,6 +10,7 @@
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
 mod access;
+mod directory;
 mod loader;
 mod local;
 mod plan;
@@ -157,6 +158,9 @@ pub struct FetchConfig {
     pub scheduler: Scheduler,
     /// Where to note every chunk read (`lazysnap profile record`); none otherwise.
     pub access: Option<AccessLog>,
+    /// When reads miss two files of one directory, fetch the rest of its small files at once
+    /// (see [`directory`]).
+    pub directory_read_ahead: bool,
     /// Whether mounts give their fetchers a [`LoaderPrefetch`] (see [`Self::loader`]).
     pub loader_prefetch: bool,
     /// The image's loader prefetch, placed at this layer ([`LoaderPrefetch::at`]): the
@@ -173,6 +177,7 @@ impl Default for FetchConfig {
             deadline: Duration::from_secs(30),
             scheduler: Scheduler::default(),
             access: None,
+            directory_read_ahead: true,
             loader_prefetch: true,
             loader: None,
         }
@@ -292,6 +297,8 @@ struct Inner {
     access: Option<Arc<access::LayerLog>>,
     /// This layer's part of [`FetchConfig::loader`].
     loader: Option<loader::LoaderLayer>,
+    /// With [`FetchConfig::directory_read_ahead`]: the layer's directories of small files.
+    directories: Option<directory::Directories>,
 }
 
 /// The distinct compressed frames reads needed, and their total size.
@@ -342,6 +349,9 @@ impl LayerFetcher {
                     .loader
                     .as_ref()
                     .map(|l| l.layer(blob, toc, me.clone())),
+                directories: config
+                    .directory_read_ahead
+                    .then(|| directory::Directories::new(toc, &chunks)),
                 client,
                 reference,
                 blob,
@@ -584,6 +594,25 @@ impl LayerFetcher {
         requests
     }
 
+    /// A read missed `chunk` (its request just planned): start its directory's read-ahead if
+    /// that makes two missed files there (see [`directory`]).
+    fn read_ahead_directory(&self, inflight: &mut HashMap<Digest, Inflight>, chunk: &Chunk) {
+        let inner = &self.inner;
+        let Some(directories) = &inner.directories else {
+            return;
+        };
+        let wanted: Vec<Chunk> = directories
+            .missed(chunk, &inner.chunks)
+            .into_iter()
+            .map(|i| inner.chunks[i as usize].clone())
+            .filter(|c| !inflight.contains_key(&c.digest) && !inner.cache.contains(&c.digest))
+            .collect();
+        for span in plan_ranges(&wanted, inner.config.max_request, inner.config.max_gap) {
+            // Readers of these chunks join the request through the in-flight map.
+            drop(self.start_range_locked(inflight, span, Kind::Prefetch));
+        }
+    }
+
     /// Starts the fetch of one planned range and registers its chunks as in flight.
     fn start_range(&self, span: Span, kind: Kind) -> SharedRange {
         let mut inflight = lock(&self.inner.inflight);
@@ -754,6 +783,7 @@ impl ChunkSource for LayerFetcher {
                         let held = |d: &Digest| inflight.contains_key(d) || inner.cache.contains(d);
                         let span = plan::span_around(&inner.chunks, &chunk, &inner.config, held);
                         let range = this.start_range_locked(&mut inflight, span, Kind::OnDemand);
+                        this.read_ahead_directory(&mut inflight, &chunk);
                         // The span starts with this chunk, so it was just registered.
                         let Some(early) = inflight.get(&chunk.digest).map(|f| f.early.clone())
                         else {

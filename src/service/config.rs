@@ -19,6 +19,7 @@
 //! max_request_bytes = 4194304
 //! fuse_threads = 2
 //! loader_prefetch = true               # fetch the libraries a program links when it starts
+//! directory_read_ahead = true          # two missed files of a directory fetch its small files
 //!
 //! [registry]
 //! plain_http = false                   # loopback registries always get plain HTTP
@@ -192,6 +193,8 @@ pub struct FetchSection {
     pub fuse_threads: usize,
     /// When a read reaches an ELF program's head, fetch its loader and libraries at once.
     pub loader_prefetch: bool,
+    /// When reads miss two files of one directory, fetch the rest of its small files at once.
+    pub directory_read_ahead: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +244,7 @@ impl Default for FetchSection {
             max_request_bytes: FetchConfig::default().max_request,
             fuse_threads: fs.threads,
             loader_prefetch: FetchConfig::default().loader_prefetch,
+            directory_read_ahead: FetchConfig::default().directory_read_ahead,
         }
     }
 }
@@ -331,6 +335,7 @@ impl Config {
             fetch: FetchConfig {
                 max_request: self.fetch.max_request_bytes,
                 loader_prefetch: self.fetch.loader_prefetch,
+                directory_read_ahead: self.fetch.directory_read_ahead,
                 ..FetchConfig::default()
             },
             fs: MountOptions {
