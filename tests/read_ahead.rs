@@ -6,29 +6,29 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use common::image::{self, LayoutBuilder};
+use common::image;
+use common::lazy::{mount_layers, read};
 use common::registry::TestRegistry;
 use common::{mounts_below, UnmountOnDrop};
 use lazysnap::fetch::FetchStats;
-use lazysnap::mount::{self, MountConfig};
 
-const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
 /// Files in the module directory: 60 of 20 KB of noise, 1.2 MB in all, far beyond what a
 /// miss's read-ahead of neighbours takes along (256 KiB).
 const MODULES: usize = 60;
+
+const EXTENSION: &str = "lib/mods/_ext.cpython-311-x86_64-linux-gnu.so";
 
 fn module(i: usize) -> String {
     format!("lib/mods/m{i:02}.pyc")
 }
 
-/// One layer: `lib/mods/` (small modules and one large file), then `zz/` (two files).
-fn layout(dir: &Path) -> Result<LayoutBuilder> {
+/// One layer's tar: `lib/mods/` (small modules, a shared object and one large file), then `zz/`
+/// (two files).
+fn layer_tar() -> Result<Vec<u8>> {
     let tree = tempfile::tempdir()?;
     std::fs::create_dir_all(tree.path().join("lib/mods"))?;
     std::fs::create_dir_all(tree.path().join("zz"))?;
@@ -39,43 +39,33 @@ fn layout(dir: &Path) -> Result<LayoutBuilder> {
         tree.path().join("lib/mods/zlarge.bin"),
         image::noise(600_000, 99),
     )?;
+    // A shared object: the loader prefetch's business, never read ahead with its directory.
+    std::fs::write(tree.path().join(EXTENSION), image::noise(50_000, 98))?;
     std::fs::write(tree.path().join("zz/a"), image::noise(30_000, 100))?;
     std::fs::write(tree.path().join("zz/b"), image::noise(30_000, 101))?;
-    let layout = LayoutBuilder::new(dir)?;
-    let desc = layout.image(&[image::tar_dir(tree.path())?], "amd64")?;
-    layout.tags(&[("src", desc)])?;
-    Ok(layout)
+    image::tar_dir(tree.path())
 }
 
 fn load(stats: &FetchStats, what: fn(&FetchStats) -> &std::sync::atomic::AtomicU64) -> u64 {
     what(stats).load(Ordering::Relaxed)
 }
 
-async fn read(path: std::path::PathBuf) -> Result<Vec<u8>> {
-    Ok(tokio::task::spawn_blocking(move || std::fs::read(path)).await??)
-}
-
 /// Mounts the image (`directory_read_ahead` as given), reads `lib/mods/m02` and `m45`, then
-/// every module; returns the layer's on-demand requests after the two reads and after all, and
-/// its bytes fetched.
-async fn read_modules(read_ahead: bool) -> Result<(u64, u64, u64)> {
+/// every module, then the shared object; returns the layer's on-demand requests after the two
+/// reads, after all modules and after the shared object, and its bytes fetched before that.
+async fn read_modules(read_ahead: bool) -> Result<(u64, u64, u64, u64)> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
     let _cleanup = UnmountOnDrop(work.path().to_owned());
-    let layout = layout(&work.path().join("src"))?;
-    let reference = format!("{}/sample/modules:v1", registry.addr);
-    image::run(
-        Command::new(BIN)
-            .args(["convert", "--format", "zstd-chunked"])
-            .arg(format!("oci:{}:src", layout.dir.display()))
-            .arg(&reference),
-    )?;
-    let target = work.path().join("mnt");
-    std::fs::create_dir_all(&target)?;
-    let mut config = MountConfig::new(work.path().join("root"));
-    config.background_fetch = false;
-    config.fetch.directory_read_ahead = read_ahead;
-    let mounted = mount::mount_image(&reference.parse()?, &target, &config).await?;
+    let (mounted, target) = mount_layers(
+        &registry,
+        work.path(),
+        ("modules", &[layer_tar()?], &[]),
+        |c| {
+            c.fetch.directory_read_ahead = read_ahead;
+        },
+    )
+    .await?;
     let stats = mounted.fetchers().next().expect("a lazy layer").stats();
 
     // One file of another directory: a single miss there reads nothing ahead of it.
@@ -99,14 +89,19 @@ async fn read_modules(read_ahead: bool) -> Result<(u64, u64, u64)> {
     }
     let after_all = load(stats, |s| &s.on_demand_requests);
     let bytes = stats.bytes();
+    assert_eq!(
+        read(target.join(EXTENSION)).await?,
+        image::noise(50_000, 98)
+    );
+    let after_extension = load(stats, |s| &s.on_demand_requests);
     mounted.unmount()?;
     ensure!(mounts_below(work.path()).is_empty(), "no mount left");
-    Ok((after_two, after_all, bytes))
+    Ok((after_two, after_all, after_extension, bytes))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_missed_files_of_a_directory_fetch_its_other_small_files() -> Result<()> {
-    let (after_two, after_all, bytes) = read_modules(true).await?;
+    let (after_two, after_all, after_extension, bytes) = read_modules(true).await?;
     assert_eq!(after_two, 3, "zz/a, m02 and m45 each missed once");
     assert_eq!(
         after_all, after_two,
@@ -117,12 +112,17 @@ async fn two_missed_files_of_a_directory_fetch_its_other_small_files() -> Result
         bytes < 1_200_000 + 400_000,
         "{bytes} bytes fetched: more than the small files and the read-ahead of three misses"
     );
+    assert_eq!(
+        after_extension,
+        after_all + 1,
+        "the shared object did not ride along with its directory"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_the_directory_read_ahead_far_modules_are_requests_of_their_own() -> Result<()> {
-    let (after_two, after_all, _) = read_modules(false).await?;
+    let (after_two, after_all, _, _) = read_modules(false).await?;
     assert_eq!(after_two, 3);
     ensure!(
         after_all > after_two + 2,

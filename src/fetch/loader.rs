@@ -75,8 +75,9 @@ impl std::fmt::Debug for LoaderPrefetch {
 
 #[derive(Default)]
 struct Image {
-    /// The image's layers that have a fetcher, with their positions.
-    layers: Mutex<Vec<(usize, Arc<LayerView>)>>,
+    /// The image's layers that have a fetcher, with their positions; a layer's view lives as
+    /// long as its fetcher, so an unmounted layer's TOC is not kept for the others.
+    layers: Mutex<Vec<(usize, Weak<LayerView>)>>,
     /// Objects examined (or being examined), by layer blob and entry.
     examined: Mutex<HashSet<(Digest, usize)>>,
 }
@@ -128,7 +129,10 @@ impl LoaderPrefetch {
             heads,
             by_name: OnceLock::new(),
         });
-        lock(&self.image.layers).push((self.position, view.clone()));
+        let mut layers = lock(&self.image.layers);
+        layers.retain(|(_, v)| v.strong_count() > 0);
+        layers.push((self.position, Arc::downgrade(&view)));
+        drop(layers);
         LoaderLayer {
             image: self.image.clone(),
             view,
@@ -138,7 +142,7 @@ impl LoaderPrefetch {
 
 /// A regular file whose first chunk is real content, big enough for an ELF header, executable or
 /// named like a shared object.
-fn may_be_elf(e: &TocEntry) -> bool {
+pub(super) fn may_be_elf(e: &TocEntry) -> bool {
     matches!(e.kind, EntryKind::Reg | EntryKind::Hardlink)
         && e.size >= MIN_ELF
         && e.chunks
@@ -303,7 +307,10 @@ struct Tree {
 
 impl Tree {
     fn of(image: &Image) -> Self {
-        let mut layers = lock(&image.layers).clone();
+        let mut layers: Vec<(usize, Arc<LayerView>)> = lock(&image.layers)
+            .iter()
+            .filter_map(|(at, v)| Some((*at, v.upgrade()?)))
+            .collect();
         layers.sort_by(|a, b| b.0.cmp(&a.0));
         Self {
             layers: layers.into_iter().map(|(_, v)| v).collect(),

@@ -5,6 +5,7 @@
 pub mod faultproxy;
 pub mod hostile;
 pub mod image;
+pub mod lazy;
 pub mod mount_process;
 pub mod referrers;
 pub mod registry;
