@@ -11,7 +11,8 @@
 //! round trips overlap instead of adding up.
 //!
 //! A hint, and bounded: at most [`MAX_OBJECTS`] objects per image, [`MAX_ROUNDS`] fetches of at
-//! most [`MAX_CHUNKS_PER_ROUND`] chunks per object, each chunk verified as every chunk is. An
+//! most [`MAX_CHUNKS_PER_ROUND`] chunks and [`MAX_HELD`] bytes per object, a few objects at a
+//! time, each chunk verified as every chunk is. An
 //! image's headers can only make its own layers' chunks be fetched. Whiteouts of a file are
 //! honoured, opaque directories are not: a library an upper layer hides that way costs its
 //! fetched bytes, nothing else. The fetches count as `prefetch` bytes; they are not reads, so a
@@ -41,6 +42,11 @@ pub const MAX_OBJECTS: usize = 256;
 pub const MAX_ROUNDS: usize = 6;
 /// The most chunks one round may fetch (a header range spans one or two).
 pub const MAX_CHUNKS_PER_ROUND: usize = 4;
+/// The most uncompressed bytes of chunks one object's parse holds (four of the default 4 MiB):
+/// an image of huge chunks costs its fetches, not the node's memory.
+pub const MAX_HELD: u64 = 16 << 20;
+/// Objects of one image examined at once.
+const SLOTS: usize = 8;
 /// What the dynamic loader reads before any library: fetched with the loader.
 const LD_SO_CACHE: &str = "/etc/ld.so.cache";
 /// The smallest file that can hold an ELF header.
@@ -73,13 +79,24 @@ impl std::fmt::Debug for LoaderPrefetch {
     }
 }
 
-#[derive(Default)]
 struct Image {
     /// The image's layers that have a fetcher, with their positions; a layer's view lives as
     /// long as its fetcher, so an unmounted layer's TOC is not kept for the others.
     layers: Mutex<Vec<(usize, Weak<LayerView>)>>,
     /// Objects examined (or being examined), by layer blob and entry.
     examined: Mutex<HashSet<(Digest, usize)>>,
+    /// At most [`SLOTS`] objects parsed at once (each holds up to [`MAX_HELD`] bytes).
+    slots: tokio::sync::Semaphore,
+}
+
+impl Default for Image {
+    fn default() -> Self {
+        Self {
+            layers: Mutex::default(),
+            examined: Mutex::default(),
+            slots: tokio::sync::Semaphore::new(SLOTS),
+        }
+    }
 }
 
 /// One layer as the loader prefetch sees it.
@@ -170,6 +187,9 @@ fn examine(image: &Arc<Image>, view: &Arc<LayerView>, entry: usize) {
     }
     let (image, view) = (image.clone(), view.clone());
     tokio::spawn(async move {
+        let Ok(_slot) = image.slots.acquire().await else {
+            return;
+        };
         // The loader and its cache first: they need only the program's head, which the read
         // that got here brings, not the dynamic section that may lie in a later chunk.
         let interp = interpreter(&view, entry).await;
@@ -219,7 +239,7 @@ fn fetch_first(image: &Arc<Image>, wanted: &[Vec<String>]) {
 /// The program interpreter of `entry`, from its first chunk alone.
 async fn interpreter(view: &LayerView, entry: usize) -> Option<String> {
     let e = &view.toc.entries[entry];
-    let first = e.chunks.first()?.clone();
+    let first = e.chunks.first().filter(|c| c.size <= MAX_HELD)?.clone();
     let fetcher = LayerFetcher {
         inner: view.fetcher.upgrade()?,
     };
@@ -240,6 +260,7 @@ async fn headers(view: &LayerView, entry: usize) -> Option<ElfInfo> {
         inner: view.fetcher.upgrade()?,
     };
     let mut have: HashMap<u64, Bytes> = HashMap::new();
+    let mut held = 0u64;
     for _ in 0..MAX_ROUNDS {
         let mut missing = match parse_with(e, &have) {
             Ok(info) => return Some(info),
@@ -247,7 +268,10 @@ async fn headers(view: &LayerView, entry: usize) -> Option<ElfInfo> {
         };
         missing.sort_by_key(|c| c.file_offset);
         missing.dedup_by_key(|c| c.file_offset);
-        if missing.is_empty() || missing.len() > MAX_CHUNKS_PER_ROUND {
+        held = missing
+            .iter()
+            .fold(held, |sum, c| sum.saturating_add(c.size));
+        if missing.is_empty() || missing.len() > MAX_CHUNKS_PER_ROUND || held > MAX_HELD {
             return None;
         }
         let data = fetcher.fetch_unread(&missing).await.ok()?;
@@ -311,7 +335,7 @@ impl Tree {
             .iter()
             .filter_map(|(at, v)| Some((*at, v.upgrade()?)))
             .collect();
-        layers.sort_by(|a, b| b.0.cmp(&a.0));
+        layers.sort_by_key(|l| std::cmp::Reverse(l.0));
         Self {
             layers: layers.into_iter().map(|(_, v)| v).collect(),
         }
@@ -401,5 +425,108 @@ impl LayerFetcher {
                 data.ok_or_else(|| ChunkError(format!("chunk {} failed verification", c.digest)))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::LayerFormat;
+
+    fn chunk(file_offset: u64, data: &[u8]) -> Chunk {
+        Chunk {
+            file_offset,
+            size: data.len() as u64,
+            compressed_start: file_offset,
+            compressed_end: file_offset + 1,
+            inner_offset: 0,
+            digest: Digest::of(data),
+            zeros: false,
+        }
+    }
+
+    fn entry(name: &str, kind: EntryKind, link: &str) -> TocEntry {
+        TocEntry {
+            link_name: link.to_owned(),
+            ..TocEntry::new(name, kind)
+        }
+    }
+
+    fn view(blob: &[u8], entries: Vec<TocEntry>) -> Arc<LayerView> {
+        Arc::new(LayerView {
+            blob: Digest::of(blob),
+            toc: Arc::new(Toc {
+                format: LayerFormat::ZstdChunked,
+                entries,
+                prefetch: Vec::new(),
+            }),
+            fetcher: Weak::new(),
+            heads: HashMap::new(),
+            by_name: OnceLock::new(),
+        })
+    }
+
+    #[test]
+    fn reads_span_chunks_and_name_the_ones_missing() {
+        let (a, b) = (vec![1u8; 10], vec![2u8; 10]);
+        let e = TocEntry {
+            size: 20,
+            chunks: vec![chunk(0, &a), chunk(10, &b)],
+            ..TocEntry::new("f", EntryKind::Reg)
+        };
+        let mut have = HashMap::from([(0, Bytes::from(a.clone()))]);
+        let missing = RefCell::new(Vec::new());
+        assert_eq!(read_at(&e, &have, &missing, 2, 4), Some(vec![1; 4]));
+        assert_eq!(read_at(&e, &have, &missing, 8, 4), None);
+        assert_eq!(missing.borrow().len(), 1);
+        assert_eq!(missing.borrow()[0].file_offset, 10);
+        have.insert(10, Bytes::from(b));
+        assert_eq!(read_at(&e, &have, &missing, 8, 4), Some(vec![1, 1, 2, 2]));
+        // Past the end, or wrapping: nothing, and nothing asked for.
+        missing.borrow_mut().clear();
+        assert_eq!(read_at(&e, &have, &missing, 18, 4), None);
+        assert_eq!(read_at(&e, &have, &missing, u64::MAX, 4), None);
+        assert!(missing.borrow().is_empty());
+        // A chunk shorter than the TOC says is not read past its end.
+        have.insert(10, Bytes::from(vec![2u8; 3]));
+        assert_eq!(read_at(&e, &have, &missing, 8, 12), None);
+    }
+
+    #[test]
+    fn paths_resolve_across_layers_through_symlinks_and_whiteouts_hide() {
+        let bottom = view(
+            b"bottom",
+            vec![
+                entry("lib", EntryKind::Symlink, "usr/lib"),
+                entry("usr/lib", EntryKind::Dir, ""),
+                entry("usr/lib/libc.so.6", EntryKind::Reg, ""),
+                entry("usr/lib/libgone.so", EntryKind::Reg, ""),
+                entry("loop", EntryKind::Symlink, "/loop"),
+            ],
+        );
+        let top = view(
+            b"top",
+            vec![
+                entry("lib64", EntryKind::Symlink, "/lib"),
+                entry("usr/lib/.wh.libgone.so", EntryKind::Reg, ""),
+                entry("usr/lib/libc.so.6", EntryKind::Reg, ""),
+            ],
+        );
+        let image = Image::default();
+        lock(&image.layers).push((0, Arc::downgrade(&bottom)));
+        lock(&image.layers).push((1, Arc::downgrade(&top)));
+        let tree = Tree::of(&image);
+        // The top layer's copy wins; found through two symlinks of two layers.
+        let ((layer, at), name) = tree.resolve("/lib64/libc.so.6").unwrap();
+        assert_eq!((layer, name.as_str()), (0, "usr/lib/libc.so.6"));
+        assert_eq!(tree.layers[layer].toc.entries[at].name, "usr/lib/libc.so.6");
+        assert!(tree.resolve("/lib/libgone.so").is_none(), "whited out");
+        assert!(tree.resolve("/loop/x").is_none(), "a symlink loop ends");
+        assert!(tree.resolve("/lib").is_none(), "a directory is not a file");
+        // A layer whose fetcher is gone drops out of the tree.
+        drop((tree, top));
+        let tree = Tree::of(&image);
+        assert_eq!(tree.layers.len(), 1);
+        assert!(tree.resolve("/lib/libgone.so").is_some());
     }
 }
