@@ -17,6 +17,7 @@
 //! background = true
 //! read_timeout_secs = 30
 //! max_request_bytes = 4194304
+//! read_ahead_bytes = 262144            # other files a miss takes along
 //! fuse_threads = 2
 //! loader_prefetch = true               # fetch the libraries a program links when it starts
 //! directory_read_ahead = true          # two missed files of a directory fetch its small files
@@ -189,6 +190,8 @@ pub struct FetchSection {
     pub read_timeout_secs: u64,
     /// Largest coalesced range request.
     pub max_request_bytes: u64,
+    /// How far a miss reads ahead into the files after the missed one.
+    pub read_ahead_bytes: u64,
     /// FUSE event-loop threads per layer.
     pub fuse_threads: usize,
     /// When a read reaches an ELF program's head, fetch its loader and libraries at once.
@@ -242,6 +245,7 @@ impl Default for FetchSection {
             background: true,
             read_timeout_secs: fs.read_timeout.as_secs(),
             max_request_bytes: FetchConfig::default().max_request,
+            read_ahead_bytes: FetchConfig::default().max_neighbours,
             fuse_threads: fs.threads,
             loader_prefetch: FetchConfig::default().loader_prefetch,
             directory_read_ahead: FetchConfig::default().directory_read_ahead,
@@ -334,6 +338,7 @@ impl Config {
             },
             fetch: FetchConfig {
                 max_request: self.fetch.max_request_bytes,
+                max_neighbours: self.fetch.read_ahead_bytes,
                 loader_prefetch: self.fetch.loader_prefetch,
                 directory_read_ahead: self.fetch.directory_read_ahead,
                 ..FetchConfig::default()
