@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use common::image;
 use common::lazy::{mount_layers, read};
-use common::registry::TestRegistry;
-use common::{mounts_below, UnmountOnDrop};
+use common::mounts_below;
 use lazysnap::fetch::LayerFetcher;
 
 const LIB_DIR: &str = "usr/lib/x86_64-linux-gnu";
@@ -95,16 +94,8 @@ fn load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reading_a_programs_head_fetches_its_loader_and_libraries_from_the_layers_below(
 ) -> Result<()> {
-    let registry = TestRegistry::start()?;
-    let work = tempfile::tempdir()?;
-    let _cleanup = UnmountOnDrop(work.path().to_owned());
-    let (mounted, target) = mount_layers(
-        &registry,
-        work.path(),
-        ("loader", &layer_tars()?, SMALL_CHUNKS),
-        |_| {},
-    )
-    .await?;
+    let m = mount_layers("loader", &layer_tars()?, SMALL_CHUNKS, |_| {}).await?;
+    let (mounted, target) = (&m.mount, &m.target);
     let layers: Vec<&LayerFetcher> = mounted.fetchers().collect();
     ensure!(layers.len() == 3, "three lazy layers");
     let (bottom, middle, top) = (layers[0], layers[1], layers[2]);
@@ -169,8 +160,8 @@ async fn reading_a_programs_head_fetches_its_loader_and_libraries_from_the_layer
     assert_eq!(bottom.stats().bytes() + middle.stats().bytes(), before);
     assert_eq!(read(target.join("etc/hostname")).await?, b"loader\n");
     ensure!(top.stats().bytes() > 0, "the top layer was read");
-    mounted.unmount()?;
-    ensure!(mounts_below(work.path()).is_empty(), "no mount left");
+    m.mount.unmount()?;
+    ensure!(mounts_below(m.work.path()).is_empty(), "no mount left");
     Ok(())
 }
 
@@ -178,18 +169,11 @@ async fn reading_a_programs_head_fetches_its_loader_and_libraries_from_the_layer
 /// control for the test above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_loader_prefetch_off_a_programs_head_fetches_nothing_else() -> Result<()> {
-    let registry = TestRegistry::start()?;
-    let work = tempfile::tempdir()?;
-    let _cleanup = UnmountOnDrop(work.path().to_owned());
-    let (mounted, target) = mount_layers(
-        &registry,
-        work.path(),
-        ("loader-off", &layer_tars()?, SMALL_CHUNKS),
-        |c| {
-            c.fetch.loader_prefetch = false;
-        },
-    )
+    let m = mount_layers("loader-off", &layer_tars()?, SMALL_CHUNKS, |c| {
+        c.fetch.loader_prefetch = false;
+    })
     .await?;
+    let (mounted, target) = (&m.mount, &m.target);
     let bottom = mounted.fetchers().next().context("a lazy layer")?;
     head(target.join("usr/bin/ls"), 4096).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -198,7 +182,7 @@ async fn with_the_loader_prefetch_off_a_programs_head_fetches_nothing_else() -> 
         0,
         "nothing below the program fetched"
     );
-    mounted.unmount()?;
-    ensure!(mounts_below(work.path()).is_empty(), "no mount left");
+    m.mount.unmount()?;
+    ensure!(mounts_below(m.work.path()).is_empty(), "no mount left");
     Ok(())
 }

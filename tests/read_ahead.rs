@@ -12,8 +12,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use common::image;
 use common::lazy::{mount_layers, read};
-use common::registry::TestRegistry;
-use common::{mounts_below, UnmountOnDrop};
+use common::mounts_below;
 use lazysnap::fetch::FetchStats;
 
 /// Files in the module directory: 60 of 20 KB of noise, 1.2 MB in all, far beyond what a
@@ -54,18 +53,11 @@ fn load(stats: &FetchStats, what: fn(&FetchStats) -> &std::sync::atomic::AtomicU
 /// every module, then the shared object; returns the layer's on-demand requests after the two
 /// reads, after all modules and after the shared object, and its bytes fetched before that.
 async fn read_modules(read_ahead: bool) -> Result<(u64, u64, u64, u64)> {
-    let registry = TestRegistry::start()?;
-    let work = tempfile::tempdir()?;
-    let _cleanup = UnmountOnDrop(work.path().to_owned());
-    let (mounted, target) = mount_layers(
-        &registry,
-        work.path(),
-        ("modules", &[layer_tar()?], &[]),
-        |c| {
-            c.fetch.directory_read_ahead = read_ahead;
-        },
-    )
+    let m = mount_layers("modules", &[layer_tar()?], &[], |c| {
+        c.fetch.directory_read_ahead = read_ahead;
+    })
     .await?;
+    let (mounted, target) = (&m.mount, &m.target);
     let stats = mounted.fetchers().next().expect("a lazy layer").stats();
 
     // One file of another directory: a single miss there reads nothing ahead of it.
@@ -94,8 +86,8 @@ async fn read_modules(read_ahead: bool) -> Result<(u64, u64, u64, u64)> {
         image::noise(50_000, 98)
     );
     let after_extension = load(stats, |s| &s.on_demand_requests);
-    mounted.unmount()?;
-    ensure!(mounts_below(work.path()).is_empty(), "no mount left");
+    m.mount.unmount()?;
+    ensure!(mounts_below(m.work.path()).is_empty(), "no mount left");
     Ok((after_two, after_all, after_extension, bytes))
 }
 

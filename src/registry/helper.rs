@@ -111,11 +111,21 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    /// Writes a helper script and runs it as `get` would.
+    /// Writes a helper script and runs it as `get` would. The executable is written by `cp`, not
+    /// by this process: a test on another thread that forks while this process holds it open for
+    /// writing would keep the fd in its child until that child execs, and exec of the script
+    /// then fails with ETXTBSY ("Text file busy").
     async fn with_helper(script: &str, registry: &str) -> Result<Option<Credentials>, String> {
         let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("script");
         let path = dir.path().join("docker-credential-test");
-        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::write(&source, format!("#!/bin/sh\n{script}\n")).unwrap();
+        let copied = std::process::Command::new("cp")
+            .arg(&source)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(copied.success());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         run(path.to_str().unwrap(), registry).await
     }
