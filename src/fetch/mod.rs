@@ -594,13 +594,27 @@ impl LayerFetcher {
         requests
     }
 
+    /// A read asked for `chunk`: the loader prefetch looks at it, unless a profile is being
+    /// prefetched (see [`Scheduler::profiling`]).
+    fn note_for_loader(&self, chunk: &Chunk) {
+        if let Some(loader) = &self.inner.loader {
+            if !self.inner.config.scheduler.profiling() {
+                loader.note(chunk);
+            }
+        }
+    }
+
     /// A read missed `chunk` (its request just planned): start its directory's read-ahead if
-    /// that makes two missed files there (see [`directory`]).
+    /// that makes two missed files there (see [`directory`]), unless a profile is being
+    /// prefetched.
     fn read_ahead_directory(&self, inflight: &mut HashMap<Digest, Inflight>, chunk: &Chunk) {
         let inner = &self.inner;
         let Some(directories) = &inner.directories else {
             return;
         };
+        if inner.config.scheduler.profiling() {
+            return;
+        }
         let wanted: Vec<Chunk> = directories
             .missed(chunk, &inner.chunks)
             .into_iter()
@@ -766,9 +780,7 @@ impl ChunkSource for LayerFetcher {
                 Ok(Some(data)) => {
                     inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                     METRICS.cache_hits.inc();
-                    if let Some(loader) = &inner.loader {
-                        loader.note(&chunk);
-                    }
+                    this.note_for_loader(&chunk);
                     return Ok(data);
                 }
                 Ok(None) => METRICS.cache_misses.inc(),
@@ -798,9 +810,7 @@ impl ChunkSource for LayerFetcher {
                 }
             };
             // Noted once the read's own request is planned, so that the loader prefetch joins it.
-            if let Some(loader) = &inner.loader {
-                loader.note(&chunk);
-            }
+            this.note_for_loader(&chunk);
             // The chunk as soon as its own bytes are in, not when the read-ahead riding along
             // with it is; else (it failed, or the request did) the request's verdict below.
             if let Some(data) = early.await {

@@ -211,6 +211,13 @@ impl Scheduler {
             || self.inner.profiles.load(Ordering::Relaxed) > 0
     }
 
+    /// Whether a start-up profile is being prefetched on the node now: the heuristics for starts
+    /// without one (directory read-ahead, the loader prefetch) stand aside, since their requests
+    /// in blob order would take chunks out of the profile's access order.
+    pub fn profiling(&self) -> bool {
+        self.inner.profiles.load(Ordering::Relaxed) > 0
+    }
+
     /// An on-demand range request goes on the wire; it counts until the guard is dropped.
     pub fn begin_demand_request(&self) -> DemandRequest {
         self.inner.demand_requests.fetch_add(1, Ordering::AcqRel);
@@ -422,8 +429,11 @@ mod tests {
         let turn = tokio::time::timeout(Duration::from_millis(500), s.profile_turn(0)).await;
         assert!(turn.is_ok());
         drop(_reader);
-        // While a profile is prefetched, background streams wait.
+        // While a profile is prefetched, background streams wait, and the heuristics for
+        // starts without one stand aside.
+        assert!(!s.profiling());
         let profile = s.begin_profile();
+        assert!(s.profiling());
         let stream = tokio::spawn({
             let s = s.clone();
             async move { s.wait_quiet().await }
@@ -431,6 +441,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!stream.is_finished(), "a stream waits for the profile");
         drop(profile);
+        assert!(!s.profiling());
         tokio::time::timeout(Duration::from_secs(5), stream)
             .await
             .expect("the stream goes after the profile")
