@@ -29,7 +29,7 @@ use bytes::Bytes;
 
 use super::plan::plan_ranges;
 use super::{lock, Inner, Kind, LayerFetcher, SharedRange};
-use crate::elf::{self, ElfInfo, Node};
+use crate::elf::{self, Node};
 use crate::format::{Chunk, EntryKind, Toc, TocEntry};
 use crate::fs::ChunkError;
 use crate::metrics::METRICS;
@@ -190,16 +190,19 @@ fn examine(image: &Arc<Image>, view: &Arc<LayerView>, entry: usize) {
         let Ok(_slot) = image.slots.acquire().await else {
             return;
         };
+        let Some(mut object) = Object::new(&view, entry) else {
+            return;
+        };
         // The loader and its cache first: they need only the program's head, which the read
         // that got here brings, not the dynamic section that may lie in a later chunk.
-        let interp = interpreter(&view, entry).await;
+        let interp = object.parse(elf::interpreter, 1).await;
         if let Some(interp) = &interp {
             fetch_first(
                 &image,
                 &[vec![interp.clone()], vec![LD_SO_CACHE.to_owned()]],
             );
         }
-        let Some(info) = headers(&view, entry).await else {
+        let Some(info) = object.parse(elf::parse, MAX_ROUNDS).await else {
             return;
         };
         METRICS.loader_objects.with_label_values(&["parsed"]).inc();
@@ -236,56 +239,68 @@ fn fetch_first(image: &Arc<Image>, wanted: &[Vec<String>]) {
     }
 }
 
-/// The program interpreter of `entry`, from its first chunk alone.
-async fn interpreter(view: &LayerView, entry: usize) -> Option<String> {
-    let e = &view.toc.entries[entry];
-    let first = e.chunks.first().filter(|c| c.size <= MAX_HELD)?.clone();
-    let fetcher = LayerFetcher {
-        inner: view.fetcher.upgrade()?,
-    };
-    let data = fetcher
-        .fetch_unread(std::slice::from_ref(&first))
-        .await
-        .ok()?;
-    let have: HashMap<u64, Bytes> = [(first.file_offset, data.into_iter().next()?)].into();
-    let missing = RefCell::new(Vec::new());
-    let read = |offset: u64, len: usize| read_at(e, &have, &missing, offset, len);
-    elf::interpreter(&read, e.size)
+/// One object being examined: its entry, and the chunks its parses have fetched so far (shared
+/// by the parse of the interpreter and the full one, so the head is fetched once).
+struct Object<'a> {
+    e: &'a TocEntry,
+    fetcher: LayerFetcher,
+    have: HashMap<u64, Bytes>,
+    /// Fetches made, and the uncompressed bytes they hold.
+    fetches: usize,
+    held: u64,
 }
 
-/// The ELF headers of `entry`, its chunks fetched as the parser asks for them.
-async fn headers(view: &LayerView, entry: usize) -> Option<ElfInfo> {
-    let e = &view.toc.entries[entry];
-    let fetcher = LayerFetcher {
-        inner: view.fetcher.upgrade()?,
-    };
-    let mut have: HashMap<u64, Bytes> = HashMap::new();
-    let mut held = 0u64;
-    for _ in 0..MAX_ROUNDS {
-        let mut missing = match parse_with(e, &have) {
-            Ok(info) => return Some(info),
-            Err(missing) => missing,
-        };
-        missing.sort_by_key(|c| c.file_offset);
-        missing.dedup_by_key(|c| c.file_offset);
-        held = missing
-            .iter()
-            .fold(held, |sum, c| sum.saturating_add(c.size));
-        if missing.is_empty() || missing.len() > MAX_CHUNKS_PER_ROUND || held > MAX_HELD {
-            return None;
-        }
-        let data = fetcher.fetch_unread(&missing).await.ok()?;
-        have.extend(missing.iter().map(|c| c.file_offset).zip(data));
+impl<'a> Object<'a> {
+    fn new(view: &'a LayerView, entry: usize) -> Option<Self> {
+        Some(Self {
+            e: view.toc.entries.get(entry)?,
+            fetcher: LayerFetcher {
+                inner: view.fetcher.upgrade()?,
+            },
+            have: HashMap::new(),
+            fetches: 0,
+            held: 0,
+        })
     }
-    None
-}
 
-/// Parses `e`'s headers from the chunks in `have`, or says which chunks the parser missed
-/// (none: not a well-formed ELF object).
-fn parse_with(e: &TocEntry, have: &HashMap<u64, Bytes>) -> Result<ElfInfo, Vec<Chunk>> {
-    let missing = RefCell::new(Vec::new());
-    let read = |offset: u64, len: usize| read_at(e, have, &missing, offset, len);
-    elf::parse(&read, e.size).ok_or_else(|| missing.take())
+    /// `parse` over the chunks fetched so far, or the chunks it missed (none: not a well-formed
+    /// ELF object).
+    fn try_parse<T>(&self, parse: fn(&elf::ReadAt<'_>, u64) -> Option<T>) -> Result<T, Vec<Chunk>> {
+        let missing = RefCell::new(Vec::new());
+        let read = |offset: u64, len: usize| read_at(self.e, &self.have, &missing, offset, len);
+        parse(&read, self.e.size).ok_or_else(|| missing.take())
+    }
+
+    /// Runs `parse` over the chunks fetched so far, fetching the ones it misses, until it
+    /// succeeds, the object has had `fetches` fetches in all, or a bound is passed.
+    async fn parse<T>(
+        &mut self,
+        parse: fn(&elf::ReadAt<'_>, u64) -> Option<T>,
+        fetches: usize,
+    ) -> Option<T> {
+        loop {
+            let mut missing = match self.try_parse(parse) {
+                Ok(found) => return Some(found),
+                Err(missing) => missing,
+            };
+            missing.sort_by_key(|c| c.file_offset);
+            missing.dedup_by_key(|c| c.file_offset);
+            self.held = missing
+                .iter()
+                .fold(self.held, |sum, c| sum.saturating_add(c.size));
+            if missing.is_empty()
+                || missing.len() > MAX_CHUNKS_PER_ROUND
+                || self.held > MAX_HELD
+                || self.fetches >= fetches
+            {
+                return None;
+            }
+            self.fetches += 1;
+            let data = self.fetcher.fetch_unread(&missing).await.ok()?;
+            self.have
+                .extend(missing.iter().map(|c| c.file_offset).zip(data));
+        }
+    }
 }
 
 /// `len` bytes at `offset` of `e` from the chunks in `have`; the chunks it lacks are added to
