@@ -619,7 +619,7 @@ impl LayerFetcher {
             .missed(chunk, &inner.chunks)
             .into_iter()
             .map(|i| inner.chunks[i as usize].clone())
-            .filter(|c| !inflight.contains_key(&c.digest) && !inner.cache.contains(&c.digest))
+            .filter(|c| !inner.held(inflight, &c.digest))
             .collect();
         for span in plan_ranges(&wanted, inner.config.max_request, inner.config.max_gap) {
             // Readers of these chunks join the request through the in-flight map.
@@ -731,6 +731,11 @@ fn retry_delay(failures: u32) -> Duration {
 }
 
 impl Inner {
+    /// Whether `digest` is cached or already on its way (in `inflight`): no request needs it.
+    fn held(&self, inflight: &HashMap<Digest, Inflight>, digest: &Digest) -> bool {
+        inflight.contains_key(digest) || self.cache.contains(digest)
+    }
+
     /// Adds `n` fetched bytes of `kind` to the counters and the layer's gauge.
     fn record(&self, kind: &str, n: u64) {
         METRICS.fetch_bytes.with_label_values(&[kind]).inc_by(n);
@@ -792,7 +797,7 @@ impl ChunkSource for LayerFetcher {
                 match inflight.get(&chunk.digest) {
                     Some(f) => (f.range.clone(), f.early.clone()),
                     None => {
-                        let held = |d: &Digest| inflight.contains_key(d) || inner.cache.contains(d);
+                        let held = |d: &Digest| inner.held(&inflight, d);
                         let span = plan::span_around(&inner.chunks, &chunk, &inner.config, held);
                         let range = this.start_range_locked(&mut inflight, span, Kind::OnDemand);
                         this.read_ahead_directory(&mut inflight, &chunk);

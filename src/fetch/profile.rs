@@ -197,9 +197,7 @@ impl LayerFetcher {
                 let left: Vec<Chunk> = span
                     .chunks
                     .into_iter()
-                    .filter(|c| {
-                        !inflight.contains_key(&c.digest) && !inner.cache.contains(&c.digest)
-                    })
+                    .filter(|c| !inner.held(&inflight, &c.digest))
                     .collect();
                 report.held += before - left.len();
                 plan_ranges(&left, MAX_WINDOW, inner.config.max_gap)
