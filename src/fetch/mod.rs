@@ -10,6 +10,7 @@
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
 mod access;
+mod accounts;
 mod directory;
 mod loader;
 mod local;
@@ -38,6 +39,7 @@ use crate::oci::{Digest, Reference};
 use crate::registry::Client;
 
 pub use access::AccessLog;
+pub use accounts::ACCOUNT_FILES;
 pub use loader::LoaderPrefetch;
 pub use plan::{plan_ranges, Span};
 pub use profile::{plan_profile, ProfilePrefetch};
@@ -163,6 +165,8 @@ pub struct FetchConfig {
     pub directory_read_ahead: bool,
     /// Whether mounts give their fetchers a [`LoaderPrefetch`] (see [`Self::loader`]).
     pub loader_prefetch: bool,
+    /// Fetch a layer's `/etc/passwd` and `/etc/group` when it is found (see [`accounts`]).
+    pub account_files: bool,
     /// The image's loader prefetch, placed at this layer ([`LoaderPrefetch::at`]): the
     /// libraries a program links are fetched as soon as a read reaches its head. None: off.
     pub loader: Option<LoaderPrefetch>,
@@ -179,6 +183,7 @@ impl Default for FetchConfig {
             access: None,
             directory_read_ahead: true,
             loader_prefetch: true,
+            account_files: true,
             loader: None,
         }
     }
@@ -421,27 +426,31 @@ impl LayerFetcher {
     }
 
     /// Fetches the chunks of the TOC entries named in `names` (the start-up set), in as few
-    /// requests as coalescing allows.
-    pub async fn prefetch(&self, toc: &Toc, names: &[String]) -> Result<(), ChunkError> {
-        let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+    /// requests as coalescing allows; chunks cached or already on their way are not asked again.
+    pub async fn prefetch(&self, toc: &Toc, names: &[impl AsRef<str>]) -> Result<(), ChunkError> {
+        let wanted: HashSet<&str> = names.iter().map(AsRef::as_ref).collect();
+        let inner = &self.inner;
         let mut chunks: Vec<Chunk> = toc
             .entries
             .iter()
             .filter(|e| wanted.contains(e.name.as_str()))
             .flat_map(|e| e.chunks.iter().cloned())
-            .filter(|c| !c.zeros && !self.inner.cache.contains(&c.digest))
+            .filter(|c| !c.zeros)
             .collect();
         chunks.sort_by_key(|c| (c.compressed_start, c.inner_offset));
         chunks.dedup_by_key(|c| (c.compressed_start, c.inner_offset));
-        let spans = plan_ranges(
-            &chunks,
-            self.inner.config.max_request.max(16 << 20),
-            self.inner.config.max_gap,
-        );
-        let fetches: Vec<_> = spans
+        let fetches: Vec<SharedRange> = {
+            let mut inflight = lock(&inner.inflight);
+            chunks.retain(|c| !inner.held(&inflight, &c.digest));
+            plan_ranges(
+                &chunks,
+                inner.config.max_request.max(16 << 20),
+                inner.config.max_gap,
+            )
             .into_iter()
-            .map(|span| self.start_range(span, Kind::Prefetch))
-            .collect();
+            .map(|span| self.start_range_locked(&mut inflight, span, Kind::Prefetch))
+            .collect()
+        };
         for f in fetches {
             f.await?;
         }
@@ -627,14 +636,9 @@ impl LayerFetcher {
         }
     }
 
-    /// Starts the fetch of one planned range and registers its chunks as in flight.
-    fn start_range(&self, span: Span, kind: Kind) -> SharedRange {
-        let mut inflight = lock(&self.inner.inflight);
-        self.start_range_locked(&mut inflight, span, kind)
-    }
-
-    /// [`Self::start_range`] with the in-flight map already locked, so that planning and
-    /// registering are one step and two readers never plan the same chunk.
+    /// Starts the fetch of one planned range and registers its chunks as in flight, with the
+    /// in-flight map already locked, so that planning and registering are one step and two
+    /// readers never plan the same chunk.
     fn start_range_locked(
         &self,
         inflight: &mut HashMap<Digest, Inflight>,

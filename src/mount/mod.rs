@@ -592,9 +592,9 @@ impl Drop for LayerTask {
     }
 }
 
-/// Starts what a lazy layer fetches on its own, in order: its chunks in the start-up profile
-/// (as soon as the profile is known), the TOC's prefetch set, then, with background fetch on,
-/// the rest of the layer.
+/// Starts what a lazy layer fetches on its own, in order: its account files and, beside them,
+/// its chunks in the start-up profile (as soon as the profile is known); the TOC's prefetch
+/// set; then, with background fetch on, the rest of the layer.
 fn start_layer_task(
     fetcher: &LayerFetcher,
     toc: Arc<Toc>,
@@ -609,13 +609,16 @@ fn start_layer_task(
     let profile = place.profile.clone();
     LayerTask(Some(tokio::spawn(async move {
         let layer = fetcher.blob().short();
-        if let Some(profile) = profile.await {
-            if let Some(accesses) = profile.layer(&fetcher.blob()) {
-                if let Err(e) = fetcher.prefetch_profile(&toc, accesses).await {
-                    tracing::warn!(%layer, "profile prefetch failed (reads fetch on demand): {e}");
+        let profiled = async {
+            if let Some(profile) = profile.await {
+                if let Some(accesses) = profile.layer(&fetcher.blob()) {
+                    if let Err(e) = fetcher.prefetch_profile(&toc, accesses).await {
+                        tracing::warn!(%layer, "profile prefetch failed (reads fetch on demand): {e}");
+                    }
                 }
             }
-        }
+        };
+        tokio::join!(fetcher.prefetch_account_files(&toc), profiled);
         if !toc.prefetch.is_empty() {
             if let Err(e) = fetcher.prefetch(&toc, &toc.prefetch).await {
                 tracing::warn!(%layer, "prefetch failed: {e}");

@@ -21,6 +21,7 @@
 //! fuse_threads = 2
 //! loader_prefetch = true               # fetch the libraries a program links when it starts
 //! directory_read_ahead = true          # two missed files of a directory fetch its small files
+//! account_files = true                 # fetch /etc/passwd and /etc/group when a layer is found
 //!
 //! [registry]
 //! plain_http = false                   # loopback registries always get plain HTTP
@@ -198,6 +199,9 @@ pub struct FetchSection {
     pub loader_prefetch: bool,
     /// When reads miss two files of one directory, fetch the rest of its small files at once.
     pub directory_read_ahead: bool,
+    /// Fetch a layer's `/etc/passwd` and `/etc/group` when it is found: every runtime reads
+    /// them before the container starts.
+    pub account_files: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +253,7 @@ impl Default for FetchSection {
             fuse_threads: fs.threads,
             loader_prefetch: FetchConfig::default().loader_prefetch,
             directory_read_ahead: FetchConfig::default().directory_read_ahead,
+            account_files: FetchConfig::default().account_files,
         }
     }
 }
@@ -341,6 +346,7 @@ impl Config {
                 max_neighbours: self.fetch.read_ahead_bytes,
                 loader_prefetch: self.fetch.loader_prefetch,
                 directory_read_ahead: self.fetch.directory_read_ahead,
+                account_files: self.fetch.account_files,
                 ..FetchConfig::default()
             },
             fs: MountOptions {

@@ -61,8 +61,8 @@ pub(super) struct Found {
     pub startup: StartupPrefetch,
 }
 
-/// The prefetch of a layer's part of its image's start-up profile, started when the layer is
-/// found. The mount's background work waits for it before it fetches anything else; unmounting
+/// The prefetch of a layer's account files and its part of its image's start-up profile,
+/// started when the layer is found. The mount's background work waits for it before it fetches anything else; unmounting
 /// aborts it. A layer found ahead whose Prepare never comes lets it run out: it fetches at most
 /// the profile's (bounded) part for the layer, into the shared cache.
 #[derive(Clone)]
@@ -72,29 +72,33 @@ pub(super) struct StartupPrefetch {
 }
 
 impl StartupPrefetch {
-    /// Waits for `profile` (looked up while the TOC was read), then fetches what it names for
-    /// this layer, with the node's profile requests. Must run inside a tokio runtime.
+    /// Fetches the layer's account files at once and, beside them, waits for `profile` (looked
+    /// up while the TOC was read), then fetches what it names for this layer, with the node's
+    /// profile requests. Must run inside a tokio runtime.
     fn start(fetcher: LayerFetcher, toc: Arc<format::Toc>, profile: Lookup) -> Self {
         let task = tokio::spawn(async move {
-            let Some(profile) = profile.await else {
-                return;
+            let profiled = async {
+                let Some(profile) = profile.await else {
+                    return;
+                };
+                let Some(part) = profile.layer(&fetcher.blob()) else {
+                    return;
+                };
+                let layer = fetcher.blob().short();
+                match fetcher.prefetch_profile(&toc, part).await {
+                    Ok(done) => tracing::info!(
+                        %layer,
+                        fetched = done.fetched,
+                        held = done.held,
+                        unknown = done.unknown,
+                        requests = done.requests,
+                        bytes = done.bytes,
+                        "start-up profile prefetched"
+                    ),
+                    Err(e) => tracing::warn!(%layer, "start-up profile prefetch failed: {e}"),
+                }
             };
-            let Some(part) = profile.layer(&fetcher.blob()) else {
-                return;
-            };
-            let layer = fetcher.blob().short();
-            match fetcher.prefetch_profile(&toc, part).await {
-                Ok(done) => tracing::info!(
-                    %layer,
-                    fetched = done.fetched,
-                    held = done.held,
-                    unknown = done.unknown,
-                    requests = done.requests,
-                    bytes = done.bytes,
-                    "start-up profile prefetched"
-                ),
-                Err(e) => tracing::warn!(%layer, "start-up profile prefetch failed: {e}"),
-            }
+            tokio::join!(fetcher.prefetch_account_files(&toc), profiled);
         });
         let abort = task.abort_handle();
         Self {
