@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use common::image;
-use common::lazy::{mount_layers, read};
+use common::lazy::{load, mount_layers, read};
 use common::mounts_below;
 use lazysnap::fetch::LayerFetcher;
 
@@ -38,13 +37,6 @@ fn layer_tars() -> Result<Vec<Vec<u8>>> {
         .iter()
         .map(|d| image::tar_dir(d))
         .collect()
-}
-
-fn load(
-    fetcher: &LayerFetcher,
-    what: fn(&lazysnap::fetch::FetchStats) -> &std::sync::atomic::AtomicU64,
-) -> u64 {
-    what(fetcher.stats()).load(Ordering::Relaxed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,12 +9,11 @@ mod common;
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::image;
-use common::lazy::{mount_layers, read};
+use common::lazy::{load, mount_layers, read};
 use common::mounts_below;
 use lazysnap::fetch::LayerFetcher;
 
@@ -82,13 +81,6 @@ async fn head(path: std::path::PathBuf, len: usize) -> Result<Vec<u8>> {
         Ok(buf)
     })
     .await?
-}
-
-fn load(
-    fetcher: &LayerFetcher,
-    what: fn(&lazysnap::fetch::FetchStats) -> &std::sync::atomic::AtomicU64,
-) -> u64 {
-    what(fetcher.stats()).load(Ordering::Relaxed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Result;
+use lazysnap::fetch::{FetchStats, LayerFetcher};
 use lazysnap::mount::{self, ImageMount, MountConfig};
 
 use super::image::{self, LayoutBuilder};
@@ -63,4 +64,9 @@ pub async fn mount_layers(
 /// A file's bytes, read in a blocking thread (the FUSE server runs on the test's runtime).
 pub async fn read(path: PathBuf) -> Result<Vec<u8>> {
     Ok(tokio::task::spawn_blocking(move || std::fs::read(path)).await??)
+}
+
+/// One of a layer's fetch counters, e.g. `load(layer, |s| &s.on_demand_requests)`.
+pub fn load(fetcher: &LayerFetcher, what: fn(&FetchStats) -> &std::sync::atomic::AtomicU64) -> u64 {
+    what(fetcher.stats()).load(std::sync::atomic::Ordering::Relaxed)
 }
