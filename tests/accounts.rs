@@ -107,3 +107,33 @@ async fn with_the_account_files_off_their_reads_are_misses() -> Result<()> {
     ensure!(mounts_below(m.work.path()).is_empty(), "no mount left");
     Ok(())
 }
+
+/// Account files over the bound (`fetch::accounts::MAX_BYTES`, 1 MiB; a hostile TOC may state
+/// any size) are left to their reads: nothing is fetched at mount, and they still read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn account_files_over_the_bound_are_left_to_their_reads() -> Result<()> {
+    let tree = tempfile::tempdir()?;
+    std::fs::create_dir_all(tree.path().join("etc"))?;
+    let group = image::noise(2_000_000, 4);
+    std::fs::write(tree.path().join("etc/group"), &group)?;
+    std::fs::write(tree.path().join("etc/passwd"), PASSWD)?;
+    let m = mount_layers(
+        "accounts-large",
+        &[image::tar_dir(tree.path())?],
+        &[],
+        |_| {},
+    )
+    .await?;
+    let layer = m.mount.fetchers().next().expect("a lazy layer");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(layer.stats().bytes(), 0, "nothing fetched at mount");
+    assert_eq!(read(m.target.join("etc/passwd")).await?, PASSWD);
+    assert_eq!(read(m.target.join("etc/group")).await?, group);
+    ensure!(
+        load(layer, |s| &s.on_demand_requests) >= 1,
+        "read on demand"
+    );
+    m.mount.unmount()?;
+    ensure!(mounts_below(m.work.path()).is_empty(), "no mount left");
+    Ok(())
+}

@@ -19,20 +19,40 @@
 //! ([`LayerFetcher::prefetch`]).
 
 use super::LayerFetcher;
-use crate::format::Toc;
+use crate::format::{Toc, TocEntry};
 
 /// The files, as TOC entry names.
 pub const ACCOUNT_FILES: [&str; 2] = ["etc/passwd", "etc/group"];
 
+/// The most uncompressed or compressed bytes of account files one layer fetches this way (real
+/// ones are a few KiB): a layer that states more, or names them many times, leaves them to its
+/// reads, so a hostile TOC cannot make a mount fetch more than this.
+pub const MAX_BYTES: u64 = 1 << 20;
+
 impl LayerFetcher {
-    /// Fetches the layer's account files, if it holds them and [`super::FetchConfig::
-    /// account_files`] is on. A failure is logged: the reads then fetch on demand.
+    /// Fetches the layer's account files, if it holds them within [`MAX_BYTES`] and
+    /// [`super::FetchConfig::account_files`] is on. A failure is logged: the reads then fetch
+    /// on demand.
     pub async fn prefetch_account_files(&self, toc: &Toc) {
         if !self.inner.config.account_files {
             return;
         }
-        if let Err(e) = self.prefetch(toc, &ACCOUNT_FILES).await {
-            let layer = self.inner.blob.short();
+        let entries: Vec<&TocEntry> = toc
+            .entries
+            .iter()
+            .filter(|e| ACCOUNT_FILES.contains(&e.name.as_str()))
+            .collect();
+        let layer = self.inner.blob.short();
+        let chunks = entries.iter().flat_map(|e| &e.chunks);
+        let (size, compressed) = chunks.fold((0u64, 0u64), |(size, compressed), c| {
+            let span = c.compressed_end.saturating_sub(c.compressed_start);
+            (size.saturating_add(c.size), compressed.saturating_add(span))
+        });
+        if size > MAX_BYTES || compressed > MAX_BYTES {
+            tracing::debug!(%layer, size, compressed, "account files too large to prefetch: read on demand");
+            return;
+        }
+        if let Err(e) = self.prefetch_entries(entries.into_iter()).await {
             tracing::debug!(%layer, "account files prefetch failed (read on demand): {e}");
         }
     }

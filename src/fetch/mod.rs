@@ -429,11 +429,18 @@ impl LayerFetcher {
     /// requests as coalescing allows; chunks cached or already on their way are not asked again.
     pub async fn prefetch(&self, toc: &Toc, names: &[impl AsRef<str>]) -> Result<(), ChunkError> {
         let wanted: HashSet<&str> = names.iter().map(AsRef::as_ref).collect();
+        let entries = toc.entries.iter();
+        self.prefetch_entries(entries.filter(|e| wanted.contains(e.name.as_str())))
+            .await
+    }
+
+    /// [`Self::prefetch`] of the chunks of `entries`.
+    async fn prefetch_entries<'a>(
+        &self,
+        entries: impl Iterator<Item = &'a TocEntry>,
+    ) -> Result<(), ChunkError> {
         let inner = &self.inner;
-        let mut chunks: Vec<Chunk> = toc
-            .entries
-            .iter()
-            .filter(|e| wanted.contains(e.name.as_str()))
+        let mut chunks: Vec<Chunk> = entries
             .flat_map(|e| e.chunks.iter().cloned())
             .filter(|c| !c.zeros)
             .collect();
