@@ -20,6 +20,7 @@ use crate::format::{Chunk, Toc};
 use crate::fs::ChunkError;
 use crate::metrics::METRICS;
 use crate::oci::Digest;
+use crate::profile::lookup::Lookup;
 use crate::profile::LayerProfile;
 
 /// Compressed bytes of the first window of the access order; each next window doubles.
@@ -150,6 +151,25 @@ pub fn plan_profile<'a>(
 }
 
 impl LayerFetcher {
+    /// What a layer fetches as soon as it is found: its account files ([`super::accounts`])
+    /// and, beside them, its part of the image's start-up profile once `profile` (looked up
+    /// while the TOC was read) is known. A failure is logged: reads then fetch on demand.
+    pub async fn prefetch_startup(&self, toc: &Toc, profile: Lookup) {
+        let profiled = async {
+            let Some(profile) = profile.await else {
+                return;
+            };
+            let Some(part) = profile.layer(&self.blob()) else {
+                return;
+            };
+            if let Err(e) = self.prefetch_profile(toc, part).await {
+                let layer = self.blob().short();
+                tracing::warn!(%layer, "start-up profile prefetch failed (reads fetch on demand): {e}");
+            }
+        };
+        tokio::join!(self.prefetch_account_files(toc), profiled);
+    }
+
     /// Fetches the chunks `layer` (this layer's part of a start-up profile) lists, looked up by
     /// digest in `toc` (this layer's TOC), ahead of the container's reads: in access order, as
     /// a few large range requests on several connections at once, each chunk verified as always.

@@ -609,16 +609,7 @@ fn start_layer_task(
     let profile = place.profile.clone();
     LayerTask(Some(tokio::spawn(async move {
         let layer = fetcher.blob().short();
-        let profiled = async {
-            if let Some(profile) = profile.await {
-                if let Some(accesses) = profile.layer(&fetcher.blob()) {
-                    if let Err(e) = fetcher.prefetch_profile(&toc, accesses).await {
-                        tracing::warn!(%layer, "profile prefetch failed (reads fetch on demand): {e}");
-                    }
-                }
-            }
-        };
-        tokio::join!(fetcher.prefetch_account_files(&toc), profiled);
+        fetcher.prefetch_startup(&toc, profile).await;
         if !toc.prefetch.is_empty() {
             if let Err(e) = fetcher.prefetch(&toc, &toc.prefetch).await {
                 tracing::warn!(%layer, "prefetch failed: {e}");

@@ -72,34 +72,10 @@ pub(super) struct StartupPrefetch {
 }
 
 impl StartupPrefetch {
-    /// Fetches the layer's account files at once and, beside them, waits for `profile` (looked
-    /// up while the TOC was read), then fetches what it names for this layer, with the node's
-    /// profile requests. Must run inside a tokio runtime.
+    /// Starts [`LayerFetcher::prefetch_startup`]: the layer's account files and its part of
+    /// `profile`. Must run inside a tokio runtime.
     fn start(fetcher: LayerFetcher, toc: Arc<format::Toc>, profile: Lookup) -> Self {
-        let task = tokio::spawn(async move {
-            let profiled = async {
-                let Some(profile) = profile.await else {
-                    return;
-                };
-                let Some(part) = profile.layer(&fetcher.blob()) else {
-                    return;
-                };
-                let layer = fetcher.blob().short();
-                match fetcher.prefetch_profile(&toc, part).await {
-                    Ok(done) => tracing::info!(
-                        %layer,
-                        fetched = done.fetched,
-                        held = done.held,
-                        unknown = done.unknown,
-                        requests = done.requests,
-                        bytes = done.bytes,
-                        "start-up profile prefetched"
-                    ),
-                    Err(e) => tracing::warn!(%layer, "start-up profile prefetch failed: {e}"),
-                }
-            };
-            tokio::join!(fetcher.prefetch_account_files(&toc), profiled);
-        });
+        let task = tokio::spawn(async move { fetcher.prefetch_startup(&toc, profile).await });
         let abort = task.abort_handle();
         Self {
             abort,
