@@ -939,6 +939,61 @@ fn cri_pulls_lazily_with_its_labels_and_runs_a_pod_from_lazy_images() -> Result<
     daemon.stop()
 }
 
+/// kubelet's PullImage through lazysnapd's CRI proxy starts the layer host finding the image's
+/// lazy layers while containerd resolves it: containerd's Prepare then takes every layer found
+/// ahead, the bottom one too (which, found by its own Prepare, would not count: its labels locate
+/// its TOC). Fails if the proxy does not start it, or if what it found is not what the Prepare
+/// asks for (another key: image name, manifest digest).
+#[test]
+fn a_pull_through_the_cri_proxy_finds_the_layers_before_containerd_prepares_them() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let pause = pause_image(&registry, &images)?;
+    let links = tempfile::tempdir()?;
+    let containerd_link = links.path().join("containerd.sock");
+    let proxy = links.path().join("cri.sock");
+    let daemon = Lazysnapd::start_with(&format!(
+        "[cri]\naddress = \"{}\"\ncontainerd_address = \"{}\"\n",
+        proxy.display(),
+        containerd_link.display()
+    ))?;
+    let ctd = TestContainerd::start_cri_shipped(&daemon.socket, &pause)?;
+    std::os::unix::fs::symlink(&ctd.socket, &containerd_link)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime
+        .block_on(async {
+            cri_images(&proxy)
+                .await?
+                .pull_image(k8s_cri::v1::PullImageRequest {
+                    image: Some(k8s_cri::v1::ImageSpec {
+                        image: images.zstd.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .context("CRI PullImage through the proxy")
+        })
+        .with_context(|| format!("{}\ncontainerd:\n{}", daemon.log(), ctd.log()))?;
+    let layers = layer_digests(&images.zstd)?.len() as f64;
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    let ahead = daemon.metric("lazysnap_layers_found_ahead_total")?;
+    ensure!(
+        lazy == layers && ahead == layers,
+        "{layers} layers: {lazy} mounted lazily, {ahead} of them found ahead\n{}",
+        daemon.log()
+    );
+    ensure!(
+        daemon
+            .log()
+            .contains("finding the image's lazy layers ahead of containerd's pull"),
+        "{}",
+        daemon.log()
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
 /// A pod sandbox image: busybox running `sleep` (pods need a process that stays), converted to
 /// zstd:chunked so the sandbox itself starts lazily.
 fn pause_image(registry: &TestRegistry, images: &Images) -> Result<String> {

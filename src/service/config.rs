@@ -33,6 +33,7 @@
 //! address = ""                         # e.g. "/run/lazysnap/cri.sock"; empty: off
 //! containerd_address = "/run/containerd/containerd.sock"
 //! credentials_ttl_secs = 43200         # how long a PullImage's credentials are kept
+//! find_ahead = true                    # a PullImage starts finding the image's lazy layers
 //!
 //! [limits]                             # what a layer's TOC may state (hostile images)
 //! max_toc_compressed_bytes = 67108864
@@ -100,6 +101,9 @@ pub struct CriSection {
     /// How long a PullImage's credentials are used for that repository's layers (a later pull
     /// renews them); at most a week.
     pub credentials_ttl_secs: u64,
+    /// On a PullImage, start finding the image's lazy layers (manifest, TOCs, start-up profile)
+    /// before forwarding it, while containerd resolves the image itself.
+    pub find_ahead: bool,
 }
 
 impl Default for CriSection {
@@ -108,6 +112,7 @@ impl Default for CriSection {
             address: PathBuf::new(),
             containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
             credentials_ttl_secs: 12 * 3600,
+            find_ahead: true,
         }
     }
 }

@@ -8,6 +8,12 @@
 //! kept in memory only, per `(registry, repository)`, for `[cri] credentials_ttl_secs`, and are
 //! never logged (see `registry::secrets`).
 //!
+//! A PullImage also starts the layer host finding the image's lazy layers (`[cri] find_ahead`):
+//! containerd resolves the image (HEAD, manifest, config, one after another) before its first
+//! Prepare reaches lazysnapd, and those round trips are the layer host's to read the TOCs and
+//! the start-up profile in. What is found ahead is checked as at a Prepare (see
+//! `snapshot::locate`).
+//!
 //! The runtime service stays containerd's own (kubelet's `--container-runtime-endpoint`): only
 //! image calls pass through here.
 
@@ -60,6 +66,8 @@ pub struct ImageProxy {
     /// host gets back when a later pull with other credentials fails, so that a pull with a wrong
     /// secret (another tenant's, say) does not break the lazy layers of those that work.
     succeeded: PullSecrets,
+    /// Whether a PullImage starts the layer host finding the image's layers.
+    find_ahead: bool,
 }
 
 impl ImageProxy {
@@ -76,6 +84,16 @@ impl ImageProxy {
             host,
             ttl,
             succeeded: PullSecrets::default(),
+            find_ahead: true,
+        }
+    }
+
+    /// Whether each PullImage starts the layer host finding the image's lazy layers (on by
+    /// default).
+    pub fn find_ahead(self, on: bool) -> Self {
+        Self {
+            find_ahead: on,
+            ..self
         }
     }
 
@@ -86,6 +104,13 @@ impl ImageProxy {
 
     fn upstream(&self) -> ImageServiceClient<Channel> {
         self.upstream.clone()
+    }
+
+    /// Has the layer host start finding `image`'s lazy layers (returns at once).
+    async fn warm(&self, image: String) {
+        if self.find_ahead && !image.is_empty() {
+            self.host.warm_image(image).await;
+        }
     }
 }
 
@@ -155,8 +180,15 @@ impl cri::image_service_server::ImageService for ImageProxy {
         &self,
         request: Request<cri::PullImageRequest>,
     ) -> Result<Response<cri::PullImageResponse>, Status> {
+        let image = request
+            .get_ref()
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
         let Some(secret) = secret_of(request.get_ref(), self.ttl) else {
             PULLS.with_label_values(&["none"]).inc();
+            self.warm(image).await;
             return self.upstream().pull_image(forward(request)).await;
         };
         tracing::info!(
@@ -167,6 +199,7 @@ impl cri::image_service_server::ImageService for ImageProxy {
         PULLS.with_label_values(&["kept"]).inc();
         // Before containerd's pull: its Prepare calls look the layers up with them.
         self.host.remember_secret(secret.clone()).await;
+        self.warm(image).await;
         let pulled = self.upstream().pull_image(forward(request)).await;
         if pulled.is_ok() {
             self.succeeded.remember(secret);

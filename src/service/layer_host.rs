@@ -54,6 +54,11 @@ enum Request {
         manifest: String,
         layers: Vec<String>,
     },
+    /// An image a CRI pull is about to resolve (an older layer host refuses the op: only a head
+    /// start is lost).
+    WarmImage {
+        image: String,
+    },
     Mounted,
     /// A pull's credentials (their `Debug` is redacted: requests are never logged whole).
     RememberSecret {
@@ -224,6 +229,10 @@ async fn handle(
             layers,
         } => {
             host.warm(image, manifest, layers).await;
+            Response::Done
+        }
+        Request::WarmImage { image } => {
+            host.warm_image(image).await;
             Response::Done
         }
         Request::RememberSecret { secret } => {
@@ -465,6 +474,15 @@ impl LayerHost for LayerHostClient {
             // Only a head start: each Prepare still finds its own layer if this did not.
             if let Err(e) = self.exchange(&request).await {
                 tracing::debug!("layer host did not start finding layers ahead: {e}");
+            }
+        }
+        .boxed()
+    }
+
+    fn warm_image(&self, image: String) -> BoxFuture<'_, ()> {
+        async move {
+            if let Err(e) = self.exchange(&Request::WarmImage { image }).await {
+                tracing::debug!("layer host did not start finding an image ahead: {e}");
             }
         }
         .boxed()

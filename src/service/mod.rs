@@ -119,7 +119,8 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
                 &config.cri.containerd_address,
                 host.clone(),
                 config.cri.credentials_ttl(),
-            );
+            )
+            .find_ahead(config.cri.find_ahead);
             let served = Server::builder()
                 .add_service(proxy.service())
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {

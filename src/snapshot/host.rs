@@ -34,6 +34,9 @@ pub trait LayerHost: Send + Sync + std::fmt::Debug + 'static {
     /// Starts finding `layers` (digests) of `image` in the background, so that their Prepare
     /// calls, which containerd makes one after another, find them ready. Returns at once.
     fn warm(&self, image: String, manifest: String, layers: Vec<String>) -> BoxFuture<'_, ()>;
+    /// Starts finding the lazy layers of `image` (a reference, as a CRI pull names it) from its
+    /// manifest, before containerd has resolved it. Returns at once.
+    fn warm_image(&self, image: String) -> BoxFuture<'_, ()>;
     /// Keeps the credentials a pull handed over (through the CRI proxy) for the layers of its
     /// repository, before containerd's pull of that image asks for them.
     fn remember_secret(&self, secret: PullSecret) -> BoxFuture<'_, ()>;
@@ -112,6 +115,11 @@ impl LayerHost for LocalHost {
 
     fn warm(&self, image: String, manifest: String, layers: Vec<String>) -> BoxFuture<'_, ()> {
         self.remote.warm(&image, &manifest, &layers);
+        async {}.boxed()
+    }
+
+    fn warm_image(&self, image: String) -> BoxFuture<'_, ()> {
+        self.remote.warm_image(&image);
         async {}.boxed()
     }
 

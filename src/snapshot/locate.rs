@@ -155,10 +155,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn key(layer: &RemoteLayer) -> Key {
     (
-        layer.image.clone(),
+        image_key(&layer.image),
         layer.manifest.clone(),
         layer.layer.clone(),
     )
+}
+
+/// `image` as containerd's CRI plugin names it in its labels (`ParseDockerRef`): registry and
+/// repository spelled out, `latest` when neither tag nor digest is given, the tag dropped when a
+/// digest is; so that kubelet's `PullImage("python")` and CRI's label
+/// `docker.io/library/python:latest` find the same layers. Left as it is when it does not parse.
+fn image_key(image: &str) -> String {
+    match image.parse::<Reference>() {
+        Ok(mut r) => {
+            if r.digest.is_some() {
+                r.tag = None;
+            } else if r.tag.is_none() {
+                r.tag = Some("latest".to_owned());
+            }
+            r.to_string()
+        }
+        Err(_) => image.to_owned(),
+    }
 }
 
 impl Locator {
@@ -191,6 +209,15 @@ impl Locator {
     /// found already. Digests that do not parse are skipped (their own Prepare reports them).
     /// Must run inside a tokio runtime.
     pub(super) fn warm(self: &Arc<Self>, image: &str, manifest: &str, layers: &[String]) {
+        let started = self.ahead(image, manifest, layers);
+        if started > 0 {
+            tracing::debug!(image, layers = started, "finding the image's layers ahead");
+            self.preconnect(image, started);
+        }
+    }
+
+    /// [`Self::warm`] without the connections opened ahead: how many layers it started.
+    fn ahead(self: &Arc<Self>, image: &str, manifest: &str, layers: &[String]) -> usize {
         let now = Instant::now();
         let mut ahead = lock(&self.ahead);
         ahead.retain(|_, a| now.duration_since(a.at) < AHEAD_TTL);
@@ -248,10 +275,91 @@ impl Locator {
             );
             started += 1;
         }
-        if started > 0 {
-            tracing::debug!(image, layers = started, "finding the image's layers ahead");
-            self.preconnect(image, started);
-        }
+        started
+    }
+
+    /// Starts finding the lazy layers of `image` from its reference alone, before containerd
+    /// has resolved it: CRI's `PullImage` reaches lazysnapd's proxy some round trips (HEAD,
+    /// manifest, config, content ingestion) before containerd's first Prepare, which then finds
+    /// its layer's TOC read already. The manifest is resolved once (through an index to this
+    /// host's platform) and kept under its digest too, where the layers' own lookups, and CRI's
+    /// Prepare labels, name it; its lazy layers are then found as [`Self::warm`] finds them
+    /// (under the resolved digest; a tag moved meanwhile makes containerd name another digest, and
+    /// its Prepares find their layers themselves). Layers not in a lazy format cost nothing more
+    /// than the manifest. Only the first host `hosts.toml` names is asked. Returns at once; must
+    /// run inside a tokio runtime.
+    pub(super) fn warm_image(self: &Arc<Self>, image: &str) {
+        let Ok(reference) = image.parse::<Reference>() else {
+            tracing::debug!(image, "not a reference: nothing found ahead of its pull");
+            return;
+        };
+        let Some(host) = self
+            .hosts
+            .candidates(&reference.registry)
+            .into_iter()
+            .next()
+        else {
+            return;
+        };
+        let me = self.clone();
+        let image = image_key(image);
+        tokio::spawn(async move {
+            let (client, at) = me.at_host(&host, &reference);
+            client.preconnect(&at, PRECONNECT);
+            let digest = reference.digest.map(|d| d.to_string()).unwrap_or_default();
+            let manifest =
+                match tokio::time::timeout(me.timeout, me.manifest(client, &at, &digest)).await {
+                    Ok(Ok(manifest)) => manifest,
+                    Ok(Err(f)) => {
+                        tracing::debug!(
+                            image,
+                            reason = f.reason,
+                            "not found ahead of its pull: {}",
+                            f.message
+                        );
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            me.keep_manifest(&at, &manifest);
+            let layers: Vec<String> = manifest.json["layers"]
+                .as_array()
+                .map(|layers| {
+                    layers
+                        .iter()
+                        .filter(|d| {
+                            let media_type = d["mediaType"].as_str().unwrap_or_default();
+                            let annotations = oci::string_map(d.get("annotations"));
+                            format::detect(media_type, &annotations).is_some()
+                        })
+                        .filter_map(|d| d["digest"].as_str().map(str::to_owned))
+                        .take(MAX_AHEAD)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if layers.is_empty() {
+                tracing::debug!(image, "no lazy layer to find ahead of its pull");
+                return;
+            }
+            tracing::info!(image, manifest = %manifest.digest, layers = layers.len(), "finding the image's lazy layers ahead of containerd's pull");
+            me.ahead(&image, &manifest.digest.to_string(), &layers);
+        });
+    }
+
+    /// Keeps `manifest`, resolved from `at`'s tag, under its digest as well, where lookups by
+    /// digest (each layer's, and CRI's Prepare labels) ask for it.
+    fn keep_manifest(&self, at: &Reference, manifest: &Arc<Manifest>) {
+        let k = (
+            at.registry.clone(),
+            at.repository.clone(),
+            manifest.digest.to_string(),
+        );
+        let ready: Pending<Arc<Manifest>> = futures_util::future::ready(Ok(manifest.clone()))
+            .boxed()
+            .shared();
+        lock(&self.manifests)
+            .entry(k)
+            .or_insert_with(|| (Instant::now(), ready));
     }
 
     /// Opens connections to the first host to try for `image` while its manifest is fetched: one

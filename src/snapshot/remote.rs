@@ -334,6 +334,13 @@ impl Remote {
         }
     }
 
+    /// Starts finding the lazy layers of `image` ahead of containerd's pull (see `locate`).
+    pub(super) fn warm_image(&self, image: &str) {
+        if self.config.enabled {
+            self.locator.warm_image(image);
+        }
+    }
+
     /// [`Self::mount`] bounded by the read timeout: a registry that hangs must not hold up
     /// containerd's pull for the client's full retry budget; the layer falls back instead.
     pub(super) async fn mount_in_time(
