@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use common::image::{self, LayoutBuilder};
 use common::registry::TestRegistry;
-use containerd::{mounts_below, TestContainerd, UnmountOnDrop};
+use containerd::{cri_images, mounts_below, TestContainerd, UnmountOnDrop};
 use delayproxy::DelayProxy;
 use lazysnapd::Lazysnapd;
 
@@ -547,6 +547,91 @@ fn breakdown() -> Result<()> {
             mounts_below(&root).is_empty(),
             "left mounted under {}",
             root.display()
+        );
+    }
+    Ok(())
+}
+
+/// Where kubelet's path gains from the CRI proxy's find-ahead (`[cri] find_ahead`): `PullImage`
+/// through lazysnapd's proxy, timed, with the proxy's find-ahead off and on in turn, each round
+/// on a fresh lazysnapd and containerd (the CRI plugin, the snippet `systemd/` ships), the
+/// registry behind the delaying proxy. Prints each pull's seconds, its layers found ahead, and
+/// the registry's requests. `LAZYSNAP_BREAKDOWN_LAYOUT` as for `breakdown`;
+/// `LAZYSNAP_CRI_ROUNDS` (default 3). Run with
+/// `cargo test --release --test containerd_path -- --ignored --nocapture cri_pull`.
+#[test]
+#[ignore = "a measurement: prints timings, asserts only that the pulls were lazy"]
+fn cri_pull() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let work = tempfile::tempdir()?;
+    let repo = match std::env::var("LAZYSNAP_BREAKDOWN_LAYOUT") {
+        Ok(layout) => {
+            image::run(Command::new(LAZYSNAP).args([
+                "convert",
+                &format!("oci:{layout}"),
+                &format!("{}/big:lazy", registry.addr),
+            ]))?;
+            "big:lazy".to_owned()
+        }
+        Err(_) => multi_layer_image(&registry, work.path())?.0,
+    };
+    let rtt_ms: u64 = std::env::var("LAZYSNAP_BREAKDOWN_RTT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let rounds: usize = std::env::var("LAZYSNAP_CRI_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let proxy = DelayProxy::start(&registry.addr, Duration::from_millis(rtt_ms / 2))?;
+    let reference = format!("{}/{repo}", proxy.addr);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut seconds: BTreeMap<bool, Vec<f64>> = BTreeMap::new();
+    for round in 0..rounds {
+        for find_ahead in [false, true] {
+            let links = tempfile::tempdir()?;
+            let (cri, containerd_link) =
+                (links.path().join("cri.sock"), links.path().join("ctd.sock"));
+            let daemon = Lazysnapd::start(&format!(
+                "[cri]\naddress = \"{}\"\ncontainerd_address = \"{}\"\nfind_ahead = {find_ahead}\n",
+                cri.display(),
+                containerd_link.display()
+            ))?;
+            // The sandbox image is never pulled: no pod here.
+            let ctd = TestContainerd::start_cri_shipped(&daemon.socket, "unused.invalid/pause:1")?;
+            std::os::unix::fs::symlink(&ctd.socket, &containerd_link)?;
+            let mut client = runtime.block_on(cri_images(&cri))?;
+            proxy.clear();
+            let t0 = Instant::now();
+            runtime
+                .block_on(client.pull_image(k8s_cri::v1::PullImageRequest {
+                    image: Some(k8s_cri::v1::ImageSpec {
+                        image: reference.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }))
+                .with_context(|| daemon.log())?;
+            let pulled = t0.elapsed().as_secs_f64();
+            let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+            ensure!(lazy >= 1.0, "no lazy layer\n{}", daemon.log());
+            let ahead = daemon.metric("lazysnap_layers_found_ahead_total")?;
+            println!(
+                "round {round}: find_ahead = {find_ahead}: PullImage {pulled:.3} s, {lazy} lazy layers, {ahead} found ahead"
+            );
+            for r in proxy.requests() {
+                println!("  {:>8.3} s {} {:?}", r.at.as_secs_f64(), r.line, r.range);
+            }
+            seconds.entry(find_ahead).or_default().push(pulled);
+            drop(ctd);
+            drop(daemon);
+        }
+    }
+    for (find_ahead, mut s) in seconds {
+        s.sort_by(f64::total_cmp);
+        println!(
+            "find_ahead = {find_ahead}: PullImage median {:.3} s of {s:?}",
+            s[s.len() / 2]
         );
     }
     Ok(())

@@ -19,7 +19,7 @@ use anyhow::{bail, ensure, Context, Result};
 use common::image;
 use common::registry::TestRegistry;
 use common::tree;
-use containerd::{mounts_below, stop_child, unmount_below, TestContainerd};
+use containerd::{cri_images, mounts_below, stop_child, unmount_below, TestContainerd};
 
 const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
@@ -840,27 +840,6 @@ fn a_pull_without_labels_falls_back_and_the_default_snapshotter_still_unpacks() 
 }
 
 /// containerd's CRI ImageService over its socket (what kubelet talks to).
-async fn cri_images(
-    socket: &Path,
-) -> Result<
-    k8s_cri::v1::image_service_client::ImageServiceClient<
-        containerd_snapshots::tonic::transport::Channel,
-    >,
-> {
-    use containerd_snapshots::tonic::transport::{Endpoint, Uri};
-    let socket = socket.to_owned();
-    // The URI is a placeholder: the connector dials the unix socket.
-    let channel = Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            tokio::net::UnixStream::connect(socket.clone())
-        }))
-        .await
-        .context("connecting to containerd's CRI")?;
-    Ok(k8s_cri::v1::image_service_client::ImageServiceClient::new(
-        channel,
-    ))
-}
-
 #[test]
 fn cri_pulls_lazily_with_its_labels_and_runs_a_pod_from_lazy_images() -> Result<()> {
     let registry = TestRegistry::start()?;

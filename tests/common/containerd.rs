@@ -574,3 +574,25 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(bool, S
         std::fs::read_to_string(&err_path).unwrap_or_default(),
     ))
 }
+
+/// A CRI image service client on the unix socket `socket` (containerd's, or lazysnapd's proxy).
+pub async fn cri_images(
+    socket: &Path,
+) -> Result<
+    k8s_cri::v1::image_service_client::ImageServiceClient<
+        containerd_snapshots::tonic::transport::Channel,
+    >,
+> {
+    use containerd_snapshots::tonic::transport::{Endpoint, Uri};
+    let socket = socket.to_owned();
+    // The URI is a placeholder: the connector dials the unix socket.
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            tokio::net::UnixStream::connect(socket.clone())
+        }))
+        .await
+        .context("connecting to containerd's CRI")?;
+    Ok(k8s_cri::v1::image_service_client::ImageServiceClient::new(
+        channel,
+    ))
+}
