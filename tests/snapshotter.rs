@@ -962,12 +962,38 @@ fn a_pull_through_the_cri_proxy_finds_the_layers_before_containerd_prepares_them
         "{layers} layers: {lazy} mounted lazily, {ahead} of them found ahead\n{}",
         daemon.log()
     );
+    let started = "finding the image's lazy layers ahead of containerd's pull";
     ensure!(
-        daemon
-            .log()
-            .contains("finding the image's lazy layers ahead of containerd's pull"),
+        daemon.log().matches(started).count() == 1,
         "{}",
         daemon.log()
+    );
+    // Pulled again (`imagePullPolicy: Always`): its layers are mounted and containerd prepares
+    // none of them, so none is found ahead again (their TOCs would be read for nothing).
+    runtime.block_on(async {
+        cri_images(&proxy)
+            .await?
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
+                    image: images.zstd.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .context("the second CRI PullImage")
+    })?;
+    let mut log = daemon.log();
+    for _ in 0..50 {
+        if log.contains("all mounted already") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        log = daemon.log();
+    }
+    ensure!(
+        log.contains("all mounted already") && log.matches(started).count() == 1,
+        "the pulled-again image was found ahead again:\n{log}"
     );
     drop(ctd);
     daemon.stop()

@@ -119,7 +119,10 @@ impl LayerHost for LocalHost {
     }
 
     fn warm_image(&self, image: String) -> BoxFuture<'_, ()> {
-        self.remote.warm_image(&image);
+        // An image pulled again (kubelet's `imagePullPolicy: Always`) has its layers mounted:
+        // containerd will not prepare them, so their TOCs would be read for nothing.
+        let mounted = self.layers().values().map(|m| m.digest).collect();
+        self.remote.warm_image(&image, mounted);
         async {}.boxed()
     }
 

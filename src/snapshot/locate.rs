@@ -17,7 +17,7 @@
 //! so the layers above the first would otherwise leave the link idle while the ones below are
 //! mounted; what is fetched early is only what the profile names, each chunk verified and cached.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -286,9 +286,10 @@ impl Locator {
     /// Prepare labels, name it; its lazy layers are then found as [`Self::warm`] finds them
     /// (under the resolved digest; a tag moved meanwhile makes containerd name another digest, and
     /// its Prepares find their layers themselves). Layers not in a lazy format cost nothing more
-    /// than the manifest. Only the first host `hosts.toml` names is asked. Returns at once; must
-    /// run inside a tokio runtime.
-    pub(super) fn warm_image(self: &Arc<Self>, image: &str) {
+    /// than the manifest, and layers in `mounted` (an image pulled again, which containerd does
+    /// not prepare again) nothing. Only the first host `hosts.toml` names is asked. Returns at
+    /// once; must run inside a tokio runtime.
+    pub(super) fn warm_image(self: &Arc<Self>, image: &str, mounted: HashSet<Digest>) {
         let Ok(reference) = image.parse::<Reference>() else {
             tracing::debug!(image, "not a reference: nothing found ahead of its pull");
             return;
@@ -333,12 +334,16 @@ impl Locator {
                             format::detect(media_type, &annotations).is_some()
                         })
                         .filter_map(|d| d["digest"].as_str().map(str::to_owned))
+                        .filter(|d| d.parse().map_or(true, |d| !mounted.contains(&d)))
                         .take(MAX_AHEAD)
                         .collect()
                 })
                 .unwrap_or_default();
             if layers.is_empty() {
-                tracing::debug!(image, "no lazy layer to find ahead of its pull");
+                tracing::debug!(
+                    image,
+                    "no lazy layer to find ahead of its pull (none, or all mounted already)"
+                );
                 return;
             }
             tracing::info!(image, manifest = %manifest.digest, layers = layers.len(), "finding the image's lazy layers ahead of containerd's pull");

@@ -7,7 +7,7 @@
 //! that is not in a lazy format, or whose registry or TOC fails, is a [`Fallback`]: containerd
 //! then downloads and unpacks it as usual.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,6 +23,7 @@ use crate::cache::ChunkCache;
 use crate::fetch::{FetchConfig, LayerFetcher};
 use crate::fs::{self, LayerMount, LayerSession, MountOptions};
 use crate::registry::{Client, ClientConfig};
+use crate::oci::Digest;
 use crate::{format, inspect};
 
 /// The same facts under stargz-snapshotter's own label names, which `ctr-remote` also sends
@@ -214,6 +215,8 @@ pub(super) struct Mounted {
     startup: StartupPrefetch,
     _mount: LayerMount,
     pub(super) pin_owner: String,
+    /// The layer's digest: an image pulled again finds it mounted, not to be found ahead.
+    pub(super) digest: Digest,
 }
 
 impl std::fmt::Debug for Mounted {
@@ -334,10 +337,11 @@ impl Remote {
         }
     }
 
-    /// Starts finding the lazy layers of `image` ahead of containerd's pull (see `locate`).
-    pub(super) fn warm_image(&self, image: &str) {
+    /// Starts finding the lazy layers of `image` ahead of containerd's pull (see `locate`), but
+    /// those in `mounted`.
+    pub(super) fn warm_image(&self, image: &str, mounted: HashSet<Digest>) {
         if self.config.enabled {
-            self.locator.warm_image(image);
+            self.locator.warm_image(image, mounted);
         }
     }
 
@@ -425,6 +429,7 @@ impl Remote {
                 startup,
                 _mount: mount,
                 pin_owner,
+                digest,
             },
             usage,
         ))
