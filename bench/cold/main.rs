@@ -22,6 +22,7 @@
 //! needed (lazysnap's own count), sent at the link rate, plus one round trip, plus the time the
 //! same start takes when all of those bytes are already local.
 
+mod cri;
 mod methods;
 mod network;
 mod report;
@@ -62,8 +63,8 @@ struct Args {
     /// JSON results; the markdown table and the SVG chart go beside it (.md, .svg).
     #[arg(long, default_value = "bench/results/coldstart.json")]
     out: PathBuf,
-    /// Skip methods by name (full-pull, lazysnap, lazysnap-profile, lazysnap-run,
-    /// lazysnap-run-profile).
+    /// Skip methods by name (full-pull, lazysnap, lazysnap-profile, lazysnap-cri,
+    /// lazysnap-cri-profile, lazysnap-run, lazysnap-run-profile).
     #[arg(long)]
     skip: Vec<String>,
     /// Only these workloads (repeat the flag; default: all, or python-hello with --quick).
@@ -91,10 +92,12 @@ struct Args {
 }
 
 /// Every method, in the order each round runs them.
-const METHODS: [&str; 5] = [
+const METHODS: [&str; 7] = [
     "full-pull",
     "lazysnap",
     "lazysnap-profile",
+    "lazysnap-cri",
+    "lazysnap-cri-profile",
     "lazysnap-run",
     "lazysnap-run-profile",
 ];
@@ -107,6 +110,10 @@ struct Setup<'a> {
     containerd: &'a ContainerdBin,
     /// The workload's image in its own repository, with a profile pushed.
     profiled: Option<String>,
+    /// The pod sandbox image of the `lazysnap-cri` methods.
+    sandbox: Option<&'a str>,
+    /// Whose counts the `lazysnap-cri` methods reset after making the sandbox.
+    registry: &'a ShapedRegistry,
 }
 
 /// `100mbit` → bits per second.
@@ -197,9 +204,17 @@ fn main() -> Result<()> {
     let lazysnapd = LAZYSNAPD.map(PathBuf::from).filter(|p| p.exists());
     let mut methods: Vec<&str> = METHODS.to_vec();
     if lazysnapd.is_none() {
-        methods.retain(|m| *m != "lazysnap" && *m != "lazysnap-profile");
+        methods.retain(|m| !m.starts_with("lazysnap") || m.starts_with("lazysnap-run"));
     }
     methods.retain(|m| !args.skip.iter().any(|s| s == m));
+    let sandbox = if methods.iter().any(|m| m.starts_with("lazysnap-cri")) {
+        let image = cri::publish_pause(repo_root, &registry.addr, scratch.path())
+            .context("publishing the pod sandbox image")?;
+        registry.take_counts();
+        Some(image)
+    } else {
+        None
+    };
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs()
@@ -218,6 +233,8 @@ fn main() -> Result<()> {
             lazysnapd_config: args.lazysnapd_config.as_deref(),
             containerd: &containerd,
             profiled: None,
+            sandbox: sandbox.as_deref(),
+            registry: &registry,
         };
         if methods.iter().any(|m| m.ends_with("-profile")) {
             let reference = w.profiled_reference(&registry.addr, wi, &run_id);
@@ -354,6 +371,41 @@ fn measure(
             methods::drop_page_cache()?;
             let sample = containerd.lazy_pull(&reference, w, id);
             drop(containerd);
+            sample
+        }
+        "lazysnap-cri" | "lazysnap-cri-profile" => {
+            let reference = if method == "lazysnap-cri" {
+                lazy
+            } else {
+                profiled()?
+            };
+            let lazysnapd = setup.lazysnapd.context("no lazysnapd binary")?;
+            let containerd_dir = dir.join("containerd");
+            let (daemon, proxy) = methods::Lazysnapd::start_cri(
+                lazysnapd,
+                setup.lazysnapd_config,
+                &dir.join("lazysnapd"),
+                &Containerd::socket_in(&containerd_dir),
+            )?;
+            let containerd = Containerd::start_cri(
+                setup.containerd,
+                &containerd_dir,
+                &daemon.socket,
+                setup.sandbox.context("no sandbox image")?,
+            )?;
+            let sample = cri::cold_start(
+                &containerd.socket,
+                &proxy,
+                &reference,
+                w,
+                &dir.join("logs"),
+                || {
+                    setup.registry.take_counts();
+                    methods::drop_page_cache()
+                },
+            );
+            drop(containerd);
+            drop(daemon);
             sample
         }
         "lazysnap-run" => {

@@ -8,6 +8,8 @@
 //! - `lazysnap-profile`: the same, of a copy of the image (same manifest digest, a repository of
 //!   its own) whose profile was recorded and pushed before the timed runs ([`record_profile`]).
 //! - `lazysnap-run`: the launcher, `lazysnap run`; `lazysnap-run-profile` with the profile.
+//! - `lazysnap-cri`, `lazysnap-cri-profile`: the Kubernetes path, through containerd's CRI and
+//!   lazysnapd's CRI proxy, the pod's sandbox made first and not timed (`cri.rs`).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -182,23 +184,60 @@ impl ContainerdBin {
     /// The config for a containerd of this version: its own root, state and socket, the CRI
     /// plugin out of the way (containerd 2.x reads only version 3 configs, and splits CRI into
     /// three plugins), and lazysnapd as the `lazysnap` proxy snapshotter.
-    fn config(&self, dir: &Path, socket: &Path, lazysnapd: Option<&Path>) -> String {
+    ///
+    /// With `cri` (the pod sandbox image), the CRI plugin is on instead, its snapshotter
+    /// `lazysnap` with the layer labels (`disable_snapshot_annotations = false`), as
+    /// `systemd/`'s snippets set it up; no CNI (pods on the node's network).
+    fn config(
+        &self,
+        dir: &Path,
+        socket: &Path,
+        lazysnapd: Option<&Path>,
+        cri: Option<&str>,
+    ) -> String {
         let (root, state, sock) = (
             dir.join("root").display().to_string(),
             dir.join("state").display().to_string(),
             socket.display().to_string(),
         );
-        let mut config = if self.major >= 2 {
-            format!(
+        let cni = dir.join("cni").display().to_string();
+        let mut config = match (self.major >= 2, cri) {
+            (true, None) => format!(
                 "version = 3\nroot = \"{root}\"\nstate = \"{state}\"\n\
                  disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \
                  \"io.containerd.cri.v1.runtime\"]\n[grpc]\n  address = \"{sock}\"\n"
-            )
-        } else {
-            format!(
+            ),
+            (true, Some(sandbox)) => format!(
+                "version = 3\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
+                 [plugins.\"io.containerd.nri.v1.nri\"]\n  disable = true\n\
+                 [plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"lazysnap\"\n  \
+                 disable_snapshot_annotations = false\n\
+                 [plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{sandbox}\"\n\
+                 [plugins.\"io.containerd.cri.v1.runtime\"]\n  restrict_oom_score_adj = true\n\
+                 [plugins.\"io.containerd.cri.v1.runtime\".cni]\n  {bin}\n  conf_dir = \"{cni}/conf\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  \
+                 stream_server_port = \"0\"\n",
+                // `cni.bin_dirs` replaced `bin_dir` in 2.1.
+                bin = if self.version.starts_with("2.0") {
+                    format!("bin_dir = \"{cni}/bin\"")
+                } else {
+                    format!("bin_dirs = [\"{cni}/bin\"]")
+                }
+            ),
+            (false, None) => format!(
                 "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
                  [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n"
-            )
+            ),
+            (false, Some(sandbox)) => format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  \
+                 sandbox_image = \"{sandbox}\"\n  stream_server_address = \"127.0.0.1\"\n  \
+                 stream_server_port = \"0\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{cni}/bin\"\n  \
+                 conf_dir = \"{cni}/conf\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"lazysnap\"\n  \
+                 disable_snapshot_annotations = false\n"
+            ),
         };
         if let Some(s) = lazysnapd {
             config.push_str(&format!(
@@ -284,9 +323,34 @@ impl Containerd {
     /// Starts containerd `bin` under `dir`; with `lazysnapd` set, registers it as the
     /// `lazysnap` proxy snapshotter.
     pub fn start(bin: &ContainerdBin, dir: &Path, lazysnapd: Option<&Path>) -> Result<Self> {
+        Self::start_with(bin, dir, lazysnapd, None)
+    }
+
+    /// Where [`Self::start`] with `dir` puts containerd's socket.
+    pub fn socket_in(dir: &Path) -> PathBuf {
+        dir.join("containerd.sock")
+    }
+
+    /// Like [`Self::start`] with lazysnapd, the CRI plugin on and using it, `sandbox` the pod
+    /// sandbox image.
+    pub fn start_cri(
+        bin: &ContainerdBin,
+        dir: &Path,
+        lazysnapd: &Path,
+        sandbox: &str,
+    ) -> Result<Self> {
+        Self::start_with(bin, dir, Some(lazysnapd), Some(sandbox))
+    }
+
+    fn start_with(
+        bin: &ContainerdBin,
+        dir: &Path,
+        lazysnapd: Option<&Path>,
+        cri: Option<&str>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let socket = dir.join("containerd.sock");
-        let config = bin.config(dir, &socket, lazysnapd);
+        let socket = Self::socket_in(dir);
+        let config = bin.config(dir, &socket, lazysnapd, cri);
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.join("containerd.log"))?;
@@ -455,6 +519,36 @@ impl Lazysnapd {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(me)
+    }
+}
+
+impl Lazysnapd {
+    /// Like [`Self::start`], with lazysnapd's CRI image proxy on, at `DIR/cri.sock` (returned),
+    /// forwarding to containerd's socket `containerd`: `config`'s contents with a `[cri]` table
+    /// added (a config with a `[cri]` table of its own is refused).
+    pub fn start_cri(
+        binary: &Path,
+        config: Option<&Path>,
+        dir: &Path,
+        containerd: &Path,
+    ) -> Result<(Self, PathBuf)> {
+        std::fs::create_dir_all(dir)?;
+        let mut text = match config {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
+            None => String::new(),
+        };
+        if text.lines().any(|l| l.trim() == "[cri]") {
+            bail!("the lazysnap-cri methods set [cri] themselves: take it out of the config");
+        }
+        let cri = dir.join("cri.sock");
+        text.push_str(&format!(
+            "\n[cri]\naddress = \"{}\"\ncontainerd_address = \"{}\"\n",
+            cri.display(),
+            containerd.display()
+        ));
+        let merged = dir.join("lazysnapd-cri.toml");
+        std::fs::write(&merged, text)?;
+        Ok((Self::start(binary, Some(&merged), dir)?, cri))
     }
 }
 

@@ -133,20 +133,29 @@ pub fn markdown(conditions: &serde_json::Value, rows: &[Row]) -> String {
     for r in rows.iter().filter(|r| r.method.starts_with("lazysnap")) {
         let mut notes = Vec::new();
         let profiled = r.method.ends_with("-profile");
-        if r.method == "lazysnap-profile" && stated {
+        // Through containerd: ctr-remote (`lazysnap`) or kubelet's CRI calls (`lazysnap-cri`).
+        let containerd = !r.method.starts_with("lazysnap-run");
+        if containerd && profiled && stated {
             if let Some(t) = profile_target(&r.workload) {
                 notes.push(verdict(r.seconds_median, t, " s"));
             }
         }
-        if r.method == "lazysnap" {
+        if containerd && !profiled {
             if let Some(b) = baseline(&r.workload).filter(|_| stated) {
                 notes.push(verdict(r.seconds_median / b, 0.8, "x issue 11's baseline"));
             }
-            if let Some(run) = find(rows, &r.workload, "lazysnap-run") {
+        }
+        if containerd {
+            let run = if profiled {
+                "lazysnap-run-profile"
+            } else {
+                "lazysnap-run"
+            };
+            if let Some(run_row) = find(rows, &r.workload, run) {
                 notes.push(verdict(
-                    r.seconds_median - run.seconds_median,
+                    r.seconds_median - run_row.seconds_median,
                     0.1,
-                    " s behind lazysnap-run",
+                    &format!(" s behind {run}"),
                 ));
             }
         }
@@ -205,12 +214,14 @@ pub fn svg(rows: &[Row]) -> String {
         "full-pull",
         "lazysnap",
         "lazysnap-profile",
+        "lazysnap-cri",
+        "lazysnap-cri-profile",
         "lazysnap-run",
         "lazysnap-run-profile",
         "oracle",
     ];
     let colors = [
-        "#9e9e9e", "#1565c0", "#6a1b9a", "#42a5f5", "#ab47bc", "#2e7d32",
+        "#9e9e9e", "#1565c0", "#6a1b9a", "#00838f", "#c2185b", "#42a5f5", "#ab47bc", "#2e7d32",
     ];
     let mut workloads: Vec<&str> = Vec::new();
     for r in rows {

@@ -22,8 +22,8 @@ use super::{
 use crate::cache::ChunkCache;
 use crate::fetch::{FetchConfig, LayerFetcher};
 use crate::fs::{self, LayerMount, LayerSession, MountOptions};
-use crate::registry::{Client, ClientConfig};
 use crate::oci::Digest;
+use crate::registry::{Client, ClientConfig};
 use crate::{format, inspect};
 
 /// The same facts under stargz-snapshotter's own label names, which `ctr-remote` also sends
