@@ -524,8 +524,9 @@ impl Lazysnapd {
 
 impl Lazysnapd {
     /// Like [`Self::start`], with lazysnapd's CRI image proxy on, at `DIR/cri.sock` (returned),
-    /// forwarding to containerd's socket `containerd`: `config`'s contents with a `[cri]` table
-    /// added (a config with a `[cri]` table of its own is refused).
+    /// forwarding to containerd's socket `containerd`: `config`'s contents with the two keys
+    /// added to its `[cri]` table (made if it has none; one that sets either key itself is
+    /// refused by lazysnapd as a duplicate key), so that `[cri] find_ahead` can be measured.
     pub fn start_cri(
         binary: &Path,
         config: Option<&Path>,
@@ -533,19 +534,22 @@ impl Lazysnapd {
         containerd: &Path,
     ) -> Result<(Self, PathBuf)> {
         std::fs::create_dir_all(dir)?;
-        let mut text = match config {
+        let text = match config {
             Some(p) => std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
             None => String::new(),
         };
-        if text.lines().any(|l| l.trim() == "[cri]") {
-            bail!("the lazysnap-cri methods set [cri] themselves: take it out of the config");
-        }
         let cri = dir.join("cri.sock");
-        text.push_str(&format!(
-            "\n[cri]\naddress = \"{}\"\ncontainerd_address = \"{}\"\n",
+        let keys = format!(
+            "address = \"{}\"\ncontainerd_address = \"{}\"",
             cri.display(),
             containerd.display()
-        ));
+        );
+        let mut lines: Vec<&str> = text.lines().collect();
+        match lines.iter().position(|l| l.trim() == "[cri]") {
+            Some(at) => lines.insert(at + 1, &keys),
+            None => lines.extend(["[cri]", &keys]),
+        }
+        let text = lines.join("\n") + "\n";
         let merged = dir.join("lazysnapd-cri.toml");
         std::fs::write(&merged, text)?;
         Ok((Self::start(binary, Some(&merged), dir)?, cri))
