@@ -18,6 +18,10 @@
 //! `lazysnap profile record --push` records and pushes the profile there, on a root of its own.
 //! The other methods read the image's own repository, which never holds a profile.
 //!
+//! `lazysnap-cri` and `lazysnap-cri-profile` take the Kubernetes path: kubelet's CRI calls, by
+//! hand, to containerd's CRI plugin and lazysnapd's CRI proxy, after a pod sandbox made untimed
+//! (see `cri.rs`).
+//!
 //! The oracle is the physical limit: the compressed bytes of the chunks the workload's reads
 //! needed (lazysnap's own count), sent at the link rate, plus one round trip, plus the time the
 //! same start takes when all of those bytes are already local.
