@@ -662,3 +662,27 @@ async fn fetch_manifest(
         loader: LoaderPrefetch::new(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::image_key;
+
+    #[test]
+    fn an_image_is_keyed_as_cri_names_it() {
+        assert_eq!(image_key("python"), "docker.io/library/python:latest");
+        assert_eq!(
+            image_key("docker.io/library/python:latest"),
+            "docker.io/library/python:latest"
+        );
+        assert_eq!(
+            image_key("127.0.0.1:5000/big:lazy"),
+            "127.0.0.1:5000/big:lazy"
+        );
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            image_key(&format!("127.0.0.1:5000/big:lazy@{digest}")),
+            format!("127.0.0.1:5000/big@{digest}")
+        );
+        assert_eq!(image_key("not a reference"), "not a reference");
+    }
+}

@@ -21,7 +21,7 @@ pub(super) struct SnapshotMetrics {
     pub verified: IntCounter,
     pub verify_failures: IntCounter,
     /// Lazy layers whose Prepare found them already found (manifest and TOC read at the image's
-    /// first Prepare, with the other layers). Counted where layers are served (the layer host),
+    /// first Prepare, with the other layers, or at the CRI proxy's PullImage). Counted where layers are served (the layer host),
     /// so not named `snapshot_`: the service's page shows the host's.
     pub located_ahead: IntCounter,
 }
@@ -69,7 +69,7 @@ pub(super) static METRICS: LazyLock<SnapshotMetrics> = LazyLock::new(|| {
         located_ahead: IntCounter::with_opts(opts(
             "layers_found_ahead_total",
             "Lazy layers whose manifest and TOC were read ahead of their own Prepare, with the \
-             image's other layers.",
+             image's other layers or at the CRI proxy's PullImage.",
         ))
         .expect("valid metric"),
     };
