@@ -438,6 +438,36 @@ fn a_pulled_images_profile_is_fetched_before_the_container_reads_it() -> Result<
     Ok(())
 }
 
+/// The image the measurements here run: `LAZYSNAP_BREAKDOWN_LAYOUT` (an OCI layout, converted and
+/// pushed as `big:lazy`; its command `LAZYSNAP_BREAKDOWN_CMD`, default python's hello) or the
+/// multi-layer busybox image. Returns its repository and tag, and the command.
+fn measured_image(registry: &TestRegistry, work: &Path) -> Result<(String, String)> {
+    match std::env::var("LAZYSNAP_BREAKDOWN_LAYOUT") {
+        Ok(layout) => {
+            image::run(Command::new(LAZYSNAP).args([
+                "convert",
+                &format!("oci:{layout}"),
+                &format!("{}/big:lazy", registry.addr),
+            ]))?;
+            let cmd = std::env::var("LAZYSNAP_BREAKDOWN_CMD")
+                .unwrap_or_else(|_| "python3 -c print('hello')".into());
+            Ok(("big:lazy".to_owned(), cmd))
+        }
+        Err(_) => {
+            let (repo, _) = multi_layer_image(registry, work)?;
+            Ok((repo, "/bin/busybox cat /data/layer3/msg".to_owned()))
+        }
+    }
+}
+
+/// The number in the environment variable `name`, else `default`.
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Not a check: where the time of a cold start through containerd goes, next to `lazysnap run`
 /// (`cargo test --test containerd_path -- --ignored --nocapture breakdown`). Uses the busybox
 /// image above, or `LAZYSNAP_BREAKDOWN_LAYOUT=DIR:TAG` (e.g. the python image of
@@ -448,26 +478,8 @@ fn a_pulled_images_profile_is_fetched_before_the_container_reads_it() -> Result<
 fn breakdown() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let (repo, command) = match std::env::var("LAZYSNAP_BREAKDOWN_LAYOUT") {
-        Ok(layout) => {
-            image::run(Command::new(LAZYSNAP).args([
-                "convert",
-                &format!("oci:{layout}"),
-                &format!("{}/big:lazy", registry.addr),
-            ]))?;
-            let cmd = std::env::var("LAZYSNAP_BREAKDOWN_CMD")
-                .unwrap_or_else(|_| "python3 -c print('hello')".into());
-            ("big:lazy".to_owned(), cmd)
-        }
-        Err(_) => {
-            let (repo, _) = multi_layer_image(&registry, work.path())?;
-            (repo, "/bin/busybox cat /data/layer3/msg".to_owned())
-        }
-    };
-    let rtt_ms: u64 = std::env::var("LAZYSNAP_BREAKDOWN_RTT_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let (repo, command) = measured_image(&registry, work.path())?;
+    let rtt_ms = env_or("LAZYSNAP_BREAKDOWN_RTT_MS", 20);
     let proxy = DelayProxy::start(&registry.addr, Duration::from_millis(rtt_ms / 2))?;
     let reference = format!("{}/{repo}", proxy.addr);
     let args: Vec<&str> = command.split(' ').collect();
@@ -564,25 +576,9 @@ fn breakdown() -> Result<()> {
 fn cri_pull() -> Result<()> {
     let registry = TestRegistry::start()?;
     let work = tempfile::tempdir()?;
-    let repo = match std::env::var("LAZYSNAP_BREAKDOWN_LAYOUT") {
-        Ok(layout) => {
-            image::run(Command::new(LAZYSNAP).args([
-                "convert",
-                &format!("oci:{layout}"),
-                &format!("{}/big:lazy", registry.addr),
-            ]))?;
-            "big:lazy".to_owned()
-        }
-        Err(_) => multi_layer_image(&registry, work.path())?.0,
-    };
-    let rtt_ms: u64 = std::env::var("LAZYSNAP_BREAKDOWN_RTT_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let rounds: usize = std::env::var("LAZYSNAP_CRI_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let (repo, _) = measured_image(&registry, work.path())?;
+    let rtt_ms = env_or("LAZYSNAP_BREAKDOWN_RTT_MS", 20);
+    let rounds = env_or("LAZYSNAP_CRI_ROUNDS", 3) as usize;
     let proxy = DelayProxy::start(&registry.addr, Duration::from_millis(rtt_ms / 2))?;
     let reference = format!("{}/{repo}", proxy.addr);
     let runtime = tokio::runtime::Runtime::new()?;

@@ -19,7 +19,7 @@ use anyhow::{bail, ensure, Context, Result};
 use common::image;
 use common::registry::TestRegistry;
 use common::tree;
-use containerd::{cri_images, mounts_below, stop_child, unmount_below, TestContainerd};
+use containerd::{cri_images, cri_pull, mounts_below, stop_child, unmount_below, TestContainerd};
 
 const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
@@ -940,19 +940,7 @@ fn a_pull_through_the_cri_proxy_finds_the_layers_before_containerd_prepares_them
     std::os::unix::fs::symlink(&ctd.socket, &containerd_link)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime
-        .block_on(async {
-            cri_images(&proxy)
-                .await?
-                .pull_image(k8s_cri::v1::PullImageRequest {
-                    image: Some(k8s_cri::v1::ImageSpec {
-                        image: images.zstd.clone(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .context("CRI PullImage through the proxy")
-        })
+        .block_on(cri_pull(&proxy, &images.zstd))
         .with_context(|| format!("{}\ncontainerd:\n{}", daemon.log(), ctd.log()))?;
     let layers = layer_digests(&images.zstd)?.len() as f64;
     let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
@@ -970,19 +958,9 @@ fn a_pull_through_the_cri_proxy_finds_the_layers_before_containerd_prepares_them
     );
     // Pulled again (`imagePullPolicy: Always`): its layers are mounted and containerd prepares
     // none of them, so none is found ahead again (their TOCs would be read for nothing).
-    runtime.block_on(async {
-        cri_images(&proxy)
-            .await?
-            .pull_image(k8s_cri::v1::PullImageRequest {
-                image: Some(k8s_cri::v1::ImageSpec {
-                    image: images.zstd.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .context("the second CRI PullImage")
-    })?;
+    runtime
+        .block_on(cri_pull(&proxy, &images.zstd))
+        .context("the second pull")?;
     let mut log = daemon.log();
     for _ in 0..50 {
         if log.contains("all mounted already") {

@@ -294,12 +294,7 @@ impl Locator {
             tracing::debug!(image, "not a reference: nothing found ahead of its pull");
             return;
         };
-        let Some(host) = self
-            .hosts
-            .candidates(&reference.registry)
-            .into_iter()
-            .next()
-        else {
+        let Some(host) = self.first_host(&reference) else {
             return;
         };
         let me = self.clone();
@@ -374,16 +369,19 @@ impl Locator {
         let Ok(reference) = image.parse::<Reference>() else {
             return;
         };
-        let Some(host) = self
-            .hosts
-            .candidates(&reference.registry)
-            .into_iter()
-            .next()
-        else {
+        let Some(host) = self.first_host(&reference) else {
             return;
         };
         let (client, at) = self.at_host(&host, &reference);
         client.preconnect(&at, (layers + 2).min(PRECONNECT));
+    }
+
+    /// The first host to try for `reference`: its first mirror, or its own registry.
+    fn first_host(&self, reference: &Reference) -> Option<Host> {
+        self.hosts
+            .candidates(&reference.registry)
+            .into_iter()
+            .next()
     }
 
     /// The client that speaks to `host` (plain HTTP or not, as `hosts.toml` says) and

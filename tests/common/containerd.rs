@@ -596,3 +596,19 @@ pub async fn cri_images(
         channel,
     ))
 }
+
+/// kubelet's `PullImage` of `image`, with no credentials, on the CRI socket `socket`.
+pub async fn cri_pull(socket: &Path, image: &str) -> Result<()> {
+    cri_images(socket)
+        .await?
+        .pull_image(k8s_cri::v1::PullImageRequest {
+            image: Some(k8s_cri::v1::ImageSpec {
+                image: image.to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("CRI PullImage {image}"))?;
+    Ok(())
+}
