@@ -6,11 +6,13 @@
 //! verified against its TOC digest by [`format::decode_chunk`] before it is cached or served. The
 //! prefetch list is fetched in one batch, then the rest of the layer streams in the background as
 //! one whole-blob read that is checked against the manifest digest at its end (and, if asked,
-//! decompressed and hashed on the side: the layer's `diff_id`, see `uncompressed`).
+//! decompressed and hashed on the side: the layer's `diff_id`, see `uncompressed`; the stream
+//! and its retries are `complete`, the TOC's read `toc`).
 //! Does not own: the wire protocol (`registry`), storage (`cache`), or the file system (`fs`).
 
 mod access;
 mod accounts;
+mod complete;
 mod directory;
 mod loader;
 mod local;
@@ -19,6 +21,7 @@ mod profile;
 mod request;
 mod schedule;
 mod stall;
+mod toc;
 mod turns;
 mod uncompressed;
 
@@ -29,10 +32,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use tokio::io::AsyncReadExt;
 
 use crate::cache::ChunkCache;
-use crate::format::{self, Chunk, LayerFormat, LazyLayer, Toc, TocEntry};
+use crate::format::{self, Chunk, LayerFormat, Toc, TocEntry};
 use crate::fs::{ChunkError, ChunkSource};
 use crate::metrics::METRICS;
 use crate::oci::{Digest, Reference};
@@ -47,90 +49,8 @@ use request::EarlyChunk;
 pub use schedule::{
     DemandGuard, DemandRequest, ProfileGuard, ScheduleConfig, Scheduler, StreamSlot,
 };
-use stall::StallGuard;
+pub use toc::{read_toc, read_toc_at};
 
-/// Finds and verifies a lazy layer's TOC with at most two range reads of its `size`-byte blob:
-/// the footer (skipped when the annotation gives the position), then the TOC, which is checked
-/// against the digest the manifest pins before it is parsed. `read(start, end)` reads
-/// `[start, end)` of the blob, from a registry or a local file. The TOC's stated sizes are checked
-/// against `limits` before it is read, and its content while it is decoded, which waits for a
-/// turn from `scheduler`.
-pub async fn read_toc<F, Fut, B, E>(
-    blob: &Digest,
-    lazy: &LazyLayer,
-    size: u64,
-    limits: &format::Limits,
-    scheduler: &Scheduler,
-    read: F,
-) -> Result<Toc, FetchError>
-where
-    F: Fn(u64, u64) -> Fut,
-    Fut: std::future::Future<Output = Result<B, E>>,
-    B: AsRef<[u8]> + Send + 'static,
-    E: std::fmt::Display,
-{
-    let fail = |message: String| FetchError::Layer {
-        layer: blob.short(),
-        message,
-    };
-    let position = match lazy.toc_position {
-        Some(p) => p,
-        None => {
-            let tail_len = format::tail_len(lazy.format).min(size);
-            let tail = read(size - tail_len, size)
-                .await
-                .map_err(|e| fail(format!("reading the footer: {e}")))?;
-            format::parse_tail(lazy.format, tail.as_ref(), size).map_err(|e| fail(e.to_string()))?
-        }
-    };
-    // The annotation's position is as untrusted as the footer's: bound it before the read.
-    limits
-        .check_toc_size(position.compressed_len, position.uncompressed_len)
-        .map_err(|e| fail(e.to_string()))?;
-    let end = position
-        .offset
-        .checked_add(position.compressed_len)
-        .filter(|&e| e <= size)
-        .ok_or_else(|| {
-            fail(format!(
-                "TOC position {}+{} lies outside the {size}-byte blob",
-                position.offset, position.compressed_len
-            ))
-        })?;
-    let raw = read(position.offset, end)
-        .await
-        .map_err(|e| fail(format!("reading the TOC: {e}")))?;
-    // Decoding is CPU work that a TOC at the limits stretches to seconds: off the async workers
-    // (they serve every layer's reads), and in turns, so hostile TOCs hold bounded memory.
-    let _turn = scheduler.toc_decode().await;
-    let (lazy, limits) = (lazy.clone(), *limits);
-    tokio::task::spawn_blocking(move || {
-        format::parse_toc_limited(&lazy, position, raw.as_ref(), &limits)
-    })
-    .await
-    .map_err(|e| fail(format!("decoding the TOC: {e}")))?
-    .map_err(|e| fail(e.to_string()))
-}
-
-/// [`read_toc`] of the layer `blob` at `reference`, by range reads from its registry.
-pub async fn read_toc_at(
-    client: &Client,
-    reference: &Reference,
-    blob: &Digest,
-    lazy: &LazyLayer,
-    size: u64,
-    limits: &format::Limits,
-    scheduler: &Scheduler,
-) -> Result<Toc, FetchError> {
-    let read = |start: u64, end: u64| client.get_blob_range(reference, blob, start..end);
-    read_toc(blob, lazy, size, limits, scheduler, read).await
-}
-
-/// The first delay before a failed background completion is tried again; doubled per failure.
-const RETRY_BASE: Duration = Duration::from_millis(500);
-/// The longest delay between two background attempts: a registry back from an outage is used
-/// again within this, and a blob the registry keeps serving wrong is streamed at most this often.
-const RETRY_CAP: Duration = Duration::from_secs(120);
 /// How long the chunks of a failed range request keep answering with its error. The kernel
 /// retries a failed read at once (readahead, then a synchronous read of the page, within a
 /// millisecond or so); that retry must get the first request's error, not ask the registry again
@@ -464,141 +384,6 @@ impl LayerFetcher {
         Ok(())
     }
 
-    /// Completes the layer in the background, trying again after every failure (network error,
-    /// stall, bad byte, truncated stream, whole-blob digest mismatch) with capped exponential
-    /// backoff, until the blob has streamed whole and verified: a registry that misbehaves for a
-    /// while delays completion, it does not end it. Each attempt streams from the blob's start,
-    /// because the whole-blob digest needs every byte; chunks already cached are skipped, not
-    /// decoded or stored again. Returns only once complete (abort the task to stop it).
-    pub async fn complete_retrying(&self) {
-        let layer = self.inner.blob.short();
-        let mut failures = 0u32;
-        loop {
-            match self.complete().await {
-                Ok(()) => return,
-                Err(e) => {
-                    let delay = retry_delay(failures);
-                    failures = failures.saturating_add(1);
-                    self.inner
-                        .stats
-                        .background_retries
-                        .fetch_add(1, Ordering::Relaxed);
-                    METRICS.background_retries.inc();
-                    tracing::warn!(%layer, failures, ?delay, "background fetch failed, trying again after the delay: {e}");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
-    }
-
-    /// Streams the whole blob once, caching every chunk not yet held, and checks the blob against
-    /// its manifest digest at the end. Pauses while on-demand reads are waiting.
-    pub async fn complete(&self) -> Result<(), FetchError> {
-        let inner = &self.inner;
-        let fail = |message: String| FetchError::Layer {
-            layer: inner.blob.short(),
-            message,
-        };
-        let scheduler = &inner.config.scheduler;
-        let _slot = scheduler.stream_slot(inner.blob_size).await;
-        scheduler.wait_quiet().await;
-        let deadline = inner.config.deadline;
-        let reader = tokio::time::timeout(
-            deadline,
-            // Sized: a stream that runs past the blob's size fails there, not at the digest.
-            inner
-                .client
-                .blob_reader_sized(&inner.reference, &inner.blob, inner.blob_size),
-        )
-        .await
-        .map_err(|_| fail(format!("the registry did not answer within {deadline:?}")))?
-        .map_err(|e| fail(e.to_string()))?;
-        // A stream that stalls fails (and is retried) instead of holding its slot for good.
-        let mut reader = StallGuard::new(reader, deadline);
-        inner.stats.requests.fetch_add(1, Ordering::Relaxed);
-        METRICS
-            .fetch_requests
-            .with_label_values(&["background"])
-            .inc();
-        let mut pos = 0u64;
-        let mut buf: Vec<u8> = Vec::new(); // bytes from `buf_start`
-        let mut buf_start = 0u64;
-        let mut next = 0usize; // index into chunks
-        let mut block = vec![0u8; 256 << 10];
-        let mut uncompressed = inner.hash_uncompressed.load(Ordering::Relaxed).then(|| {
-            uncompressed::UncompressedDigest::start(inner.format, inner.uncompressed_bound)
-        });
-        loop {
-            if scheduler.busy() {
-                scheduler.wait_quiet().await;
-            }
-            let n = reader
-                .read(&mut block)
-                .await
-                .map_err(|e| fail(format!("background read: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            inner
-                .stats
-                .background_bytes
-                .fetch_add(n as u64, Ordering::Relaxed);
-            inner.record("background", n as u64);
-            if let Some(hasher) = &mut uncompressed {
-                hasher.feed(Bytes::copy_from_slice(&block[..n])).await;
-            }
-            buf.extend_from_slice(&block[..n]);
-            pos += n as u64;
-            // Decode every chunk whose compressed range is now complete.
-            while let Some(c) = inner.chunks.get(next) {
-                if c.compressed_end > pos {
-                    break;
-                }
-                next += 1;
-                if inner.cache.contains(&c.digest) {
-                    continue;
-                }
-                let start = (c.compressed_start - buf_start) as usize;
-                let end = (c.compressed_end - buf_start) as usize;
-                let data =
-                    format::decode_chunk(inner.format, c, &buf[start..end]).map_err(|e| {
-                        inner.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
-                        fail(e.to_string())
-                    })?;
-                inner
-                    .cache
-                    .put(&c.digest, Bytes::from(data))
-                    .map_err(|e| fail(e.to_string()))?;
-            }
-            // Keep only what a chunk still to come needs.
-            let keep_from = inner
-                .chunks
-                .get(next)
-                .map_or(pos, |c| c.compressed_start.min(pos));
-            if keep_from > buf_start {
-                buf.drain(..(keep_from - buf_start) as usize);
-                buf_start = keep_from;
-            }
-        }
-        if pos != inner.blob_size {
-            return Err(fail(format!(
-                "background read ended at {pos} of {} bytes",
-                inner.blob_size
-            )));
-        }
-        // The reader ended only after the blob matched its manifest digest: what it decompresses
-        // to is the layer's own, whatever it is.
-        if let Some(hasher) = uncompressed {
-            *lock(&inner.uncompressed) = Some(hasher.finish().await);
-        }
-        METRICS
-            .layer_complete
-            .with_label_values(&[&inner.blob.short()])
-            .set(1);
-        tracing::info!(layer = %inner.blob.short(), "layer complete and verified against its manifest digest");
-        Ok(())
-    }
-
     /// Stops every range request still running (their readers get an error; what they verified
     /// is cached), for an unmount, and returns their handles: a request is gone, and its hold on
     /// the cache with it, once its handle `is_finished`.
@@ -734,13 +519,6 @@ fn forget(inner: &Inner, chunks: &[Chunk], id: u64) {
     }
 }
 
-/// The delay after the `failures`-th failed background attempt (0-based): doubling, capped.
-fn retry_delay(failures: u32) -> Duration {
-    RETRY_BASE
-        .saturating_mul(1u32.checked_shl(failures.min(16)).unwrap_or(u32::MAX))
-        .min(RETRY_CAP)
-}
-
 impl Inner {
     /// Whether `digest` is cached or already on its way (in `inflight`): no request needs it.
     fn held(&self, inflight: &HashMap<Digest, Inflight>, digest: &Digest) -> bool {
@@ -846,19 +624,5 @@ impl ChunkSource for LayerFetcher {
             }
         }
         .boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn background_retries_back_off_doubling_up_to_the_cap() {
-        assert_eq!(retry_delay(0), RETRY_BASE);
-        assert_eq!(retry_delay(1), RETRY_BASE * 2);
-        assert_eq!(retry_delay(3), RETRY_BASE * 8);
-        assert_eq!(retry_delay(20), RETRY_CAP);
-        assert_eq!(retry_delay(u32::MAX), RETRY_CAP);
     }
 }
