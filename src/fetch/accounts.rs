@@ -30,7 +30,7 @@ pub const ACCOUNT_FILES: [&str; 2] = ["etc/passwd", "etc/group"];
 pub const MAX_BYTES: u64 = 1 << 20;
 
 impl LayerFetcher {
-    /// Fetches the layer's account files, if it holds them within [`MAX_BYTES`] and
+    /// Fetches the layer's account files, if it holds them within `MAX_BYTES` and
     /// [`super::FetchConfig::account_files`] is on. A failure is logged: the reads then fetch
     /// on demand.
     pub async fn prefetch_account_files(&self, toc: &Toc) {

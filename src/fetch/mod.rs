@@ -81,11 +81,11 @@ pub struct FetchConfig {
     /// Where to note every chunk read (`lazysnap profile record`); none otherwise.
     pub access: Option<AccessLog>,
     /// When reads miss two files of one directory, fetch the rest of its small files at once
-    /// (see [`directory`]).
+    /// (see `fetch::directory`).
     pub directory_read_ahead: bool,
     /// Whether mounts give their fetchers a [`LoaderPrefetch`] (see [`Self::loader`]).
     pub loader_prefetch: bool,
-    /// Fetch a layer's `/etc/passwd` and `/etc/group` when it is found (see [`accounts`]).
+    /// Fetch a layer's `/etc/passwd` and `/etc/group` when it is found (see `fetch::accounts`).
     pub account_files: bool,
     /// The image's loader prefetch, placed at this layer ([`LoaderPrefetch::at`]): the
     /// libraries a program links are fetched as soon as a read reaches its head. None: off.

@@ -151,7 +151,7 @@ pub fn plan_profile<'a>(
 }
 
 impl LayerFetcher {
-    /// What a layer fetches as soon as it is found: its account files ([`super::accounts`])
+    /// What a layer fetches as soon as it is found: its account files (`fetch::accounts`)
     /// and, beside them, its part of the image's start-up profile once `profile` (looked up
     /// while the TOC was read) is known. A failure is logged: reads then fetch on demand.
     pub async fn prefetch_startup(&self, toc: &Toc, profile: Lookup) {

@@ -176,7 +176,7 @@ impl Scheduler {
 
     /// A turn to decode a TOC. Decoding a TOC at the limits holds several hundred MiB and seconds
     /// of CPU (docs/configuration.md), and every image on the node may bring one: taking turns
-    /// bounds what hostile TOCs can hold at once to [`TOC_DECODES`] of them, whatever arrives.
+    /// bounds what hostile TOCs can hold at once to `TOC_DECODES` of them, whatever arrives.
     pub async fn toc_decode(&self) -> Option<OwnedSemaphorePermit> {
         self.inner.toc_decodes.clone().acquire_owned().await.ok()
     }

@@ -151,7 +151,7 @@ impl Client {
     }
 
     /// GET a whole blob of `reference`'s repository (an image config: at most
-    /// [`WHOLE_BLOB_LIMIT`] bytes), checked against `digest`.
+    /// `WHOLE_BLOB_LIMIT` bytes), checked against `digest`.
     #[tracing::instrument(level = "debug", skip_all, fields(reference = %reference, digest = %digest))]
     pub async fn get_blob(
         &self,

@@ -33,7 +33,7 @@ const VERDICT_FILE: &str = "verdict";
 
 /// What a lazy layer must decompress to, for the layer host: its snapshot's chain ID and its
 /// parent's. The `diff_id` itself is not needed: the chain ID is `diff_id` for a base layer and
-/// sha256("<parent chain ID> <diff_id>") above one.
+/// `sha256("<parent chain ID> <diff_id>")` above one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expected {
     pub chain_id: Digest,
