@@ -302,9 +302,11 @@ impl Locator {
         tokio::spawn(async move {
             let (client, at) = me.at_host(&host, &reference);
             client.preconnect(&at, PRECONNECT);
-            let digest = reference.digest.map(|d| d.to_string()).unwrap_or_default();
+            // Resolved as from a tag even when pinned by digest: a pinned multi-platform image
+            // names its index, whose platform manifest is what containerd's labels name (the
+            // client checks the bytes against the pinned digest).
             let manifest =
-                match tokio::time::timeout(me.timeout, me.manifest(client, &at, &digest)).await {
+                match tokio::time::timeout(me.timeout, me.manifest(client, &at, "")).await {
                     Ok(Ok(manifest)) => manifest,
                     Ok(Err(f)) => {
                         tracing::debug!(
