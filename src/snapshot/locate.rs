@@ -162,16 +162,15 @@ fn key(layer: &RemoteLayer) -> Key {
 }
 
 /// `image` as containerd's CRI plugin names it in its labels (`ParseDockerRef`): registry and
-/// repository spelled out, `latest` when neither tag nor digest is given, the tag dropped when a
-/// digest is; so that kubelet's `PullImage("python")` and CRI's label
-/// `docker.io/library/python:latest` find the same layers. Left as it is when it does not parse.
+/// repository spelled out, `latest` when neither tag nor digest is given (both as the parser
+/// does), the tag dropped when a digest is; so that kubelet's `PullImage("python")` and CRI's
+/// label `docker.io/library/python:latest` find the same layers. Left as it is when it does not
+/// parse.
 fn image_key(image: &str) -> String {
     match image.parse::<Reference>() {
         Ok(mut r) => {
             if r.digest.is_some() {
                 r.tag = None;
-            } else if r.tag.is_none() {
-                r.tag = Some("latest".to_owned());
             }
             r.to_string()
         }

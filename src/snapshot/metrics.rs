@@ -21,8 +21,9 @@ pub(super) struct SnapshotMetrics {
     pub verified: IntCounter,
     pub verify_failures: IntCounter,
     /// Lazy layers whose Prepare found them already found (manifest and TOC read at the image's
-    /// first Prepare, with the other layers, or at the CRI proxy's PullImage). Counted where layers are served (the layer host),
-    /// so not named `snapshot_`: the service's page shows the host's.
+    /// first Prepare, with the other layers, or at the CRI proxy's PullImage). Counted where
+    /// layers are served (the layer host), so not named `snapshot_`: the service's page shows
+    /// the host's.
     pub located_ahead: IntCounter,
 }
 
