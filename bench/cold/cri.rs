@@ -19,24 +19,15 @@ use containerd_snapshots::tonic::transport::{Channel, Endpoint, Uri};
 use k8s_cri::v1 as cri;
 
 use crate::methods::Sample;
-use crate::workloads::Workload;
+use crate::workloads::{run, Workload};
 
 /// Builds the sandbox image (busybox running `sleep`, the tests' fixture) and pushes it, plain,
 /// to the registry at `addr` (`127.0.0.1:PORT`). Returns its reference under `localhost:PORT`.
 pub fn publish_pause(repo_root: &Path, addr: &str, scratch: &Path) -> Result<String> {
     let fixtures = repo_root.join("tests/fixtures");
-    let out = Command::new(fixtures.join("busybox-image.sh"))
+    let layout = run(Command::new(fixtures.join("busybox-image.sh"))
         .arg(scratch.join("pause-layout"))
-        .arg("pause")
-        .output()
-        .context("running tests/fixtures/busybox-image.sh")?;
-    if !out.status.success() {
-        bail!(
-            "busybox-image.sh: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let layout = String::from_utf8(out.stdout)?.trim().to_owned();
+        .arg("pause"))?;
     run(Command::new("umoci").args([
         "config",
         "--image",
@@ -54,14 +45,6 @@ pub fn publish_pause(repo_root: &Path, addr: &str, scratch: &Path) -> Result<Str
         .map(|(_, p)| p)
         .context("registry address without a port")?;
     Ok(format!("localhost:{port}/bench/pause:plain"))
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
 }
 
 async fn channel(socket: &Path) -> Result<Channel> {
@@ -208,12 +191,24 @@ async fn until_ready(
             .filter_map(|l| l.splitn(4, ' ').nth(3))
             .any(|l| l.contains(ready))
     };
-    for polls in 0u64.. {
-        if has_ready(&std::fs::read_to_string(log).unwrap_or_default()) {
+    let mut polls = 0u64;
+    // Set once its status says it exited: the next read of the log (its last lines may come
+    // with its exit) is the last chance for the line.
+    let mut exited = false;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if has_ready(&text) {
             return Ok(start.elapsed().as_secs_f64());
         }
-        let exited = polls % 50 == 49
-            && runtime
+        if exited {
+            bail!("the container exited without {ready:?}:\n{text}");
+        }
+        if start.elapsed() > limit {
+            bail!("no {ready:?} in {} after {limit:?}:\n{text}", log.display());
+        }
+        polls += 1;
+        if polls % 50 == 0 {
+            exited = runtime
                 .container_status(cri::ContainerStatusRequest {
                     container_id: container.to_owned(),
                     verbose: false,
@@ -223,15 +218,9 @@ async fn until_ready(
                 .into_inner()
                 .status
                 .is_some_and(|s| s.state == cri::ContainerState::ContainerExited as i32);
-        // Its last lines may have come with its exit.
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if exited && !has_ready(&text) {
-            bail!("the container exited without {ready:?}:\n{text}");
         }
-        if start.elapsed() > limit {
-            bail!("no {ready:?} in {} after {limit:?}:\n{text}", log.display());
+        if !exited {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    unreachable!("polls until ready, exit or the limit")
 }

@@ -347,8 +347,14 @@ fn measure(
     id: &str,
 ) -> Result<Sample> {
     let plain = w.image.reference(setup.addr, "plain");
-    let lazy = w.image.reference(setup.addr, "lazy");
-    let profiled = || setup.profiled.clone().context("no profiled image");
+    // The lazy methods read the image itself, their `-profile` twins the copy with a profile.
+    let lazy = || {
+        if method.ends_with("-profile") {
+            setup.profiled.clone().context("no profiled image")
+        } else {
+            Ok(w.image.reference(setup.addr, "lazy"))
+        }
+    };
     match method {
         "full-pull" => {
             let containerd = Containerd::start(setup.containerd, dir, None)?;
@@ -356,11 +362,7 @@ fn measure(
             containerd.full_pull(&plain, w, id)
         }
         "lazysnap" | "lazysnap-profile" => {
-            let reference = if method == "lazysnap" {
-                lazy
-            } else {
-                profiled()?
-            };
+            let reference = lazy()?;
             let lazysnapd = setup.lazysnapd.context("no lazysnapd binary")?;
             let daemon = methods::Lazysnapd::start(
                 lazysnapd,
@@ -378,11 +380,7 @@ fn measure(
             sample
         }
         "lazysnap-cri" | "lazysnap-cri-profile" => {
-            let reference = if method == "lazysnap-cri" {
-                lazy
-            } else {
-                profiled()?
-            };
+            let reference = lazy()?;
             let lazysnapd = setup.lazysnapd.context("no lazysnapd binary")?;
             let containerd_dir = dir.join("containerd");
             let (daemon, proxy) = methods::Lazysnapd::start_cri(
@@ -412,13 +410,10 @@ fn measure(
             drop(daemon);
             sample
         }
-        "lazysnap-run" => {
+        "lazysnap-run" | "lazysnap-run-profile" => {
+            let reference = lazy()?;
             methods::drop_page_cache()?;
-            methods::lazysnap_run(Path::new(LAZYSNAP), dir, &lazy, w)
-        }
-        "lazysnap-run-profile" => {
-            methods::drop_page_cache()?;
-            methods::lazysnap_run(Path::new(LAZYSNAP), dir, &profiled()?, w)
+            methods::lazysnap_run(Path::new(LAZYSNAP), dir, &reference, w)
         }
         other => bail!("unknown method {other}"),
     }

@@ -118,7 +118,8 @@ pub fn all(quick: bool) -> Vec<Workload> {
     w
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd`; its trimmed stdout, or an error with its stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
