@@ -1025,6 +1025,75 @@ fn a_pull_through_the_cri_proxy_finds_the_layers_before_containerd_prepares_them
     daemon.stop()
 }
 
+/// A hostile image through the same path: its manifest pins another TOC than the one its layer
+/// holds. Found ahead of the pull, the layer fails the same check a Prepare makes; the Prepare
+/// gets that verdict, falls back (containerd unpacks the layer) and the pull succeeds; the layer
+/// host lives on and serves the next image lazily.
+#[test]
+fn a_layer_found_ahead_of_a_cri_pull_that_fails_its_checks_falls_back() -> Result<()> {
+    let registry = TestRegistry::start()?;
+    let images = busybox_images(&registry)?;
+    let pause = pause_image(&registry, &images)?;
+    let mut manifest = registry_json(&images.zstd, "manifests", None)?;
+    let annotations = manifest["layers"][0]["annotations"]
+        .as_object_mut()
+        .context("layer annotations")?;
+    let key = "io.github.containers.zstd-chunked.manifest-checksum";
+    ensure!(annotations.contains_key(key), "{annotations:?}");
+    annotations.insert(key.into(), image::digest_of(b"another TOC").into());
+    let links = tempfile::tempdir()?;
+    let body = links.path().join("tampered.json");
+    std::fs::write(&body, serde_json::to_vec(&manifest)?)?;
+    let (host, rest) = images.zstd.split_once('/').context("no host")?;
+    let (repo, _) = rest.rsplit_once(':').context("no tag")?;
+    image::run(Command::new("curl").args([
+        "-fsS",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/vnd.oci.image.manifest.v1+json",
+        "--data-binary",
+        &format!("@{}", body.display()),
+        &format!("http://{host}/v2/{repo}/manifests/tampered"),
+    ]))?;
+    let tampered = format!("{host}/{repo}:tampered");
+
+    let containerd_link = links.path().join("containerd.sock");
+    let proxy = links.path().join("cri.sock");
+    let daemon = Lazysnapd::start_with(&format!(
+        "[cri]\naddress = \"{}\"\ncontainerd_address = \"{}\"\n",
+        proxy.display(),
+        containerd_link.display()
+    ))?;
+    let ctd = TestContainerd::start_cri_shipped(&daemon.socket, &pause)?;
+    std::os::unix::fs::symlink(&ctd.socket, &containerd_link)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime
+        .block_on(cri_pull(&proxy, &tampered))
+        .with_context(|| format!("{}\ncontainerd:\n{}", daemon.log(), ctd.log()))?;
+    let log = daemon.log();
+    let toc = daemon.metric("lazysnap_snapshot_fallbacks_total{reason=\"toc\"}")?;
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(
+        log.contains("finding the image's lazy layers ahead of containerd's pull")
+            && toc == 1.0
+            && lazy == 0.0,
+        "{tampered}: {toc} TOC fallbacks, {lazy} lazy layers:\n{log}"
+    );
+    // The layer host lives on: the next image (other layers) is found ahead and mounted lazily.
+    runtime
+        .block_on(cri_pull(&proxy, &images.estargz))
+        .with_context(|| daemon.log())?;
+    let lazy = daemon.metric("lazysnap_snapshot_lazy_layers_total")?;
+    ensure!(
+        lazy == layer_digests(&images.estargz)?.len() as f64,
+        "{lazy} lazy layers after the good pull:\n{}",
+        daemon.log()
+    );
+    drop(ctd);
+    daemon.stop()
+}
+
 /// A pod sandbox image: busybox running `sleep` (pods need a process that stays), converted to
 /// zstd:chunked so the sandbox itself starts lazily.
 fn pause_image(registry: &TestRegistry, images: &Images) -> Result<String> {
